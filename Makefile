@@ -1,0 +1,38 @@
+# batchd developer tasks. Every target creates .venv itself when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SPOOL ?= ./spool
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest bench torture clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The systemd extra needs libsystemd-dev to build; batchd runs without it.
+	-$(BIN)/python -m pip install -q -e '.[systemd]' 2>/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	BATCHD_SPOOL__ROOT=$(SPOOL) BATCHD_HTTP__HOST=127.0.0.1 BATCHD_HTTP__PORT=8080 \
+		$(BIN)/batchd run
+
+lint: $(STAMP)
+	$(BIN)/ruff check batchd tests bench
+	$(BIN)/ruff format --check batchd tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) spool .mypy_cache .pytest_cache .ruff_cache

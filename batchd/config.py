@@ -1,0 +1,282 @@
+"""Configuration: a TOML file plus ``BATCHD_<SECTION>__<KEY>`` environment overrides.
+
+The file is found as ``--config PATH``, else ``$BATCHD_CONFIG``, else
+``/etc/batchd/config.toml`` when it exists, else built-in defaults. Every key
+is validated by pydantic; a bad value raises :class:`~batchd.errors.ConfigError`
+with one line naming the key, the value and what is allowed (the CLI turns it
+into exit code 78).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from batchd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/batchd/config.toml")
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatus uses it.
+
+
+class Priority(StrEnum):
+    """The three inbox folders, highest first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low: the sort key of the queue."""
+        return PRIORITY_ORDER.index(self)
+
+
+PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos; refusing them beats silently ignoring a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpoolSettings(_Section):
+    root: Path = Path("/var/lib/batchd")
+    keep_inputs: bool = True
+
+
+class WatchSettings(_Section):
+    settle_seconds: float = Field(1.0, ge=0)
+    rescan_seconds: float = Field(30.0, gt=0)
+    ignore: tuple[str, ...] = (
+        ".*",
+        "~$*",
+        "*.tmp",
+        "*.part",
+        "*.partial",
+        "*.crdownload",
+        "*.swp",
+    )
+    marker: str = ".ready"
+    folder_ready: Literal["settle", "marker"] = "settle"
+    observer: Literal["auto", "native", "polling"] = "auto"
+    polling_interval_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("marker")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value in {".", ".."}:
+            raise ValueError("must be a plain file name")
+        return value
+
+
+class LimitsSettings(_Section):
+    max_files_per_batch: int = Field(50, ge=1)
+    max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    allowed_types: tuple[str, ...] = ("pdf", "xlsx", "xls", "csv")
+    uploads_per_user_per_hour: int = Field(3, ge=0)
+
+    @field_validator("allowed_types")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError('must list at least one type (or "*" for all)')
+        return tuple(v.lower().lstrip(".") for v in value)
+
+    def allows(self, kind: str) -> bool:
+        """True when a file whose content is of type ``kind`` may be processed."""
+        return "*" in self.allowed_types or kind in self.allowed_types
+
+
+class ProcessingSettings(_Section):
+    concurrency: int = Field(3, ge=1, le=256)
+    max_retries: int = Field(3, ge=0)
+    retry_backoff_seconds: float = Field(2.0, ge=0)
+    retry_backoff_max_seconds: float = Field(300.0, ge=0)
+    timeout_seconds: float = Field(1800.0, gt=0)
+    processor: str = "inspect"
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    worker_memory_mb: int = Field(0, ge=0)
+    poll_seconds: float = Field(1.0, gt=0)
+    status_interval_seconds: float = Field(0.25, ge=0)
+    max_rows: int = Field(10_000, ge=1)
+    max_text_chars: int = Field(1_000_000, ge=1)
+
+    def backoff_seconds(self, retry_number: int) -> float:
+        """Delay before retry ``retry_number`` (1-based): doubles each time, capped."""
+        delay = self.retry_backoff_seconds * (2 ** max(retry_number - 1, 0))
+        return float(min(delay, self.retry_backoff_max_seconds))
+
+
+class ExecSettings(_Section):
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    permanent_exit_codes: tuple[int, ...] = (65,)
+    max_stdout_bytes: int = Field(1024 * 1024, ge=1)
+
+
+class RouteSettings(_Section):
+    match: str
+    processor: str
+
+
+class DatabaseSettings(_Section):
+    path: Path | None = None
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = ""
+    max_threads: int = Field(32, ge=1)
+    socket_timeout_seconds: float = Field(10.0, gt=0)
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogSettings(_Section):
+    level: LogLevel = LogLevel.INFO
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class RetentionSettings(_Section):
+    days: int = Field(30, ge=0)
+
+
+class Settings(BaseSettings):
+    """All of batchd's configuration, one frozen object."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    spool: SpoolSettings = SpoolSettings()
+    watch: WatchSettings = WatchSettings()
+    limits: LimitsSettings = LimitsSettings()
+    processing: ProcessingSettings = ProcessingSettings()
+    exec: ExecSettings = ExecSettings()
+    route: tuple[RouteSettings, ...] = ()
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+    retention: RetentionSettings = RetentionSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs (see load_settings); environment
+        # variables come first so that they override the file, as documented.
+        return (env_settings, init_settings)
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file: ``database.path``, else ``<spool.root>/state/batchd.db``."""
+        return self.database.path or self.spool.root / "state" / "batchd.db"
+
+
+def config_path(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    """Which file to read: ``--config``, else ``$BATCHD_CONFIG``, else the system file."""
+    if explicit:
+        return Path(explicit)
+    if env.get("BATCHD_CONFIG"):
+        return Path(env["BATCHD_CONFIG"])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One line for one pydantic error: key, value, what is allowed."""
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    msg = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling and section in config.example.toml)"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    value = error.get("input")
+    return f"{key} = {value!r}: {msg}"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read and validate the configuration.
+
+    ``env`` defaults to ``os.environ``; tests pass their own mapping. Raises
+    :class:`ConfigError` whose message is a single line.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    file = config_path(path, environ)
+    data = _read_toml(file) if file is not None else {}
+
+    class _Env(EnvSettingsSource):
+        def __init__(self, settings_cls: type[BaseSettings]) -> None:
+            super().__init__(settings_cls)
+            # Read the mapping we were given, not the process environment.
+            self.env_vars = {k.lower(): v for k, v in environ.items()}
+
+    class _Bound(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (_Env(settings_cls), init_settings)
+
+    try:
+        bound = _Bound(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = f" (in {file})" if file else ""
+        raise ConfigError(f"bad configuration{where}: {_describe(first)}") from None
+    except ValueError as exc:  # e.g. an environment value that is not valid JSON
+        raise ConfigError(f"bad configuration: {exc}".splitlines()[0]) from None
+    # A plain Settings (not the local subclass) so it pickles into worker processes.
+    return Settings.model_construct(
+        _fields_set=bound.model_fields_set,
+        **{name: getattr(bound, name) for name in Settings.model_fields},
+    )

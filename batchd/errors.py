@@ -1,0 +1,57 @@
+"""The exceptions batchd raises and understands.
+
+Every error batchd raises derives from :class:`BatchdError`; the docstring of
+each class is its default message, so ``raise ConfigError()`` already says
+something useful.
+"""
+
+from __future__ import annotations
+
+
+class BatchdError(Exception):
+    """batchd failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(BatchdError):
+    """The configuration is invalid."""
+
+
+class SpoolError(BatchdError):
+    """The spool folder is missing, unwritable or not laid out as expected."""
+
+
+class StoreError(BatchdError):
+    """The database could not be read or written."""
+
+
+class NotFoundError(BatchdError):
+    """No such batch or file."""
+
+
+class ProcessorError(BatchdError):
+    """The processor failed on this file; the attempt may be retried."""
+
+
+class PermanentError(ProcessorError):
+    """The file cannot be processed; retrying will not help.
+
+    Raise it from a processor for bad content (a damaged PDF, a binary file
+    where text was expected) so the file fails at once without spending its
+    retries.
+    """
+
+
+class RejectedError(BatchdError):
+    """The input was refused before processing (limits, type, not a regular file)."""
+
+    def __init__(self, message: str | None = None, *, status: int = 400) -> None:
+        super().__init__(message)
+        #: the HTTP status code that fits the refusal (413 size, 415 type, ...).
+        self.status = status

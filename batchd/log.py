@@ -1,0 +1,67 @@
+"""structlog, configured in one place.
+
+Human-readable lines on a terminal, JSON lines otherwise (``log.format``);
+structured journald fields when stderr is the systemd journal. Event names
+are stable snake_case (``batch_claimed``, ``file_failed``) so that alerts and
+queries can rely on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from batchd.config import LogSettings
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure(settings: LogSettings, stream: Any = None) -> None:
+    """Set up structlog for this process (idempotent; call again on reload)."""
+    stream = stream or sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    fmt = settings.format
+    journal = None
+    if fmt == "auto":
+        journal = _journal_renderer()
+    if journal is not None:
+        processors = [*shared, structlog.processors.format_exc_info, journal]
+    elif fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty()):
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        processors = [*shared, renderer]
+    else:
+        processors = [
+            *shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(sort_keys=False, default=str),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[str(settings.level)]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _journal_renderer() -> Any:
+    """The journald renderer when stderr is the journal and systemd-python is there."""
+    try:
+        from batchd import service
+    except ImportError:
+        return None
+    if not service.journal_wanted():
+        return None
+    return service.journal_processor

@@ -1,0 +1,285 @@
+"""A bounded pool of worker processes, each on its own pipe.
+
+Why not ``multiprocessing.Pool`` or pebble: both share one queue (and its
+lock) between all workers, and a worker killed while holding that lock can
+wedge the whole pool (noxdafox/pebble#163). Here every worker has a private
+``Pipe``; the daemon waits on all pipes and process sentinels at once, so a
+worker that dies (segfault, ``os._exit``, OOM kill, SIGKILL) is seen at once,
+costs only its own attempt, and is replaced.
+
+The pool knows nothing about the database: it takes :class:`Job` objects and
+returns events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import structlog
+
+from batchd.clock import Clock
+from batchd.config import Settings
+from batchd.worker import Done, Failed, Job, Progress, worker_main
+
+log = structlog.get_logger("batchd.pool")
+
+# spawn, not fork: the daemon runs threads (watcher, HTTP), and forking a
+# threaded process can copy a lock another thread held into the child.
+_ctx = multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The worker running a file died; the attempt is spent."""
+
+    file_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """A file ran past ``processing.timeout_seconds``; its worker was killed."""
+
+    file_id: str
+    error: str = "Processing timeout exceeded"
+
+
+Event = Progress | Done | Failed | Lost | TimedOut
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    job: Job | None = None
+    deadline: float | None = None
+    retiring: bool = False
+    killed_for_timeout: bool = field(default=False)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A worker's exit status in words: ``killed by signal 9 (SIGKILL)``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-exitcode} ({name})"
+    return f"exited with status {exitcode}"
+
+
+class WorkerPool:
+    """Up to ``size`` worker processes; at most one job each."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.size = settings.processing.concurrency
+        self._workers: list[_Worker] = []
+        self.spawned = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        while len(self._workers) < self.size:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        parent, child = _ctx.Pipe(duplex=True)
+        process = _ctx.Process(
+            target=worker_main,
+            args=(child, self.settings, os.getpid()),
+            name=f"batchd-worker-{self.spawned + 1}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self.spawned += 1
+        self._workers.append(_Worker(process, parent))
+        log.debug("worker_started", pid=process.pid)
+
+    def configure(self, settings: Settings) -> None:
+        """Apply new settings: workers get them for their next job; the pool
+        grows at once and shrinks as busy workers finish (never killing one)."""
+        self.settings = settings
+        self.size = settings.processing.concurrency
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(settings)
+        self._trim()
+        self.start()
+
+    def _trim(self) -> None:
+        excess = len([w for w in self._workers if not w.retiring]) - self.size
+        for worker in sorted(self._workers, key=lambda w: w.job is not None):
+            if excess <= 0:
+                break
+            if not worker.retiring:
+                worker.retiring = True
+                excess -= 1
+        for worker in [w for w in self._workers if w.retiring and w.job is None]:
+            self._retire(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        with contextlib.suppress(OSError):
+            worker.conn.send(None)
+        worker.process.join(timeout=1)
+        if worker.process.is_alive():
+            self._kill(worker)
+        self._remove(worker)
+
+    def _remove(self, worker: _Worker) -> None:
+        with contextlib.suppress(OSError):
+            worker.conn.close()
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def _kill(self, worker: _Worker) -> None:
+        pid = worker.process.pid
+        if pid is None:
+            return
+        # The worker leads its own process group: kill the group, so that
+        # commands it started (exec processor) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        worker.process.join(timeout=5)
+
+    def stop(self) -> None:
+        """Stop every worker (running jobs are abandoned; requeue them first)."""
+        for worker in list(self._workers):
+            if worker.job is None:
+                self._retire(worker)
+            else:
+                self._kill(worker)
+                self._remove(worker)
+
+    # -- state -----------------------------------------------------------------
+
+    def idle(self) -> int:
+        """How many workers can take a job now."""
+        return sum(1 for w in self._workers if w.job is None and not w.retiring)
+
+    def running(self) -> list[Job]:
+        return [w.job for w in self._workers if w.job is not None]
+
+    def alive(self) -> int:
+        """Live worker processes."""
+        return sum(1 for w in self._workers if w.process.is_alive())
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def job_pid(self, file_id: str) -> int | None:
+        """The pid of the worker running ``file_id``."""
+        for w in self._workers:
+            if w.job is not None and w.job.file_id == file_id:
+                return w.process.pid
+        return None
+
+    # -- work ------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Hand a job to an idle worker (the caller checked :meth:`idle`)."""
+        for worker in self._workers:
+            if worker.job is None and not worker.retiring:
+                # A dead worker fails the send; its sentinel reports it on the next wait.
+                with contextlib.suppress(OSError):
+                    worker.conn.send(job)
+                worker.job = job
+                worker.deadline = self.clock.monotonic() + self.settings.processing.timeout_seconds
+                return
+        raise RuntimeError("submit() called with no idle worker")
+
+    def next_deadline(self) -> float | None:
+        deadlines = [w.deadline for w in self._workers if w.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def wait(
+        self, timeout: float | None, extra: Sequence[Any] = ()
+    ) -> tuple[list[Event], list[Any]]:
+        """Wait for worker messages, worker deaths, timeouts or ``extra`` objects.
+
+        Returns the pool's events and those of ``extra`` that are ready.
+        """
+        now = self.clock.monotonic()
+        deadline = self.next_deadline()
+        if deadline is not None:
+            until = max(0.0, deadline - now)
+            timeout = until if timeout is None else min(timeout, until)
+        by_conn = {w.conn: w for w in self._workers}
+        by_sentinel = {w.process.sentinel: w for w in self._workers}
+        ready = wait([*by_conn, *by_sentinel, *extra], timeout)
+        events: list[Event] = []
+        dead: list[_Worker] = []
+        for obj in ready:
+            if obj in by_conn:
+                worker = by_conn[obj]
+                if not self._drain(worker, events) and worker not in dead:
+                    dead.append(worker)
+            elif obj in by_sentinel and by_sentinel[obj] not in dead:
+                dead.append(by_sentinel[obj])
+        for worker in dead:
+            self._drain(worker, events)  # a last message may still be in the pipe
+            self._bury(worker, events)
+        self._check_timeouts(events)
+        self._trim()
+        self.start()
+        others = [obj for obj in ready if obj not in by_conn and obj not in by_sentinel]
+        return events, others
+
+    def _drain(self, worker: _Worker, events: list[Event]) -> bool:
+        """Read every message waiting on a worker's pipe; False once the pipe is closed."""
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                if isinstance(message, Progress):
+                    events.append(message)
+                elif (
+                    isinstance(message, Done | Failed)
+                    and worker.job is not None
+                    and worker.job.file_id == message.file_id
+                ):
+                    events.append(message)
+                    worker.job = None
+                    worker.deadline = None
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _bury(self, worker: _Worker, events: list[Event]) -> None:
+        worker.process.join(timeout=5)
+        reason = describe_exit(worker.process.exitcode)
+        if worker.job is not None and not worker.killed_for_timeout:
+            events.append(Lost(worker.job.file_id, f"worker process {reason}"))
+            log.warning(
+                "worker_died",
+                pid=worker.process.pid,
+                file_id=worker.job.file_id,
+                reason=reason,
+            )
+        elif worker.job is None and not worker.retiring:
+            log.warning("worker_died", pid=worker.process.pid, reason=reason)
+        self._remove(worker)
+
+    def _check_timeouts(self, events: list[Event]) -> None:
+        now = self.clock.monotonic()
+        for worker in list(self._workers):
+            if worker.deadline is not None and worker.job is not None and now >= worker.deadline:
+                job = worker.job
+                worker.killed_for_timeout = True
+                self._kill(worker)
+                self._remove(worker)
+                events.append(TimedOut(job.file_id))
+                log.warning("file_timeout", file_id=job.file_id, pid=worker.process.pid)

@@ -1,0 +1,123 @@
+"""Processors: the callables that turn one input file into one JSON result.
+
+A processor is ``fn(path, ctx) -> dict``. It runs inside a worker process,
+never in the daemon, so it may hang, crash or leak without harm. It raises
+:class:`~batchd.errors.PermanentError` for content that will never process
+(no retries) and any other exception for a failure worth retrying.
+
+Processors are named in ``processing.processor`` (and ``[[route]]``) either
+as ``"package.module:function"`` or by a registered name: the built-ins and
+anything installed under the entry-point group ``batchd.processors``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+from batchd.config import Settings
+from batchd.errors import ConfigError
+
+ENTRY_POINT_GROUP = "batchd.processors"
+
+
+class Context(Protocol):
+    """What a processor may know and do besides reading its input."""
+
+    batch_id: str
+    file_id: str
+    relpath: str
+    #: a fresh, empty folder; files left in it land in the outbox next to the result.
+    output_dir: Path
+    settings: Settings
+
+    def progress(self, percent: float) -> None:
+        """Report progress (0-100); shows in status.json and the HTTP API."""
+
+
+Processor = Callable[[Path, Context], dict[str, Any]]
+
+
+@dataclass
+class ProcessorContext:
+    """The concrete :class:`Context` a worker hands to a processor."""
+
+    batch_id: str
+    file_id: str
+    relpath: str
+    output_dir: Path
+    settings: Settings
+    report: Callable[[int], None] = field(repr=False, default=lambda pct: None)
+    _last: int = field(default=-1, repr=False)
+
+    def progress(self, percent: float) -> None:
+        pct = max(0, min(100, int(percent)))
+        if pct != self._last:  # only changes cross the pipe
+            self._last = pct
+            self.report(pct)
+
+
+_cache: dict[str, Processor] = {}
+
+
+def _builtin_names() -> dict[str, str]:
+    # Built-ins are listed here too, so they resolve even when batchd is not
+    # installed as a distribution (running from a source tree).
+    return {
+        "inspect": "batchd.processors.inspect:inspect",
+        "noop": "batchd.processors.builtin:noop",
+        "exec": "batchd.processors.exec:run_command",
+    }
+
+
+def available() -> dict[str, str]:
+    """Registered processor names mapped to their ``module:function`` targets."""
+    names = _builtin_names()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        names.setdefault(ep.name, ep.value)
+    return names
+
+
+def resolve(name: str) -> Processor:
+    """The callable for a processor name or ``module:function`` spec.
+
+    Raises :class:`ConfigError` naming what was wrong.
+    """
+    if name in _cache:
+        return _cache[name]
+    target = available().get(name, name)
+    if ":" not in target:
+        known = ", ".join(sorted(available()))
+        raise ConfigError(
+            f"processor {name!r} is neither a registered name ({known}) nor 'module:function'"
+        )
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"processor {name!r}: cannot import {module_name}: {exc}") from exc
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)  # type: ignore[assignment]
+        if fn is None:
+            raise ConfigError(f"processor {name!r}: {module_name} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"processor {name!r}: {target} is not callable")
+    _cache[name] = fn
+    return fn  # type: ignore[return-value]
+
+
+def choose(settings: Settings, relpath: str) -> str:
+    """The processor name for a file: the first ``[[route]]`` whose pattern
+    matches (against the relative path or the bare file name), else
+    ``processing.processor``."""
+    filename = relpath.rsplit("/", 1)[-1]
+    for route in settings.route:
+        if fnmatch.fnmatch(relpath, route.match) or fnmatch.fnmatch(filename, route.match):
+            return route.processor
+    return settings.processing.processor

@@ -1,0 +1,155 @@
+"""The records that flow between the store, the spool and the scheduler.
+
+Plain frozen dataclasses: the store returns them, nobody mutates them, and
+none of them knows about SQL or processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from batchd.config import Priority
+
+
+class Status(StrEnum):
+    """The life of a batch and of a file (the original design's four states)."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class NewFile:
+    """A member of a batch about to be registered.
+
+    ``error`` set means the file was refused at registration (over the size
+    limit, wrong type, a symlink ...): it is registered as failed at once.
+    """
+
+    relpath: str
+    file_size: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewBatch:
+    """A claimed drop, ready to be registered in one transaction."""
+
+    name: str
+    priority: Priority
+    user_id: str | None
+    work_path: str
+    source: str
+    files: tuple[NewFile, ...]
+    #: set when the whole batch is refused (e.g. too many files).
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One row of ``batch_jobs``."""
+
+    id: str
+    user_id: str | None
+    status: Status
+    total_files: int
+    processed_files: int
+    failed_files: int
+    priority: Priority
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    error: str | None
+    name: str
+    source: str | None
+    work_path: str
+
+    def public(self) -> dict[str, Any]:
+        """The batch_jobs columns as the API shows them."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": str(self.status),
+            "total_files": self.total_files,
+            "processed_files": self.processed_files,
+            "failed_files": self.failed_files,
+            "priority": str(self.priority),
+            "user_id": self.user_id,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    """One row of ``batch_files``."""
+
+    id: str
+    batch_id: str
+    filename: str
+    relpath: str
+    file_size: int | None
+    file_hash: str | None
+    status: Status
+    progress: int
+    result: str | None
+    error: str | None
+    retry_count: int
+    attempts: int
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    processor: str | None
+
+    def public(self) -> dict[str, Any]:
+        """The batch_files columns as the API shows them."""
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "relpath": self.relpath,
+            "status": str(self.status),
+            "progress": self.progress,
+            "file_size": self.file_size,
+            "file_hash": self.file_hash,
+            "result": self.result,
+            "error": self.error,
+            "retry_count": self.retry_count,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FileTask:
+    """A file the store handed out for processing, with what is needed to find it."""
+
+    file: FileRow
+    batch_name: str
+    work_path: str
+    priority: Priority
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt at a file ended, as the scheduler reports it to the store."""
+
+    status: Status
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    file_hash: str | None = None
+    file_size: int | None = None
+    processor: str | None = None
+    started_at: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

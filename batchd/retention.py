@@ -1,0 +1,37 @@
+"""Retention: removing finished batches past an age.
+
+Only completed or failed batches are ever purged: their database rows and
+their outbox, archive and failed folders. Nothing pending or processing is
+touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from batchd.spool import Spool
+from batchd.store import SQLiteStore
+
+log = structlog.get_logger("batchd.retention")
+
+
+def purge(
+    spool: Spool, store: SQLiteStore, cutoff: datetime, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Remove every batch that finished before ``cutoff``; returns what went (or would go)."""
+    removed = []
+    for batch in store.finished_before(cutoff):
+        removed.append(batch.public())
+        if dry_run:
+            continue
+        for base in (spool.outbox, spool.archive, spool.failed):
+            shutil.rmtree(base / batch.name, ignore_errors=True)
+        store.delete_batch(batch.id)
+        log.info(
+            "batch_purged", batch_id=batch.id, batch=batch.name, completed_at=batch.completed_at
+        )
+    return removed

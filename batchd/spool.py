@@ -1,0 +1,479 @@
+"""The spool folder: its layout, claiming drops, and every write into the outbox.
+
+All paths live under one root on one filesystem, so moving a drop from
+``inbox/`` to ``work/`` and on to ``archive/`` or ``failed/`` is an atomic
+``rename(2)``: at every instant a user's file is in exactly one place.
+
+Layout inside ``work/`` (batchd's own)::
+
+    work/<priority>/<batch name>/<relpath>   a claimed batch, always a folder
+    work/.uploads/<id>/                      an HTTP upload being received
+    work/.scratch/<file id>/                 a processor's output folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import json
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchd.config import PRIORITY_ORDER, Priority, Settings
+from batchd.errors import SpoolError
+from batchd.records import NewFile
+
+TOP_FOLDERS = ("inbox", "work", "outbox", "archive", "failed", "state")
+RESULTS = "results"
+STATUS_FILE = "status.json"
+UPLOADS = ".uploads"
+SCRATCH = ".scratch"
+XDEV_SUFFIX = ".xdev-source"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A drop moved into ``work/``: where it is now and where it came from."""
+
+    path: Path
+    name: str
+    priority: Priority
+    source: str
+    user_id: str | None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half.
+
+    Temporary file in the same folder, fsync (so the rename never exposes a
+    file whose blocks are not on disk yet), then rename over the target.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def owner_name(st: os.stat_result) -> str:
+    """The user name owning a file (its numeric id when no such user exists)."""
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return str(st.st_uid)
+
+
+class Spool:
+    """Paths and file moves under ``spool.root``. Knows nothing of the database."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.spool.root.absolute()
+        self.inbox = self.root / "inbox"
+        self.work = self.root / "work"
+        self.outbox = self.root / "outbox"
+        self.archive = self.root / "archive"
+        self.failed = self.root / "failed"
+        self.state = self.root / "state"
+        self.uploads = self.work / UPLOADS
+        self.scratch = self.work / SCRATCH
+
+    # -- layout --------------------------------------------------------------
+
+    def inbox_for(self, priority: Priority) -> Path:
+        return self.inbox / priority.value
+
+    def init(self) -> list[str]:
+        """Create the layout where missing and check it; returns warnings.
+
+        Raises :class:`SpoolError` when a folder cannot be created or written.
+        """
+        folders = [self.root / name for name in TOP_FOLDERS]
+        folders += [self.inbox_for(p) for p in PRIORITY_ORDER]
+        folders += [self.work / p.value for p in PRIORITY_ORDER]
+        folders += [self.uploads, self.scratch]
+        for folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SpoolError(f"cannot create {folder}: {exc.strerror}") from exc
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise SpoolError(f"{folder} is not writable by this user (uid {os.getuid()})")
+        warnings = []
+        root_dev = self.root.stat().st_dev
+        for folder in folders:
+            if folder.stat().st_dev != root_dev:
+                warnings.append(
+                    f"{folder} is on another filesystem than {self.root}: claims will copy"
+                    " instead of rename (slower; still safe)"
+                )
+        return warnings
+
+    def ignored(self, name: str) -> bool:
+        """True for names writers use for work in progress (``watch.ignore``)."""
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.watch.ignore)
+
+    def drops(self) -> Iterator[tuple[Priority, Path]]:
+        """Every entry waiting in the inbox folders (ignored names left out)."""
+        for priority in PRIORITY_ORDER:
+            folder = self.inbox_for(priority)
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not self.ignored(entry.name):
+                    yield priority, Path(entry.path)
+
+    def priority_of(self, path: Path) -> tuple[Priority, Path] | None:
+        """For a path anywhere under an inbox folder: its priority and its top-level drop."""
+        try:
+            rel = path.absolute().relative_to(self.inbox)
+        except ValueError:
+            return None
+        parts = rel.parts
+        if len(parts) < 2 or parts[0] not in {p.value for p in PRIORITY_ORDER}:
+            return None
+        return Priority(parts[0]), self.inbox / parts[0] / parts[1]
+
+    # -- claiming ------------------------------------------------------------
+
+    def name_in_use(self, name: str) -> bool:
+        """True when ``name`` already has a folder anywhere a batch's name is used."""
+        if any((base / name).exists() for base in (self.outbox, self.archive, self.failed)):
+            return True
+        return any((self.work / p.value / name).exists() for p in PRIORITY_ORDER)
+
+    def unique_name(self, base: str, taken: Callable[[str], bool]) -> str:
+        """``base``, else ``base.2``, ``base.3`` ... whichever is free on disk and in ``taken``."""
+        candidate, n = base, 1
+        while self.name_in_use(candidate) or taken(candidate):
+            n += 1
+            candidate = f"{base}.{n}"
+        return candidate
+
+    def claim(self, source: Path, priority: Priority, name: str) -> Claimed | None:
+        """Move a ready drop (file or folder) out of the inbox into ``work/``.
+
+        Returns ``None`` when the drop vanished before it could be claimed.
+        A folder is renamed to ``work/<priority>/<name>``; a loose file to
+        ``work/<priority>/<name>/<its name>``, so every batch is a folder.
+        """
+        try:
+            st = source.lstat()
+        except FileNotFoundError:
+            return None
+        target = self.work / priority.value / name
+        user = owner_name(st)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                self._move(source, target)
+            else:
+                target.mkdir()
+                self._move(source, target / source.name)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            return None
+        return Claimed(target, name, priority, str(source), user)
+
+    def adopt(self, folder: Path, priority: Priority, name: str) -> Path:
+        """Move a folder batchd assembled itself (an upload) into ``work/``."""
+        target = self.work / priority.value / name
+        os.rename(folder, target)
+        return target
+
+    def _move(self, source: Path, target: Path) -> None:
+        try:
+            os.rename(source, target)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        # The inbox is on another filesystem (a bind mount, say): copy, make
+        # the copy durable, record that the source is now redundant, then
+        # delete it. Recovery finishes an interrupted delete (see
+        # finish_cross_device), so the drop is never registered twice.
+        partial = target.with_name(f".{target.name}.incoming")
+        with contextlib.suppress(FileNotFoundError):
+            _remove(partial)
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, partial, symlinks=True)
+        else:
+            shutil.copy2(source, partial, follow_symlinks=False)
+        _fsync_tree(partial)
+        st = source.lstat()
+        marker = target.with_name(target.name + XDEV_SUFFIX)
+        write_json_atomic(marker, {"source": str(source), "ino": st.st_ino, "dev": st.st_dev})
+        os.rename(partial, target)
+        fsync_dir(target.parent)
+        _remove(source)
+        marker.unlink()
+
+    def finish_cross_device(self) -> None:
+        """Complete cross-filesystem claims a crash interrupted (run at start-up)."""
+        for priority in PRIORITY_ORDER:
+            folder = self.work / priority.value
+            for entry in list(folder.iterdir()) if folder.exists() else []:
+                if entry.name.endswith(".incoming") and entry.name.startswith("."):
+                    _remove(entry)  # the copy never completed; the source is still in the inbox
+                elif entry.name.endswith(XDEV_SUFFIX):
+                    target = entry.with_name(entry.name[: -len(XDEV_SUFFIX)])
+                    info = json.loads(entry.read_text())
+                    src = Path(info["source"])
+                    with contextlib.suppress(FileNotFoundError):
+                        st = src.lstat()
+                        if target.exists() and (st.st_ino, st.st_dev) == (info["ino"], info["dev"]):
+                            _remove(src)
+                    entry.unlink()
+
+    def work_entries(self) -> Iterator[tuple[Priority, Path]]:
+        """Every claimed batch folder in ``work/``."""
+        for priority in PRIORITY_ORDER:
+            folder = self.work / priority.value
+            if not folder.exists():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if not entry.name.startswith("."):
+                    yield priority, entry
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the spool root, as stored in the database."""
+        return path.relative_to(self.root).as_posix()
+
+    # -- members ---------------------------------------------------------------
+
+    def scan(self, folder: Path) -> list[NewFile]:
+        """The members of a claimed batch folder, each checked against the limits.
+
+        Never follows symbolic links. Symlinks, FIFOs, sockets and devices are
+        members that fail at once with a clear error; so do files over the
+        size limit, of a refused type, or unreadable. The marker file and
+        names matched by ``watch.ignore`` are not members (they stay in the
+        folder and are archived with it).
+        """
+        members: list[NewFile] = []
+        self._walk(folder, "", members, top=True)
+        members.sort(key=lambda m: m.relpath)
+        return members
+
+    def _walk(self, folder: Path, prefix: str, out: list[NewFile], top: bool) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            out.append(
+                NewFile(prefix.rstrip("/") or ".", None, f"cannot read folder: {exc.strerror}")
+            )
+            return
+        for entry in entries:
+            relpath = f"{prefix}{entry.name}"
+            if top and entry.name == self.settings.watch.marker:
+                continue
+            if self.ignored(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                out.append(NewFile(relpath, None, f"cannot stat: {exc.strerror}"))
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out.append(
+                    NewFile(relpath, None, "symbolic link: not followed, its target was not read")
+                )
+            elif stat.S_ISDIR(st.st_mode):
+                self._walk(Path(entry.path), relpath + "/", out, top=False)
+            elif stat.S_ISREG(st.st_mode):
+                out.append(NewFile(relpath, st.st_size, self.check_file(Path(entry.path), st)))
+            else:
+                out.append(NewFile(relpath, None, f"not a regular file ({_kind(st)}): not read"))
+
+    def check_file(self, path: Path, st: os.stat_result) -> str | None:
+        """Why a regular file must be refused, or ``None`` when it may be processed."""
+        from batchd.sniff import sniff  # imported late: filetype is only needed here
+
+        limits = self.settings.limits
+        if st.st_size > limits.max_file_bytes:
+            return (
+                f"file is {st.st_size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})"
+            )
+        try:
+            kind = sniff(path)
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror}"
+        if not limits.allows(kind.kind):
+            allowed = ", ".join(limits.allowed_types)
+            return (
+                f"content is {kind.kind} ({kind.mime}), not an allowed type ({allowed});"
+                " see limits.allowed_types"
+            )
+        return None
+
+    # -- outbox ----------------------------------------------------------------
+
+    def batch_outbox(self, name: str) -> Path:
+        return self.outbox / name
+
+    def status_path(self, name: str) -> Path:
+        return self.outbox / name / STATUS_FILE
+
+    def result_path(self, name: str, relpath: str) -> Path:
+        return self.outbox / name / RESULTS / f"{relpath}.json"
+
+    def outputs_path(self, name: str, relpath: str) -> Path:
+        return self.outbox / name / RESULTS / f"{relpath}.files"
+
+    def scratch_for(self, file_id: str) -> Path:
+        return self.scratch / file_id
+
+    def collect_outputs(self, scratch: Path, name: str, relpath: str) -> None:
+        """Move what a processor left in its output folder next to its result."""
+        if not scratch.exists():
+            return
+        if not any(scratch.iterdir()):
+            scratch.rmdir()
+            return
+        target = self.outputs_path(name, relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            _remove(target)  # an earlier attempt's outputs; this attempt wins
+        os.rename(scratch, target)
+
+    # -- inputs ------------------------------------------------------------------
+
+    def input_path(self, work_path: str, relpath: str) -> Path:
+        return self.root / work_path / relpath
+
+    def locate_input(self, work_path: str, name: str, relpath: str) -> Path | None:
+        """Where a file's input is now, moving it back into ``work/`` if an
+        operator re-queued a file that had already been archived or failed."""
+        here = self.input_path(work_path, relpath)
+        if os.path.lexists(here):
+            return here
+        for base in (self.failed, self.archive):
+            there = base / name / relpath
+            if os.path.lexists(there):
+                here.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(there, here)
+                return here
+        return None
+
+    def settle_input(self, work_path: str, name: str, relpath: str, ok: bool) -> None:
+        """Move a finished file's input to ``archive/`` (or delete it, with
+        ``spool.keep_inputs = false``) on success, or to ``failed/``."""
+        source = self.input_path(work_path, relpath)
+        if not os.path.lexists(source):
+            return  # already settled (recovery after a crash, or a re-run)
+        if ok and not self.settings.spool.keep_inputs:
+            _remove(source)
+            return
+        target = (self.archive if ok else self.failed) / name / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(target) and target.is_dir() and not target.is_symlink():
+            _remove(target)
+        os.replace(source, target)
+
+    def finalize(self, work_path: str, name: str) -> None:
+        """Clear a finished batch out of ``work/``.
+
+        What is left there is not a member (the marker, ignored temporary
+        names): it goes to ``archive/<name>/`` so nothing dropped is lost;
+        the marker itself is deleted.
+        """
+        folder = self.root / work_path
+        if not folder.exists():
+            return
+        marker = folder / self.settings.watch.marker
+        with contextlib.suppress(FileNotFoundError):
+            if marker.is_file() and not marker.is_symlink():
+                marker.unlink()
+        for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
+            here = Path(dirpath)
+            for fname in filenames + [d for d in dirnames if (here / d).is_symlink()]:
+                src = here / fname
+                dest = self.archive / name / src.relative_to(folder)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+            with contextlib.suppress(OSError):
+                here.rmdir()
+        if folder.exists():
+            _remove(folder)
+        fsync_dir(folder.parent)
+
+    # -- uploads -------------------------------------------------------------------
+
+    def new_upload_folder(self) -> Path:
+        """A fresh, private folder under ``work/.uploads`` to receive an upload."""
+        folder = self.uploads / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder
+
+    def clear_uploads(self) -> None:
+        """Remove uploads a crash left half-received (they were never registered)."""
+        if self.uploads.exists():
+            for entry in self.uploads.iterdir():
+                _remove(entry)
+
+    def clear_scratch(self) -> None:
+        if self.scratch.exists():
+            for entry in self.scratch.iterdir():
+                _remove(entry)
+
+
+def _kind(st: os.stat_result) -> str:
+    mode = st.st_mode
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "unknown type"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_file() and not path.is_symlink():
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+        return
+    for dirpath, _dirs, files in os.walk(path):
+        for fname in files:
+            p = Path(dirpath) / fname
+            if p.is_file() and not p.is_symlink():
+                with p.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(Path(dirpath))

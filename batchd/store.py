@@ -1,0 +1,687 @@
+"""The queue's state: batches and files in SQLite, behind one narrow contract.
+
+Every SQL statement batchd runs lives in this module. The rest of the daemon
+talks to the :class:`Store` protocol, so a PostgreSQL store can slot in later
+and one contract test class runs against every implementation.
+
+SQLite is used deliberately:
+
+* WAL journal, so the HTTP server, the CLI and an operator's ``sqlite3`` read
+  while the daemon writes.
+* ``synchronous=NORMAL``: in WAL mode a commit survives a crash of the
+  process; a power cut may lose the last few commits but never corrupts the
+  file. batchd is at-least-once by design, so a lost commit means a file is
+  processed again, never lost.
+* ``BEGIN IMMEDIATE`` for every write, so two writers queue on
+  ``busy_timeout`` instead of failing half-way with SQLITE_BUSY.
+* one connection per thread (``sqlite3`` connections are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from batchd.clock import iso
+from batchd.config import Priority
+from batchd.errors import StoreError
+from batchd.records import BatchRow, FileRow, FileTask, NewBatch, Outcome, Status
+
+BUSY_TIMEOUT_MS = 10_000
+
+# Forward-only migrations: MIGRATIONS[i] takes the schema from version i to i+1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE batch_jobs (
+        id              TEXT PRIMARY KEY,
+        user_id         TEXT,
+        status          TEXT NOT NULL,
+        total_files     INTEGER NOT NULL DEFAULT 0,
+        processed_files INTEGER NOT NULL DEFAULT 0,
+        failed_files    INTEGER NOT NULL DEFAULT 0,
+        priority        TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        started_at      TEXT,
+        completed_at    TEXT,
+        error           TEXT,
+        name            TEXT NOT NULL UNIQUE,
+        source          TEXT,
+        work_path       TEXT NOT NULL
+    );
+    CREATE INDEX batch_jobs_created ON batch_jobs (created_at);
+    CREATE INDEX batch_jobs_status ON batch_jobs (status, created_at);
+    CREATE INDEX batch_jobs_work ON batch_jobs (work_path);
+
+    CREATE TABLE batch_files (
+        id            TEXT PRIMARY KEY,
+        batch_id      TEXT NOT NULL REFERENCES batch_jobs (id) ON DELETE CASCADE,
+        filename      TEXT NOT NULL,
+        file_size     INTEGER,
+        file_hash     TEXT,
+        status        TEXT NOT NULL,
+        progress      INTEGER NOT NULL DEFAULT 0,
+        result        TEXT,
+        error         TEXT,
+        retry_count   INTEGER NOT NULL DEFAULT 0,
+        created_at    TEXT NOT NULL,
+        started_at    TEXT,
+        completed_at  TEXT,
+        relpath       TEXT NOT NULL,
+        seq           INTEGER NOT NULL,
+        priority      TEXT NOT NULL,
+        priority_rank INTEGER NOT NULL,
+        available_at  TEXT,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        processor     TEXT,
+        UNIQUE (batch_id, relpath)
+    );
+    -- The dispatch query walks this index in order: O(log n) per claim.
+    CREATE INDEX batch_files_queue ON batch_files (status, priority_rank, seq);
+    CREATE INDEX batch_files_batch ON batch_files (batch_id, status);
+
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counters (name, value) VALUES ('file_seq', 0);
+
+    CREATE TABLE uploads (
+        id         INTEGER PRIMARY KEY,
+        user_id    TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX uploads_user ON uploads (user_id, created_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_BATCH_COLS = (
+    "id, user_id, status, total_files, processed_files, failed_files, priority, "
+    "created_at, started_at, completed_at, error, name, source, work_path"
+)
+_FILE_COLS = (
+    "id, batch_id, filename, relpath, file_size, file_hash, status, progress, result, "
+    "error, retry_count, attempts, created_at, started_at, completed_at, processor"
+)
+
+
+class Store(Protocol):
+    """What the daemon, the HTTP server and the CLI need from a queue store."""
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the database answers."""
+
+    def register_batch(self, batch: NewBatch, now: datetime) -> BatchRow:
+        """Insert a batch and all its files in one transaction and return it."""
+
+    def name_taken(self, name: str) -> bool:
+        """True when a batch already uses ``name`` as its outbox folder."""
+
+    def batch_by_work_path(self, work_path: str) -> BatchRow | None:
+        """The batch registered from ``work_path`` (relative to the spool root)."""
+
+    def claim_next(self, now: datetime) -> FileTask | None:
+        """Atomically move the next due pending file to ``processing``.
+
+        Order: priority (high first), then registration order. Files whose
+        back-off has not expired are skipped. ``None`` when nothing is due.
+        """
+
+    def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
+        """Atomically record a file's final outcome and refresh its batch."""
+
+    def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
+        """Atomically put a failed attempt back to pending, one retry spent."""
+
+    def requeue(self, file_ids: Sequence[str]) -> None:
+        """Put processing files back to pending without spending an attempt."""
+
+    def requeue_stale(self) -> int:
+        """At start-up: every ``processing`` file back to pending; returns how many."""
+
+    def set_progress(self, progress: Mapping[str, int]) -> None:
+        """Record progress percentages for running files, in one transaction."""
+
+    def retry_failed(self, target_id: str) -> int:
+        """Failed file ``target_id``, or every failed file of batch ``target_id``,
+        back to pending with retries reset; returns how many."""
+
+    def get_batch(self, batch_id: str) -> BatchRow | None: ...
+
+    def find_batch(self, id_or_name: str) -> BatchRow | None: ...
+
+    def list_batches(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        status: Status | None = None,
+        user_id: str | None = None,
+    ) -> list[BatchRow]: ...
+
+    def list_files(
+        self, batch_id: str, limit: int | None = None, offset: int = 0
+    ) -> list[FileRow]: ...
+
+    def file_summary(self, batch_id: str) -> dict[str, int]:
+        """Counts of the batch's files by status, plus ``total``."""
+
+    def progress_sum(self, batch_id: str) -> int:
+        """Sum of the files' progress, done files counting 100."""
+
+    def unfinished_batches(self) -> list[BatchRow]:
+        """Batches not yet completed or failed."""
+
+    def next_due(self) -> datetime | None:
+        """When the earliest backed-off pending file becomes due, if any."""
+
+    def queue_counts(self) -> dict[str, int]:
+        """Files by status across the whole database."""
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits."""
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {path.parent}: {exc.strerror}") from exc
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=10
+                )
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+
+    def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"query on {self.path} failed: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"batchd ({SCHEMA_VERSION}); upgrade batchd"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                # executescript would COMMIT our transaction; run statements one by one.
+                for statement in _statements(MIGRATIONS[target]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+
+    def schema_version(self) -> int:
+        return int(self._read("PRAGMA user_version")[0][0])
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def data_version(self) -> int:
+        return int(self._read("PRAGMA data_version")[0][0])
+
+    # -- registration --------------------------------------------------------
+
+    def register_batch(self, batch: NewBatch, now: datetime) -> BatchRow:
+        batch_id = str(uuid.uuid4())
+        stamp = iso(now)
+        with self._tx() as conn:
+            seq = conn.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'file_seq' RETURNING value",
+                (len(batch.files),),
+            ).fetchone()[0] - len(batch.files)
+            conn.execute(
+                "INSERT INTO batch_jobs (id, user_id, status, total_files, priority, created_at,"
+                " error, name, source, work_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    batch_id,
+                    batch.user_id,
+                    Status.PENDING,
+                    len(batch.files),
+                    batch.priority,
+                    stamp,
+                    batch.error,
+                    batch.name,
+                    batch.source,
+                    batch.work_path,
+                ),
+            )
+            rows = []
+            for i, member in enumerate(batch.files):
+                refused = batch.error is not None or member.error is not None
+                rows.append(
+                    (
+                        str(uuid.uuid4()),
+                        batch_id,
+                        member.relpath.rsplit("/", 1)[-1],
+                        member.relpath,
+                        member.file_size,
+                        Status.FAILED if refused else Status.PENDING,
+                        member.error or batch.error,
+                        stamp,
+                        stamp if refused else None,
+                        seq + i + 1,
+                        batch.priority,
+                        batch.priority.rank,
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO batch_files (id, batch_id, filename, relpath, file_size, status,"
+                " error, created_at, completed_at, seq, priority, priority_rank)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return self._refresh_batch(conn, batch_id, now)
+
+    def name_taken(self, name: str) -> bool:
+        return bool(self._read("SELECT 1 FROM batch_jobs WHERE name = ?", (name,)))
+
+    def batch_by_work_path(self, work_path: str) -> BatchRow | None:
+        rows = self._read(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE work_path = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            (work_path,),
+        )
+        return _batch(rows[0]) if rows else None
+
+    # -- the queue -----------------------------------------------------------
+
+    def claim_next(self, now: datetime) -> FileTask | None:
+        stamp = iso(now)
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT f.id FROM batch_files f INDEXED BY batch_files_queue"
+                " WHERE f.status = 'pending'"
+                " AND (f.available_at IS NULL OR f.available_at <= ?)"
+                " ORDER BY f.priority_rank, f.seq LIMIT 1",
+                (stamp,),
+            ).fetchone()
+            if row is None:
+                return None
+            updated = conn.execute(
+                f"UPDATE batch_files SET status = 'processing', started_at = ?, progress = 0,"
+                f" attempts = attempts + 1, available_at = NULL"
+                f" WHERE id = ? RETURNING {_FILE_COLS}",
+                (stamp, row["id"]),
+            ).fetchone()
+            file = _file(updated)
+            batch = self._refresh_batch(conn, file.batch_id, now)
+            return FileTask(
+                file=file,
+                batch_name=batch.name,
+                work_path=batch.work_path,
+                priority=batch.priority,
+            )
+
+    def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
+        if not outcome.status.done:
+            raise ValueError(f"finish() needs a final status, not {outcome.status}")
+        with self._tx() as conn:
+            row = conn.execute(
+                "UPDATE batch_files SET status = ?, result = ?, error = ?, completed_at = ?,"
+                " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END,"
+                " file_hash = COALESCE(?, file_hash), file_size = COALESCE(?, file_size),"
+                " processor = COALESCE(?, processor), started_at = COALESCE(?, started_at)"
+                " WHERE id = ? RETURNING batch_id",
+                (
+                    outcome.status,
+                    json.dumps(outcome.result) if outcome.result is not None else None,
+                    outcome.error,
+                    iso(now),
+                    outcome.status,
+                    outcome.file_hash,
+                    outcome.file_size,
+                    outcome.processor,
+                    outcome.started_at,
+                    file_id,
+                ),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no file {file_id} in {self.path}")
+            return self._refresh_batch(conn, row["batch_id"], now)
+
+    def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batch_files SET status = 'pending', retry_count = retry_count + 1,"
+                " error = ?, available_at = ?, progress = 0 WHERE id = ?",
+                (error, iso(available_at), file_id),
+            )
+
+    def requeue(self, file_ids: Sequence[str]) -> None:
+        if not file_ids:
+            return
+        with self._tx() as conn:
+            # attempts - 1: an attempt cut short by us (shutdown, crash) is not spent.
+            conn.executemany(
+                "UPDATE batch_files SET status = 'pending', progress = 0,"
+                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND status = 'processing'",
+                [(fid,) for fid in file_ids],
+            )
+
+    def requeue_stale(self) -> int:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE batch_files SET status = 'pending', progress = 0,"
+                " attempts = MAX(attempts - 1, 0) WHERE status = 'processing'"
+            )
+            return cur.rowcount
+
+    def set_progress(self, progress: Mapping[str, int]) -> None:
+        if not progress:
+            return
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE batch_files SET progress = ? WHERE id = ? AND status = 'processing'",
+                [(max(0, min(100, int(pct))), fid) for fid, pct in progress.items()],
+            )
+
+    def retry_failed(self, target_id: str) -> int:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE batch_files SET status = 'pending', retry_count = 0, progress = 0,"
+                " available_at = NULL WHERE status = 'failed' AND (id = ? OR batch_id = ?)",
+                (target_id, target_id),
+            )
+            return cur.rowcount
+
+    def _refresh_batch(self, conn: sqlite3.Connection, batch_id: str, now: datetime) -> BatchRow:
+        """Derive a batch's counters and status from its files (inside a transaction).
+
+        Deriving instead of incrementing keeps the batch right even after an
+        operator edits batch_files by hand.
+        """
+        counts = {
+            r["status"]: r["n"]
+            for r in conn.execute(
+                "SELECT status, COUNT(*) AS n FROM batch_files WHERE batch_id = ? GROUP BY status",
+                (batch_id,),
+            )
+        }
+        total = sum(counts.values())
+        completed = counts.get(Status.COMPLETED, 0)
+        failed = counts.get(Status.FAILED, 0)
+        processing = counts.get(Status.PROCESSING, 0)
+        stamp = iso(now)
+        if total == completed + failed:
+            status = Status.COMPLETED if failed == 0 and total > 0 else Status.FAILED
+        elif processing or completed or failed:
+            status = Status.PROCESSING
+        else:
+            status = Status.PENDING
+        row = conn.execute(
+            f"UPDATE batch_jobs SET status = ?, total_files = ?, processed_files = ?,"
+            f" failed_files = ?,"
+            f" started_at = CASE WHEN ? IN ('processing', 'completed', 'failed')"
+            f"   THEN COALESCE(started_at, ?) ELSE started_at END,"
+            f" completed_at = CASE WHEN ? IN ('completed', 'failed')"
+            f"   THEN COALESCE(completed_at, ?) ELSE NULL END"
+            f" WHERE id = ? RETURNING {_BATCH_COLS}",
+            (status, total, completed, failed, status, stamp, status, stamp, batch_id),
+        ).fetchone()
+        return _batch(row)
+
+    def refresh_batch(self, batch_id: str, now: datetime) -> BatchRow:
+        """Re-derive one batch's counters (after an operator's manual edit)."""
+        with self._tx() as conn:
+            return self._refresh_batch(conn, batch_id, now)
+
+    # -- queries -------------------------------------------------------------
+
+    def get_batch(self, batch_id: str) -> BatchRow | None:
+        rows = self._read(f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE id = ?", (batch_id,))
+        return _batch(rows[0]) if rows else None
+
+    def find_batch(self, id_or_name: str) -> BatchRow | None:
+        rows = self._read(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE id = ? OR name = ? LIMIT 1",
+            (id_or_name, id_or_name),
+        )
+        return _batch(rows[0]) if rows else None
+
+    def get_file(self, file_id: str) -> FileRow | None:
+        rows = self._read(f"SELECT {_FILE_COLS} FROM batch_files WHERE id = ?", (file_id,))
+        return _file(rows[0]) if rows else None
+
+    def list_batches(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        status: Status | None = None,
+        user_id: str | None = None,
+    ) -> list[BatchRow]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(str(status))
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs {clause}"
+            f" ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_batch(r) for r in rows]
+
+    def list_files(self, batch_id: str, limit: int | None = None, offset: int = 0) -> list[FileRow]:
+        rows = self._read(
+            f"SELECT {_FILE_COLS} FROM batch_files WHERE batch_id = ?"
+            f" ORDER BY seq LIMIT ? OFFSET ?",
+            (batch_id, -1 if limit is None else limit, offset),
+        )
+        return [_file(r) for r in rows]
+
+    def file_summary(self, batch_id: str) -> dict[str, int]:
+        summary = {"total": 0, **{str(s): 0 for s in Status}}
+        for r in self._read(
+            "SELECT status, COUNT(*) AS n FROM batch_files WHERE batch_id = ? GROUP BY status",
+            (batch_id,),
+        ):
+            summary[r["status"]] = r["n"]
+            summary["total"] += r["n"]
+        return summary
+
+    def progress_sum(self, batch_id: str) -> int:
+        rows = self._read(
+            "SELECT COALESCE(SUM(CASE WHEN status IN ('completed', 'failed') THEN 100"
+            " ELSE progress END), 0) FROM batch_files WHERE batch_id = ?",
+            (batch_id,),
+        )
+        return int(rows[0][0])
+
+    def unfinished_batches(self) -> list[BatchRow]:
+        rows = self._read(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE status IN ('pending', 'processing')"
+            " ORDER BY created_at"
+        )
+        return [_batch(r) for r in rows]
+
+    def batches_with_files_in(self, statuses: Sequence[Status]) -> list[str]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._read(
+            f"SELECT DISTINCT batch_id FROM batch_files WHERE status IN ({marks})",
+            [str(s) for s in statuses],
+        )
+        return [r[0] for r in rows]
+
+    def next_due(self) -> datetime | None:
+        rows = self._read(
+            "SELECT MIN(available_at) FROM batch_files"
+            " WHERE status = 'pending' AND available_at IS NOT NULL"
+        )
+        value = rows[0][0]
+        if value is None:
+            return None
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+    def queue_counts(self) -> dict[str, int]:
+        counts = {str(s): 0 for s in Status}
+        for r in self._read("SELECT status, COUNT(*) AS n FROM batch_files GROUP BY status"):
+            counts[r["status"]] = r["n"]
+        return counts
+
+    # -- uploads (rate limiting) ----------------------------------------------
+
+    def uploads_since(self, user_id: str, since: datetime) -> list[str]:
+        """Times of ``user_id``'s uploads at or after ``since``, oldest first."""
+        rows = self._read(
+            "SELECT created_at FROM uploads WHERE user_id = ? AND created_at >= ?"
+            " ORDER BY created_at",
+            (user_id, iso(since)),
+        )
+        return [r[0] for r in rows]
+
+    def record_upload(self, user_id: str, now: datetime, limit: int, window: timedelta) -> bool:
+        """Atomically count an upload for ``user_id`` unless ``limit`` are already in
+        the window; True when it was counted (the upload may go ahead)."""
+        with self._tx() as conn:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM uploads WHERE user_id = ? AND created_at >= ?",
+                (user_id, iso(now - window)),
+            ).fetchone()
+            if n >= limit:
+                return False
+            conn.execute(
+                "INSERT INTO uploads (user_id, created_at) VALUES (?, ?)", (user_id, iso(now))
+            )
+            conn.execute("DELETE FROM uploads WHERE created_at < ?", (iso(now - 2 * window),))
+            return True
+
+    # -- retention -----------------------------------------------------------
+
+    def finished_before(self, cutoff: datetime) -> list[BatchRow]:
+        """Completed or failed batches that ended before ``cutoff``."""
+        rows = self._read(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE status IN ('completed', 'failed')"
+            " AND completed_at < ? ORDER BY completed_at",
+            (iso(cutoff),),
+        )
+        return [_batch(r) for r in rows]
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Delete a finished batch and its files (refuses unfinished ones)."""
+        with self._tx() as conn:
+            busy = conn.execute(
+                "SELECT COUNT(*) FROM batch_files WHERE batch_id = ?"
+                " AND status IN ('pending', 'processing')",
+                (batch_id,),
+            ).fetchone()[0]
+            if busy:
+                raise StoreError(f"batch {batch_id} still has {busy} unfinished files")
+            conn.execute("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
+            conn.execute("DELETE FROM batch_jobs WHERE id = ?", (batch_id,))
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], []
+    for line in script.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(buf).strip())
+            buf = []
+    if "".join(buf).strip():
+        out.append("\n".join(buf).strip())
+    return out
+
+
+def _batch(row: sqlite3.Row) -> BatchRow:
+    return BatchRow(
+        id=row["id"],
+        user_id=row["user_id"],
+        status=Status(row["status"]),
+        total_files=row["total_files"],
+        processed_files=row["processed_files"],
+        failed_files=row["failed_files"],
+        priority=Priority(row["priority"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        error=row["error"],
+        name=row["name"],
+        source=row["source"],
+        work_path=row["work_path"],
+    )
+
+
+def _file(row: sqlite3.Row) -> FileRow:
+    return FileRow(
+        id=row["id"],
+        batch_id=row["batch_id"],
+        filename=row["filename"],
+        relpath=row["relpath"],
+        file_size=row["file_size"],
+        file_hash=row["file_hash"],
+        status=Status(row["status"]),
+        progress=row["progress"],
+        result=row["result"],
+        error=row["error"],
+        retry_count=row["retry_count"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        processor=row["processor"],
+    )

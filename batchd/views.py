@@ -1,0 +1,67 @@
+"""The JSON documents batchd shows: batch detail (API and status.json) and result files.
+
+One function builds each shape, so ``GET /api/batch/jobs/<id>`` and
+``outbox/<batch>/status.json`` can never drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from batchd.clock import parse_iso
+from batchd.records import BatchRow, FileRow
+from batchd.store import SQLiteStore
+
+Json = dict[str, Any]
+
+
+def progress_percent(total: int, progress_sum: int) -> int:
+    """Mean of the files' progress, done files counting 100 (0 for an empty batch)."""
+    return round(progress_sum / total) if total else 0
+
+
+def batch_detail(
+    store: SQLiteStore,
+    batch: BatchRow,
+    files_limit: int | None = None,
+    files_offset: int = 0,
+) -> Json:
+    """``{"batch": {..., "progressPercent"}, "files": [...], "summary": {...}}``."""
+    summary = store.file_summary(batch.id)
+    files = store.list_files(batch.id, limit=files_limit, offset=files_offset)
+    head = batch.public()
+    head["progressPercent"] = progress_percent(summary["total"], store.progress_sum(batch.id))
+    return {
+        "batch": head,
+        "files": [f.public() for f in files],
+        "summary": summary,
+    }
+
+
+def duration_ms(file: FileRow) -> int | None:
+    """Milliseconds from the last attempt's start to completion, when both are known."""
+    if not file.started_at or not file.completed_at:
+        return None
+    delta = parse_iso(file.completed_at) - parse_iso(file.started_at)
+    return max(0, round(delta.total_seconds() * 1000))
+
+
+def result_document(file: FileRow) -> Json:
+    """The content of ``outbox/<batch>/results/<relpath>.json`` (SPEC section 4)."""
+    return {
+        "batch_id": file.batch_id,
+        "file_id": file.id,
+        "filename": file.filename,
+        "relpath": file.relpath,
+        "status": str(file.status),
+        "attempts": file.attempts,
+        "file_size": file.file_size,
+        "file_hash": file.file_hash,
+        "processor": file.processor,
+        "started_at": file.started_at,
+        "completed_at": file.completed_at,
+        "duration_ms": duration_ms(file),
+        "result": json.loads(file.result) if file.result else None,
+        "error": file.error,
+    }

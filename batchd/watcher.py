@@ -1,0 +1,327 @@
+"""Watching the inbox folders and deciding when a drop is ready.
+
+Filesystem events (watchdog) only say *where* to look; readiness is always
+judged by looking: a drop is ready once its signature (size and mtime of a
+file, or of every entry in a folder's tree) has held still for
+``watch.settle_seconds``, or at once when a folder shows its marker file.
+A full rescan at start and every ``watch.rescan_seconds`` catches whatever
+events missed (queue overflow, network shares, a folder moved in whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from batchd.clock import Clock
+from batchd.config import PRIORITY_ORDER, Priority, WatchSettings
+from batchd.spool import Spool
+
+log = structlog.get_logger("batchd.watcher")
+
+Signature = tuple[object, ...]
+# Events that say a file was read, not changed: no reason to look again.
+_READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+@dataclass
+class _Candidate:
+    priority: Priority
+    signature: Signature | None
+    since: float
+    look_now: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One look at a drop."""
+
+    signature: Signature
+    is_folder: bool
+    has_marker: bool
+    members: int
+
+
+def look(path: Path, spool: Spool, marker: str) -> Seen | None:
+    """Look at drop ``path`` (``None`` when it is gone).
+
+    A folder's signature covers every entry of its tree, so a file added,
+    grown or touched anywhere inside resets the settle timer. ``members``
+    counts the files that would be processed (not the marker, not names
+    matched by ``watch.ignore``).
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return Seen((st.st_size, st.st_mtime_ns, st.st_ino), False, False, 1)
+    entries: list[tuple[str, int, int]] = []
+    members = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + dirnames:
+            full = os.path.join(dirpath, name)
+            try:
+                est = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            entries.append((full, est.st_size, est.st_mtime_ns))
+            if stat.S_ISDIR(est.st_mode) or spool.ignored(name):
+                continue
+            if not (dirpath == str(path) and name == marker):
+                members += 1
+    entries.sort()
+    has_marker = os.path.lexists(path / marker)
+    return Seen((st.st_mtime_ns, tuple(entries)), True, has_marker, members)
+
+
+class Readiness:
+    """Tracks candidate drops and says which are ready. Pure logic; the clock
+    is passed in so settle rules are tested without sleeping."""
+
+    def __init__(self, spool: Spool, settings: WatchSettings, clock: Clock) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.clock = clock
+        self._candidates: dict[Path, _Candidate] = {}
+
+    def touch(self, path: Path, priority: Priority) -> None:
+        """Something happened at or under drop ``path``: look at it at the next poll.
+
+        An event alone never resets the settle timer (a reader opening a file
+        makes events too); only a changed signature does.
+        """
+        cand = self._candidates.get(path)
+        if cand is None:
+            self._candidates[path] = _Candidate(priority, None, self.clock.monotonic())
+        else:
+            cand.look_now = True
+
+    def pending(self) -> int:
+        return len(self._candidates)
+
+    def next_check(self) -> float | None:
+        """Seconds until :meth:`poll` may find something ready (None: nothing to wait for)."""
+        if not self._candidates:
+            return None
+        now = self.clock.monotonic()
+        settle = self.settings.settle_seconds
+        soonest = min(
+            0.0 if c.look_now else c.since + settle - now for c in self._candidates.values()
+        )
+        # Re-look at least this often: a slow writer's change shows in the
+        # signature even when no event reached us (network shares).
+        return max(0.0, min(soonest, max(settle / 2, 0.05)))
+
+    def poll(self) -> list[tuple[Path, Priority]]:
+        """Drops that are ready now (they are forgotten: the caller claims them)."""
+        ready = []
+        now = self.clock.monotonic()
+        settle = self.settings.settle_seconds
+        for path, cand in list(self._candidates.items()):
+            cand.look_now = False
+            seen = (
+                None
+                if self.spool.ignored(path.name)
+                else look(path, self.spool, self.settings.marker)
+            )
+            if seen is None:
+                del self._candidates[path]
+                continue
+            if seen.has_marker:
+                del self._candidates[path]
+                ready.append((path, cand.priority))
+                continue
+            if seen.signature != cand.signature:
+                cand.signature = seen.signature
+                cand.since = now
+            if seen.is_folder and (self.settings.folder_ready == "marker" or seen.members == 0):
+                continue  # wait for the marker, or for something to process
+            if now - cand.since >= settle:
+                del self._candidates[path]
+                ready.append((path, cand.priority))
+        return ready
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, spool: Spool, events: queue.SimpleQueue[tuple[Priority, Path]]) -> None:
+        self.spool = spool
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # Never let an exception escape into watchdog's thread: it would stop
+        # the observer. Log it; the periodic rescan covers what we missed.
+        if event.event_type in _READ_ONLY_EVENTS:
+            return
+        try:
+            for raw in (event.src_path, getattr(event, "dest_path", "")):
+                if not raw:
+                    continue
+                path = Path(os.fsdecode(raw))
+                found = self.spool.priority_of(path)
+                if found is not None:
+                    self.events.put((found[0], found[1]))
+        except Exception:
+            log.exception("watch_event_failed", event=repr(event))
+
+
+class Watcher:
+    """The watcher thread: observer, readiness, rescans, and handing ready
+    drops to ``take`` (the intake)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        settings: WatchSettings,
+        clock: Clock,
+        take: Callable[[Path, Priority], object],
+        on_rescan: Callable[[], None] = lambda: None,
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.clock = clock
+        self.take = take
+        self.on_rescan = on_rescan
+        self.on_restart = on_restart
+        self.readiness = Readiness(spool, settings, clock)
+        self._events: queue.SimpleQueue[tuple[Priority, Path]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._inbox_ids: dict[Priority, tuple[int, int]] = {}
+        self._thread = threading.Thread(target=self._run, name="batchd-watcher", daemon=True)
+        self.restarts = 0
+        self.last_rescan: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._start_observer()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put((Priority.NORMAL, Path("/")))  # wake the thread
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        self._stop_observer()
+
+    def is_alive(self) -> bool:
+        """True while the watcher thread runs (health checks)."""
+        return self._thread.is_alive()
+
+    def _start_observer(self) -> None:
+        observer: BaseObserver
+        if self.settings.observer == "polling":
+            observer = PollingObserver(timeout=self.settings.polling_interval_seconds)
+        else:
+            observer = Observer()
+        handler = _Handler(self.spool, self._events)
+        for priority in PRIORITY_ORDER:
+            folder = self.spool.inbox_for(priority)
+            folder.mkdir(parents=True, exist_ok=True)
+            st = folder.stat()
+            self._inbox_ids[priority] = (st.st_dev, st.st_ino)
+            observer.schedule(handler, str(folder), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+                self._observer.join(timeout=5)
+            self._observer = None
+
+    def _restart_observer(self, why: str) -> None:
+        log.warning("watcher_restarted", reason=why)
+        self.restarts += 1
+        self.on_restart()
+        self._stop_observer()
+        self._start_observer()
+
+    def _observer_healthy(self) -> str | None:
+        """Why the observer must be restarted, or None."""
+        if self._observer is None or not self._observer.is_alive():
+            return "observer thread died"
+        for priority in PRIORITY_ORDER:
+            try:
+                st = self.spool.inbox_for(priority).stat()
+            except FileNotFoundError:
+                return f"inbox/{priority.value} disappeared"
+            if (st.st_dev, st.st_ino) != self._inbox_ids.get(priority):
+                return f"inbox/{priority.value} was replaced"
+        return None
+
+    # -- the loop --------------------------------------------------------------
+
+    def rescan(self) -> None:
+        """Look at every entry in the inbox folders (start-up and periodically)."""
+        for priority, path in self.spool.drops():
+            self.readiness.touch(path, priority)
+        self.last_rescan = self.clock.monotonic()
+        self.on_rescan()
+
+    def _run(self) -> None:
+        next_rescan = self.clock.monotonic()
+        while not self._stop.is_set():
+            try:
+                now = self.clock.monotonic()
+                if now >= next_rescan:
+                    problem = self._observer_healthy()
+                    if problem:
+                        self._restart_observer(problem)
+                    self.rescan()
+                    next_rescan = now + self.settings.rescan_seconds
+                wait = self.readiness.next_check()
+                until_rescan = max(0.0, next_rescan - self.clock.monotonic())
+                timeout = until_rescan if wait is None else min(wait, until_rescan)
+                # Observer health is checked at least every second, not only
+                # at rescans, so a dead observer costs at most a second.
+                timeout = min(timeout, 1.0)
+                try:
+                    priority, path = self._events.get(timeout=timeout)
+                    self._note(priority, path)
+                    while True:  # drain a burst in one go
+                        priority, path = self._events.get_nowait()
+                        self._note(priority, path)
+                except queue.Empty:
+                    pass
+                if self._stop.is_set():
+                    break
+                problem = self._observer_healthy()
+                if problem:
+                    self._restart_observer(problem)
+                    next_rescan = self.clock.monotonic()
+                for path, priority in self.readiness.poll():
+                    if self._stop.is_set():
+                        break
+                    self._take(path, priority)
+            except Exception:
+                # One bad drop or a transient error must not stop watching.
+                log.exception("watcher_error")
+                self._stop.wait(0.5)
+
+    def _note(self, priority: Priority, path: Path) -> None:
+        if path == Path("/"):
+            return
+        self.readiness.touch(path, priority)
+
+    def _take(self, path: Path, priority: Priority) -> None:
+        try:
+            self.take(path, priority)
+        except Exception:
+            log.exception("claim_failed", path=str(path))
