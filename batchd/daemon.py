@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,6 +32,9 @@ from batchd.store import SQLiteStore
 from batchd.watcher import Watcher
 
 log = structlog.get_logger("batchd.daemon")
+
+#: The daemon runs the retention purge this often when retention.days is set.
+PURGE_INTERVAL_SECONDS = 86400.0
 
 #: Keys whose change needs a restart; a reload logs them and keeps the old value.
 RESTART_KEYS = (
@@ -106,6 +110,7 @@ class Daemon:
         self._next_status = 0.0
         self._finished_at_last_status = 0
         self._last_status_at = 0.0
+        self._next_purge = 0.0
 
     # -- health ----------------------------------------------------------------
 
@@ -213,10 +218,13 @@ class Daemon:
         self._next_watchdog = self.clock.monotonic()
 
     def _tick(self) -> None:
-        """Once per scheduler turn: systemd watchdog and STATUS."""
+        """Once per scheduler turn: daily retention, systemd watchdog and STATUS."""
+        now = self.clock.monotonic()
+        if self.settings.retention.days and now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL_SECONDS
+            self._purge()
         if self.notifier is None or not self.notifier.enabled:
             return
-        now = self.clock.monotonic()
         interval = self.notifier.watchdog_interval()
         if interval and now >= self._next_watchdog:
             # Only a daemon whose parts all live earns a ping; systemd
@@ -244,6 +252,16 @@ class Daemon:
                 f" {rate:.0f} files/min"
             )
             self._next_status = now + 5.0
+
+    def _purge(self) -> None:
+        from batchd.retention import purge
+
+        assert self.store is not None
+        cutoff = self.clock.now() - timedelta(days=self.settings.retention.days)
+        try:
+            purge(self.spool, self.store, cutoff)
+        except (OSError, BatchdError) as exc:
+            log.error("purge_failed", error=str(exc))
 
     # -- signals ---------------------------------------------------------------
 

@@ -1,0 +1,87 @@
+"""Processors the integration tests run inside real worker processes.
+
+State that must survive a worker's death (attempt counters, the order files
+ran in) lives in files under ``$BATCHD_TEST_STATE``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from batchd.errors import PermanentError
+
+
+def _state() -> Path:
+    return Path(os.environ["BATCHD_TEST_STATE"])
+
+
+def _bump(name: str) -> int:
+    """Count this call for ``name`` (crash-safe: one file per call)."""
+    folder = _state() / "attempts" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.iterdir())) + 1
+    (folder / f"{n}-{os.getpid()}").touch()
+    return n
+
+
+def _record(event: str) -> None:
+    with (_state() / "order.log").open("a") as fh:
+        fh.write(event + "\n")
+
+
+def flaky(path: Path, ctx: Any) -> dict[str, Any]:
+    """Fail the first two attempts, then succeed."""
+    n = _bump(path.name)
+    if n <= 2:
+        raise RuntimeError(f"flaky failure {n}")
+    return {"attempt": n}
+
+
+def always_fail(path: Path, ctx: Any) -> dict[str, Any]:
+    raise RuntimeError("this processor always fails")
+
+
+def permanent(path: Path, ctx: Any) -> dict[str, Any]:
+    raise PermanentError("bad content: permanent")
+
+
+def by_name(path: Path, ctx: Any) -> dict[str, Any]:
+    """Behave by the file's name: hang*, die*, slow*, else succeed."""
+    name = path.name
+    if name.startswith("hang"):
+        time.sleep(3600)  # stuck inside a C call, as far as Python is concerned
+    if name.startswith("die") and _bump(name) == 1:
+        os._exit(3)
+    if name.startswith("segv") and _bump(name) == 1:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("victim"):
+        n = _bump(name)
+        if n == 1:
+            (_state() / f"running-{name}").write_text(str(os.getpid()))
+            time.sleep(3600)  # the test SIGKILLs this worker
+    if name.startswith("slow"):
+        for pct in range(0, 100, 25):
+            ctx.progress(pct)
+            time.sleep(0.1)
+    return {"name": name, "size": path.stat().st_size}
+
+
+def ordered(path: Path, ctx: Any) -> dict[str, Any]:
+    """Record the order files run in; take a moment each."""
+    _record(path.name)
+    time.sleep(float(os.environ.get("BATCHD_TEST_DELAY", "0.3")))
+    return {"name": path.name}
+
+
+def sleepy(path: Path, ctx: Any) -> dict[str, Any]:
+    """Take a while, reporting progress, so tests can interrupt mid-batch."""
+    delay = float(os.environ.get("BATCHD_TEST_DELAY", "0.2"))
+    for pct in range(0, 100, 20):
+        ctx.progress(pct)
+        time.sleep(delay / 5)
+    _record(path.name)
+    return {"name": path.name}

@@ -1,0 +1,195 @@
+"""Running the real daemon in tests: a subprocess on a spool under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def wait_until(
+    cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class DaemonProcess:
+    """``batchd run`` as a real child process, with a config file it reads."""
+
+    def __init__(self, tmp: Path, **sections: dict[str, Any]) -> None:
+        self.tmp = tmp
+        self.spool = tmp / "spool"
+        self.config = tmp / "batchd.toml"
+        self.state = tmp / "teststate"
+        self.state.mkdir(exist_ok=True)
+        self.sections: dict[str, dict[str, Any]] = {
+            "spool": {"root": str(self.spool)},
+            "watch": {"settle_seconds": 0.2, "rescan_seconds": 2.0},
+            "processing": {
+                "retry_backoff_seconds": 0.05,
+                "poll_seconds": 0.2,
+                "shutdown_grace_seconds": 10,
+                "status_interval_seconds": 0.05,
+            },
+            "http": {"enabled": False},
+            "log": {"format": "json", "level": "debug"},
+        }
+        for name, keys in sections.items():
+            self.sections.setdefault(name, {}).update(keys)
+        write_config(self.config, self.sections)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / f"daemon-{self.runs}.log"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)])
+        env["BATCHD_CONFIG"] = str(self.config)
+        env["BATCHD_TEST_STATE"] = str(self.state)
+        env.update(extra)
+        return env
+
+    def start(self, wait: bool = True, **extra_env: str) -> DaemonProcess:
+        self.runs += 1
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd", "run"],
+            env=self.env(**extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        log.close()
+        if wait:
+            wait_until(
+                lambda: "daemon_started" in self.log() or self.proc.poll() is not None,
+                30,
+                what="daemon start",
+            )
+            assert self.proc.poll() is None, f"daemon exited at start:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                out.append(event)
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    # -- reading what it wrote --------------------------------------------------
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.spool / "state" / "batchd.db", timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        path = self.spool / "outbox" / name / "status.json"
+        try:
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def wait_batch(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            st = self.status(name)
+            if st and st["batch"]["status"] in ("completed", "failed"):
+                return st
+            return None
+
+        return wait_until(done, timeout, what=f"batch {name} to finish\n{self.log()[-3000:]}")
+
+    def results(self, name: str) -> dict[str, dict[str, Any]]:
+        base = self.spool / "outbox" / name / "results"
+        return {
+            p.relative_to(base).as_posix()[: -len(".json")]: json.loads(p.read_text())
+            for p in base.rglob("*.json")
+        }
+
+    def inbox(self, priority: str = "normal") -> Path:
+        return self.spool / "inbox" / priority
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+
+
+def drop_folder(target: Path, files: dict[str, bytes], staging: Path) -> Path:
+    """Build a folder outside the inbox, then move it in with one rename (like ``mv``)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    folder = staging / target.name
+    for rel, data in files.items():
+        p = folder / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    os.rename(folder, target)
+    return target
+
+
+def csv_bytes(i: int) -> bytes:
+    return f"id,value\n{i},{i * 2}\n".encode()
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    if path.exists():
+        yield from path.read_text().splitlines()
