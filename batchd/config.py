@@ -9,6 +9,7 @@ into exit code 78).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -236,6 +237,29 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{key} = {value!r}: {msg}"
 
 
+def _env_json_error(environ: Mapping[str, str]) -> str | None:
+    """Name the environment variable whose list or table value is not JSON."""
+    for name, value in environ.items():
+        if not name.startswith("BATCHD_") or "__" not in name:
+            continue
+        section, _, key = name[len("BATCHD_") :].lower().partition("__")
+        field = Settings.model_fields.get(section)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        sub = model.model_fields.get(key)
+        if sub is None or sub.annotation in (str, int, float, bool, Path):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            return (
+                f"bad configuration: {section}.{key} = {value!r} (from {name}): a list or "
+                f'table must be written as JSON, e.g. ["a", "b"]'
+            )
+    return None
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -274,7 +298,9 @@ def load_settings(
         where = f" (in {file})" if file else ""
         raise ConfigError(f"bad configuration{where}: {_describe(first)}") from None
     except ValueError as exc:  # e.g. an environment value that is not valid JSON
-        raise ConfigError(f"bad configuration: {exc}".splitlines()[0]) from None
+        raise ConfigError(
+            _env_json_error(environ) or f"bad configuration: {exc}".splitlines()[0]
+        ) from None
     # A plain Settings (not the local subclass) so it pickles into worker processes.
     return Settings.model_construct(
         _fields_set=bound.model_fields_set,

@@ -237,6 +237,10 @@ class Daemon:
             ):
                 self.notifier.watchdog()
             self._next_watchdog = now + interval
+            if self.scheduler is not None:
+                # An idle loop waits up to poll_seconds, which may be longer
+                # than the watchdog interval: wake it for the next ping.
+                self.scheduler.tick_by = self._next_watchdog
         if now >= self._next_status and self.store is not None and self.scheduler is not None:
             counts = self.store.queue_counts()
             done = self.scheduler.finished_count
@@ -312,6 +316,7 @@ class Daemon:
             update={
                 "spool": old.spool,
                 "database": old.database,
+                "watch": new.watch.model_copy(update={"observer": old.watch.observer}),
                 "http": new.http.model_copy(
                     update={
                         "enabled": old.http.enabled,
@@ -328,9 +333,7 @@ class Daemon:
         self.intake.settings = new
         self.spool.settings = new
         if self.watcher is not None:
-            self.watcher.settings = self.watcher.readiness.settings = new.watch.model_copy(
-                update={"observer": old.watch.observer}
-            )
+            self.watcher.settings = self.watcher.readiness.settings = new.watch
         if self.http is not None:
             self.http.reconfigure(new)
         log.info("config_reloaded", concurrency=new.processing.concurrency)

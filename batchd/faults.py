@@ -10,6 +10,7 @@ The reliability tests restart the daemon and check its invariants.
 from __future__ import annotations
 
 import os
+import time
 
 CRASH_EXIT_CODE = 86
 STEPS = (
@@ -35,3 +36,23 @@ def crash_point(step: str) -> None:
         _remaining -= 1
         return
     os._exit(CRASH_EXIT_CODE)
+
+
+_hang_target = os.environ.get("BATCHD_HANG_AT", "")
+_hang_after = float(os.environ.get("BATCHD_HANG_AFTER_SECONDS", "0") or 0)
+_hang_armed_at: float | None = None
+
+
+def hang_point(step: str) -> None:
+    """Block forever at ``step`` once ``BATCHD_HANG_AFTER_SECONDS`` have passed
+    since the first call, when ``BATCHD_HANG_AT`` names it: a wedged daemon,
+    for proving that the systemd watchdog stops being fed."""
+    global _hang_armed_at
+    if step != _hang_target:
+        return
+    now = time.monotonic()
+    if _hang_armed_at is None:
+        _hang_armed_at = now
+    if now - _hang_armed_at >= _hang_after:
+        while True:
+            time.sleep(3600)

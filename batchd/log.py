@@ -64,4 +64,4 @@ def _journal_renderer() -> Any:
         return None
     if not service.journal_wanted():
         return None
-    return service.journal_processor
+    return service.journal_processor()

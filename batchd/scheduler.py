@@ -25,7 +25,7 @@ import structlog
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import BatchdError
-from batchd.faults import crash_point
+from batchd.faults import crash_point, hang_point
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
 from batchd.pool import Lost, TimedOut, WorkerPool
@@ -80,6 +80,9 @@ class Scheduler:
         #: monotonic time of the last completed loop turn (watchdog, health).
         self.heartbeat = clock.monotonic()
         self.finished_count = 0
+        #: monotonic time by which an idle loop must turn anyway, so that
+        #: ``on_tick`` runs on time (the daemon's next systemd watchdog ping).
+        self.tick_by: float | None = None
 
     # -- control (any thread) ----------------------------------------------------
 
@@ -115,6 +118,7 @@ class Scheduler:
         self._drain()
 
     def _turn(self) -> None:
+        hang_point("scheduler_turn")
         if self._reload is not None:
             apply, self._reload = self._reload, None
             apply()
@@ -133,6 +137,8 @@ class Scheduler:
 
     def _timeout(self) -> float:
         timeout = self.settings.processing.poll_seconds
+        if self.tick_by is not None:
+            timeout = min(timeout, max(0.0, self.tick_by - self.clock.monotonic()) + 0.001)
         if self._dirty or self._progress:
             timeout = min(timeout, self.settings.processing.status_interval_seconds)
         if self.pool.idle():

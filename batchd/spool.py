@@ -38,6 +38,14 @@ STATUS_FILE = "status.json"
 UPLOADS = ".uploads"
 SCRATCH = ".scratch"
 XDEV_SUFFIX = ".xdev-source"
+# A file whose name promises one of these types must have that content: a
+# ".pdf" holding text is refused even where text (csv) is allowed.
+_KINDS_BY_SUFFIX: dict[str, frozenset[str]] = {
+    ".pdf": frozenset({"pdf"}),
+    ".xlsx": frozenset({"xlsx"}),
+    ".xls": frozenset({"xls", "xlsx"}),
+    ".csv": frozenset({"csv", "txt", "empty"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,16 +199,23 @@ class Spool:
             return None
         target = self.work / priority.value / name
         user = owner_name(st)
+        is_dir = stat.S_ISDIR(st.st_mode)
         try:
-            if stat.S_ISDIR(st.st_mode):
-                self._move(source, target)
+            if is_dir:
+                os.rename(source, target)
             else:
                 target.mkdir()
-                self._move(source, target / source.name)
+                try:
+                    os.rename(source, target / source.name)
+                except OSError:
+                    target.rmdir()
+                    raise
         except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                target.rmdir()
             return None
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy_claim(source, target, is_dir)
         return Claimed(target, name, priority, str(source), user)
 
     def adopt(self, folder: Path, priority: Priority, name: str) -> Path:
@@ -209,24 +224,22 @@ class Spool:
         os.rename(folder, target)
         return target
 
-    def _move(self, source: Path, target: Path) -> None:
-        try:
-            os.rename(source, target)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-        # The inbox is on another filesystem (a bind mount, say): copy, make
-        # the copy durable, record that the source is now redundant, then
-        # delete it. Recovery finishes an interrupted delete (see
-        # finish_cross_device), so the drop is never registered twice.
+    def _copy_claim(self, source: Path, target: Path, is_dir: bool) -> None:
+        """Claim across filesystems (an inbox on a bind mount, say).
+
+        Build the batch folder under a hidden name, make it durable, record
+        that the source is now redundant, rename the folder into place, then
+        delete the source. Recovery (:meth:`finish_cross_device`) completes an
+        interrupted delete, so the drop is never registered twice.
+        """
         partial = target.with_name(f".{target.name}.incoming")
         with contextlib.suppress(FileNotFoundError):
             _remove(partial)
-        if source.is_dir() and not source.is_symlink():
+        if is_dir:
             shutil.copytree(source, partial, symlinks=True)
         else:
-            shutil.copy2(source, partial, follow_symlinks=False)
+            partial.mkdir()
+            shutil.copy2(source, partial / source.name, follow_symlinks=False)
         _fsync_tree(partial)
         st = source.lstat()
         marker = target.with_name(target.name + XDEV_SUFFIX)
@@ -326,8 +339,17 @@ class Spool:
             kind = sniff(path)
         except OSError as exc:
             return f"cannot read file: {exc.strerror}"
+        allowed = ", ".join(limits.allowed_types)
+        if "*" in limits.allowed_types:
+            return None
+        suffix = path.suffix.lower()
+        expected = _KINDS_BY_SUFFIX.get(suffix)
+        if expected is not None and kind.kind not in expected:
+            return (
+                f"content is {kind.kind} ({kind.mime}), not an allowed type for a {suffix} file"
+                f" (allowed: {allowed}; see limits.allowed_types)"
+            )
         if not limits.allows(kind.kind):
-            allowed = ", ".join(limits.allowed_types)
             return (
                 f"content is {kind.kind} ({kind.mime}), not an allowed type ({allowed});"
                 " see limits.allowed_types"

@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -231,6 +231,41 @@ class SQLiteStore:
             self._all.clear()
         self._local = threading.local()
 
+    def release_thread(self) -> None:
+        """Close the calling thread's connection, if it opened one.
+
+        A thread about to end calls this (the HTTP server runs a thread per
+        client connection), so connections do not pile up until :meth:`close`.
+        """
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    def change_version(self) -> int:
+        """A number that changes after every commit by any connection of any process.
+
+        For read caches (the HTTP server's). ``PRAGMA data_version`` ignores
+        the asking connection's own commits, so it is read on a connection of
+        its own that never writes, shared by all threads under the lock.
+        """
+        with self._lock:
+            conn: sqlite3.Connection | None = getattr(self, "_version_conn", None)
+            try:
+                if conn is None or conn not in self._all:  # first use, or after close()
+                    conn = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False, timeout=10
+                    )
+                    self._version_conn = conn
+                    self._all.append(conn)
+                return int(conn.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise StoreError(f"query on {self.path} failed: {exc}") from exc
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
@@ -241,6 +276,9 @@ class SQLiteStore:
             raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
         try:
             yield conn
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -359,6 +397,7 @@ class SQLiteStore:
                 return None
             updated = conn.execute(
                 f"UPDATE batch_files SET status = 'processing', started_at = ?, progress = 0,"
+                f" completed_at = NULL,"
                 f" attempts = attempts + 1, available_at = NULL"
                 f" WHERE id = ? RETURNING {_FILE_COLS}",
                 (stamp, row["id"]),
@@ -437,12 +476,16 @@ class SQLiteStore:
 
     def retry_failed(self, target_id: str) -> int:
         with self._tx() as conn:
-            cur = conn.execute(
+            rows = conn.execute(
                 "UPDATE batch_files SET status = 'pending', retry_count = 0, progress = 0,"
-                " available_at = NULL WHERE status = 'failed' AND (id = ? OR batch_id = ?)",
+                " available_at = NULL WHERE status = 'failed' AND (id = ? OR batch_id = ?)"
+                " RETURNING batch_id",
                 (target_id, target_id),
-            )
-            return cur.rowcount
+            ).fetchall()
+            now = datetime.now(UTC)
+            for batch_id in {r["batch_id"] for r in rows}:
+                self._refresh_batch(conn, batch_id, now)
+            return len(rows)
 
     def _refresh_batch(self, conn: sqlite3.Connection, batch_id: str, now: datetime) -> BatchRow:
         """Derive a batch's counters and status from its files (inside a transaction).
@@ -580,6 +623,30 @@ class SQLiteStore:
         for r in self._read("SELECT status, COUNT(*) AS n FROM batch_files GROUP BY status"):
             counts[r["status"]] = r["n"]
         return counts
+
+    def counts_by_status_priority(self) -> dict[str, dict[tuple[str, str], int]]:
+        """Files and batches by (status, priority), for the metrics scrape.
+
+        ``{"files": {(status, priority): n}, "batches": {...}}``; pairs with no
+        rows are absent. Both counts come from one read transaction, so they
+        agree with each other.
+        """
+        out: dict[str, dict[tuple[str, str], int]] = {"files": {}, "batches": {}}
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN")
+            try:
+                for key, table in (("files", "batch_files"), ("batches", "batch_jobs")):
+                    for r in conn.execute(
+                        f"SELECT status, priority, COUNT(*) AS n FROM {table}"
+                        " GROUP BY status, priority"
+                    ):
+                        out[key][(r["status"], r["priority"])] = r["n"]
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"query on {self.path} failed: {exc}") from exc
+        return out
 
     # -- uploads (rate limiting) ----------------------------------------------
 

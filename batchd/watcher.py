@@ -31,7 +31,30 @@ from batchd.spool import Spool
 
 log = structlog.get_logger("batchd.watcher")
 
+
+def _no_move_pairing_delay() -> None:
+    """Stop watchdog holding every move-out event for half a second.
+
+    watchdog's inotify backend keeps each IN_MOVED_FROM for
+    ``InotifyMoveEventGrouper.delay`` (0.5 s) hoping to pair it with an
+    IN_MOVED_TO, and every event queued behind it waits too. Each claim moves
+    a drop out of the inbox, so with the default the *next* drop's event
+    waits up to 0.5 s. batchd never needs the pairing (an event only means
+    "look at this path again"), so the hold is turned off.
+    """
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # not Linux, or a watchdog without the grouper
+        return
+    InotifyMoveEventGrouper.delay = 0.0
+
+
+_no_move_pairing_delay()
+
 Signature = tuple[object, ...]
+#: How often a folder that waits (for its marker, or for content) is looked at
+#: without an event; events bring the look forward.
+WAITING_RELOOK_SECONDS = 1.0
 # Events that say a file was read, not changed: no reason to look again.
 _READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
@@ -42,6 +65,8 @@ class _Candidate:
     signature: Signature | None
     since: float
     look_now: bool = True
+    #: settled but not ready (empty folder, or waiting for its marker).
+    waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +144,8 @@ class Readiness:
         now = self.clock.monotonic()
         settle = self.settings.settle_seconds
         soonest = min(
-            0.0 if c.look_now else c.since + settle - now for c in self._candidates.values()
+            0.0 if c.look_now else WAITING_RELOOK_SECONDS if c.waiting else c.since + settle - now
+            for c in self._candidates.values()
         )
         # Re-look at least this often: a slow writer's change shows in the
         # signature even when no event reached us (network shares).
@@ -147,8 +173,12 @@ class Readiness:
             if seen.signature != cand.signature:
                 cand.signature = seen.signature
                 cand.since = now
+            cand.waiting = False
             if seen.is_folder and (self.settings.folder_ready == "marker" or seen.members == 0):
-                continue  # wait for the marker, or for something to process
+                # Wait for the marker, or for something to process; events
+                # bring the next look forward, a slow re-look catches the rest.
+                cand.waiting = now - cand.since >= settle
+                continue
             if now - cand.since >= settle:
                 del self._candidates[path]
                 ready.append((path, cand.priority))

@@ -120,7 +120,14 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
             settings=settings,
             report=lambda pct: conn.send(Progress(job.file_id, pct)),
         )
-        result = fn(Path(job.path), ctx)
+        try:
+            result = fn(Path(job.path), ctx)
+        finally:
+            # Remove the output folder when the processor left nothing in it,
+            # here in the worker: the daemon's loop then only touches folders
+            # that hold outputs.
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
         if not isinstance(result, dict):
             raise PermanentError(
                 f"processor {job.processor} returned {type(result).__name__}, not a dict"

@@ -101,15 +101,26 @@ def resolve(name: str) -> Processor:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"processor {name!r}: cannot import {module_name}: {exc}") from exc
-    fn = module
+    fn: Any = module
     for part in attr.split("."):
-        fn = getattr(fn, part, None)  # type: ignore[assignment]
+        fn = getattr(fn, part, None)
         if fn is None:
             raise ConfigError(f"processor {name!r}: {module_name} has no attribute {attr!r}")
     if not callable(fn):
         raise ConfigError(f"processor {name!r}: {target} is not callable")
     _cache[name] = fn
-    return fn  # type: ignore[return-value]
+    return fn  # type: ignore[no-any-return]
+
+
+def describe(name: str) -> str:
+    """One line on what the processor ``name`` does, for ``batchd processors``:
+    the first line of its docstring, or why it cannot be loaded."""
+    try:
+        fn = resolve(name)
+    except ConfigError as exc:
+        return f"cannot be loaded: {exc.message}"
+    doc = (getattr(fn, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else "(no description)"
 
 
 def choose(settings: Settings, relpath: str) -> str:

@@ -1,0 +1,160 @@
+"""What a file really is, judged by its content rather than its name.
+
+``limits.allowed_types`` and the ``inspect`` processor both ask this module.
+Types are named like file extensions (``pdf``, ``xlsx``, ``xls``, ``csv``,
+``png`` ...), so an operator lists them the way users name their files.
+
+Only the first :data:`HEAD_BYTES` of a file are read, plus, for ZIP and OLE2
+containers, their directory: sniffing runs in the daemon for every file
+registered, so it must stay cheap whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import filetype
+
+HEAD_BYTES = 8192
+_TEXT_EXTENSIONS = {".csv", ".tsv", ".tab", ".txt"}
+_CSV_DELIMITERS = ",;\t|"
+_OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+#: OLE2 stream names (UTF-16LE in the directory) and the document type they mean.
+_OLE2_STREAMS = (
+    ("Workbook".encode("utf-16-le"), "xls", "application/vnd.ms-excel"),
+    ("Book\x00".encode("utf-16-le"), "xls", "application/vnd.ms-excel"),  # Excel 5/95
+    ("WordDocument".encode("utf-16-le"), "doc", "application/msword"),
+    ("PowerPoint Document".encode("utf-16-le"), "ppt", "application/vnd.ms-powerpoint"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    """The detected type (``kind``) and its MIME type."""
+
+    kind: str
+    mime: str
+
+
+def decode_head(head: bytes) -> str | None:
+    """``head`` as text when it looks like text (UTF-8, UTF-16 with a BOM,
+    Windows-1252 or Latin-1, few control characters), else None."""
+    if head.startswith(_UTF16_BOMS):
+        # An odd length cuts the last code unit, and a pair may be cut too.
+        text = head[: len(head) & ~1].decode("utf-16", errors="ignore")
+    elif b"\x00" in head:
+        return None
+    else:
+        text = _decode_8bit(head)
+    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\r\n\t\f")
+    return text if controls <= max(1, len(text) // 100) else None
+
+
+def _decode_8bit(head: bytes) -> str:
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end of the sample is still UTF-8.
+        if exc.start >= len(head) - 3:
+            return head[: exc.start].decode("utf-8")
+    try:
+        return head.decode("cp1252")
+    except UnicodeDecodeError:
+        return head.decode("latin-1")  # decodes any byte string
+
+
+def _looks_like_csv(text: str, suffix: str) -> bool:
+    if suffix in _TEXT_EXTENSIONS - {".txt"}:
+        return True
+    if "\n" not in text:
+        return False
+    sample = text[: text.rfind("\n")]  # whole lines only: a cut line fools the sniffer
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters=_CSV_DELIMITERS)
+    except csv.Error:
+        return False
+    return dialect.delimiter in _CSV_DELIMITERS
+
+
+def _zip_office_kind(path: Path) -> Sniffed | None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if "[Content_Types].xml" not in names:
+        return None
+    prefixes = {n.split("/", 1)[0] for n in names}
+    if "xl" in prefixes:
+        return Sniffed("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+    if "word" in prefixes:
+        return Sniffed(
+            "docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        )
+    if "ppt" in prefixes:
+        return Sniffed(
+            "pptx", "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+        )
+    return None
+
+
+def _ole2_kind(path: Path, head: bytes) -> Sniffed:
+    """Which Office 97-2003 document an OLE2 compound file holds.
+
+    The stream names live in the directory, whose first sector the header
+    points to (offset 0x30; sector size 2**uint16 at 0x1E). The main stream is
+    in that first sector for every file Office writes, so one extra read is
+    enough; the head is searched too, for small-sector files.
+    """
+    where = head
+    try:
+        (sector_shift,) = struct.unpack_from("<H", head, 0x1E)
+        (first_dir_sector,) = struct.unpack_from("<I", head, 0x30)
+        if 7 <= sector_shift <= 16:
+            sector = 1 << sector_shift
+            with path.open("rb") as fh:
+                fh.seek((first_dir_sector + 1) * sector)
+                where = fh.read(sector) + head
+    except (struct.error, OSError, OverflowError, ValueError):
+        pass
+    for name, kind, mime in _OLE2_STREAMS:
+        if name in where:
+            return Sniffed(kind, mime)
+    return Sniffed("ole2", "application/x-ole-storage")
+
+
+def sniff(path: Path) -> Sniffed:
+    """Detect the type of the regular file at ``path`` from its bytes.
+
+    Raises ``OSError`` when the file cannot be read. An empty file is
+    ``empty``; text that parses as delimited rows is ``csv`` (any text whose
+    name ends in ``.csv``, ``.tsv`` or ``.tab`` counts), other text ``txt``;
+    anything unrecognised is ``bin``.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(HEAD_BYTES)
+    if not head:
+        return Sniffed("empty", "application/x-empty")
+    if head.startswith(b"%PDF-"):
+        return Sniffed("pdf", "application/pdf")
+    if head.startswith(b"PK\x03\x04"):
+        office = _zip_office_kind(path)
+        if office is not None:
+            return office
+    if head.startswith(_OLE2_MAGIC):
+        return _ole2_kind(path, head)
+    guess = filetype.guess(head)
+    if guess is not None:
+        return Sniffed(str(guess.extension), str(guess.mime))
+    text = decode_head(head)
+    if text is not None:
+        if _looks_like_csv(text, path.suffix.lower()):
+            return Sniffed("csv", "text/csv")
+        return Sniffed("txt", "text/plain")
+    return Sniffed("bin", "application/octet-stream")

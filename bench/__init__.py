@@ -1,0 +1,1 @@
+"""batchd benchmarks (``make bench``); never run in CI."""

@@ -1,0 +1,111 @@
+"""Content sniffing: a file's type from its bytes, not its name."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import openpyxl
+import pytest
+import xlwt  # type: ignore[import-untyped]
+
+from batchd.sniff import Sniffed, sniff
+
+XLSX_MIME = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_pdf_by_magic_whatever_its_name(tmp_path: Path) -> None:
+    """A file starting with %PDF- is a PDF even when named .csv."""
+    path = write(tmp_path, "report.csv", b"%PDF-1.7\n%%EOF\n")
+    assert sniff(path) == Sniffed("pdf", "application/pdf")
+
+
+def test_pdf_name_with_text_content_is_not_pdf(tmp_path: Path) -> None:
+    """A .pdf whose bytes are plain text is text, so allowed_types can refuse it."""
+    path = write(tmp_path, "invoice.pdf", b"hello, this is not a pdf\n")
+    assert sniff(path).kind != "pdf"
+
+
+def test_xlsx_from_its_zip_parts(tmp_path: Path) -> None:
+    """A ZIP holding [Content_Types].xml and xl/ parts is an XLSX."""
+    path = tmp_path / "book.bin"
+    openpyxl.Workbook().save(path)
+    assert sniff(path) == Sniffed("xlsx", XLSX_MIME)
+
+
+def test_plain_zip_is_zip(tmp_path: Path) -> None:
+    """A ZIP that is no Office document is a zip."""
+    path = tmp_path / "data.xlsx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    assert sniff(path) == Sniffed("zip", "application/zip")
+
+
+def test_xls_from_its_ole2_directory(tmp_path: Path) -> None:
+    """An OLE2 compound file with a Workbook stream is an XLS, whatever its name."""
+    path = tmp_path / "old.dat"
+    book = xlwt.Workbook()
+    book.add_sheet("One").write(0, 0, "x")
+    book.save(str(path))
+    assert sniff(path) == Sniffed("xls", "application/vnd.ms-excel")
+
+
+def test_ole2_without_known_stream_is_ole2(tmp_path: Path) -> None:
+    """An OLE2 header with no Workbook stream is not taken for an XLS, even named .xls."""
+    header = bytearray(512)
+    header[:8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+    header[0x1E:0x20] = (9).to_bytes(2, "little")  # 512-byte sectors
+    path = write(tmp_path, "fake.xls", bytes(header) + bytes(1024))
+    assert sniff(path) == Sniffed("ole2", "application/x-ole-storage")
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("a.txt", b"item;price\ntea;2\ncake;3\n"),
+        ("a", b"item\tprice\ntea\t2\ncake\t3\n"),
+        ("a.dat", "name,city\nJos\u00e9,Z\u00fcrich\n".encode("latin-1")),
+        ("a.dat", "\ufeffname,city\nx,y\n".encode()),
+        ("a.dat", "name\tcity\nx\ty\n".encode("utf-16")),
+        ("single.csv", b"just one column\nvalues\n"),
+    ],
+    ids=["semicolon", "tab", "latin1", "utf8-bom", "utf16", "csv-suffix"],
+)
+def test_delimited_text_is_csv(tmp_path: Path, name: str, data: bytes) -> None:
+    """Text that parses as delimited rows, or any text named .csv, is a CSV."""
+    assert sniff(write(tmp_path, name, data)) == Sniffed("csv", "text/csv")
+
+
+def test_prose_is_txt(tmp_path: Path) -> None:
+    """Text that is not delimited rows is txt."""
+    path = write(tmp_path, "notes.txt", b"Dear team\nthe menu changes tomorrow\n")
+    assert sniff(path) == Sniffed("txt", "text/plain")
+
+
+def test_binary_is_bin(tmp_path: Path) -> None:
+    """Unrecognised binary content is bin, even named .csv."""
+    path = write(tmp_path, "data.csv", bytes(range(256)) * 4)
+    assert sniff(path) == Sniffed("bin", "application/octet-stream")
+
+
+def test_png_through_filetype(tmp_path: Path) -> None:
+    """Common binary formats are named by the filetype library."""
+    path = write(tmp_path, "logo", b"\x89PNG\r\n\x1a\n" + bytes(64))
+    assert sniff(path) == Sniffed("png", "image/png")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    """An empty file is empty."""
+    assert sniff(write(tmp_path, "nothing.csv", b"")) == Sniffed("empty", "application/x-empty")
+
+
+def test_unreadable_file_raises_oserror(tmp_path: Path) -> None:
+    """A file that cannot be opened raises OSError for the caller to report."""
+    with pytest.raises(OSError):
+        sniff(tmp_path / "missing.pdf")

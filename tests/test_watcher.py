@@ -1,0 +1,429 @@
+"""Tests for batchd.watcher: readiness rules on a fake clock, and the real watcher thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from batchd.clock import SystemClock
+from batchd.config import Priority, Settings, load_settings
+from batchd.spool import Spool
+from batchd.watcher import Readiness, Watcher
+
+CSV = b"name,qty\napple,3\n"
+WAIT_SECONDS = 15.0
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def now(self) -> datetime:
+        return datetime(2026, 11, 28, tzinfo=UTC) + timedelta(seconds=self.t)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
+    """Poll ``cond`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return cond()
+        threading.Event().wait(0.02)
+    return True
+
+
+def make_settings(tmp_path: Path, **env: str) -> Settings:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
+    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
+    return load_settings(config, environ)
+
+
+def write(path: Path, data: bytes = CSV) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# -- Readiness on a fake clock ----------------------------------------------------------
+
+
+class Harness:
+    """A Readiness over a real spool, driven by a fake clock."""
+
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        env.setdefault("watch__settle_seconds", "1.0")
+        self.settings = make_settings(tmp_path, **env)
+        self.spool = Spool(self.settings)
+        self.spool.init()
+        self.clock = FakeClock()
+        self.readiness = Readiness(self.spool, self.settings.watch, self.clock)
+        self.inbox = self.spool.inbox_for(Priority.NORMAL)
+
+    def touch(self, path: Path, priority: Priority = Priority.NORMAL) -> None:
+        self.readiness.touch(path, priority)
+
+    def poll(self) -> list[Path]:
+        return [path for path, _priority in self.readiness.poll()]
+
+    def poll_after(self, seconds: float) -> list[Path]:
+        self.clock.advance(seconds)
+        return self.poll()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_loose_file_ready_after_settle(h: Harness) -> None:
+    """A loose file is ready only once it has been unchanged for settle_seconds."""
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    assert h.poll() == []
+    assert h.poll_after(0.5) == []
+    assert h.poll_after(0.499) == []
+    assert h.poll_after(0.001) == [path]
+    assert h.readiness.pending() == 0
+
+
+def test_ready_drop_reports_its_priority(h: Harness) -> None:
+    """poll hands back the priority the drop was touched with."""
+    path = write(h.spool.inbox_for(Priority.HIGH) / "a.csv")
+    h.touch(path, Priority.HIGH)
+    h.poll()
+    h.clock.advance(1.0)
+    assert h.readiness.poll() == [(path, Priority.HIGH)]
+
+
+def test_size_change_resets_the_timer(h: Harness) -> None:
+    """A file that grows restarts its settle period."""
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    h.poll()
+    h.clock.advance(0.8)
+    path.write_bytes(CSV * 2)
+    assert h.poll() == []
+    assert h.poll_after(0.9) == []
+    assert h.poll_after(0.1) == [path]
+
+
+def test_mtime_change_resets_the_timer(h: Harness) -> None:
+    """A file rewritten with the same size but a new mtime restarts its settle period."""
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    h.poll()
+    h.clock.advance(0.8)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert h.poll() == []
+    assert h.poll_after(0.9) == []
+    assert h.poll_after(0.1) == [path]
+
+
+def test_an_event_alone_does_not_reset_the_timer(h: Harness) -> None:
+    """touch() on an unchanged file (a reader opened it) does not restart settling."""
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    h.poll()
+    h.clock.advance(0.9)
+    h.touch(path)
+    assert h.poll() == []
+    assert h.poll_after(0.1) == [path]
+
+
+def test_settle_zero_is_ready_at_first_poll(tmp_path: Path) -> None:
+    """With settle_seconds = 0 a file is ready at the first poll."""
+    h = Harness(tmp_path, watch__settle_seconds="0")
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    assert h.poll() == [path]
+
+
+def test_folder_waits_for_its_tree_to_settle(h: Harness) -> None:
+    """A change deep inside a folder restarts the folder's settle period."""
+    drop = h.inbox / "drop"
+    write(drop / "a" / "b" / "c.csv")
+    h.touch(drop)
+    h.poll()
+    h.clock.advance(0.9)
+    write(drop / "a" / "b" / "c.csv", CSV * 3)
+    assert h.poll() == []
+    h.clock.advance(0.9)
+    write(drop / "a" / "new.csv")
+    assert h.poll() == []
+    assert h.poll_after(0.9) == []
+    assert h.poll_after(0.1) == [drop]
+
+
+def test_marker_makes_a_folder_ready_at_once(h: Harness) -> None:
+    """A folder with the marker at its top is ready at the first poll."""
+    drop = h.inbox / "drop"
+    write(drop / "a.csv")
+    write(drop / ".ready", b"")
+    h.touch(drop)
+    assert h.poll() == [drop]
+
+
+def test_marker_mode_ignores_settling(tmp_path: Path) -> None:
+    """With folder_ready = "marker" a settled folder waits for its marker."""
+    h = Harness(tmp_path, watch__folder_ready="marker")
+    drop = h.inbox / "drop"
+    write(drop / "a.csv")
+    h.touch(drop)
+    assert h.poll() == []
+    assert h.poll_after(3600) == []
+    write(drop / ".ready", b"")
+    assert h.poll() == [drop]
+
+
+def test_marker_mode_still_settles_loose_files(tmp_path: Path) -> None:
+    """folder_ready = "marker" applies to folders; a loose file still settles."""
+    h = Harness(tmp_path, watch__folder_ready="marker")
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    h.poll()
+    assert h.poll_after(1.0) == [path]
+
+
+def test_empty_folder_is_never_ready(h: Harness) -> None:
+    """An empty folder waits, however long, and is still a candidate."""
+    drop = h.inbox / "drop"
+    (drop / "sub").mkdir(parents=True)
+    h.touch(drop)
+    assert h.poll() == []
+    assert h.poll_after(3600) == []
+    assert h.readiness.pending() == 1
+
+
+@pytest.mark.parametrize("mode", ["settle", "marker"])
+def test_waiting_folder_does_not_ask_for_a_busy_loop(tmp_path: Path, mode: str) -> None:
+    """A folder that is waiting (empty, or for its marker) is re-looked at a relaxed pace."""
+    h = Harness(tmp_path, watch__folder_ready=mode)
+    drop = h.inbox / "drop"
+    if mode == "marker":
+        write(drop / "a.csv")
+    else:
+        drop.mkdir()
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(60) == []
+    wait = h.readiness.next_check()
+    assert wait is not None and wait > 0
+
+
+def test_folder_of_ignored_names_is_never_ready(h: Harness) -> None:
+    """A folder holding only ignored names (partial uploads) is not ready."""
+    drop = h.inbox / "drop"
+    write(drop / "big.pdf.part", b"%PDF-")
+    write(drop / ".~lock", b"")
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(3600) == []
+    (drop / "big.pdf.part").rename(drop / "big.pdf")
+    assert h.poll() == []
+    assert h.poll_after(1.0) == [drop]
+
+
+def test_vanished_candidate_is_dropped(h: Harness) -> None:
+    """A candidate that disappears is forgotten, never reported ready."""
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    h.poll()
+    path.unlink()
+    assert h.poll_after(5) == []
+    assert h.readiness.pending() == 0
+    assert h.readiness.next_check() is None
+
+
+@pytest.mark.parametrize("name", ["a.tmp", "b.part", ".hidden", "~$book.xlsx", "x.crdownload"])
+def test_ignored_top_level_name_never_ready(h: Harness, name: str) -> None:
+    """A drop whose own name is ignored (work in progress) never becomes ready."""
+    path = write(h.inbox / name)
+    h.touch(path)
+    assert h.poll() == []
+    assert h.poll_after(3600) == []
+    assert h.readiness.pending() == 0
+
+
+def test_next_check_waits_for_settling(h: Harness) -> None:
+    """next_check is 0 for a fresh touch and at most half the settle time afterwards."""
+    assert h.readiness.next_check() is None
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    assert h.readiness.next_check() == 0.0
+    h.poll()
+    assert h.readiness.next_check() == pytest.approx(0.5)
+
+
+# -- the watcher thread ---------------------------------------------------------------------
+
+
+class Taker:
+    """A take() callback that claims drops by moving them out of the inbox, like intake."""
+
+    def __init__(self, dest: Path, fail: Callable[[Path], bool] = lambda path: False) -> None:
+        self.dest = dest
+        self.dest.mkdir()
+        self.fail = fail
+        self.taken: list[tuple[str, Priority]] = []
+        self.calls = 0
+
+    def __call__(self, path: Path, priority: Priority) -> None:
+        self.calls += 1
+        if self.fail(path):
+            raise RuntimeError(f"cannot take {path.name}")
+        os.rename(path, self.dest / path.name)
+        self.taken.append((path.name, priority))
+
+    def names(self) -> list[str]:
+        return [name for name, _priority in self.taken]
+
+
+@pytest.fixture
+def start_watcher(tmp_path: Path) -> Iterator[Callable[..., tuple[Watcher, Spool, Taker]]]:
+    started: list[Watcher] = []
+
+    def start(
+        fail: Callable[[Path], bool] = lambda path: False, **env: str
+    ) -> tuple[Watcher, Spool, Taker]:
+        env.setdefault("watch__settle_seconds", "0.2")
+        # A long rescan period: what is handed over below came through events.
+        env.setdefault("watch__rescan_seconds", "600")
+        settings = make_settings(tmp_path, **env)
+        spool = Spool(settings)
+        spool.init()
+        taker = Taker(tmp_path / "taken", fail)
+        watcher = Watcher(spool, settings.watch, SystemClock(), taker)
+        watcher.start()
+        started.append(watcher)
+        return watcher, spool, taker
+
+    yield start
+    for watcher in started:
+        watcher.stop()
+
+
+def test_watcher_hands_over_a_new_file(
+    start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
+) -> None:
+    """A file written into an inbox is handed to take() with its inbox's priority."""
+    watcher, spool, taker = start_watcher()
+    write(spool.inbox_for(Priority.HIGH) / "a.csv")
+    assert wait_until(lambda: taker.taken == [("a.csv", Priority.HIGH)])
+    assert watcher.is_alive()
+
+
+def test_watcher_picks_up_drops_present_at_start(tmp_path: Path) -> None:
+    """Drops already waiting when the watcher starts are found by the first rescan."""
+    settings = make_settings(tmp_path, watch__settle_seconds="0.1", watch__rescan_seconds="600")
+    spool = Spool(settings)
+    spool.init()
+    write(spool.inbox_for(Priority.LOW) / "early.csv")
+    taker = Taker(tmp_path / "taken")
+    watcher = Watcher(spool, settings.watch, SystemClock(), taker)
+    watcher.start()
+    try:
+        assert wait_until(lambda: taker.taken == [("early.csv", Priority.LOW)])
+    finally:
+        watcher.stop()
+
+
+def test_folder_moved_in_is_handed_over_once(
+    tmp_path: Path, start_watcher: Callable[..., tuple[Watcher, Spool, Taker]]
+) -> None:
+    """A folder renamed into the inbox from outside is handed over once, whole."""
+    _watcher, spool, taker = start_watcher()
+    outside = tmp_path / "outside" / "drop"
+    write(outside / "a.csv")
+    write(outside / "sub" / "b.csv")
+    os.rename(outside, spool.inbox_for(Priority.NORMAL) / "drop")
+    assert wait_until(lambda: "drop" in taker.names())
+    # A second drop flushes anything still queued for the first one.
+    write(spool.inbox_for(Priority.NORMAL) / "after.csv")
+    assert wait_until(lambda: "after.csv" in taker.names())
+    assert taker.names() == ["drop", "after.csv"]
+    assert (taker.dest / "drop" / "sub" / "b.csv").read_bytes() == CSV
+
+
+def test_files_in_a_new_subfolder_are_included(
+    start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
+) -> None:
+    """Files appearing in a brand-new subfolder of a waiting drop are handed over with it."""
+    watcher, spool, taker = start_watcher()
+    drop = spool.inbox_for(Priority.NORMAL) / "drop"
+    drop.mkdir()
+    assert wait_until(lambda: watcher.readiness.pending() == 1)
+    (drop / "new").mkdir()
+    (drop / "new" / "deeper").mkdir()
+    write(drop / "new" / "deeper" / "c.csv")
+    assert wait_until(lambda: "drop" in taker.names())
+    write(spool.inbox_for(Priority.NORMAL) / "after.csv")
+    assert wait_until(lambda: "after.csv" in taker.names())
+    assert taker.names() == ["drop", "after.csv"]
+    assert (taker.dest / "drop" / "new" / "deeper" / "c.csv").read_bytes() == CSV
+
+
+def test_failing_take_does_not_stop_the_watcher(
+    start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
+) -> None:
+    """An exception from take() for one drop leaves the watcher handing over the next."""
+    watcher, spool, taker = start_watcher(fail=lambda path: path.name == "bad.csv")
+    write(spool.inbox_for(Priority.NORMAL) / "bad.csv")
+    assert wait_until(lambda: taker.calls >= 1)
+    write(spool.inbox_for(Priority.NORMAL) / "good.csv")
+    assert wait_until(lambda: "good.csv" in taker.names())
+    assert watcher.is_alive()
+
+
+def test_dead_observer_is_restarted(
+    start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
+) -> None:
+    """A stopped observer is replaced (restarts counts it) and new files still arrive."""
+    restarts_at_rescan: list[int] = []
+    watcher, spool, taker = start_watcher()
+    watcher.on_rescan = lambda: restarts_at_rescan.append(watcher.restarts)
+    old = watcher._observer
+    assert old is not None
+    old.stop()
+    assert wait_until(lambda: watcher.restarts >= 1)
+    # The restart triggers a rescan; after it, only the new observer's events remain.
+    assert wait_until(lambda: any(n >= 1 for n in restarts_at_rescan))
+    assert watcher._observer is not old
+    write(spool.inbox_for(Priority.NORMAL) / "late.csv")
+    assert wait_until(lambda: "late.csv" in taker.names())
+    assert watcher.restarts == 1
+
+
+def test_polling_observer_works(start_watcher: Callable[..., tuple[Watcher, Spool, Taker]]) -> None:
+    """With observer = "polling" new files and folders are handed over too."""
+    _watcher, spool, taker = start_watcher(
+        watch__observer="polling", watch__polling_interval_seconds="0.1"
+    )
+    write(spool.inbox_for(Priority.LOW) / "a.csv")
+    write(spool.inbox_for(Priority.HIGH) / "drop" / "b.csv")
+    assert wait_until(lambda: len(taker.taken) == 2)
+    assert sorted(taker.taken) == [("a.csv", Priority.LOW), ("drop", Priority.HIGH)]
+
+
+def test_stop_ends_the_thread(start_watcher: Callable[..., tuple[Watcher, Spool, Taker]]) -> None:
+    """stop() ends the watcher thread and its observer."""
+    watcher, _spool, _taker = start_watcher()
+    watcher.stop()
+    assert not watcher.is_alive()
+    assert watcher._observer is None
