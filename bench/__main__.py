@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from bench import daemon
 
 
 def main() -> None:
-    results = {
+    results: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "platform": platform.platform(),
         }
     }
@@ -28,6 +32,12 @@ def main() -> None:
     out = Path(__file__).with_name("results.json")
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"written {out}")
+    print("\nHTTP API (list and 50-file detail, keep-alive clients):")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("bench_http.py"))], check=False)
+    print("\nprocessors (inspect on a 100-page PDF and a 100,000-row CSV):")
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bench_processors.py"))], check=False
+    )
 
 
 if __name__ == "__main__":

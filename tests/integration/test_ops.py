@@ -163,3 +163,55 @@ def test_usage_error_exits_2(tmp_path: Path) -> None:
     d = DaemonProcess(tmp_path)
     assert cli(d, "frobnicate").returncode == 2
     assert cli(d, "show").returncode == 2
+
+
+def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = "batchdtestboundary"
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode()
+        )
+    for filename, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def test_upload_is_processed_end_to_end(tmp_path: Path) -> None:
+    """Two files uploaded over HTTP run as one batch with the uploaded priority and user."""
+    import http.client
+
+    port_file = tmp_path / "port"
+    d = DaemonProcess(tmp_path, http={"enabled": True, "port": 0})
+    d.start(BATCHD_PORT_FILE=str(port_file))
+    try:
+        port = int(wait_until(port_file.read_text, what="HTTP port"))
+        body, ctype = _multipart(
+            {"priority": "high", "user_id": "alice"}, {"a.csv": csv_bytes(1), "b.csv": csv_bytes(2)}
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/batch/upload", body, {"Content-Type": ctype})
+        answer = json.loads(conn.getresponse().read())
+        assert answer["success"] is True, answer
+        data = answer["data"]
+        assert (data["totalFiles"], data["status"]) == (2, "pending")
+        assert sorted(f["filename"] for f in data["files"]) == ["a.csv", "b.csv"]
+        name = d.db().execute("SELECT name FROM batch_jobs").fetchone()[0]
+        status = d.wait_batch(name)
+        assert status["batch"]["status"] == "completed"
+        assert (status["batch"]["priority"], status["batch"]["user_id"]) == ("high", "alice")
+        assert sorted(d.results(name)) == ["a.csv", "b.csv"]
+        conn.request("GET", f"/api/batch/jobs/{data['batchId']}")
+        detail = json.loads(conn.getresponse().read())["data"]
+        assert detail["batch"]["progressPercent"] == 100
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+    finally:
+        d.stop()
