@@ -216,3 +216,30 @@ def test_never_more_than_concurrency_in_flight(tmp_path: Path) -> None:
         assert peak == 2
     finally:
         d.stop()
+
+
+def test_routes_send_pdf_and_csv_to_different_processors(tmp_path: Path) -> None:
+    """[[route]] sends the folder's PDF to one processor and its CSV to another."""
+    import io
+
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(width=200, height=200)
+    pdf = io.BytesIO()
+    writer.write(pdf)
+    config_extra = '\n[[route]]\nmatch = "*.pdf"\nprocessor = "noop"\n'
+    d = DaemonProcess(tmp_path)
+    d.config.write_text(d.config.read_text() + config_extra)
+    d.start()
+    try:
+        drop_folder(
+            d.inbox() / "mixed", {"doc.pdf": pdf.getvalue(), "t.csv": csv_bytes(1)}, tmp_path / "st"
+        )
+        d.wait_batch("mixed")
+        results = d.results("mixed")
+        assert (results["doc.pdf"]["processor"], results["doc.pdf"]["result"]) == ("noop", {})
+        assert results["t.csv"]["processor"] == "inspect"
+        assert results["t.csv"]["result"]["type"] == "csv"
+    finally:
+        d.stop()
