@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,24 +23,10 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
+from fakes import FakeClock  # noqa: E402
+
 WAIT_SECONDS = 60.0
 CONTENT = b"name,qty\napple,3\npear,5\n"
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (for timeouts)."""
-
-    def __init__(self) -> None:
-        self.t = 500.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def now(self) -> datetime:
-        return datetime(2026, 11, 28, tzinfo=UTC) + timedelta(seconds=self.t)
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
@@ -334,7 +319,7 @@ def test_idle_worker_death_is_replaced_without_event(make_runner: Callable[..., 
 
 def test_timeout_kills_worker_and_its_child(make_runner: Callable[..., Runner]) -> None:
     """Past timeout_seconds the file is TimedOut and its worker and the worker's child die."""
-    clock = FakeClock()
+    clock = FakeClock(500.0)
     runner = make_runner(clock, processing__timeout_seconds="30")
     job = runner.submit("hang_with_child")
     runner.wait_until(lambda events: runner.progress(job) == [1])
@@ -355,7 +340,7 @@ def test_timeout_kills_worker_and_its_child(make_runner: Callable[..., Runner]) 
 
 def test_next_deadline_follows_submissions(make_runner: Callable[..., Runner]) -> None:
     """next_deadline is the submit time plus timeout_seconds, and clears when done."""
-    clock = FakeClock()
+    clock = FakeClock(500.0)
     runner = make_runner(clock, processing__timeout_seconds="100")
     assert runner.pool.next_deadline() is None
     job = runner.submit("ok")

@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,9 @@ from batchd.spool import Spool
 from batchd.watcher import Readiness, Watcher
 
 CSV = b"name,qty\napple,3\n"
+from fakes import FakeClock  # noqa: E402
+
 WAIT_SECONDS = 15.0
-
-
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def now(self) -> datetime:
-        return datetime(2026, 11, 28, tzinfo=UTC) + timedelta(seconds=self.t)
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
@@ -71,7 +56,7 @@ class Harness:
         self.settings = make_settings(tmp_path, **env)
         self.spool = Spool(self.settings)
         self.spool.init()
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         self.readiness = Readiness(self.spool, self.settings.watch, self.clock)
         self.inbox = self.spool.inbox_for(Priority.NORMAL)
 

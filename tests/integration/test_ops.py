@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from support import DaemonProcess, csv_bytes, drop_folder, wait_until, write_config
 
@@ -20,18 +21,24 @@ def cli(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
-    """A bad config value stops start-up with exit 78 and one line naming the key."""
-    config = tmp_path / "bad.toml"
-    write_config(
-        config, {"spool": {"root": str(tmp_path / "s")}, "processing": {"concurrency": "lots"}}
-    )
-    proc = subprocess.run(
+Completed = subprocess.CompletedProcess[str]
+
+
+def run_with_config(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Completed:
+    """``batchd run --config`` on a config file holding ``sections``."""
+    config = tmp_path / "batchd-bad.toml"
+    write_config(config, {"spool": {"root": str(tmp_path / "s")}, **sections})
+    return subprocess.run(
         [sys.executable, "-m", "batchd", "run", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
+    """A bad config value stops start-up with exit 78 and one line naming the key."""
+    proc = run_with_config(tmp_path, {"processing": {"concurrency": "lots"}})
     assert proc.returncode == 78
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -40,16 +47,7 @@ def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
 
 def test_unknown_processor_exits_78(tmp_path: Path) -> None:
     """A processor name that resolves to nothing is a configuration error (78)."""
-    config = tmp_path / "c.toml"
-    write_config(
-        config, {"spool": {"root": str(tmp_path / "s")}, "processing": {"processor": "nosuch"}}
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "batchd", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_with_config(tmp_path, {"processing": {"processor": "nosuch"}})
     assert proc.returncode == 78
     assert "nosuch" in proc.stderr
 
