@@ -31,7 +31,12 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The long form of tests/reliability (kill -9 torture: >= 100 kills). SEED=N replays a run.
+torture: $(STAMP)
+	$(BIN)/pytest -v -s tests/reliability --long $(if $(SEED),--seed $(SEED))
+
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -24,7 +24,7 @@ from batchd.config import EXIT_CONFIG, PRIORITY_ORDER, Priority, Settings, load_
 from batchd.errors import BatchdError, ConfigError
 from batchd.records import Status
 from batchd.spool import Spool, fsync_dir
-from batchd.store import SQLiteStore
+from batchd.store import Store, open_store
 from batchd.views import batch_detail
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -38,12 +38,21 @@ def _out(data: Any, as_json: bool, text: Callable[[], str]) -> None:
         sys.stdout.write(text() + "\n")
 
 
-def _store(settings: Settings) -> SQLiteStore:
-    if not settings.db_path.exists():
+def _store(settings: Settings) -> Store:
+    if not settings.database.url and not settings.db_path.exists():
         raise BatchdError(
             f"no database at {settings.db_path}: run 'batchd init' or start the daemon first"
         )
-    return SQLiteStore(settings.db_path)
+    return open_store(settings)
+
+
+def _where(settings: Settings) -> str:
+    """The database, for messages: the SQLite file, or the PostgreSQL server (no password)."""
+    if settings.database.url:
+        from batchd.store_pg import describe_url
+
+        return describe_url(settings.database.url)
+    return str(settings.db_path)
 
 
 # -- commands -----------------------------------------------------------------
@@ -58,12 +67,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     spool = Spool(settings)
     warnings = spool.init()
-    store = SQLiteStore(settings.db_path)
+    store = open_store(settings)
     version = store.schema_version()
     store.close()
     data = {
         "spool": str(spool.root),
-        "database": str(settings.db_path),
+        "database": _where(settings),
         "schema_version": version,
         "warnings": warnings,
     }
@@ -71,7 +80,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         data,
         args.json,
         lambda: "\n".join(
-            [f"spool ready at {spool.root}", f"database {settings.db_path} (schema v{version})"]
+            [f"spool ready at {spool.root}", f"database {data['database']} (schema v{version})"]
             + [f"warning: {w}" for w in warnings]
         ),
     )
@@ -97,7 +106,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _find(store: SQLiteStore, ident: str) -> Any:
+def _find(store: Store, ident: str) -> Any:
     batch = store.find_batch(ident)
     if batch is None:
         raise BatchdError(f"no batch with id or name {ident!r}")
@@ -208,11 +217,11 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
-    store: SQLiteStore | None = None
+    store: Store | None = None
     tty = sys.stdout.isatty() and not args.json
     while True:
-        if store is None and settings.db_path.exists():
-            store = SQLiteStore(settings.db_path)
+        if store is None and (settings.database.url or settings.db_path.exists()):
+            store = open_store(settings)
         batch = store.find_batch(args.id) if store else None
         if batch is not None:
             detail = batch_detail(store, batch, files_limit=0) if store else {}
@@ -236,6 +245,23 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"\ntimed out waiting for batch {args.id}", file=sys.stderr)
             return EXIT_FAILED
         time.sleep(args.interval)
+
+
+def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(settings)
+    rows = [n.public() for n in store.nodes()]
+
+    def text() -> str:
+        lines = [f"{'NODE':40} {'PID':>7} {'RUNNING':>7}  {'LAST HEARTBEAT':24}  ADDRESS"]
+        for n in rows:
+            lines.append(
+                f"{n['node_id'][:40]:40} {n['pid']:>7} {n['processing']:>7}  "
+                f"{n['last_heartbeat']:24}  {n['address'] or '-'}"
+            )
+        return "\n".join(lines)
+
+    _out(rows, args.json, text)
+    return EXIT_OK
 
 
 def cmd_processors(args: argparse.Namespace, settings: Settings) -> int:
@@ -294,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="batch id or batch name")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between updates")
     p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
+    add("nodes", cmd_nodes, "list the nodes sharing the database, with their last heartbeat", data)
     add("processors", cmd_processors, "list the available processors", data)
     return parser
 

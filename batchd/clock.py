@@ -38,7 +38,12 @@ def iso(dt: datetime) -> str:
     Fixed width matters: the store compares and sorts these as text.
     """
     dt = dt.astimezone(UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # Formatted by hand: strftime goes through the C library's locale and
+    # time-zone machinery, and this runs several times per file.
+    return (
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
+        f"{dt.second:02d}.{dt.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_iso(text: str) -> datetime:

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -135,6 +143,40 @@ class RouteSettings(_Section):
 
 class DatabaseSettings(_Section):
     path: Path | None = None
+    #: ``postgresql://user:password@host:port/dbname``: the cluster store (issue 8);
+    #: unset means SQLite at ``path``.
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (unset it to use SQLite)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_database(self) -> DatabaseSettings:
+        if self.path is not None and self.url is not None:
+            raise ValueError("set database.path (SQLite) or database.url (PostgreSQL), not both")
+        return self
+
+
+class ClusterSettings(_Section):
+    """Several nodes on one shared spool, coordinated through PostgreSQL."""
+
+    #: This node's name in the ``nodes`` table; empty means ``<host name>:<spool.root>``.
+    node_id: str = ""
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _beats_within_lease(self) -> ClusterSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than "
+                f"lease_seconds ({self.lease_seconds}), or leases expire while a node lives"
+            )
+        return self
 
 
 class HttpSettings(_Section):
@@ -179,6 +221,7 @@ class Settings(BaseSettings):
     exec: ExecSettings = ExecSettings()
     route: tuple[RouteSettings, ...] = ()
     database: DatabaseSettings = DatabaseSettings()
+    cluster: ClusterSettings = ClusterSettings()
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -200,6 +243,11 @@ class Settings(BaseSettings):
     def db_path(self) -> Path:
         """The SQLite file: ``database.path``, else ``<spool.root>/state/batchd.db``."""
         return self.database.path or self.spool.root / "state" / "batchd.db"
+
+    @property
+    def node_id(self) -> str:
+        """``cluster.node_id``, else ``<host name>:<spool.root>`` (unique per node and spool)."""
+        return self.cluster.node_id or f"{socket.gethostname()}:{self.spool.root}"
 
 
 def config_path(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:

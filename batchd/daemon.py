@@ -8,8 +8,11 @@ watcher claims anything or the service reports ready.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -18,17 +21,18 @@ from typing import Any
 import structlog
 
 from batchd import log as logsetup
-from batchd.clock import Clock, SystemClock
+from batchd.clock import Clock, SystemClock, parse_iso
 from batchd.config import Priority, Settings, load_settings
-from batchd.errors import BatchdError, ConfigError
+from batchd.errors import AlreadyRegistered, BatchdError, ConfigError, StoreError
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
 from batchd.pool import WorkerPool
 from batchd.processors import resolve
+from batchd.records import Status
 from batchd.scheduler import Scheduler
 from batchd.spool import Claimed, Spool, owner_name
-from batchd.store import SQLiteStore
+from batchd.store import Store, open_store
 from batchd.watcher import Watcher
 
 log = structlog.get_logger("batchd.daemon")
@@ -40,26 +44,43 @@ PURGE_INTERVAL_SECONDS = 86400.0
 RESTART_KEYS = (
     "spool.root",
     "database.path",
+    "database.url",
     "http.enabled",
     "http.host",
     "http.port",
     "watch.observer",
+    "cluster.node_id",
+    "cluster.lease_seconds",
+    "cluster.heartbeat_seconds",
 )
 
+#: In a cluster, an upload folder unchanged this long belonged to a node that
+#: died mid-upload (a live upload writes to it all the time).
+STALE_UPLOAD_SECONDS = 3600.0
 
-def recover(spool: Spool, store: SQLiteStore, outbox: Outbox, intake: Intake) -> dict[str, int]:
+
+def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[str, int]:
     """Reconcile ``work/``, the database and the outbox after any stop.
 
     * files left ``processing`` go back to ``pending`` (no attempt spent);
+      in a cluster only this node's (the store knows whose they are);
     * a folder in ``work/`` with no batch (crash between claim and
       registration) is registered now, under the name it was claimed with;
+      in a cluster another node may register it first, which is fine;
     * finished files still in ``work/`` get their result and move on;
       finished batches leave ``work/``;
-    * half-received uploads and processor scratch folders are removed.
+    * half-received uploads and processor scratch folders are removed; in a
+      cluster only those no live node can still be using.
     """
     spool.finish_cross_device()
-    spool.clear_uploads()
-    spool.clear_scratch()
+    if spool.settings.database.url:
+        _clear_cluster_leftovers(spool, store)
+    else:
+        spool.clear_uploads()
+        spool.clear_scratch()
+    # Batches with files cut off mid-run: their status.json says "processing"
+    # and must be rewritten; the others are rewritten only if something moves.
+    was_running = set(store.batches_with_files_in([Status.PROCESSING]))
     requeued = store.requeue_stale()
     registered = reconciled = 0
     for priority, entry in spool.work_entries():
@@ -72,11 +93,17 @@ def recover(spool: Spool, store: SQLiteStore, outbox: Outbox, intake: Intake) ->
             claimed = Claimed(
                 entry, entry.name, priority, f"recovered:{rel}", owner_name(entry.lstat())
             )
-            intake.register(claimed)
-            registered += 1
+            if intake.register_claimed(claimed) is not None:
+                registered += 1
             continue
         outbox.remove_stray_temporaries(batch)
-        outbox.reconcile(batch)
+        try:
+            outbox.reconcile(batch, force_status=batch.id in was_running)
+        except OSError as exc:
+            # A full or read-only archive/outbox must not stop start-up: the
+            # inputs stay in work/ (nothing is lost) and the next start retries.
+            log.error("recovery_reconcile_failed", batch_id=batch.id, error=str(exc))
+            continue
         reconciled += 1
     for batch in store.unfinished_batches():
         if not (spool.root / batch.work_path).exists():
@@ -86,6 +113,73 @@ def recover(spool: Spool, store: SQLiteStore, outbox: Outbox, intake: Intake) ->
     summary = {"requeued": requeued, "registered": registered, "reconciled": reconciled}
     log.info("recovery_done", **summary)
     return summary
+
+
+def _clear_cluster_leftovers(spool: Spool, store: Store) -> None:
+    """Remove scratch folders of files no node runs, and uploads long abandoned.
+
+    Other nodes share these folders and may be using them right now: a
+    scratch folder belongs to a file id, and goes only once that file is not
+    processing anywhere; an upload folder goes once nothing in it has changed
+    for :data:`STALE_UPLOAD_SECONDS`.
+    """
+    if spool.scratch.exists():
+        for entry in spool.scratch.iterdir():
+            file = store.get_file(entry.name)
+            if file is None or file.status != Status.PROCESSING:
+                shutil.rmtree(entry, ignore_errors=True)
+    if spool.uploads.exists():
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
+        for entry in spool.uploads.iterdir():
+            if _newest_mtime(entry) < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
+
+
+def _check_node_id(store: Store, lease_seconds: float) -> None:
+    """Refuse to start under a node id another live process is using.
+
+    Two nodes under one id would renew each other's leases and requeue each
+    other's files at start: a configuration error (exit 78), not a race to
+    lose files in.
+    """
+    me = (socket.gethostname(), os.getpid())
+    for node in store.nodes():
+        if node.node_id != store.node_id or (node.host, node.pid) == me:
+            continue
+        try:
+            age = time.time() - parse_iso(node.last_heartbeat).timestamp()
+        except ValueError:
+            continue
+        if age > lease_seconds:
+            continue  # its heartbeat stopped: a node that died or stopped
+        if node.host == me[0] and not _pid_alive(node.pid):
+            continue
+        raise ConfigError(
+            f"cluster.node_id {node.node_id!r} is in use by a live node"
+            f" (host {node.host}, pid {node.pid}, last heartbeat {age:.0f} s ago);"
+            " give each node its own cluster.node_id"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Daemon:
@@ -98,7 +192,7 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.spool = Spool(settings)
-        self.store: SQLiteStore | None = None
+        self.store: Store | None = None
         self.metrics = Metrics()
         self.http: Any = None
         self.watcher: Watcher | None = None
@@ -111,6 +205,7 @@ class Daemon:
         self._finished_at_last_status = 0
         self._last_status_at = 0.0
         self._next_purge = 0.0
+        self._next_adopt = 0.0
 
     # -- health ----------------------------------------------------------------
 
@@ -133,6 +228,8 @@ class Daemon:
                 self.store.ping()
             except BatchdError as exc:
                 problems["database"] = exc.message
+        if self.scheduler is not None and self.scheduler.db_error is not None:
+            problems.setdefault("database", self.scheduler.db_error)
         return problems
 
     # -- run -------------------------------------------------------------------
@@ -144,7 +241,9 @@ class Daemon:
             resolve(route.processor)
         for warning in self.spool.init():
             log.warning("spool_warning", detail=warning)
-        self.store = store = SQLiteStore(settings.db_path)
+        self.store = store = open_store(settings)
+        if settings.database.url:
+            _check_node_id(store, settings.cluster.lease_seconds)
         outbox = Outbox(self.spool, store)
         self.pool = pool = WorkerPool(settings, self.clock)
         self.scheduler = scheduler = Scheduler(
@@ -157,6 +256,7 @@ class Daemon:
             outbox,
             self.clock,
             on_registered=lambda batch: scheduler.wake(),
+            write_status=lambda batch: scheduler.settler.refresh(batch.id),
         )
         recover(self.spool, store, outbox, intake)
         pool.start()
@@ -172,6 +272,7 @@ class Daemon:
         watcher.start()
         if settings.http.enabled:
             self._start_http(store, intake)
+            scheduler.address = f"{settings.http.host}:{self.http.port}"
         self._notify_ready()
         log.info(
             "daemon_started",
@@ -195,7 +296,7 @@ class Daemon:
         assert self.intake is not None
         return self.intake.take_drop(path, priority)
 
-    def _start_http(self, store: SQLiteStore, intake: Intake) -> None:
+    def _start_http(self, store: Store, intake: Intake) -> None:
         from batchd.http import HttpServer
 
         self.http = HttpServer(
@@ -218,11 +319,23 @@ class Daemon:
         self._next_watchdog = self.clock.monotonic()
 
     def _tick(self) -> None:
-        """Once per scheduler turn: daily retention, systemd watchdog and STATUS."""
+        """Once per scheduler turn: daily retention, claims waiting for the
+        database, orphaned claims (cluster), systemd watchdog and STATUS."""
         now = self.clock.monotonic()
         if self.settings.retention.days and now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL_SECONDS
             self._purge()
+        db_up = self.scheduler is not None and self.scheduler.db_error is None
+        if db_up and self.intake is not None and self.intake.deferred:
+            try:
+                registered = self.intake.retry_deferred()
+            except (OSError, BatchdError) as exc:
+                log.warning("registration_still_deferred", error=str(exc))
+            else:
+                log.info("deferred_registered", batches=registered)
+        if db_up and self.settings.database.url and now >= self._next_adopt:
+            self._next_adopt = now + self.settings.cluster.lease_seconds
+            self._adopt_orphans()
         if self.notifier is None or not self.notifier.enabled:
             return
         interval = self.notifier.watchdog_interval()
@@ -256,6 +369,39 @@ class Daemon:
                 f" {rate:.0f} files/min"
             )
             self._next_status = now + 5.0
+
+    def _adopt_orphans(self) -> None:
+        """Register claims a dead node left in ``work/`` before registering them.
+
+        A node killed between its claim rename and its registration leaves a
+        folder no batch points to; start-up recovery of *some* node would
+        find it, but in a cluster nodes rarely restart. A folder unchanged
+        for longer than a lease is no live node's claim in progress.
+        """
+        assert self.store is not None and self.intake is not None
+        cutoff = time.time() - self.settings.cluster.lease_seconds
+        for priority, entry in self.spool.work_entries():
+            try:
+                if entry.lstat().st_mtime > cutoff:
+                    continue
+                if self.store.batch_by_work_path(self.spool.rel(entry)) is not None:
+                    continue
+                claimed = Claimed(
+                    entry,
+                    entry.name,
+                    priority,
+                    f"recovered:{self.spool.rel(entry)}",
+                    owner_name(entry.lstat()),
+                )
+                with self.intake.lock:
+                    batch = self.intake.register_claimed(claimed)
+            except FileNotFoundError:
+                continue  # finished and cleared meanwhile
+            except (OSError, StoreError, AlreadyRegistered) as exc:
+                log.warning("orphan_adopt_failed", path=str(entry), error=str(exc))
+                continue
+            if batch is not None:
+                log.warning("orphan_claim_registered", batch=batch.name, batch_id=batch.id)
 
     def _purge(self) -> None:
         from batchd.retention import purge
@@ -316,6 +462,7 @@ class Daemon:
             update={
                 "spool": old.spool,
                 "database": old.database,
+                "cluster": old.cluster,
                 "watch": new.watch.model_copy(update={"observer": old.watch.observer}),
                 "http": new.http.model_copy(
                     update={

@@ -31,6 +31,22 @@ class StoreError(BatchdError):
     """The database could not be read or written."""
 
 
+class AlreadyRegistered(StoreError):
+    """Another node registered this claimed folder first; leave it to that node."""
+
+    def __init__(self, work_path: str) -> None:
+        super().__init__(f"{work_path} is already registered as a batch (by another node)")
+        self.work_path = work_path
+
+
+class NameTaken(StoreError):
+    """Another batch already uses this name as its outbox folder; pick the next free name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"batch name {name!r} is already taken; pick the next free name")
+        self.name = name
+
+
 class NotFoundError(BatchdError):
     """No such batch or file."""
 

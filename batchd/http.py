@@ -10,8 +10,10 @@ Defences a server facing scripts and browsers needs:
 * a deadline for the request line and headers (``http.socket_timeout_seconds``),
   so a client dribbling one byte a second cannot hold a thread forever; the
   same timeout bounds every later read and write;
-* a cap on threads: when all are busy a new connection waits briefly, then
-  gets 503;
+* a cap on threads: when all are busy, the connection that has waited
+  longest without sending a byte (an idle keep-alive, or one opened and never
+  used) is closed to make room; failing that a new connection waits briefly,
+  then gets 503;
 * uploads are streamed to disk part by part and cut off as soon as a limit
   is passed; nothing of a refused upload is kept;
 * every error, including malformed requests, is a JSON answer; an exception
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import socket
 import socketserver
@@ -57,7 +60,7 @@ from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.records import Status
 from batchd.spool import Spool, fsync_dir
-from batchd.store import SQLiteStore
+from batchd.store import Store
 from batchd.views import batch_detail
 
 log = structlog.get_logger("batchd.http")
@@ -87,6 +90,11 @@ CACHE_MAX_BODY_BYTES = 512 * 1024
 BUSY_WAIT_SECONDS = 0.5
 #: Threads that may answer 503 at once; past that, extra connections are dropped.
 BUSY_REFUSER_THREADS = 8
+#: With every thread busy, a connection that has sent nothing for this long may
+#: be closed to make room (a client sends its request right after connecting).
+IDLE_CLOSE_SECONDS = 1.0
+#: How often a new connection waiting for a thread looks for an idle one to close.
+IDLE_POLL_SECONDS = 0.05
 #: After refusing an upload mid-body, how long (and how much) to keep reading
 #: and discarding so the client sees the answer instead of a connection reset.
 LINGER_SECONDS = 1.0
@@ -350,7 +358,7 @@ class AnswerCache:
 
     Dashboards poll the same few URLs; building a 50-file batch detail costs
     about a millisecond, looking up a cached one microseconds. Each entry is
-    tagged with :meth:`SQLiteStore.change_version` as read *before* building
+    tagged with :meth:`Store.change_version` as read *before* building
     it, so an entry is never served after a commit: at worst a fresh answer
     is rebuilt once more than needed.
     """
@@ -488,7 +496,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.command, self.path, self.requestline = "", "", ""
         self.request_version = "HTTP/1.1"
         try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            self.server.waiting(self.connection, self._reader)
+            try:
+                self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            finally:
+                self.server.working(self.connection)
             self._started = time.monotonic()
             if len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
                 self.requestline = self.request_version = ""
@@ -699,16 +711,20 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             log.exception("http_error", path="/healthz", error=str(exc))
             problems = {"health": f"health check failed: {exc!r}"}
+        nodes: list[dict[str, Any]] = []
         try:
             self.owner.store.ping()
+            nodes = [n.public() for n in self.owner.store.nodes()]
         except StoreError as exc:
-            problems["database"] = exc.message
+            problems.setdefault("database", exc.message)
+        node_id = self.owner.store.node_id
         if problems:
             self._json(
                 503,
                 {
                     "success": False,
                     "status": "unhealthy",
+                    "node_id": node_id,
                     "problems": problems,
                     "error": "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())),
                 },
@@ -720,7 +736,12 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "success": True,
                     "status": "ok",
-                    "data": {"status": "ok", "uptime_seconds": uptime},
+                    "data": {
+                        "status": "ok",
+                        "uptime_seconds": uptime,
+                        "node_id": node_id,
+                        "nodes": nodes,
+                    },
                 },
             )
 
@@ -954,6 +975,16 @@ def _refuse_busy(request: socket.socket) -> None:
         request.close()
 
 
+def _readable(conn: socket.socket) -> bool:
+    """True when ``conn`` has bytes (or end-of-file) waiting, without reading them."""
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True  # closed meanwhile: nothing to make room from
+
+
 class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on concurrent connection threads."""
 
@@ -968,6 +999,8 @@ class _Server(ThreadingHTTPServer):
         self._refusers = threading.BoundedSemaphore(BUSY_REFUSER_THREADS)
         self.changed = threading.Condition()
         self.connections: set[socket.socket] = set()
+        #: connections whose thread waits for a next request: since when, and its reader.
+        self.idle: dict[socket.socket, tuple[float, _DeadlineReader]] = {}
         self.peak_connections = 0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -979,8 +1012,56 @@ class _Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
 
+    def waiting(self, conn: socket.socket, reader: _DeadlineReader) -> None:
+        """``conn``'s thread starts waiting for a request (it may be closed to make room)."""
+        with self.changed:
+            self.idle[conn] = (time.monotonic(), reader)
+
+    def working(self, conn: socket.socket) -> None:
+        with self.changed:
+            self.idle.pop(conn, None)
+
+    def _close_idle(self) -> bool:
+        """Close the connection that has waited longest without sending a byte.
+
+        Every thread taken by connections that send nothing (a client opening
+        http.max_threads connections and sitting on them, or idle keep-alives)
+        would otherwise shut everyone else out, health probes included, until
+        their timeout. An idle HTTP/1.1 connection may be closed at any time;
+        clients open a new one. Returns True when it closed one.
+        """
+        now = time.monotonic()
+        with self.changed:
+            idle = sorted(
+                ((since, conn) for conn, (since, r) in self.idle.items() if r.received == 0),
+                key=lambda item: item[0],
+            )
+            for since, conn in idle:
+                if now - since < IDLE_CLOSE_SECONDS:
+                    return False
+                if not _readable(conn):  # a request that arrived but is not read yet
+                    del self.idle[conn]
+                    break
+            else:
+                return False
+        with contextlib.suppress(OSError):
+            # Wakes its thread with end-of-file: it ends, and frees its slot.
+            conn.shutdown(socket.SHUT_RD)
+        log.debug("http_idle_closed", idle_seconds=round(time.monotonic() - since, 3))
+        return True
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(timeout=BUSY_WAIT_SECONDS):
+        slot = self._slots.acquire(blocking=False)
+        closed = False
+        deadline = time.monotonic() + BUSY_WAIT_SECONDS
+        while not slot:
+            # One idle connection closed frees the one slot this connection needs.
+            closed = closed or self._close_idle()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            slot = self._slots.acquire(timeout=min(left, IDLE_POLL_SECONDS))
+        if not slot:
             self.owner.metrics.http_busy()
             log.warning("http_busy", client=str(client_address[0]))
             if self._refusers.acquire(blocking=False):
@@ -1029,7 +1110,7 @@ class HttpServer:
     def __init__(
         self,
         settings: Settings,
-        store: SQLiteStore,
+        store: Store,
         spool: Spool,
         intake: Intake,
         metrics: Metrics,

@@ -4,7 +4,8 @@ A ready drop in the inbox, a folder left in ``work/`` by a crash, and an
 HTTP upload all end in :meth:`Intake.register`: scan the members, apply the
 limits, register everything in one transaction, write the first
 status.json. Claims are serialised by a lock so two threads never pick the
-same batch name.
+same batch name; across nodes, the ``mkdir`` reservation in
+:meth:`batchd.spool.Spool.claim` and the database's unique keys do that.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import structlog
 
 from batchd.clock import Clock
 from batchd.config import Priority, Settings
+from batchd.errors import AlreadyRegistered, BatchdError, NameTaken, StoreError
 from batchd.faults import crash_point
 from batchd.outbox import Outbox
 from batchd.records import BatchRow, NewBatch, Status
-from batchd.spool import Claimed, Spool
-from batchd.store import SQLiteStore
+from batchd.spool import Claimed, Spool, printable
+from batchd.store import Store
 
 log = structlog.get_logger("batchd.intake")
+
+#: Names tried before giving up on a claim (each loser of a race takes the next).
+MAX_NAME_TRIES = 100
 
 
 class Intake:
@@ -33,10 +38,11 @@ class Intake:
         self,
         settings: Settings,
         spool: Spool,
-        store: SQLiteStore,
+        store: Store,
         outbox: Outbox,
         clock: Clock,
         on_registered: Callable[[BatchRow], None] = lambda batch: None,
+        write_status: Callable[[BatchRow], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -44,32 +50,117 @@ class Intake:
         self.outbox = outbox
         self.clock = clock
         self.on_registered = on_registered
-        self._lock = threading.Lock()
+        #: writes a new batch's first status.json; the daemon hands it to the
+        #: settler thread, so a claim never waits for a disk flush.
+        self.write_status = write_status or outbox.write_status
+        #: serialises claims and registrations of this node's threads.
+        self.lock = threading.Lock()
+        self._deferred: list[Claimed] = []
 
     def take_drop(self, source: Path, priority: Priority) -> BatchRow | None:
-        """Claim a ready drop from the inbox and register it (``None`` if it vanished)."""
-        with self._lock:
-            name = self.spool.unique_name(source.name, self.store.name_taken)
-            claimed = self.spool.claim(source, priority, name)
+        """Claim a ready drop from the inbox and register it.
+
+        ``None`` when the drop vanished (another node claimed it first) or
+        another node registered the claimed folder first (see
+        :meth:`register_claimed`).
+        """
+        with self.lock:
+            for _ in range(MAX_NAME_TRIES):
+                try:
+                    name = self.spool.unique_name(printable(source.name), self.store.name_taken)
+                except StoreError as exc:
+                    # The database is away: leave the drop in the inbox, where
+                    # the next rescan finds it again (nothing half-done).
+                    log.warning("claim_postponed", path=str(source), error=str(exc))
+                    return None
+                try:
+                    claimed = self.spool.claim(source, priority, name)
+                except FileExistsError:
+                    # Another node reserved this name a moment ago: take the next.
+                    continue
+                break
+            else:
+                raise BatchdError(f"no free batch name for {source} after {MAX_NAME_TRIES} tries")
             if claimed is None:
                 log.info("drop_vanished", path=str(source))
                 return None
             log.info("batch_claimed", path=str(source), batch=name, priority=str(priority))
             crash_point("after_claim")
-            return self.register(claimed)
+            try:
+                return self.register_claimed(claimed)
+            except StoreError as exc:
+                # The database is away: the claim waits in work/ and is
+                # registered by retry_deferred() once the database is back.
+                log.error("registration_deferred", batch=claimed.name, error=str(exc))
+                self._deferred.append(claimed)
+                return None
+
+    @property
+    def deferred(self) -> int:
+        """Claims waiting for the database to come back."""
+        return len(self._deferred)
+
+    def retry_deferred(self) -> int:
+        """Register claims whose registration failed on a database error; how many."""
+        done = 0
+        with self.lock:
+            while self._deferred:
+                claimed = self._deferred[0]
+                if claimed.path.exists():
+                    self.register_claimed(claimed)  # StoreError: try again later
+                    done += 1
+                self._deferred.pop(0)
+        return done
 
     def take_upload(
         self, folder: Path, priority: Priority, user_id: str | None, name: str
     ) -> BatchRow:
         """Register a folder batchd assembled itself (an HTTP upload)."""
-        with self._lock:
+        with self.lock:
             batch_name = self.spool.unique_name(name, self.store.name_taken)
             target = self.spool.adopt(folder, priority, batch_name)
             claimed = Claimed(target, batch_name, priority, "upload", user_id)
-            return self.register(claimed)
+            batch = self.register_claimed(claimed)
+            if batch is None:  # pragma: no cover - an upload's folder is ours alone
+                raise BatchdError(f"upload folder {target} was registered by another node")
+            return batch
+
+    def register_claimed(self, claimed: Claimed) -> BatchRow | None:
+        """:meth:`register`, tolerating the other nodes of a cluster.
+
+        * :class:`AlreadyRegistered`: another node registered this very
+          folder (its start-up recovery found our claim before we registered
+          it): it owns the batch, we move on; ``None``.
+        * :class:`NameTaken`: another node registered a *different* drop of
+          the same name at the same instant (a different inbox priority, so
+          a different work folder): rename ours to the next free name and
+          register again.
+        """
+        for _ in range(MAX_NAME_TRIES):
+            try:
+                return self.register(claimed)
+            except AlreadyRegistered:
+                log.info("batch_registered_elsewhere", batch=claimed.name, path=str(claimed.path))
+                return None
+            except NameTaken:
+                name = self.spool.unique_name(claimed.name, self.store.name_taken)
+                try:
+                    renamed = self.spool.rename_claim(claimed, name)
+                except FileExistsError:
+                    continue
+                log.info("batch_renamed", batch=claimed.name, to=name, reason="name taken")
+                claimed = renamed
+        raise BatchdError(f"no free batch name for {claimed.path} after {MAX_NAME_TRIES} tries")
 
     def register(self, claimed: Claimed) -> BatchRow:
         """Register a claimed folder in ``work/`` as a batch and write its first documents."""
+        for relpath in self.spool.repair_names(claimed.path):
+            log.warning(
+                "name_repaired",
+                batch=claimed.name,
+                relpath=relpath,
+                detail="the name was not valid UTF-8: its bad bytes are now written as \\xNN",
+            )
         members = self.spool.scan(claimed.path)
         limit = self.settings.limits.max_files_per_batch
         error = None
@@ -111,10 +202,19 @@ class Intake:
                     )
             if error is not None:
                 log.warning("batch_rejected", batch_id=batch.id, batch=batch.name, error=error)
-            # Refused files are final already: results, failed/ and status now.
-            self.outbox.reconcile(batch)
-        else:
-            self.outbox.write_status(batch)
+        try:
+            if error is not None or any(m.error for m in members):
+                # Refused files are final already: results, failed/ and status now.
+                self.outbox.reconcile(batch)
+            else:
+                self.write_status(batch)
+        except OSError as exc:
+            # The batch is registered and will run: a full or read-only outbox
+            # must not turn that into a failed claim (or a 500 to an upload
+            # whose batch then runs, and runs twice if the client retries).
+            # The next change rewrites status.json; start-up recovery
+            # reconciles refused files.
+            log.error("status_write_failed", batch_id=batch.id, batch=batch.name, error=str(exc))
         if batch.status == Status.PENDING or batch.status == Status.PROCESSING:
             self.on_registered(batch)
         return batch

@@ -8,6 +8,7 @@ right even after an operator edits the database by hand.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -16,8 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from batchd.clock import parse_iso
 from batchd.config import PRIORITY_ORDER
-from batchd.records import Status
+from batchd.records import NodeRow, Status
 
 # Processing runs from milliseconds (a small CSV) to processing.timeout_seconds
 # (1800 by default); the default client buckets stop at 10 s.
@@ -34,6 +36,8 @@ class CountSource(Protocol):
     """What the scrape-time collector reads (the store implements it)."""
 
     def counts_by_status_priority(self) -> dict[str, dict[tuple[str, str], int]]: ...
+
+    def nodes(self) -> list[NodeRow]: ...
 
 
 class StoreCollector(Collector):
@@ -58,12 +62,32 @@ class StoreCollector(Collector):
                     n = counts[key].get((str(status), str(priority)), 0)
                     family.add_metric([str(status), str(priority)], n)
             yield family
+        yield from self._nodes()
+
+    def _nodes(self) -> Iterator[GaugeMetricFamily]:
+        """Every node in ``nodes`` (one with SQLite): last heartbeat and running files."""
+        beat = GaugeMetricFamily(
+            "batchd_node_last_heartbeat_timestamp_seconds",
+            "Unix time of each node's last heartbeat (several nodes share a PostgreSQL store).",
+            labels=["node"],
+        )
+        running = GaugeMetricFamily(
+            "batchd_node_processing", "Files each node is processing now.", labels=["node"]
+        )
+        for node in self.store.nodes():
+            with contextlib.suppress(ValueError):
+                beat.add_metric([node.node_id], parse_iso(node.last_heartbeat).timestamp())
+            running.add_metric([node.node_id], node.processing)
+        yield beat
+        yield running
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Without describe() the registry would call collect() (a database
         # query) once at registration just to learn the metric names.
         yield GaugeMetricFamily("batchd_files", "", labels=["status", "priority"])
         yield GaugeMetricFamily("batchd_batches", "", labels=["status", "priority"])
+        yield GaugeMetricFamily("batchd_node_last_heartbeat_timestamp_seconds", "", labels=["node"])
+        yield GaugeMetricFamily("batchd_node_processing", "", labels=["node"])
 
 
 class Metrics:

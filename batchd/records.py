@@ -142,6 +142,31 @@ class FileTask:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One row of ``nodes``: a batchd node and what it is running."""
+
+    node_id: str
+    host: str
+    pid: int
+    started_at: str
+    last_heartbeat: str
+    address: str | None
+    #: files leased to this node right now.
+    processing: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "last_heartbeat": self.last_heartbeat,
+            "address": self.address,
+            "processing": self.processing,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """How one attempt at a file ended, as the scheduler reports it to the store."""
 

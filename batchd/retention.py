@@ -14,13 +14,13 @@ from typing import Any
 import structlog
 
 from batchd.spool import Spool
-from batchd.store import SQLiteStore
+from batchd.store import Store
 
 log = structlog.get_logger("batchd.retention")
 
 
 def purge(
-    spool: Spool, store: SQLiteStore, cutoff: datetime, dry_run: bool = False
+    spool: Spool, store: Store, cutoff: datetime, dry_run: bool = False
 ) -> list[dict[str, Any]]:
     """Remove every batch that finished before ``cutoff``; returns what went (or would go)."""
     removed = []

@@ -7,6 +7,19 @@ events, a wake-up or the next timer, then record outcomes. A free worker
 gets the next file in the same turn that freed it, with no polling delay;
 the ``processing.poll_seconds`` sweep only catches back-off timers and
 changes other processes made to the database (an operator's re-queue).
+
+In a cluster (PostgreSQL store) the loop also heart-beats every
+``cluster.heartbeat_seconds`` (extending the leases of the files it runs),
+takes back the files of nodes whose leases expired, and selects on the
+store's LISTEN socket so that work registered by another node wakes it at
+once.
+
+The database may go away (restart, fail-over, network): a
+:class:`StoreError` never ends the loop. Running files go on; their
+outcomes wait in memory (``_pending``, ``_retries``) and are committed when
+the database answers again, retried with exponential back-off up to
+:data:`DB_RETRY_MAX_SECONDS`; no new file starts meanwhile, and /healthz
+says 503 (its own ping fails).
 """
 
 from __future__ import annotations
@@ -18,24 +31,30 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
-from batchd.errors import BatchdError
+from batchd.errors import StoreError
 from batchd.faults import crash_point, hang_point
 from batchd.metrics import Metrics
-from batchd.outbox import Outbox
+from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import Lost, TimedOut, WorkerPool
 from batchd.processors import choose
-from batchd.records import BatchRow, FileTask, Outcome, Status
+from batchd.records import FileTask, Outcome, Status
+from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
-from batchd.store import SQLiteStore
-from batchd.worker import Done, Failed, Job, Progress
+from batchd.store import Store
+from batchd.worker import Delivery, Done, Failed, Job, Progress
 
 log = structlog.get_logger("batchd.scheduler")
+
+#: First wait before talking to an unreachable database again; doubles per failure.
+DB_RETRY_MIN_SECONDS = 0.5
+#: The longest wait between two attempts to reach the database.
+DB_RETRY_MAX_SECONDS = 10.0
 
 
 @dataclass
@@ -46,13 +65,34 @@ class _Running:
     started_mono: float
 
 
+@dataclass
+class _Retry:
+    """A failed attempt waiting to be put back in the queue (see :meth:`Scheduler._commit`)."""
+
+    running: _Running
+    error: str
+    available_at: datetime
+
+
+@dataclass
+class _Final:
+    """A final outcome waiting for the grouped database commit."""
+
+    running: _Running
+    outcome: Outcome
+    ended: datetime
+    #: a result file the worker wrote without fsync: made durable (in a group)
+    #: before the commit that says "completed".
+    unsynced: str | None = None
+
+
 class Scheduler:
     """Dispatches files to the pool and records how each attempt ended."""
 
     def __init__(
         self,
         settings: Settings,
-        store: SQLiteStore,
+        store: Store,
         spool: Spool,
         outbox: Outbox,
         pool: WorkerPool,
@@ -69,8 +109,20 @@ class Scheduler:
         self.metrics = metrics
         self.on_tick = on_tick
         self._running: dict[str, _Running] = {}
+        self.settler = Settler(spool, outbox)
+        self.syncer = ResultSyncer()
+        self._pending: list[_Final] = []
+        self._retries: list[_Retry] = []
+        #: where this node's HTTP API listens (``nodes.address``); set by the daemon.
+        self.address: str | None = None
+        self._next_beat = 0.0
+        #: the last database error while it lasts (None: the database answers).
+        self.db_error: str | None = None
+        self._db_failures = 0
+        self._db_retry_at = 0.0
         self._progress: dict[str, int] = {}
-        self._dirty: dict[str, BatchRow] = {}
+        #: batches whose status.json is behind the database (ids).
+        self._dirty: set[str] = set()
         self._last_flush = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -113,24 +165,38 @@ class Scheduler:
 
     def run(self) -> None:
         """Run until :meth:`request_stop`, then drain within the shutdown grace."""
-        while not self.stopping:
-            self._turn()
-        self._drain()
+        self.settler.start()
+        try:
+            while not self.stopping:
+                self._turn()
+            self._drain()
+        finally:
+            self.settler.stop()
+            self.syncer.close()
 
     def _turn(self) -> None:
         hang_point("scheduler_turn")
         if self._reload is not None:
             apply, self._reload = self._reload, None
             apply()
-        self._dispatch()
-        events, woken = self.pool.wait(self._timeout(), [self._wake_r])
-        if woken:
+        self._guarded(self._beat)
+        self._guarded(self._commit)
+        self._guarded(self._dispatch)
+        listen = self._listen_fileno()
+        extra: list[object] = [self._wake_r] if listen is None else [self._wake_r, listen]
+        events, ready = self.pool.wait(self._timeout(), extra)
+        if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError, OSError):
                 while self._wake_r.recv(4096):
                     pass
+        if listen is not None and listen in ready:
+            # Work registered or requeued (by any node): the next turn's
+            # dispatch, right after this one, claims it.
+            self._guarded(self.store.drain_notifications)
         for event in events:
             self._handle(event)
-        self._flush()
+        self._guarded(self._commit)
+        self._guarded(self._flush)
         self.heartbeat = self.clock.monotonic()
         self.metrics.set_workers(self.pool.alive())
         self.on_tick()
@@ -141,12 +207,76 @@ class Scheduler:
             timeout = min(timeout, max(0.0, self.tick_by - self.clock.monotonic()) + 0.001)
         if self._dirty or self._progress:
             timeout = min(timeout, self.settings.processing.status_interval_seconds)
-        if self.pool.idle():
-            due = self.store.next_due()
+        if self.db_error is not None:
+            timeout = min(timeout, max(0.0, self._db_retry_at - self.clock.monotonic()) + 0.001)
+        elif self.pool.idle():
+            try:
+                due = self.store.next_due()
+            except StoreError as exc:
+                self._db_failed(exc)
+                return min(timeout, DB_RETRY_MIN_SECONDS)
             if due is not None:
                 wait = (due - self.clock.now()).total_seconds()
                 timeout = min(timeout, max(0.0, wait) + 0.001)
         return timeout
+
+    # -- the database, which may be away ---------------------------------------
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        """Run a step that talks to the database, unless it is away and not yet due a retry.
+
+        A :class:`StoreError` is logged once per outage, and the next attempt
+        waits 0.5 s, 1 s, 2 s ... up to :data:`DB_RETRY_MAX_SECONDS`.
+        """
+        if self.db_error is not None:
+            if self.clock.monotonic() < self._db_retry_at:
+                return
+            try:
+                # A step may not touch the database at all: ask it directly.
+                self.store.ping()
+            except StoreError as exc:
+                self._db_failed(exc)
+                return
+            log.warning(
+                "database_reconnected",
+                failures=self._db_failures,
+                outcomes=len(self._pending) + len(self._retries),
+            )
+            self.db_error = None
+            self._db_failures = 0
+            self._next_beat = 0.0  # renew the leases at once
+        try:
+            step()
+        except StoreError as exc:
+            self._db_failed(exc)
+
+    def _db_failed(self, exc: StoreError) -> None:
+        if self.db_error is None:
+            log.error("database_unavailable", error=exc.message, running=len(self._running))
+        self.db_error = exc.message
+        self._db_failures += 1
+        backoff = min(DB_RETRY_MAX_SECONDS, DB_RETRY_MIN_SECONDS * 2 ** (self._db_failures - 1))
+        self._db_retry_at = self.clock.monotonic() + backoff
+
+    def _listen_fileno(self) -> int | None:
+        """The store's wake-up socket (PostgreSQL LISTEN); None while the database is away."""
+        if self.db_error is not None:
+            return None
+        return self.store.listen_fileno()
+
+    def _beat(self) -> None:
+        """Every ``cluster.heartbeat_seconds``: say this node lives, extend the
+        leases of the files it runs, and requeue the files of nodes whose
+        leases expired (their node died or lost the database)."""
+        now_mono = self.clock.monotonic()
+        if now_mono < self._next_beat:
+            return
+        now = self.clock.now()
+        self.store.heartbeat(now, self.address, list(self._running))
+        requeued = self.store.requeue_expired(now)
+        self._next_beat = now_mono + self.settings.cluster.heartbeat_seconds
+        if requeued:
+            log.warning("leases_expired_requeued", files=requeued)
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:
@@ -158,6 +288,8 @@ class Scheduler:
     def _start(self, task: FileTask) -> None:
         file = task.file
         bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
+        if self.settler.touches(file.id, file.batch_id):
+            self.settler.wait_idle()
         try:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
@@ -168,15 +300,21 @@ class Scheduler:
             task, processor, file.started_at or iso(self.clock.now()), self.clock.monotonic()
         )
         self._running[file.id] = running
-        self._mark(task)
+        self._dirty.add(file.batch_id)
         if path is None:
             self._fail(running, "input file is no longer in the spool (moved or deleted)")
             return
+        delivery = Delivery(
+            file=file,
+            started_at=running.started_at,
+            result_path=str(self.spool.result_path(task.batch_name, file.relpath)),
+            outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
+            # The scheduler makes results durable a group at a time (_commit).
+            fsync=False,
+        )
         scratch = self.spool.scratch_for(file.id)
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
         self.pool.submit(
-            Job(file.id, file.batch_id, file.relpath, str(path), processor, str(scratch))
+            Job(file.id, file.batch_id, file.relpath, str(path), processor, str(scratch), delivery)
         )
         crash_point("after_dispatch")
         if file.attempts == 1:
@@ -185,11 +323,6 @@ class Scheduler:
                 self.metrics.waited(max(0.0, wait.total_seconds()))
         bound.debug("file_started", processor=processor, attempt=file.attempts)
 
-    def _mark(self, task: FileTask) -> None:
-        batch = self.store.get_batch(task.file.batch_id)
-        if batch is not None:
-            self._dirty[batch.id] = batch
-
     # -- outcomes ----------------------------------------------------------------
 
     def _handle(self, event: Progress | Done | Failed | Lost | TimedOut) -> None:
@@ -197,8 +330,7 @@ class Scheduler:
             running = self._running.get(event.file_id)
             if running is not None:
                 self._progress[event.file_id] = event.percent
-                if running.task.file.batch_id not in self._dirty:
-                    self._mark(running.task)
+                self._dirty.add(running.task.file.batch_id)
             return
         running = self._running.get(event.file_id)
         if running is None:
@@ -213,24 +345,22 @@ class Scheduler:
             self._retry_or_fail(running, event.error)
 
     def _complete(self, running: _Running, done: Done) -> None:
-        task = running.task
-        scratch = self.spool.scratch_for(task.file.id)
-        try:
-            self.spool.collect_outputs(scratch, task.batch_name, task.file.relpath)
-        except OSError as exc:
-            self._retry_or_fail(running, f"cannot store the processor's output files: {exc}")
-            return
-        self._finish(
-            running,
-            Outcome(
-                Status.COMPLETED,
-                result=done.result,
-                file_hash=done.file_hash,
-                file_size=done.file_size,
-                processor=running.processor,
-                started_at=running.started_at,
-            ),
+        """The worker has already written the result file (see batchd.worker)."""
+        crash_point("after_result_write")
+        outcome = Outcome(
+            Status.COMPLETED,
+            result=done.result,
+            file_hash=done.file_hash,
+            file_size=done.file_size,
+            processor=running.processor,
+            started_at=running.started_at,
         )
+        try:
+            ended = parse_iso(done.completed_at)
+        except ValueError:
+            ended = self.clock.now()
+        result = str(self.spool.result_path(running.task.batch_name, running.task.file.relpath))
+        self._pending.append(_Final(running, outcome, ended, unsynced=result))
 
     def _fail(self, running: _Running, error: str) -> None:
         shutil.rmtree(self.spool.scratch_for(running.task.file.id), ignore_errors=True)
@@ -251,8 +381,8 @@ class Scheduler:
             return
         shutil.rmtree(self.spool.scratch_for(file.id), ignore_errors=True)
         delay = self.settings.processing.backoff_seconds(file.retry_count + 1)
-        self.store.retry_later(file.id, error, self.clock.now() + timedelta(seconds=delay))
-        self._running.pop(file.id, None)
+        # Queued like a final outcome; the file stays ours (leased) until committed.
+        self._retries.append(_Retry(running, error, self.clock.now() + timedelta(seconds=delay)))
         self.metrics.file_retried(str(running.task.priority))
         log.info(
             "file_retry_scheduled",
@@ -263,14 +393,16 @@ class Scheduler:
             retry=file.retry_count + 1,
             delay_seconds=delay,
         )
-        self._mark(running.task)
+        self._dirty.add(file.batch_id)
 
     def _finish(self, running: _Running, outcome: Outcome) -> None:
-        """Result file, then database, then input: the order crash recovery relies on.
+        """Write a failed file's result, then the database, then move the input.
 
-        A crash after the result write re-runs the file (same result path,
-        replaced atomically); a crash after the database write leaves the
-        input in work/, which recovery moves on.
+        Result file, then database, then input is the order crash recovery
+        relies on (a completed file's result is written by its worker, before
+        :class:`Done` arrives). A crash after the result write re-runs the
+        file (same result path, replaced atomically); a crash after the
+        database write leaves the input in work/, which recovery moves on.
         """
         task = running.task
         file = task.file
@@ -299,58 +431,110 @@ class Scheduler:
                     self._retry_or_fail(running, error)
                 else:
                     failed = replace(outcome, status=Status.FAILED, result=None, error=error)
-                    self._store_final(running, failed)
+                    self._store_final(running, failed, now)
                 return
         crash_point("after_result_write")
-        self._store_final(running, outcome)
+        self._store_final(running, outcome, now)
 
-    def _store_final(self, running: _Running, outcome: Outcome) -> None:
-        task = running.task
+    def _store_final(self, running: _Running, outcome: Outcome, ended: datetime) -> None:
+        """Queue a final outcome for the next grouped commit (see :meth:`_commit`)."""
+        self._pending.append(_Final(running, outcome, ended))
+
+    def _commit(self) -> None:
+        """Refill the workers, make the queued results durable, record every
+        queued outcome in one transaction, then move inputs on and end batches.
+
+        Outcomes that arrive together share one durability barrier and one
+        commit, so a busy daemon pays for one disk flush and one transaction
+        per turn rather than one per file. Freed workers get their next file
+        before any of that, so they do not sit idle while the daemon waits on
+        the disk.
+        """
+        while self._retries:
+            retry = self._retries[0]
+            self.store.retry_later(retry.running.task.file.id, retry.error, retry.available_at)
+            self._retries.pop(0)
+            self._running.pop(retry.running.task.file.id, None)
+        while self._pending:
+            self._dispatch()
+            pending = self._barrier()
+            # On a StoreError nothing was recorded (one transaction) and the
+            # outcomes stay queued for the next attempt: never lost.
+            batches = (
+                self.store.finish_many(
+                    [(f.running.task.file.id, f.outcome, f.ended) for f in pending]
+                )
+                if pending
+                else []
+            )
+            del self._pending[: len(pending)]
+            crash_point("after_finish")
+            for final in pending:
+                self._finished(final)
+            for final in pending:
+                task = final.running.task
+                self.settler.settle_file(
+                    SettleFile(
+                        task.file.id,
+                        task.file.batch_id,
+                        task.work_path,
+                        task.batch_name,
+                        task.file.relpath,
+                        ok=final.outcome.status == Status.COMPLETED,
+                    )
+                )
+            for batch in {b.id: b for b in batches}.values():
+                if batch.status.done:
+                    self._dirty.discard(batch.id)
+                    self.settler.end_batch(batch)
+                else:
+                    self._dirty.add(batch.id)
+
+    def _barrier(self) -> list[_Final]:
+        """fsync the queued results the workers wrote, as one group.
+
+        Returns the queued outcomes that may be committed. A result that
+        cannot be made durable (an I/O error) is never recorded as completed:
+        that attempt is retried, or failed once retries are spent.
+        """
+        pending = list(self._pending)
+        failed = self.syncer.sync([f.unsynced for f in pending if f.unsynced is not None])
+        if not failed:
+            return pending
+        durable = [f for f in pending if f.unsynced not in failed]
+        self._pending = durable + self._pending[len(pending) :]
+        for final in pending:
+            if final.unsynced in failed:
+                exc = failed[final.unsynced]
+                self._retry_or_fail(
+                    final.running, f"cannot write the result file: {exc.strerror or exc}"
+                )
+        return durable
+
+    def _finished(self, final: _Final) -> None:
+        task, outcome = final.running.task, final.outcome
         file = task.file
-        batch = self.store.finish(file.id, outcome, self.clock.now())
-        crash_point("after_finish")
         self._running.pop(file.id, None)
         self.finished_count += 1
         self.metrics.file_finished(str(outcome.status), str(task.priority))
-        bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
         if outcome.status == Status.COMPLETED:
-            bound.info("file_completed", attempts=file.attempts, processor=running.processor)
-        else:
-            bound.warning("file_failed", attempts=file.attempts, error=outcome.error)
-        try:
-            self.spool.settle_input(
-                task.work_path, task.batch_name, file.relpath, ok=outcome.status == Status.COMPLETED
+            log.info(
+                "file_completed",
+                batch_id=file.batch_id,
+                file_id=file.id,
+                relpath=file.relpath,
+                attempts=file.attempts,
+                processor=final.running.processor,
             )
-        except OSError as exc:
-            # The database is right; recovery moves the input on next start.
-            bound.error("input_move_failed", error=str(exc))
-        crash_point("after_archive")
-        if batch.status.done:
-            self._end_batch(batch)
         else:
-            self._dirty[batch.id] = batch
-
-    def _end_batch(self, batch: BatchRow) -> None:
-        try:
-            self.spool.finalize(batch.work_path, batch.name)
-        except OSError as exc:
-            log.error("batch_finalize_failed", batch_id=batch.id, error=str(exc))
-        self._dirty.pop(batch.id, None)
-        self._write_status(batch)
-        log.info(
-            "batch_finished",
-            batch_id=batch.id,
-            batch=batch.name,
-            status=str(batch.status),
-            completed=batch.processed_files,
-            failed=batch.failed_files,
-        )
-
-    def _write_status(self, batch: BatchRow) -> None:
-        try:
-            self.outbox.write_status(batch)
-        except (OSError, BatchdError) as exc:
-            log.error("status_write_failed", batch_id=batch.id, error=str(exc))
+            log.warning(
+                "file_failed",
+                batch_id=file.batch_id,
+                file_id=file.id,
+                relpath=file.relpath,
+                attempts=file.attempts,
+                error=outcome.error,
+            )
 
     def _flush(self, force: bool = False) -> None:
         """Write progress and status.json for changed batches, a few times a second at most."""
@@ -360,10 +544,10 @@ class Scheduler:
         self._last_flush = now
         if self._progress:
             progress, self._progress = self._progress, {}
-            self.store.set_progress(progress)
-        dirty, self._dirty = self._dirty, {}
-        for batch in dirty.values():
-            self._write_status(batch)
+            self.store.set_progress(progress)  # lost on a StoreError: the next report redoes it
+        dirty, self._dirty = self._dirty, set()
+        for batch_id in dirty:
+            self.settler.refresh(batch_id)
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -378,16 +562,32 @@ class Scheduler:
             events, _ = self.pool.wait(min(remaining, 0.5), [self._wake_r])
             for event in events:
                 self._handle(event)
-            self._flush()
-        left = list(self._running)
-        if left:
-            log.warning("shutdown_requeued", files=len(left))
-            self.store.requeue(left)
-            for file_id in left:
-                self._mark(self._running[file_id].task)
+            self._guarded(self._beat)
+            self._guarded(self._commit)
+            self._guarded(self._flush)
+        # One last try for outcomes the database has not taken yet.
+        self.db_error = None
+        self._guarded(self._commit)
+        unrecorded = {f.running.task.file.id for f in self._pending}
+        unrecorded |= {r.running.task.file.id for r in self._retries}
+        left = [fid for fid in self._running if fid not in unrecorded]
+        try:
+            if left:
+                log.warning("shutdown_requeued", files=len(left))
+                self.store.requeue(left)
+                for file_id in left:
+                    self._dirty.add(self._running[file_id].task.file.batch_id)
+        except StoreError as exc:
+            left = [*left, *unrecorded]
+            unrecorded = set()
+            log.error("shutdown_requeue_failed", files=len(left), error=exc.message)
+        if unrecorded:
+            # Their results are written; the database still says processing.
+            # The next start (or, in a cluster, the lease) runs them again.
+            log.error("shutdown_outcomes_unrecorded", files=len(unrecorded), error=self.db_error)
         self.pool.stop()
         self._running.clear()
-        self._flush(force=True)
+        self._guarded(lambda: self._flush(force=True))
         with contextlib.suppress(OSError):
             self._wake_r.close()
             self._wake_w.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import hashlib
 import json
 import os
 import pwd
@@ -38,6 +39,12 @@ STATUS_FILE = "status.json"
 UPLOADS = ".uploads"
 SCRATCH = ".scratch"
 XDEV_SUFFIX = ".xdev-source"
+#: A cross-filesystem move in progress (see :func:`replace_across`).
+XDEV_PARTIAL_SUFFIX = ".xdev-partial"
+#: The longest file name the filesystem allows (NAME_MAX), in bytes.
+NAME_MAX_BYTES = 255
+#: How much of a target's name a temporary file next to it carries.
+TEMP_NAME_BYTES = 100
 # A file whose name promises one of these types must have that content: a
 # ".pdf" holding text is refused even where text (csv) is allowed.
 _KINDS_BY_SUFFIX: dict[str, frozenset[str]] = {
@@ -68,25 +75,147 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half.
 
-    Temporary file in the same folder, fsync (so the rename never exposes a
-    file whose blocks are not on disk yet), then rename over the target.
+    Temporary file in the same folder, then rename over the target. With
+    ``durable`` (the default) the file is fsynced before the rename, so the
+    rename never exposes a file whose blocks are not on disk yet. A worker
+    passes ``durable=False`` when the daemon fsyncs a group of results
+    itself before recording them (see :class:`batchd.outbox.ResultSyncer`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = stage_json(path, data)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def stage_json(path: Path, data: Any) -> str:
+    """Write ``data`` to a temporary file beside ``path`` (not synced, not yet
+    visible under its name); returns the temporary file's path.
+
+    The first half of an atomic write: fsync it, then ``os.replace`` it onto
+    ``path``. Split so that a group of documents can share one disk flush.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file 0600 whatever the umask: give it the mode a
+        # plain create would (with the unit's UMask=0007 the group may read it).
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, ensure_ascii=False, indent=1))
+            fh.write("\n")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def move_outputs(scratch: Path, target: Path) -> None:
+    """Move what a processor left in its output folder to ``target`` (next to
+    its result); an empty or missing folder is simply removed."""
+    try:
+        empty = not any(scratch.iterdir())
+    except FileNotFoundError:
+        return
+    if empty:
+        scratch.rmdir()
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        _remove(target)  # an earlier attempt's outputs; this attempt wins
+    replace_across(scratch, target)  # the outbox may be a mount of its own
+
+
+def replace_across(source: Path, target: Path) -> None:
+    """``os.replace`` that still works when ``target`` is on another filesystem.
+
+    The spool is meant to be one filesystem, but an operator may mount
+    ``archive/`` or ``failed/`` elsewhere (a bigger disk), and rename(2) then
+    fails with EXDEV. Copy to a hidden name beside the target, fsync it,
+    rename it into place, and only then delete the source: a crash in between
+    leaves the input in both places (the next settle replaces the copy),
+    never in neither. A failed copy (disk full) leaves the source untouched.
+    """
+    try:
+        os.replace(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    partial = target.with_name(fit_name(f".{target.name}", XDEV_PARTIAL_SUFFIX))
+    try:
+        if os.path.lexists(partial):
+            _remove(partial)  # left by a crash mid-copy
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, partial, symlinks=True)
+        else:
+            shutil.copy2(source, partial, follow_symlinks=False)
+        if not partial.is_symlink():
+            _fsync_tree(partial)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove(partial)
+        raise
+    fsync_dir(target.parent)
+    _remove(source)
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before
+    # any thread could create a file under the temporary value.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _temp_prefix(path: Path) -> str:
+    # Only the start of the name: a 255-byte target must still get a temporary file.
+    head = os.fsencode(path.name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{head}."
+
+
+def printable(name: str) -> str:
+    """``name`` with every byte that is not UTF-8 written as ``\\xNN``.
+
+    Python hands such names over with lone surrogates, which neither SQLite
+    nor a UTF-8 JSON file can hold; the escaped form is plain text that still
+    shows the bytes.
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def fit_name(name: str, suffix: str = "") -> str:
+    """``name + suffix`` as one file name, shortened when over NAME_MAX_BYTES.
+
+    A name too long keeps its first bytes and gains ``~`` and 8 hex digits of
+    its sha256, so long names sharing a beginning stay apart and the same name
+    always maps to the same file name.
+    """
+    full = name + suffix
+    if len(os.fsencode(full)) <= NAME_MAX_BYTES:
+        return full
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    budget = NAME_MAX_BYTES - len(os.fsencode(tag + suffix))
+    return os.fsencode(name)[:budget].decode("utf-8", "ignore") + tag + suffix
 
 
 def owner_name(st: os.stat_result) -> str:
@@ -180,18 +309,25 @@ class Spool:
 
     def unique_name(self, base: str, taken: Callable[[str], bool]) -> str:
         """``base``, else ``base.2``, ``base.3`` ... whichever is free on disk and in ``taken``."""
-        candidate, n = base, 1
+        candidate, n = fit_name(base), 1
         while self.name_in_use(candidate) or taken(candidate):
             n += 1
-            candidate = f"{base}.{n}"
+            candidate = fit_name(base, f".{n}")
         return candidate
 
     def claim(self, source: Path, priority: Priority, name: str) -> Claimed | None:
         """Move a ready drop (file or folder) out of the inbox into ``work/``.
 
-        Returns ``None`` when the drop vanished before it could be claimed.
-        A folder is renamed to ``work/<priority>/<name>``; a loose file to
+        Returns ``None`` when the drop vanished before it could be claimed
+        (another node claimed it). A folder is renamed to
+        ``work/<priority>/<name>``; a loose file to
         ``work/<priority>/<name>/<its name>``, so every batch is a folder.
+
+        The target is reserved first with ``mkdir``, which fails with
+        :class:`FileExistsError` when the name is in use: ``rename(2)`` of a
+        folder onto an *empty* folder succeeds, so without the reservation
+        two nodes claiming two drops of one name at the same instant could
+        both "succeed" onto one path. The caller picks the next name.
         """
         try:
             st = source.lstat()
@@ -200,23 +336,37 @@ class Spool:
         target = self.work / priority.value / name
         user = owner_name(st)
         is_dir = stat.S_ISDIR(st.st_mode)
+        target.mkdir()  # the reservation; FileExistsError: name in use
         try:
-            if is_dir:
-                os.rename(source, target)
-            else:
-                target.mkdir()
-                try:
-                    os.rename(source, target / source.name)
-                except OSError:
-                    target.rmdir()
-                    raise
+            # A folder replaces our own empty reservation atomically.
+            os.rename(source, target if is_dir else target / source.name)
         except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                target.rmdir()
             return None
         except OSError as exc:
             if exc.errno != errno.EXDEV:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
                 raise
             self._copy_claim(source, target, is_dir)
-        return Claimed(target, name, priority, str(source), user)
+        return Claimed(target, name, priority, printable(str(source)), user)
+
+    def rename_claim(self, claimed: Claimed, name: str) -> Claimed:
+        """Give a claimed folder another name (the database had its name already).
+
+        Reserved with ``mkdir`` as in :meth:`claim`; raises
+        :class:`FileExistsError` when ``name`` is in use.
+        """
+        target = self.work / claimed.priority.value / name
+        target.mkdir()
+        try:
+            os.rename(claimed.path, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            raise
+        return Claimed(target, name, claimed.priority, claimed.source, claimed.user_id)
 
     def adopt(self, folder: Path, priority: Priority, name: str) -> Path:
         """Move a folder batchd assembled itself (an upload) into ``work/``."""
@@ -281,6 +431,32 @@ class Spool:
         return path.relative_to(self.root).as_posix()
 
     # -- members ---------------------------------------------------------------
+
+    def repair_names(self, folder: Path) -> list[str]:
+        """Rename every entry under a claimed ``folder`` whose name is not valid
+        UTF-8 to its :func:`printable` form; returns the new relative paths.
+
+        The database and the JSON documents hold text, so such a name could
+        never be registered; renamed, the file is processed like any other
+        (``caf\\xe9.csv``). Runs on batchd's own copy in ``work/``, before
+        :meth:`scan`; symbolic links are renamed, never followed.
+        """
+        renamed: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            here = Path(dirpath)
+            for names in (dirnames, filenames):
+                for i, name in enumerate(names):
+                    fixed = printable(name)
+                    if fixed == name:
+                        continue
+                    fixed, n = fit_name(fixed), 1
+                    while os.path.lexists(here / fixed):
+                        n += 1
+                        fixed = fit_name(printable(name), f"~{n}")
+                    os.rename(here / name, here / fixed)
+                    names[i] = fixed  # os.walk descends into the new name
+                    renamed.append((here / fixed).relative_to(folder).as_posix())
+        return renamed
 
     def scan(self, folder: Path) -> list[NewFile]:
         """The members of a claimed batch folder, each checked against the limits.
@@ -365,26 +541,19 @@ class Spool:
         return self.outbox / name / STATUS_FILE
 
     def result_path(self, name: str, relpath: str) -> Path:
-        return self.outbox / name / RESULTS / f"{relpath}.json"
+        """``outbox/<name>/results/<relpath>.json``; a name with no room left
+        for ``.json`` is shortened (:func:`fit_name`), the document keeps it whole."""
+        return self._beside_result(name, relpath, ".json")
 
     def outputs_path(self, name: str, relpath: str) -> Path:
-        return self.outbox / name / RESULTS / f"{relpath}.files"
+        return self._beside_result(name, relpath, ".files")
+
+    def _beside_result(self, name: str, relpath: str, suffix: str) -> Path:
+        parent, _, leaf = relpath.rpartition("/")
+        return self.outbox / name / RESULTS / parent / fit_name(leaf, suffix)
 
     def scratch_for(self, file_id: str) -> Path:
         return self.scratch / file_id
-
-    def collect_outputs(self, scratch: Path, name: str, relpath: str) -> None:
-        """Move what a processor left in its output folder next to its result."""
-        if not scratch.exists():
-            return
-        if not any(scratch.iterdir()):
-            scratch.rmdir()
-            return
-        target = self.outputs_path(name, relpath)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            _remove(target)  # an earlier attempt's outputs; this attempt wins
-        os.rename(scratch, target)
 
     # -- inputs ------------------------------------------------------------------
 
@@ -401,7 +570,7 @@ class Spool:
             there = base / name / relpath
             if os.path.lexists(there):
                 here.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(there, here)
+                replace_across(there, here)
                 return here
         return None
 
@@ -418,14 +587,22 @@ class Spool:
         target.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(target) and target.is_dir() and not target.is_symlink():
             _remove(target)
-        os.replace(source, target)
+        try:
+            replace_across(source, target)
+        except PermissionError:
+            if not source.is_dir() or source.is_symlink():
+                raise
+            _move_locked_folder(source, target)
 
     def finalize(self, work_path: str, name: str) -> None:
-        """Clear a finished batch out of ``work/``.
+        """Empty a finished batch's folder in ``work/``, leaving the folder itself.
 
         What is left there is not a member (the marker, ignored temporary
         names): it goes to ``archive/<name>/`` so nothing dropped is lost;
-        the marker itself is deleted.
+        the marker itself is deleted. The empty folder stays until
+        :meth:`release`: as long as it is there, start-up recovery finds the
+        batch and rewrites its final status.json, which a crash may have kept
+        from being written.
         """
         folder = self.root / work_path
         if not folder.exists():
@@ -440,12 +617,24 @@ class Spool:
                 src = here / fname
                 dest = self.archive / name / src.relative_to(folder)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dest)
-            with contextlib.suppress(OSError):
-                here.rmdir()
-        if folder.exists():
-            _remove(folder)
-        fsync_dir(folder.parent)
+                replace_across(src, dest)
+            if here != folder:
+                with contextlib.suppress(OSError):
+                    here.rmdir()
+        # No fsync of work/<prio>/ here: the database already says the batch
+        # is finished, so if a power cut undoes these moves, start-up recovery
+        # simply finalizes the batch again. Durability is not needed, only the
+        # atomicity each rename already has.
+
+    def release(self, work_path: str) -> None:
+        """Remove a finished batch's folder from ``work/`` once its final
+        status.json is written (see :meth:`finalize`).
+
+        Only an empty folder goes: anything that appeared in it since is left
+        for the next :meth:`finalize` (start-up recovery), never deleted.
+        """
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(self.root / work_path)
 
     # -- uploads -------------------------------------------------------------------
 
@@ -478,6 +667,25 @@ def _kind(st: os.stat_result) -> str:
     if stat.S_ISBLK(mode):
         return "block device"
     return "unknown type"
+
+
+def _move_locked_folder(source: Path, target: Path) -> None:
+    """Move a folder its owner may not write (an unreadable member, mode 000).
+
+    Moving a folder to a new parent rewrites its ``..`` entry, which needs
+    write permission on it. batchd lends that permission for the move only,
+    so the folder arrives in ``failed/`` with the mode its user gave it.
+    Raises PermissionError when batchd does not own the folder.
+    """
+    mode = stat.S_IMODE(source.lstat().st_mode)
+    os.chmod(source, mode | stat.S_IWUSR)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.chmod(source, mode)
+        raise
+    os.chmod(target, mode)
 
 
 def _remove(path: Path) -> None:

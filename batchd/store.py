@@ -20,6 +20,8 @@ SQLite is used deliberately:
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import uuid
@@ -30,9 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batchd.clock import iso
-from batchd.config import Priority
-from batchd.errors import StoreError
-from batchd.records import BatchRow, FileRow, FileTask, NewBatch, Outcome, Status
+from batchd.config import Priority, Settings
+from batchd.errors import AlreadyRegistered, ConfigError, NameTaken, StoreError
+from batchd.records import BatchRow, FileRow, FileTask, NewBatch, NodeRow, Outcome, Status
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -96,6 +98,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX uploads_user ON uploads (user_id, created_at);
     """,
+    # 2: the nodes table of issue 8 (one row here: SQLite is one node).
+    """
+    CREATE TABLE nodes (
+        node_id        TEXT PRIMARY KEY,
+        host           TEXT NOT NULL,
+        pid            INTEGER NOT NULL,
+        started_at     TEXT NOT NULL,
+        last_heartbeat TEXT NOT NULL,
+        address        TEXT
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -110,16 +123,44 @@ _FILE_COLS = (
 
 
 class Store(Protocol):
-    """What the daemon, the HTTP server and the CLI need from a queue store."""
+    """What the daemon, the HTTP server and the CLI need from a queue store.
+
+    Two implementations: :class:`SQLiteStore` (embedded, one node) and
+    :class:`batchd.store_pg.PostgresStore` (several nodes on one spool).
+    Every method raises :class:`StoreError` when the database cannot be
+    reached; the caller decides whether to retry (the scheduler does).
+    """
+
+    #: this node's name in ``nodes`` (``cluster.node_id``).
+    node_id: str
+    #: how long a claimed file stays this node's without a heartbeat.
+    lease: timedelta
 
     def close(self) -> None:
         """Close every connection this store opened."""
 
+    def release_thread(self) -> None:
+        """Close the calling thread's connection, if it opened one."""
+
     def ping(self) -> None:
         """Raise :class:`StoreError` unless the database answers."""
 
+    def schema_version(self) -> int:
+        """The schema version the database is at."""
+
+    def change_version(self) -> int:
+        """A number that changes after every commit (any connection): cache key."""
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits."""
+
     def register_batch(self, batch: NewBatch, now: datetime) -> BatchRow:
-        """Insert a batch and all its files in one transaction and return it."""
+        """Insert a batch and all its files in one transaction and return it.
+
+        Raises :class:`AlreadyRegistered` when ``work_path`` already is a
+        batch (another node registered it), :class:`NameTaken` when another
+        batch has the name.
+        """
 
     def name_taken(self, name: str) -> bool:
         """True when a batch already uses ``name`` as its outbox folder."""
@@ -137,6 +178,9 @@ class Store(Protocol):
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
         """Atomically record a file's final outcome and refresh its batch."""
 
+    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow]:
+        """Atomically record several final outcomes; each item's batch, refreshed."""
+
     def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
         """Atomically put a failed attempt back to pending, one retry spent."""
 
@@ -144,7 +188,24 @@ class Store(Protocol):
         """Put processing files back to pending without spending an attempt."""
 
     def requeue_stale(self) -> int:
-        """At start-up: every ``processing`` file back to pending; returns how many."""
+        """At start-up: this node's ``processing`` files back to pending; returns how many."""
+
+    def requeue_expired(self, now: datetime) -> int:
+        """Files whose node's lease ended before ``now`` back to pending; how many."""
+
+    def heartbeat(
+        self, now: datetime, address: str | None = None, running: Sequence[str] | None = None
+    ) -> None:
+        """Record that this node is alive and extend the leases of its ``running`` files."""
+
+    def nodes(self) -> list[NodeRow]:
+        """Every node that heart-beat, with how many files it runs."""
+
+    def listen_fileno(self) -> int | None:
+        """A descriptor that turns readable when work arrives (None: poll)."""
+
+    def drain_notifications(self) -> int:
+        """Consume arrived wake-ups without blocking; how many."""
 
     def set_progress(self, progress: Mapping[str, int]) -> None:
         """Record progress percentages for running files, in one transaction."""
@@ -153,9 +214,14 @@ class Store(Protocol):
         """Failed file ``target_id``, or every failed file of batch ``target_id``,
         back to pending with retries reset; returns how many."""
 
+    def refresh_batch(self, batch_id: str, now: datetime) -> BatchRow:
+        """Re-derive a batch's counters and status from its files."""
+
     def get_batch(self, batch_id: str) -> BatchRow | None: ...
 
     def find_batch(self, id_or_name: str) -> BatchRow | None: ...
+
+    def get_file(self, file_id: str) -> FileRow | None: ...
 
     def list_batches(
         self,
@@ -178,24 +244,69 @@ class Store(Protocol):
     def unfinished_batches(self) -> list[BatchRow]:
         """Batches not yet completed or failed."""
 
+    def batches_with_files_in(self, statuses: Sequence[Status]) -> list[str]:
+        """Ids of batches that have a file in one of ``statuses``."""
+
     def next_due(self) -> datetime | None:
         """When the earliest backed-off pending file becomes due, if any."""
 
     def queue_counts(self) -> dict[str, int]:
         """Files by status across the whole database."""
 
-    def data_version(self) -> int:
-        """A number that changes whenever another connection commits."""
+    def counts_by_status_priority(self) -> dict[str, dict[tuple[str, str], int]]:
+        """Files and batches by (status, priority), for /metrics."""
+
+    def uploads_since(self, user_id: str, since: datetime) -> list[str]:
+        """The user's upload times since ``since`` (rate limit)."""
+
+    def record_upload(self, user_id: str, now: datetime, limit: int, window: timedelta) -> bool:
+        """Atomically count an upload unless ``limit`` were made within ``window``."""
+
+    def finished_before(self, cutoff: datetime) -> list[BatchRow]:
+        """Finished batches that completed before ``cutoff`` (retention)."""
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Delete a finished batch and its files (refuses unfinished ones)."""
+
+
+def open_store(settings: Settings) -> Store:
+    """The store ``settings`` ask for: PostgreSQL when ``database.url`` is set, else SQLite.
+
+    psycopg is imported only here, on demand, so single-node users need not
+    install it.
+    """
+    if settings.database.url:
+        try:
+            from batchd.store_pg import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                "database.url needs the PostgreSQL driver psycopg, which is not installed:"
+                " pip install 'batchd[postgres]' (or unset database.url to use SQLite)"
+            ) from exc
+        return PostgresStore(
+            settings.database.url,
+            node_id=settings.node_id,
+            lease_seconds=settings.cluster.lease_seconds,
+        )
+    return SQLiteStore(
+        settings.db_path, node_id=settings.node_id, lease_seconds=settings.cluster.lease_seconds
+    )
 
 
 class SQLiteStore:
     """The embedded store: one SQLite file in WAL mode."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, node_id: str = "", lease_seconds: float = 30.0) -> None:
         self.path = path
+        #: SQLite is one node; the id names it in ``nodes`` (``batchd nodes``, /healthz).
+        self.node_id = node_id or socket.gethostname()
+        #: unused by SQLite (no other node can take over), kept for the common signature.
+        self.lease = timedelta(seconds=lease_seconds)
+        self._started: str | None = None
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -268,25 +379,34 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
+        """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error.
+
+        This process's writers (scheduler, watcher, HTTP threads) first queue
+        on an in-process lock. Without it they would meet on SQLite's file
+        lock, whose busy handler waits by sleeping (1, 2, 5, 10 … ms): under
+        load a registration and a commit kept missing each other by whole
+        milliseconds. Other processes (the CLI, an operator's sqlite3) still
+        wait on ``busy_timeout``.
+        """
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
-        try:
-            yield conn
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"write to {self.path} failed: {exc}") from exc
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"commit to {self.path} failed: {exc}") from exc
 
     def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -320,9 +440,21 @@ class SQLiteStore:
     # -- registration --------------------------------------------------------
 
     def register_batch(self, batch: NewBatch, now: datetime) -> BatchRow:
+        """Insert a batch and all its files in one transaction and return it.
+
+        Raises :class:`AlreadyRegistered` when ``work_path`` already is a
+        batch, :class:`NameTaken` when another batch has the name.
+        """
         batch_id = str(uuid.uuid4())
         stamp = iso(now)
         with self._tx() as conn:
+            # BEGIN IMMEDIATE holds the write lock: nobody registers in between.
+            if conn.execute(
+                "SELECT 1 FROM batch_jobs WHERE work_path = ?", (batch.work_path,)
+            ).fetchone():
+                raise AlreadyRegistered(batch.work_path)
+            if conn.execute("SELECT 1 FROM batch_jobs WHERE name = ?", (batch.name,)).fetchone():
+                raise NameTaken(batch.name)
             seq = conn.execute(
                 "UPDATE counters SET value = value + ? WHERE name = 'file_seq' RETURNING value",
                 (len(batch.files),),
@@ -403,7 +535,7 @@ class SQLiteStore:
                 (stamp, row["id"]),
             ).fetchone()
             file = _file(updated)
-            batch = self._refresh_batch(conn, file.batch_id, now)
+            batch = self._batch_for_claim(conn, file.batch_id, now)
             return FileTask(
                 file=file,
                 batch_name=batch.name,
@@ -412,31 +544,50 @@ class SQLiteStore:
             )
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
-        if not outcome.status.done:
-            raise ValueError(f"finish() needs a final status, not {outcome.status}")
+        """Record one file's final outcome; returns its batch, re-derived. Atomic."""
+        return self.finish_many([(file_id, outcome, now)])[0]
+
+    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow]:
+        """Record several files' final outcomes in one transaction (all or none).
+
+        ``items`` are ``(file_id, outcome, completed_at)``. Returns the batch of
+        each item, in order, re-derived once per batch after every update: the
+        scheduler groups the outcomes that arrive together, so a busy daemon
+        pays one commit for many files.
+        """
+        for _fid, outcome, _at in items:
+            if not outcome.status.done:
+                raise ValueError(f"finish() needs a final status, not {outcome.status}")
+        batch_of: list[str] = []
         with self._tx() as conn:
-            row = conn.execute(
-                "UPDATE batch_files SET status = ?, result = ?, error = ?, completed_at = ?,"
-                " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END,"
-                " file_hash = COALESCE(?, file_hash), file_size = COALESCE(?, file_size),"
-                " processor = COALESCE(?, processor), started_at = COALESCE(?, started_at)"
-                " WHERE id = ? RETURNING batch_id",
-                (
-                    outcome.status,
-                    json.dumps(outcome.result) if outcome.result is not None else None,
-                    outcome.error,
-                    iso(now),
-                    outcome.status,
-                    outcome.file_hash,
-                    outcome.file_size,
-                    outcome.processor,
-                    outcome.started_at,
-                    file_id,
-                ),
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"no file {file_id} in {self.path}")
-            return self._refresh_batch(conn, row["batch_id"], now)
+            for file_id, outcome, at in items:
+                row = conn.execute(
+                    "UPDATE batch_files SET status = ?, result = ?, error = ?, completed_at = ?,"
+                    " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END,"
+                    " file_hash = COALESCE(?, file_hash), file_size = COALESCE(?, file_size),"
+                    " processor = COALESCE(?, processor), started_at = COALESCE(?, started_at)"
+                    " WHERE id = ? RETURNING batch_id",
+                    (
+                        outcome.status,
+                        json.dumps(outcome.result) if outcome.result is not None else None,
+                        outcome.error,
+                        iso(at),
+                        outcome.status,
+                        outcome.file_hash,
+                        outcome.file_size,
+                        outcome.processor,
+                        outcome.started_at,
+                        file_id,
+                    ),
+                ).fetchone()
+                if row is None:
+                    raise StoreError(f"no file {file_id} in {self.path}")
+                batch_of.append(row["batch_id"])
+            latest = max(at for _fid, _o, at in items) if items else datetime.now(UTC)
+            batches = {
+                bid: self._refresh_batch(conn, bid, latest) for bid in dict.fromkeys(batch_of)
+            }
+        return [batches[bid] for bid in batch_of]
 
     def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
         with self._tx() as conn:
@@ -522,6 +673,20 @@ class SQLiteStore:
             (status, total, completed, failed, status, stamp, status, stamp, batch_id),
         ).fetchone()
         return _batch(row)
+
+    def _batch_for_claim(self, conn: sqlite3.Connection, batch_id: str, now: datetime) -> BatchRow:
+        """The batch of a file just claimed, re-derived only when the claim changes it.
+
+        Claiming moves one file from pending to processing: a batch already
+        ``processing`` keeps its status and counters, so the hot path skips
+        the re-derivation (a GROUP BY over the batch's files).
+        """
+        row = conn.execute(
+            f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE id = ?", (batch_id,)
+        ).fetchone()
+        if row is not None and row["status"] == Status.PROCESSING:
+            return _batch(row)
+        return self._refresh_batch(conn, batch_id, now)
 
     def refresh_batch(self, batch_id: str, now: datetime) -> BatchRow:
         """Re-derive one batch's counters (after an operator's manual edit)."""
@@ -685,6 +850,56 @@ class SQLiteStore:
             (iso(cutoff),),
         )
         return [_batch(r) for r in rows]
+
+    # -- cluster (issue 8): one node, so mostly trivial ------------------------
+
+    def heartbeat(
+        self, now: datetime, address: str | None = None, running: Sequence[str] | None = None
+    ) -> None:
+        """Atomically record that this node is alive (SQLite files need no lease,
+        so ``running`` is unused)."""
+        stamp = iso(now)
+        if self._started is None:
+            self._started = stamp
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO nodes (node_id, host, pid, started_at, last_heartbeat, address)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                " host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,"
+                " last_heartbeat = excluded.last_heartbeat, address = excluded.address",
+                (self.node_id, socket.gethostname(), os.getpid(), self._started, stamp, address),
+            )
+
+    def requeue_expired(self, now: datetime) -> int:
+        """Always 0: one node, whose predecessor's files requeue_stale takes back at start."""
+        return 0
+
+    def nodes(self) -> list[NodeRow]:
+        """This node (once it heart-beat), running every processing file."""
+        rows = self._read(
+            "SELECT n.node_id, n.host, n.pid, n.started_at, n.last_heartbeat, n.address,"
+            " (SELECT COUNT(*) FROM batch_files WHERE status = 'processing') AS processing"
+            " FROM nodes n ORDER BY n.node_id"
+        )
+        return [
+            NodeRow(
+                node_id=r["node_id"],
+                host=r["host"],
+                pid=r["pid"],
+                started_at=r["started_at"],
+                last_heartbeat=r["last_heartbeat"],
+                address=r["address"],
+                processing=r["processing"] if r["node_id"] == self.node_id else 0,
+            )
+            for r in rows
+        ]
+
+    def listen_fileno(self) -> int | None:
+        """None: SQLite has no notifications (the scheduler's own wake-ups cover one node)."""
+        return None
+
+    def drain_notifications(self) -> int:
+        return 0
 
     def delete_batch(self, batch_id: str) -> None:
         """Delete a finished batch and its files (refuses unfinished ones)."""

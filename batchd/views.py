@@ -7,11 +7,13 @@ One function builds each shape, so ``GET /api/batch/jobs/<id>`` and
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchd.clock import parse_iso
 from batchd.records import BatchRow, FileRow
-from batchd.store import SQLiteStore
+
+if TYPE_CHECKING:  # workers import this module for result_document only
+    from batchd.store import Store
 
 Json = dict[str, Any]
 
@@ -22,7 +24,7 @@ def progress_percent(total: int, progress_sum: int) -> int:
 
 
 def batch_detail(
-    store: SQLiteStore,
+    store: Store,
     batch: BatchRow,
     files_limit: int | None = None,
     files_offset: int = 0,

@@ -67,6 +67,8 @@ class _Candidate:
     look_now: bool = True
     #: settled but not ready (empty folder, or waiting for its marker).
     waiting: bool = False
+    #: a drop_unreadable warning was logged for it (once per drop).
+    reported: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class Seen:
     is_folder: bool
     has_marker: bool
     members: int
+    #: why the folder itself cannot be read (None: it can).
+    problem: str | None = None
 
 
 def look(path: Path, spool: Spool, marker: str) -> Seen | None:
@@ -85,7 +89,9 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
     A folder's signature covers every entry of its tree, so a file added,
     grown or touched anywhere inside resets the settle timer. ``members``
     counts the files that would be processed (not the marker, not names
-    matched by ``watch.ignore``).
+    matched by ``watch.ignore``); a subfolder that cannot be read counts as
+    one (it will be a failed member). ``problem`` says why the folder itself
+    cannot be read: batchd can then neither see nor move what is inside.
     """
     try:
         st = path.lstat()
@@ -95,7 +101,8 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
         return Seen((st.st_size, st.st_mtime_ns, st.st_ino), False, False, 1)
     entries: list[tuple[str, int, int]] = []
     members = 0
-    for dirpath, dirnames, filenames in os.walk(path):
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=errors.append):
         for name in filenames + dirnames:
             full = os.path.join(dirpath, name)
             try:
@@ -108,8 +115,11 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
             if not (dirpath == str(path) and name == marker):
                 members += 1
     entries.sort()
+    top = next((e for e in errors if e.filename == str(path)), None)
+    members += len(errors) - (top is not None)
     has_marker = os.path.lexists(path / marker)
-    return Seen((st.st_mtime_ns, tuple(entries)), True, has_marker, members)
+    problem = None if top is None else f"cannot read folder: {top.strerror}"
+    return Seen((st.st_mtime_ns, tuple(entries)), True, has_marker, members, problem)
 
 
 class Readiness:
@@ -166,6 +176,20 @@ class Readiness:
             if seen is None:
                 del self._candidates[path]
                 continue
+            if seen.problem is not None:
+                # Claiming needs to rename it, which needs write permission on
+                # it; and what is inside cannot be seen. Say so once; it waits.
+                if not cand.reported:
+                    log.warning(
+                        "drop_unreadable",
+                        path=str(path),
+                        error=seen.problem,
+                        detail="it stays in the inbox until batchd may read and move it",
+                    )
+                    cand.reported = True
+                cand.waiting = True
+                continue
+            cand.reported = False
             if seen.has_marker:
                 del self._candidates[path]
                 ready.append((path, cand.priority))

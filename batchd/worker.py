@@ -3,8 +3,14 @@
 A worker is a long-lived child process with one duplex pipe to the daemon.
 It receives :class:`Job` messages, runs the processor, and answers with
 :class:`Progress` and then exactly one :class:`Done` or :class:`Failed`.
-Nothing here touches the database or the outbox: a worker that crashes can
-only ever lose its own attempt.
+
+A successful attempt is delivered here, in the worker: its outputs are moved
+next to the result and the result file is written and fsynced before
+:class:`Done` is sent. The daemon records the file as completed only after
+that, so "completed in the database" always means "result on disk", and the
+costly part of the write (the fsync) runs in parallel across workers instead
+of in the daemon's single loop. Nothing here touches the database: a worker
+that crashes can only ever lose its own attempt.
 """
 
 from __future__ import annotations
@@ -18,21 +24,41 @@ import resource
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
+from batchd.records import FileRow, Status
+from batchd.spool import move_outputs, write_json_atomic
+from batchd.views import result_document
 
 _PR_SET_PDEATHSIG = 1
 HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a successful attempt's result goes, and the row it describes."""
+
+    file: FileRow
+    started_at: str
+    result_path: str
+    outputs_path: str
+    #: fsync the result before reporting Done. False when the daemon makes
+    #: each group of results durable itself before committing them (one
+    #: barrier for many files instead of a disk flush per file in the worker).
+    fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
-    """One attempt at one file."""
+    """One attempt at one file. Without ``delivery`` the worker only reports
+    the result (the pool's own tests); with it, it also writes the result."""
 
     file_id: str
     batch_id: str
@@ -40,6 +66,7 @@ class Job:
     path: str
     processor: str
     output_dir: str
+    delivery: Delivery | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +82,8 @@ class Done:
     file_hash: str
     file_size: int
     seconds: float
+    #: when the attempt ended, as written into the result file.
+    completed_at: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,32 +131,53 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def deliver(
+    job: Job, delivery: Delivery, result: dict[str, Any], file_hash: str, size: int, ended: str
+) -> None:
+    """Move the attempt's outputs next to its result, then write the result file."""
+    move_outputs(Path(job.output_dir), Path(delivery.outputs_path))
+    final = replace(
+        delivery.file,
+        status=Status.COMPLETED,
+        result=None,
+        error=None,
+        file_hash=file_hash,
+        file_size=size,
+        processor=job.processor,
+        started_at=delivery.started_at,
+        completed_at=ended,
+        progress=100,
+    )
+    document = result_document(final)
+    document["result"] = result
+    write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync)
+
+
 def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
-    """Hash the input, run the processor, and describe how it ended."""
+    """Hash the input, run the processor, deliver its result, and describe how it ended."""
     from batchd.processors import ProcessorContext, resolve
 
     started = time.monotonic()
     output_dir = Path(job.output_dir)
     try:
+        before = os.stat(job.path)
         file_hash, size = hash_file(Path(job.path))
         fn = resolve(job.processor)
-        output_dir.mkdir(parents=True, exist_ok=True)
         ctx = ProcessorContext(
             batch_id=job.batch_id,
             file_id=job.file_id,
             relpath=job.relpath,
-            output_dir=output_dir,
+            output_path=output_dir,
             settings=settings,
             report=lambda pct: conn.send(Progress(job.file_id, pct)),
         )
         try:
             result = fn(Path(job.path), ctx)
         finally:
-            # Remove the output folder when the processor left nothing in it,
-            # here in the worker: the daemon's loop then only touches folders
-            # that hold outputs.
-            with contextlib.suppress(OSError):
-                output_dir.rmdir()
+            # Remove the output folder when the processor left nothing in it.
+            if ctx.output_dir_made:
+                with contextlib.suppress(OSError):
+                    output_dir.rmdir()
         if not isinstance(result, dict):
             raise PermanentError(
                 f"processor {job.processor} returned {type(result).__name__}, not a dict"
@@ -139,7 +189,25 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
             raise PermanentError(
                 f"processor {job.processor} returned a result that is not JSON: {exc}"
             ) from exc
-        return Done(job.file_id, result, file_hash, size, time.monotonic() - started)
+        after = os.stat(job.path)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            # A writer still had the file open and wrote to it after the claim:
+            # the result would describe bytes the file no longer has. Retry, so
+            # the next attempt sees (and hashes) the file as it now is.
+            raise RuntimeError(
+                f"input changed while it was being processed ({before.st_size} bytes,"
+                f" now {after.st_size}); a writer still has it open? retrying"
+            )
+        ended = iso(datetime.now(UTC))
+        if job.delivery is not None:
+            try:
+                deliver(job, job.delivery, result, file_hash, size, ended)
+            except OSError as exc:
+                # Not completed without its result on disk: a retryable failure
+                # (the disk may have room again on the next attempt).
+                error = f"cannot write the result file: {exc.strerror or exc}"
+                return Failed(job.file_id, error, False, time.monotonic() - started)
+        return Done(job.file_id, result, file_hash, size, time.monotonic() - started, ended)
     except PermanentError as exc:
         return Failed(job.file_id, _describe(exc), True, time.monotonic() - started)
     except MemoryError:

@@ -98,3 +98,16 @@ def hog(path: Path, ctx: Any) -> dict[str, Any]:
     """Allocate 4 GiB at once (to meet processing.worker_memory_mb)."""
     block = bytearray(4 * 1024**3)
     return {"allocated": len(block)}
+
+
+def with_output(path: Path, ctx: Any) -> dict[str, Any]:
+    """Succeed after leaving one output file in the attempt's output folder."""
+    (ctx.output_dir / "summary.txt").write_text(f"{path.name}\n")
+    return {"outputs": 1}
+
+
+def grows_input(path: Path, ctx: Any) -> dict[str, Any]:
+    """Append to the input while "processing" it, like a writer that never closed it."""
+    with path.open("ab") as fh:
+        fh.write(b"late,row\n")
+    return {"size": path.stat().st_size}

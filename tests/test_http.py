@@ -768,12 +768,12 @@ def test_cached_answers_follow_every_commit(srv: Harness) -> None:
 
 
 def test_all_threads_busy_answers_503(make_server: Callable[..., Harness]) -> None:
-    """When every thread is taken (here by an idle kept-alive client), a new client gets 503."""
+    """When every thread is taken (here by a client that began a request and stalls),
+    a new client gets 503."""
     srv = make_server(http={"max_threads": 1, "socket_timeout_seconds": 30})
-    holder = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    holder = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
     try:
-        holder.request("GET", "/healthz")
-        holder.getresponse().read()
+        holder.sendall(b"GET /healthz HTTP/1.1\r\n")  # headers never finished: its thread waits
         answer = srv.get("/api/batch/jobs")
         assert answer.status == 503
         assert answer.headers["retry-after"] == "1"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -16,7 +18,8 @@ import pytest
 from batchd.clock import Clock, SystemClock
 from batchd.config import Settings, load_settings
 from batchd.pool import Event, Lost, TimedOut, WorkerPool, describe_exit
-from batchd.worker import Done, Failed, Job, Progress
+from batchd.records import FileRow, Status
+from batchd.worker import Delivery, Done, Failed, Job, Progress
 
 # Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -92,6 +95,37 @@ class Runner:
         job = self.job(processor, **kwargs)  # type: ignore[arg-type]
         self.pool.submit(job)
         return job
+
+    def submit_delivered(self, processor: str, outbox: Path) -> tuple[Job, Delivery]:
+        """Submit a job whose worker writes the result under ``outbox`` itself."""
+        job = self.job(processor)
+        row = FileRow(
+            id=job.file_id,
+            batch_id=job.batch_id,
+            filename=job.relpath,
+            relpath=job.relpath,
+            file_size=None,
+            file_hash=None,
+            status=Status.PROCESSING,
+            progress=0,
+            result=None,
+            error=None,
+            retry_count=0,
+            attempts=1,
+            created_at="2026-11-28T10:00:00.000Z",
+            started_at="2026-11-28T10:00:01.000Z",
+            completed_at=None,
+            processor=job.processor,
+        )
+        delivery = Delivery(
+            file=row,
+            started_at="2026-11-28T10:00:01.000Z",
+            result_path=str(outbox / "results" / f"{job.relpath}.json"),
+            outputs_path=str(outbox / "results" / f"{job.relpath}.files"),
+        )
+        job = dataclasses.replace(job, delivery=delivery)
+        self.pool.submit(job)
+        return job, delivery
 
     def wait_until(
         self, cond: Callable[[list[Event]], bool], timeout: float = WAIT_SECONDS
@@ -444,3 +478,79 @@ def test_describe_exit_words() -> None:
     assert describe_exit(0) == "exited with status 0"
     assert describe_exit(-9) == "killed by signal 9 (SIGKILL)"
     assert describe_exit(-200) == "killed by signal 200 (unknown)"
+
+
+# -- delivery: the worker writes a successful attempt's result ------------------------------
+
+
+def test_worker_writes_result_before_done(
+    make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """With a Delivery, Done arrives only after the result file is on disk, describing it."""
+    runner = make_runner()
+    job, delivery = runner.submit_delivered("ok", tmp_path / "outbox")
+    event = runner.final(job)
+    assert isinstance(event, Done)
+    doc = json.loads(Path(delivery.result_path).read_text())
+    assert doc == {
+        "batch_id": job.batch_id,
+        "file_id": job.file_id,
+        "filename": job.relpath,
+        "relpath": job.relpath,
+        "status": "completed",
+        "attempts": 1,
+        "file_size": len(CONTENT),
+        "file_hash": "sha256:" + hashlib.sha256(CONTENT).hexdigest(),
+        "processor": "procs:ok",
+        "started_at": "2026-11-28T10:00:01.000Z",
+        "completed_at": event.completed_at,
+        "duration_ms": doc["duration_ms"],
+        "result": {"size": len(CONTENT)},
+        "error": None,
+    }
+    assert doc["duration_ms"] >= 0
+    assert not Path(delivery.outputs_path).exists()
+    assert not Path(job.output_dir).exists()
+
+
+def test_worker_moves_outputs_next_to_result(
+    make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """Files a processor leaves in its output folder end in results/<relpath>.files/."""
+    runner = make_runner()
+    job, delivery = runner.submit_delivered("with_output", tmp_path / "outbox")
+    assert isinstance(runner.final(job), Done)
+    outputs = Path(delivery.outputs_path)
+    assert sorted(p.name for p in outputs.iterdir()) == ["summary.txt"]
+    assert (outputs / "summary.txt").read_text() == f"{job.relpath}\n"
+    assert not Path(job.output_dir).exists()
+
+
+def test_result_write_failure_is_retryable(
+    make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """A result that cannot be written is a retryable failure, never a Done."""
+    runner = make_runner()
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "results").write_text("a file where the results folder should be")
+    job, delivery = runner.submit_delivered("ok", outbox)
+    event = runner.final(job)
+    assert isinstance(event, Failed)
+    assert not event.permanent
+    assert event.error.startswith("cannot write the result file: ")
+    assert not Path(delivery.result_path).exists()
+
+
+def test_input_changed_while_processing_is_retryable(
+    make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """An input that grows during the attempt fails it (retryable) instead of a stale hash."""
+    runner = make_runner()
+    job, delivery = runner.submit_delivered("grows_input", tmp_path / "outbox")
+    event = runner.final(job)
+    assert isinstance(event, Failed)
+    assert not event.permanent
+    assert "input changed while it was being processed" in event.error
+    assert f"({len(CONTENT)} bytes, now {len(CONTENT) + 9})" in event.error
+    assert not Path(delivery.result_path).exists()

@@ -56,7 +56,7 @@ def setup(
         batch_id="batch-1",
         file_id="file-1",
         relpath="docs/menu.csv",
-        output_dir=tmp_path / "out",
+        output_path=tmp_path / "out",
         settings=settings,
         report=progress.append,
     )

@@ -36,7 +36,7 @@ def run(path: Path, config: Settings | None = None) -> tuple[dict[str, Any], lis
         batch_id="b1",
         file_id="f1",
         relpath=path.name,
-        output_dir=out,
+        output_path=out,
         settings=config or settings(),
         report=progress.append,
     )

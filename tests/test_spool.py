@@ -461,14 +461,17 @@ def test_settle_input_twice_is_harmless(spool: Spool) -> None:
     assert (spool.archive / "b" / "d" / "a.csv").exists()
 
 
-def test_finalize_archives_leftovers_and_removes_work_folder(spool: Spool) -> None:
-    """finalize moves non-members to archive/, deletes the marker and clears work/."""
+def test_finalize_archives_leftovers_and_release_removes_work_folder(spool: Spool) -> None:
+    """finalize moves non-members to archive/, deletes the marker and empties the batch's
+    folder in work/; release then removes the folder."""
     folder = spool.work / "normal" / "b"
     write(folder / ".ready", b"")
     write(folder / "notes.tmp", b"draft")
     write(folder / "sub" / ".DS_Store", b"junk")
     (folder / "empty").mkdir()
     spool.finalize(spool.rel(folder), "b")
+    assert list(folder.iterdir()) == []
+    spool.release(spool.rel(folder))
     assert not folder.exists()
     assert (spool.archive / "b" / "notes.tmp").read_bytes() == b"draft"
     assert (spool.archive / "b" / "sub" / ".DS_Store").read_bytes() == b"junk"
@@ -568,3 +571,11 @@ def test_result_and_status_paths(spool: Spool) -> None:
     """Results go to outbox/<batch>/results/<relpath>.json, status to <batch>/status.json."""
     assert spool.result_path("b", "a/b/c.csv") == spool.outbox / "b" / "results" / "a/b/c.csv.json"
     assert spool.status_path("b") == spool.outbox / "b" / "status.json"
+
+
+def test_release_leaves_a_folder_that_is_not_empty(spool: Spool) -> None:
+    """release removes only an empty folder: a file that appeared since is never deleted."""
+    folder = spool.work / "normal" / "late"
+    write(folder / "arrived-late.csv")
+    spool.release(spool.rel(folder))
+    assert (folder / "arrived-late.csv").read_bytes() == CSV

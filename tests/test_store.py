@@ -312,6 +312,39 @@ class StoreContract:
         failed = [f for f in store.list_files(batch.id) if f.status == Status.FAILED]
         assert [f.error for f in failed] == ["RuntimeError: boom"]
 
+    def test_finish_many_records_every_outcome_and_each_items_batch(self, store: Any) -> None:
+        """finish_many records several outcomes at once and returns each item's batch, in order."""
+        self.register(store, "b1", ("a", "b"))
+        self.register(store, "b2", ("c",))
+        tasks = [self.claim(store) for _ in range(3)]
+        batches = store.finish_many(
+            [
+                (tasks[0].file.id, completed(), at(2)),
+                (tasks[2].file.id, FAILED, at(3)),
+                (tasks[1].file.id, completed(), at(4)),
+            ]
+        )
+        assert [(b.name, b.status, b.processed_files, b.failed_files) for b in batches] == [
+            ("b1", Status.COMPLETED, 2, 0),
+            ("b2", Status.FAILED, 0, 1),
+            ("b1", Status.COMPLETED, 2, 0),
+        ]
+        rows = [store.get_file(t.file.id) for t in tasks]
+        assert [(r.status, r.completed_at) for r in rows] == [
+            (Status.COMPLETED, "2026-11-28T10:00:02.000Z"),
+            (Status.COMPLETED, "2026-11-28T10:00:04.000Z"),
+            (Status.FAILED, "2026-11-28T10:00:03.000Z"),
+        ]
+
+    def test_finish_many_is_all_or_nothing(self, store: Any) -> None:
+        """finish_many with one unknown file raises StoreError and records none of the others."""
+        self.register(store, "b1", ("a",))
+        task = self.claim(store)
+        unknown = "00000000-0000-4000-8000-000000000000"
+        with pytest.raises(StoreError):
+            store.finish_many([(task.file.id, completed(), at(2)), (unknown, completed(), at(2))])
+        assert store.get_file(task.file.id).status == Status.PROCESSING
+
     def test_finish_needs_a_final_status(self, store: Any) -> None:
         """finish() with a non-final status is refused."""
         self.register(store, "b1")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -32,9 +33,12 @@ class Context(Protocol):
     batch_id: str
     file_id: str
     relpath: str
-    #: a fresh, empty folder; files left in it land in the outbox next to the result.
-    output_dir: Path
     settings: Settings
+
+    @property
+    def output_dir(self) -> Path:
+        """A fresh, empty folder (made on first use); files left in it land in
+        the outbox next to the result."""
 
     def progress(self, percent: float) -> None:
         """Report progress (0-100); shows in status.json and the HTTP API."""
@@ -50,10 +54,27 @@ class ProcessorContext:
     batch_id: str
     file_id: str
     relpath: str
-    output_dir: Path
+    #: where the output folder is made when a processor first asks for it.
+    output_path: Path
     settings: Settings
     report: Callable[[int], None] = field(repr=False, default=lambda pct: None)
     _last: int = field(default=-1, repr=False)
+    _made: bool = field(default=False, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        # Made on demand: most processors write no outputs, and creating and
+        # removing a folder per file is a measurable part of a no-op's cost.
+        if not self._made:
+            # A crashed earlier attempt may have left outputs behind: start empty.
+            shutil.rmtree(self.output_path, ignore_errors=True)
+            self.output_path.mkdir(parents=True)
+            self._made = True
+        return self.output_path
+
+    @property
+    def output_dir_made(self) -> bool:
+        return self._made
 
     def progress(self, percent: float) -> None:
         pct = max(0, min(100, int(percent)))

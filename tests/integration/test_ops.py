@@ -89,9 +89,15 @@ def test_operator_sql_and_manual_requeue(tmp_path: Path) -> None:
             10,
             what="re-queued file to run again",
         )
+        # The result file is written first; the input moves and status.json
+        # follow the database commit on the settler thread: wait for them.
+        wait_until(
+            lambda: (d.spool / "failed" / "f.csv" / "f.csv").exists(),
+            10,
+            what="the re-run input to move back to failed/",
+        )
         status = d.wait_batch("f.csv")
         assert status["batch"]["status"] == "failed"
-        assert (d.spool / "failed" / "f.csv" / "f.csv").exists()
     finally:
         d.stop()
 

@@ -1,0 +1,122 @@
+"""Helpers for the bad-input tests: a gated processor and a daemon run as ``nobody``.
+
+The processor is referenced as ``"badinput_support:gated"``; the daemon needs
+this folder on its ``PYTHONPATH`` (:func:`pythonpath`).
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+from support import DaemonProcess, wait_until
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+INTEGRATION = HERE.parent / "integration"
+#: How long a held file waits for the test to let it go before giving up.
+HOLD_SECONDS = 60.0
+UNPRIVILEGED = ("--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def pythonpath(*extra: str) -> str:
+    return os.pathsep.join([str(REPO), str(HERE), str(INTEGRATION), *extra])
+
+
+def _state() -> Path:
+    return Path(os.environ["BATCHD_TEST_STATE"])
+
+
+def gated(path: Path, ctx: Any) -> dict[str, Any]:
+    """Hold while ``$BATCHD_TEST_STATE/hold-<name>`` exists (announcing itself with
+    ``started-<name>``), then report the bytes it read: what the processor saw."""
+    hold = _state() / f"hold-{path.name}"
+    if hold.exists():
+        (_state() / f"started-{path.name}").touch()
+        deadline = time.monotonic() + HOLD_SECONDS
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# -- a daemon without root's privileges ----------------------------------------
+
+
+def _runs_as_nobody(python: str) -> bool:
+    """True when ``nobody`` can start ``python`` (a venv under /root is out of reach)."""
+    try:
+        done = subprocess.run(
+            ["setpriv", *UNPRIVILEGED, "/bin/sh", "-c", '"$0" -c "import sys"', python],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def unprivileged_python() -> str | None:
+    """An interpreter ``nobody`` can run, of this test's Python version (None: none,
+    or not root, or no setpriv, or no user nobody / group nogroup)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    try:
+        nobody_ids()
+    except KeyError:
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [sys.executable, os.path.realpath(sys.executable), f"/usr/bin/python{version}"]
+    for python in candidates:
+        if os.path.exists(python) and _runs_as_nobody(python):
+            return python
+    return None
+
+
+class UnprivilegedDaemon(DaemonProcess):
+    """``batchd run`` as user ``nobody`` (via setpriv), so file modes are enforced.
+
+    Root ignores file modes; an unreadable file is only unreadable to someone
+    else. The interpreter may be the system's of the same version, with this
+    virtualenv's packages on ``PYTHONPATH`` (its workers inherit both).
+    """
+
+    def __init__(self, tmp: Path, python: str, **sections: dict[str, Any]) -> None:
+        super().__init__(tmp, **sections)
+        self.python = python
+        os.chown(self.state, *nobody_ids())
+
+    def start(self, wait: bool = True, **extra_env: str) -> DaemonProcess:
+        self.runs += 1
+        env = self.env(**extra_env)
+        env["PYTHONPATH"] = pythonpath(sysconfig.get_paths()["purelib"])
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            ["setpriv", *UNPRIVILEGED, self.python, "-m", "batchd", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        log.close()
+        if wait:
+            wait_until(
+                lambda: "daemon_started" in self.log() or self.proc.poll() is not None,
+                30,
+                what="daemon start",
+            )
+            assert self.proc.poll() is None, f"daemon exited at start:\n{self.log()}"
+        return self
+
+
+def nobody_ids() -> tuple[int, int]:
+    return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid

@@ -1,0 +1,107 @@
+"""Tests for batchd.outbox: status.json rewrites, recovery's reconcile, the result syncer.
+
+Real spool folders under tmp_path and a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from batchd.config import Priority, load_settings
+from batchd.outbox import Outbox, ResultSyncer
+from batchd.records import BatchRow, NewBatch, NewFile, Outcome, Status
+from batchd.spool import Spool
+from batchd.store import SQLiteStore
+
+T0 = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    spool = Spool(load_settings(config, {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}))
+    spool.init()
+    store = SQLiteStore(spool.state / "batchd.db")
+    yield Outbox(spool, store)
+    store.close()
+
+
+def register(outbox: Outbox, name: str, relpaths: tuple[str, ...] = ("a.csv",)) -> BatchRow:
+    folder = outbox.spool.work / "normal" / name
+    folder.mkdir(parents=True)
+    for rel in relpaths:
+        (folder / rel).write_text("id\n1\n")
+    return outbox.store.register_batch(
+        NewBatch(
+            name=name,
+            priority=Priority.NORMAL,
+            user_id=None,
+            work_path=f"work/normal/{name}",
+            source=f"inbox/normal/{name}",
+            files=tuple(NewFile(rel, 5, None) for rel in relpaths),
+        ),
+        T0,
+    )
+
+
+def test_reconcile_leaves_an_unchanged_waiting_batch_alone(outbox: Outbox) -> None:
+    """Without force_status, a batch with nothing to move keeps its status.json untouched."""
+    batch = register(outbox, "waiting")
+    outbox.write_status(batch)
+    status = outbox.spool.status_path("waiting")
+    os.utime(status, ns=(1, 1))
+    outbox.reconcile(batch, force_status=False)
+    assert status.stat().st_mtime_ns == 1
+    outbox.reconcile(batch, force_status=True)
+    assert status.stat().st_mtime_ns != 1
+
+
+def test_reconcile_writes_a_missing_status(outbox: Outbox) -> None:
+    """A batch whose status.json was never written gets one, even without force_status."""
+    batch = register(outbox, "fresh")
+    outbox.reconcile(batch, force_status=False)
+    doc = json.loads(outbox.spool.status_path("fresh").read_text())
+    assert doc["batch"]["status"] == "pending"
+
+
+def test_reconcile_finishes_a_done_batch_and_releases_its_folder(outbox: Outbox) -> None:
+    """A finished batch still in work/ gets its result, archived input, final status, no folder."""
+    batch = register(outbox, "done")
+    task = outbox.store.claim_next(T0)
+    assert task is not None
+    final = outbox.store.finish(task.file.id, Outcome(Status.COMPLETED, result={"n": 1}), T0)
+    outbox.reconcile(final, force_status=False)
+    assert json.loads(outbox.spool.result_path("done", "a.csv").read_text())["result"] == {"n": 1}
+    assert (outbox.spool.archive / "done" / "a.csv").is_file()
+    assert json.loads(outbox.spool.status_path("done").read_text())["batch"]["status"] == (
+        "completed"
+    )
+    assert not (outbox.spool.root / batch.work_path).exists()
+
+
+def test_syncer_syncs_a_group_and_reports_failures(tmp_path: Path) -> None:
+    """sync() fsyncs every path (on threads for a group) and names the ones it could not."""
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"r{i}.json"
+        path.write_text("{}")
+        paths.append(str(path))
+    missing = str(tmp_path / "gone.json")
+    syncer = ResultSyncer(threads=3)
+    try:
+        assert syncer.sync(paths) == {}
+        assert syncer.sync([paths[0]]) == {}
+        assert syncer.sync([]) == {}
+        failed = syncer.sync([*paths, missing])
+        assert list(failed) == [missing]
+        assert isinstance(failed[missing], FileNotFoundError)
+        assert list(syncer.sync([missing])) == [missing]
+    finally:
+        syncer.close()

@@ -1,0 +1,527 @@
+"""Tests for batchd.store_pg: the store contract and the cluster API on a real PostgreSQL.
+
+Every :class:`StoreContract` test runs against :class:`PostgresStore` on a
+server started by tests/pgserver.py (skipped with the reason when PostgreSQL
+is not installed). The rest is what PostgreSQL adds: the SPEC §5 schema and
+operator SQL through the real ``psql``, SKIP LOCKED claiming from several
+nodes at once, leases and heartbeats, LISTEN/NOTIFY wake-ups, exactly-once
+registration and migrations under concurrent start.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from test_store import (
+    FAILED,
+    SPEC_BATCH_COLUMNS,
+    SPEC_FILE_COLUMNS,
+    T0,
+    StoreContract,
+    at,
+    completed,
+    new_batch,
+)
+
+from batchd.config import Priority, Settings
+from batchd.errors import StoreError
+from batchd.records import Status
+
+if TYPE_CHECKING:
+    from pgserver import PgServer
+
+# tests/pgserver.py provides the pg_server (session) and pg_url (per test) fixtures.
+pytest_plugins = ["pgserver"]
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+
+from batchd.store import SQLiteStore, open_store  # noqa: E402
+from batchd.store_pg import (  # noqa: E402
+    SCHEMA_VERSION,
+    AlreadyRegistered,
+    NameTaken,
+    PostgresStore,
+)
+
+LEASE = 30.0
+WAKE_TIMEOUT = 30.0
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[Callable[..., PostgresStore]]:
+    """Opens stores on the test's schema, as separate nodes would; closes them all."""
+    opened: list[PostgresStore] = []
+
+    def opener(node_id: str = "node-a", lease_seconds: float = LEASE) -> PostgresStore:
+        store = PostgresStore(pg_url, node_id=node_id, lease_seconds=lease_seconds)
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
+def sql(server: PgServer, url: str, statement: str) -> list[list[str]]:
+    """Rows of ``statement`` run through the real psql client, fields split on '|'."""
+    return [line.split("|") for line in server.psql(url, statement).splitlines() if line]
+
+
+def readable(fileno: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fileno], [], [], timeout)
+    return bool(ready)
+
+
+class TestPostgresStore(StoreContract):
+    """The contract every store must honour, against PostgreSQL."""
+
+    @pytest.fixture
+    def store(self, stores: Callable[..., PostgresStore]) -> PostgresStore:
+        return stores()
+
+
+# -- schema and operator SQL ---------------------------------------------------------
+
+
+def test_schema_has_every_spec_column_with_postgres_types(
+    stores: Callable[..., PostgresStore], pg_server: PgServer, pg_url: str
+) -> None:
+    """batch_jobs and batch_files carry every SPEC §5 column, with uuid/timestamptz/json types."""
+    store = stores()
+    assert store.schema_version() == SCHEMA_VERSION
+    rows = sql(
+        pg_server,
+        pg_url,
+        "SELECT table_name, column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = current_schema()"
+        " AND table_name IN ('batch_jobs', 'batch_files')",
+    )
+    types = {(t, c): d for t, c, d in rows}
+    assert {c for t, c in types if t == "batch_jobs"} >= SPEC_BATCH_COLUMNS
+    assert {c for t, c in types if t == "batch_files"} >= SPEC_FILE_COLUMNS
+    assert {
+        key: types[key]
+        for key in (
+            ("batch_jobs", "id"),
+            ("batch_jobs", "created_at"),
+            ("batch_jobs", "total_files"),
+            ("batch_files", "batch_id"),
+            ("batch_files", "result"),
+            ("batch_files", "file_size"),
+            ("batch_files", "completed_at"),
+        )
+    } == {
+        ("batch_jobs", "id"): "uuid",
+        ("batch_jobs", "created_at"): "timestamp with time zone",
+        ("batch_jobs", "total_files"): "integer",
+        ("batch_files", "batch_id"): "uuid",
+        ("batch_files", "result"): "json",
+        ("batch_files", "file_size"): "bigint",
+        ("batch_files", "completed_at"): "timestamp with time zone",
+    }
+
+
+def test_operator_select_statements_run_in_psql(
+    stores: Callable[..., PostgresStore], pg_server: PgServer, pg_url: str
+) -> None:
+    """The SPEC §5 SELECTs run verbatim in psql against a live store."""
+    store = stores()
+    store.register_batch(new_batch("b1", ("a", "b", "c")), at(0))
+    store.register_batch(new_batch("b2", ("a",), batch_error="too many"), at(1))
+    task = store.claim_next(at(2))
+    assert task is not None
+    store.retry_later(task.file.id, "boom", at(2))
+    task = store.claim_next(at(2))
+    assert task is not None
+    store.finish(task.file.id, FAILED, at(3))
+    assert sql(pg_server, pg_url, "SELECT COUNT(*) FROM batch_files WHERE status='pending';") == [
+        ["2"]
+    ]
+    rows = sql(
+        pg_server,
+        pg_url,
+        "SET TIME ZONE 'UTC'; SELECT id, status, total_files, processed_files, failed_files,"
+        " created_at\n  FROM batch_jobs ORDER BY created_at DESC LIMIT 10;",
+    )
+    assert [r[1:] for r in rows if len(r) > 1] == [
+        ["failed", "1", "0", "1", "2026-11-28 10:00:01+00"],
+        ["processing", "3", "0", "1", "2026-11-28 10:00:00+00"],
+    ]
+    (avg,) = sql(
+        pg_server, pg_url, "SELECT AVG(retry_count) FROM batch_files WHERE status='failed';"
+    )
+    assert float(avg[0]) == pytest.approx(0.5)
+
+
+def test_operator_update_in_psql_requeues_and_wakes(
+    stores: Callable[..., PostgresStore], pg_server: PgServer, pg_url: str
+) -> None:
+    """The SPEC §5 UPDATE in psql wakes a listening node and the file is claimed again."""
+    store = stores()
+    batch = store.register_batch(new_batch("b1", ("a",), errors={"a": "refused"}), T0)
+    (file_id,) = [f.id for f in store.list_files(batch.id)]
+    fileno = store.listen_fileno()
+    assert fileno is not None
+    store.drain_notifications()
+    pg_server.psql(
+        pg_url, f"UPDATE batch_files SET status='pending', retry_count=0 WHERE id='{file_id}';"
+    )
+    assert readable(fileno, WAKE_TIMEOUT)
+    assert store.drain_notifications() >= 1
+    task = store.claim_next(at(1))
+    assert task is not None and task.file.id == file_id
+    assert store.get_batch(batch.id).status == Status.PROCESSING  # type: ignore[union-attr]
+
+
+# -- claiming across nodes ------------------------------------------------------------
+
+
+def test_skip_locked_never_hands_a_file_twice(stores: Callable[..., PostgresStore]) -> None:
+    """Four nodes claiming at once from their own connections get every file exactly once."""
+    nodes = [stores(f"node-{n}") for n in range(4)]
+    for n in range(6):
+        nodes[0].register_batch(
+            new_batch(f"b{n}", tuple(f"f{i}" for i in range(20)), Priority.NORMAL), T0
+        )
+    claimed: dict[str, list[str]] = {s.node_id: [] for s in nodes}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(nodes))
+
+    def work(store: PostgresStore) -> None:
+        try:
+            start.wait(timeout=30)
+            while (task := store.claim_next(T0)) is not None:
+                claimed[store.node_id].append(task.file.id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert not any(t.is_alive() for t in threads)
+    every = [fid for ids in claimed.values() for fid in ids]
+    assert len(every) == len(set(every)) == 120
+    assert nodes[0].queue_counts() == {"pending": 0, "processing": 120, "completed": 0, "failed": 0}
+
+
+def test_priority_and_fifo_hold_across_nodes(stores: Callable[..., PostgresStore]) -> None:
+    """Two nodes taking turns claim in one global order: priority, then registration."""
+    a, b = stores("node-a"), stores("node-b")
+    a.register_batch(new_batch("low1", ("x", "y"), Priority.LOW), T0)
+    b.register_batch(new_batch("norm1", ("x",), Priority.NORMAL), T0)
+    a.register_batch(new_batch("high1", ("x", "y"), Priority.HIGH), T0)
+    b.register_batch(new_batch("norm2", ("x",), Priority.NORMAL), T0)
+    order = []
+    for n in range(6):
+        task = (a, b)[n % 2].claim_next(T0)
+        assert task is not None
+        order.append(f"{task.batch_name}/{task.file.relpath}")
+    assert order == ["high1/x", "high1/y", "norm1/x", "norm2/x", "low1/x", "low1/y"]
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+def test_expired_lease_is_requeued_without_spending_an_attempt(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """A dead node's file goes back to pending once its lease ends, attempt given back."""
+    dead, alive = stores("dead"), stores("alive")
+    dead.register_batch(new_batch("b1", ("a",)), T0)
+    task = dead.claim_next(T0)
+    assert task is not None
+    assert alive.requeue_expired(at(LEASE - 0.001)) == 0
+    assert alive.requeue_expired(at(LEASE + 0.001)) == 1
+    row = alive.get_file(task.file.id)
+    assert row is not None
+    assert (row.status, row.attempts, row.retry_count) == (Status.PENDING, 0, 0)
+    again = alive.claim_next(at(LEASE + 1))
+    assert again is not None and again.file.id == task.file.id
+    assert again.file.attempts == 1
+    assert alive.requeue_expired(at(LEASE + 2)) == 0
+
+
+def test_heartbeat_extends_the_nodes_leases(stores: Callable[..., PostgresStore]) -> None:
+    """A node that heart-beats keeps its files; the lease runs from the last beat."""
+    node, other = stores("node"), stores("other")
+    node.register_batch(new_batch("b1", ("a",)), T0)
+    assert node.claim_next(T0) is not None
+    node.heartbeat(at(20))
+    assert other.requeue_expired(at(LEASE + 10)) == 0
+    assert other.requeue_expired(at(20 + LEASE + 0.001)) == 1
+
+
+def test_requeue_stale_touches_only_this_nodes_files(stores: Callable[..., PostgresStore]) -> None:
+    """At start a node takes back its own processing files, never another live node's."""
+    a, b = stores("node-a"), stores("node-b")
+    a.register_batch(new_batch("b1", ("x", "y")), T0)
+    mine, theirs = a.claim_next(T0), b.claim_next(T0)
+    assert mine is not None and theirs is not None
+    assert a.requeue_stale() == 1
+    assert [a.get_file(t.file.id).status for t in (mine, theirs)] == [  # type: ignore[union-attr]
+        Status.PENDING,
+        Status.PROCESSING,
+    ]
+
+
+def test_nodes_lists_heartbeats_and_running_files(stores: Callable[..., PostgresStore]) -> None:
+    """nodes() shows each node's last heartbeat, address and how many files it runs."""
+    a, b = stores("node-a"), stores("node-b")
+    a.register_batch(new_batch("b1", ("x", "y")), T0)
+    a.claim_next(T0)
+    a.heartbeat(at(1), address="127.0.0.1:8080")
+    b.heartbeat(at(2))
+    b.heartbeat(at(7))
+    rows = [n.public() for n in b.nodes()]
+    assert [(r["node_id"], r["last_heartbeat"], r["address"], r["processing"]) for r in rows] == [
+        ("node-a", "2026-11-28T10:00:01.000Z", "127.0.0.1:8080", 1),
+        ("node-b", "2026-11-28T10:00:07.000Z", None, 0),
+    ]
+    assert rows[1]["started_at"] == "2026-11-28T10:00:02.000Z"
+
+
+# -- wake-ups ------------------------------------------------------------------------------
+
+
+def test_registration_wakes_a_listening_node(stores: Callable[..., PostgresStore]) -> None:
+    """Another node's registration makes the listening socket readable; drain consumes it."""
+    idle, busy = stores("idle"), stores("busy")
+    fileno = idle.listen_fileno()
+    assert fileno is not None
+    assert idle.drain_notifications() == 0
+    busy.register_batch(new_batch("b1", ("a", "b", "c")), T0)
+    assert readable(fileno, WAKE_TIMEOUT)
+    assert idle.drain_notifications() == 1  # one transaction, one notification
+    assert idle.drain_notifications() == 0
+
+
+def test_requeue_and_due_retry_wake_listeners(stores: Callable[..., PostgresStore]) -> None:
+    """requeue_expired and a retry already due notify; each is seen by the listener."""
+    idle, busy = stores("idle"), stores("busy")
+    busy.register_batch(new_batch("b1", ("a", "b")), T0)
+    a, b = busy.claim_next(T0), busy.claim_next(T0)
+    assert a is not None and b is not None
+    fileno = idle.listen_fileno()
+    assert fileno is not None
+    idle.drain_notifications()
+    busy.retry_later(a.file.id, "boom", datetime.now(UTC) - timedelta(seconds=1))
+    assert readable(fileno, WAKE_TIMEOUT)
+    assert idle.drain_notifications() == 1
+    assert idle.requeue_expired(at(LEASE + 1)) == 1
+    assert readable(fileno, WAKE_TIMEOUT)
+    assert idle.drain_notifications() == 1
+
+
+def test_listener_and_store_survive_a_server_restart(
+    stores: Callable[..., PostgresStore], pg_server: PgServer
+) -> None:
+    """After the server restarts, drain reports the lost connection, LISTEN is
+    re-established on a new socket, and store calls reconnect by themselves."""
+    idle, busy = stores("idle"), stores("busy")
+    busy.ping()
+    old = idle.listen_fileno()
+    assert old is not None
+    pg_server.restart()
+    assert readable(old, WAKE_TIMEOUT)  # the server closed the socket
+    assert idle.drain_notifications() == 1
+    fileno = idle.listen_fileno()
+    assert fileno is not None
+    busy.register_batch(new_batch("b1"), T0)
+    assert readable(fileno, WAKE_TIMEOUT)
+    assert idle.drain_notifications() == 1
+    assert [b.name for b in idle.list_batches()] == ["b1"]
+
+
+# -- exactly-once registration ----------------------------------------------------------------
+
+
+def test_second_registration_of_a_work_path_is_already_registered(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """Registering a claimed folder another node registered raises AlreadyRegistered."""
+    a, b = stores("node-a"), stores("node-b")
+    first = a.register_batch(new_batch("x", ("a", "b")), T0)
+    with pytest.raises(AlreadyRegistered, match="work/normal/x"):
+        b.register_batch(new_batch("x", ("a", "b")), at(1))
+    assert [r.id for r in b.list_batches()] == [first.id]
+    assert b.queue_counts()["pending"] == 2
+
+
+def race_register(
+    store: PostgresStore, name: str, start: threading.Barrier, outcomes: list[str]
+) -> None:
+    """Register batch ``name`` once ``start`` releases; note "won", "already" or the error."""
+    start.wait(timeout=30)
+    try:
+        store.register_batch(new_batch(name, ("a", "b", "c")), T0)
+        outcomes.append("won")
+    except AlreadyRegistered:
+        outcomes.append("already")
+    except BaseException as exc:  # pragma: no cover - reported by the caller
+        outcomes.append(repr(exc))
+
+
+def test_racing_registrations_end_with_one_batch(stores: Callable[..., PostgresStore]) -> None:
+    """Two nodes registering the same claim at the same instant: one batch, one loser."""
+    a, b = stores("node-a"), stores("node-b")
+    for n in range(10):
+        outcomes: list[str] = []
+        start = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=race_register, args=(s, f"race{n}", start, outcomes))
+            for s in (a, b)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(outcomes) == ["already", "won"]
+    assert len(a.list_batches(limit=100)) == 10
+    assert a.queue_counts()["pending"] == 30
+
+
+def test_name_clash_with_another_folder_is_name_taken(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """A different folder under a name already in use raises NameTaken, a StoreError."""
+    store = stores()
+    store.register_batch(new_batch("x", priority=Priority.HIGH), T0)
+    with pytest.raises(NameTaken) as caught:
+        store.register_batch(new_batch("x", priority=Priority.LOW), T0)
+    assert isinstance(caught.value, StoreError)
+    assert store.batch_by_work_path("work/low/x") is None
+
+
+# -- migrations -----------------------------------------------------------------------------------
+
+
+def test_concurrent_start_migrates_once(pg_server: PgServer, pg_url: str) -> None:
+    """Four nodes starting at once on an empty database all come up on one schema."""
+    opened: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def boot(n: int) -> None:
+        try:
+            start.wait(timeout=30)
+            opened.append(PostgresStore(pg_url, node_id=f"n{n}"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=boot, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        assert len(opened) == 4
+        assert sql(pg_server, pg_url, "SELECT version FROM schema_version") == [
+            [str(SCHEMA_VERSION)]
+        ]
+        opened[0].register_batch(new_batch("b1"), T0)
+        assert opened[3].name_taken("b1")
+    finally:
+        for store in opened:
+            store.close()
+
+
+def test_newer_schema_version_is_refused(
+    stores: Callable[..., PostgresStore], pg_server: PgServer, pg_url: str
+) -> None:
+    """A database migrated by a newer batchd raises StoreError naming both versions."""
+    stores()
+    pg_server.psql(pg_url, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        stores()
+
+
+# -- the rest of the boundary --------------------------------------------------------------------
+
+
+def test_change_version_moves_on_a_foreign_commit(
+    stores: Callable[..., PostgresStore], pg_server: PgServer, pg_url: str
+) -> None:
+    """change_version differs after another client commits (the HTTP cache's tag)."""
+    store = stores()
+    store.register_batch(new_batch("b1"), T0)
+    before = store.change_version()
+    assert store.change_version() == before
+    pg_server.psql(pg_url, "UPDATE batch_files SET progress = 5")
+    assert store.change_version() != before
+
+
+def test_result_reads_back_as_the_stored_json_text(stores: Callable[..., PostgresStore]) -> None:
+    """batch_files.result is json; the record carries the processor's dict as JSON text."""
+    store = stores()
+    store.register_batch(new_batch("b1"), T0)
+    task = store.claim_next(T0)
+    assert task is not None
+    store.finish(task.file.id, completed(extra={}), T0)
+    row = store.get_file(task.file.id)
+    assert row is not None and row.result == '{"ok": true}'
+
+
+def test_unreachable_server_is_a_store_error_without_the_password() -> None:
+    """A server that does not answer raises StoreError naming host and port, not the password."""
+    from pgserver import free_port
+
+    port = free_port()
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(f"postgresql://batchd:s3cret@127.0.0.1:{port}/batchd", node_id="n")
+    assert f"127.0.0.1:{port}" in caught.value.message
+    assert "s3cret" not in caught.value.message
+
+
+def test_open_store_follows_database_url(pg_url: str, tmp_path: Path) -> None:
+    """database.url selects PostgresStore with the cluster settings; without it, SQLite."""
+    pg = open_store(
+        Settings(
+            spool={"root": tmp_path},
+            database={"url": pg_url},
+            cluster={"node_id": "n7", "lease_seconds": 12},
+        )
+    )
+    lite = open_store(Settings(spool={"root": tmp_path}))
+    try:
+        assert isinstance(pg, PostgresStore)
+        assert (pg.node_id, pg.lease) == ("n7", timedelta(seconds=12))
+        assert isinstance(lite, SQLiteStore)
+        assert lite.path == tmp_path / "state" / "batchd.db"
+    finally:
+        pg.close()
+        lite.close()
+
+
+def test_default_node_id_is_host_and_spool(tmp_path: Path) -> None:
+    """Without cluster.node_id, a node is named by its host name and spool root."""
+    import socket
+
+    assert Settings(spool={"root": tmp_path}).node_id == f"{socket.gethostname()}:{tmp_path}"
+
+
+@pytest.mark.parametrize(
+    ("database", "cluster", "message"),
+    [
+        ({"url": "mysql://x"}, {}, "must start with postgresql://"),
+        ({"url": "postgresql://x/y", "path": "/tmp/x.db"}, {}, "not both"),
+        ({}, {"heartbeat_seconds": 30, "lease_seconds": 30}, "shorter than"),
+    ],
+)
+def test_bad_cluster_settings_are_refused(
+    database: dict[str, Any], cluster: dict[str, Any], message: str
+) -> None:
+    """A non-PostgreSQL url, url with path, or heartbeat not under the lease is refused."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings(database=database, cluster=cluster)
