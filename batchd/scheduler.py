@@ -441,14 +441,14 @@ class Scheduler:
         self._pending.append(_Final(running, outcome, ended))
 
     def _commit(self) -> None:
-        """Refill the workers, make the queued results durable, record every
-        queued outcome in one transaction, then move inputs on and end batches.
+        """Make the queued results durable, record every queued outcome in one
+        transaction, refill the workers, then hand input moves and batch ends
+        to the settler.
 
         Outcomes that arrive together share one durability barrier and one
         commit, so a busy daemon pays for one disk flush and one transaction
-        per turn rather than one per file. Freed workers get their next file
-        before any of that, so they do not sit idle while the daemon waits on
-        the disk.
+        per turn rather than one per file. The slower file moves happen on the
+        settler's thread, so freed workers do not wait for them.
         """
         while self._retries:
             retry = self._retries[0]
@@ -456,7 +456,6 @@ class Scheduler:
             self._retries.pop(0)
             self._running.pop(retry.running.task.file.id, None)
         while self._pending:
-            self._dispatch()
             pending = self._barrier()
             # On a StoreError nothing was recorded (one transaction) and the
             # outcomes stay queued for the next attempt: never lost.
@@ -471,6 +470,11 @@ class Scheduler:
             crash_point("after_finish")
             for final in pending:
                 self._finished(final)
+            # Only now: a file is claimed after the one it replaces is recorded
+            # as finished, so the database never shows more files processing
+            # than there are workers. What follows must happen even if the
+            # database goes away now, so a failed dispatch waits its turn.
+            self._guarded(self._dispatch)
             for final in pending:
                 task = final.running.task
                 self.settler.settle_file(

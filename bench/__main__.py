@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import profile, scale, scenarios
+from bench import cluster, profile, scale, scenarios
 from bench.common import CORES
 
-SCENARIOS = ("overhead", "cpu", "latency", "http", "scale", "profile", "processors")
+SCENARIOS = ("overhead", "cpu", "latency", "http", "scale", "cluster", "profile", "processors")
 
 FULL = {
     "rounds": 3,
@@ -162,6 +162,42 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f"{lat['huey_idle_computed']['median_ms']:,.0f} / "
                 f"{lat['original_5s_poll']['median_ms']:,.0f} ms median",
                 _fmt(round(lat["original_5s_poll"]["median_ms"] / b["median_ms"]), "x faster"),
+                "",
+            )
+        )
+    cl_ = results.get("cluster")
+    if cl_ and "skipped" not in cl_:
+        tp = cl_["throughput_files_per_s"]
+        for kind, label in (("noop", "no-op"), ("cpu", "cpu ~50 ms")):
+            t = tp[kind]
+            rows.append(
+                (
+                    f"cluster {label}: SQLite 1 / PG 1, 2, 3 nodes",
+                    f"{_fmt(t['sqlite-1'])} / "
+                    + ", ".join(_fmt(t[f"pg-{n}"]) for n in (1, 2, 3))
+                    + " files/s",
+                    "",
+                    f"{_fmt(t['pg-3'] / t['pg-1'])}x (3 vs 1 node)",
+                    "",
+                )
+            )
+        cr = cl_["claim_rate_per_s"]
+        rows.append(
+            (
+                "cluster: SKIP LOCKED claims alone",
+                f"{_fmt(cr['1 connection'])} / {_fmt(cr['3 connections'])} claims/s",
+                "1 / 3 connections",
+                "",
+                "",
+            )
+        )
+        la = cl_["latency"]
+        rows.append(
+            (
+                "cluster: drop-to-result, SQLite vs PG",
+                f"{_fmt(la['sqlite']['median_ms'])} vs {_fmt(la['postgresql']['median_ms'])} ms",
+                "median",
+                f"+{_fmt(la['postgresql']['median_ms'] - la['sqlite']['median_ms'])} ms",
                 "",
             )
         )
@@ -312,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     step("latency", scenarios.latency, rounds, size["latency_samples"])
     step("http", scenarios.http, rounds, *size["http"])  # type: ignore[misc]
     step("scale", scale.run, *size["scale"])  # type: ignore[misc]
+    step("cluster", cluster.run, args.quick)
     step("profile", profile.run, *size["profile"])  # type: ignore[misc]
     if "processors" in wanted and not args.quick:
         print(f"[{time.perf_counter() - started:6.0f} s] processors ...", flush=True)
