@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from formdata import multipart
 from structlog.testing import capture_logs
 
 from batchd.clock import SystemClock
@@ -137,28 +138,6 @@ class Harness:
                 if not rel.startswith("state/"):
                     out.append(rel)
         return sorted(out)
-
-
-def multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
-    """A multipart/form-data body with ``file`` parts and plain fields."""
-    boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for name, value in fields.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + value.encode()
-            + b"\r\n"
-        )
-    for filename, data in files:
-        quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file";'
-            f' filename="{quoted}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + data
-            + b"\r\n"
-        )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def raw_exchange(port: int, head: bytes, body: bytes = b"") -> Answer:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from formdata import multipart
 from support import DaemonProcess, csv_bytes, drop_folder, wait_until, write_config
 
 
@@ -169,25 +170,6 @@ def test_usage_error_exits_2(tmp_path: Path) -> None:
     assert cli(d, "show").returncode == 2
 
 
-def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
-    boundary = "batchdtestboundary"
-    parts = []
-    for name, value in fields.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-            f"{value}\r\n".encode()
-        )
-    for filename, data in files.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
-            + data
-            + b"\r\n"
-        )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 def test_upload_is_processed_end_to_end(tmp_path: Path) -> None:
     """Two files uploaded over HTTP run as one batch with the uploaded priority and user."""
     import http.client
@@ -197,8 +179,9 @@ def test_upload_is_processed_end_to_end(tmp_path: Path) -> None:
     d.start(BATCHD_PORT_FILE=str(port_file))
     try:
         port = int(wait_until(port_file.read_text, what="HTTP port"))
-        body, ctype = _multipart(
-            {"priority": "high", "user_id": "alice"}, {"a.csv": csv_bytes(1), "b.csv": csv_bytes(2)}
+        body, ctype = multipart(
+            [("a.csv", csv_bytes(1)), ("b.csv", csv_bytes(2))],
+            {"priority": "high", "user_id": "alice"},
         )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/api/batch/upload", body, {"Content-Type": ctype})

@@ -1,7 +1,7 @@
 """Talking to a real batchd over raw sockets: multipart bodies, whole exchanges, streaming.
 
-``multipart`` is the one body builder the reliability tests share (tests/test_http.py
-and tests/integration/test_ops.py each still carry their own older copy).
+Bodies come from ``formdata.multipart`` (tests/formdata.py), the one builder every
+HTTP test shares.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import http.client
 import json
 import socket
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from formdata import multipart
 
 UPLOAD = "/api/batch/upload"
 
@@ -29,29 +30,6 @@ class Answer:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def multipart(
-    files: list[tuple[str, bytes]], fields: dict[str, str] | None = None, boundary: str = ""
-) -> tuple[bytes, str]:
-    """A multipart/form-data body with ``file`` parts and plain fields, and its Content-Type."""
-    boundary = boundary or uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-        + value.encode()
-        + b"\r\n"
-        for name, value in (fields or {}).items()
-    ]
-    for filename, data in files:
-        quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file";'
-            f' filename="{quoted}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + data
-            + b"\r\n"
-        )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def request_head(
