@@ -183,11 +183,8 @@ class Settler:
                 # Re-queued by an operator meanwhile: the scheduler owns it again.
                 self.retries_dropped += 1
                 continue
-            if isinstance(task, SettleFile):
-                ok = self._settle(task)
-            else:
-                ok = self._end(task.batch, announce=False)
-            if not ok:
+            done = self._settle(task) if isinstance(task, SettleFile) else self._end_again(task)
+            if not done:
                 self._park(task, min(delay * 2, RETRY_MAX_SECONDS))
 
     def _still_finished(self, task: SettleFile | EndBatch) -> bool:
@@ -304,11 +301,10 @@ class Settler:
         crash_point("after_archive")
         return True
 
-    def _end(self, batch: BatchRow, announce: bool = True) -> bool:
-        """Clear the batch out of work/ and write its final status; False to retry.
-
-        ``announce`` logs ``batch_finished`` (once per batch, not per retry).
-        """
+    def _end_again(self, task: EndBatch) -> bool:
+        """Retry a batch end that failed: clear the batch out of work/ and write
+        its final status; False to retry once more."""
+        batch = task.batch
         ok = True
         try:
             self.spool.finalize(batch.work_path, batch.name)
@@ -326,14 +322,4 @@ class Settler:
             # The empty folder left in work/ until now is what makes recovery
             # rewrite a final status.json that a crash kept from being written.
             self.spool.release(batch.work_path)
-        if not announce:
-            return ok
-        log.info(
-            "batch_finished",
-            batch_id=fresh.id,
-            batch=fresh.name,
-            status=str(fresh.status),
-            completed=fresh.processed_files,
-            failed=fresh.failed_files,
-        )
         return ok
