@@ -178,3 +178,21 @@ class Outcome:
     processor: str | None = None
     started_at: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_status(counts: dict[str, int]) -> Status:
+    """A batch's status from how many of its files are in each status.
+
+    Every file done: completed when none failed (and there is at least one),
+    else failed; any file started or done: processing; otherwise pending.
+    Both stores derive a batch this way, so its row follows its files even
+    after an operator edits ``batch_files`` by hand.
+    """
+    total = sum(counts.values())
+    completed = counts.get(Status.COMPLETED, 0)
+    failed = counts.get(Status.FAILED, 0)
+    if total == completed + failed:
+        return Status.COMPLETED if failed == 0 and total > 0 else Status.FAILED
+    if counts.get(Status.PROCESSING, 0) or completed or failed:
+        return Status.PROCESSING
+    return Status.PENDING

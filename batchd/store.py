@@ -34,7 +34,16 @@ from typing import Any, Protocol
 from batchd.clock import iso
 from batchd.config import Priority, Settings
 from batchd.errors import AlreadyRegistered, ConfigError, NameTaken, StoreError
-from batchd.records import BatchRow, FileRow, FileTask, NewBatch, NodeRow, Outcome, Status
+from batchd.records import (
+    BatchRow,
+    FileRow,
+    FileTask,
+    NewBatch,
+    NodeRow,
+    Outcome,
+    Status,
+    batch_status,
+)
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -654,14 +663,8 @@ class SQLiteStore:
         total = sum(counts.values())
         completed = counts.get(Status.COMPLETED, 0)
         failed = counts.get(Status.FAILED, 0)
-        processing = counts.get(Status.PROCESSING, 0)
+        status = batch_status(counts)
         stamp = iso(now)
-        if total == completed + failed:
-            status = Status.COMPLETED if failed == 0 and total > 0 else Status.FAILED
-        elif processing or completed or failed:
-            status = Status.PROCESSING
-        else:
-            status = Status.PENDING
         row = conn.execute(
             f"UPDATE batch_jobs SET status = ?, total_files = ?, processed_files = ?,"
             f" failed_files = ?,"

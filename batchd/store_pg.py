@@ -58,7 +58,16 @@ from psycopg.rows import DictRow, dict_row
 from batchd.clock import iso
 from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
-from batchd.records import BatchRow, FileRow, FileTask, NewBatch, NodeRow, Outcome, Status
+from batchd.records import (
+    BatchRow,
+    FileRow,
+    FileTask,
+    NewBatch,
+    NodeRow,
+    Outcome,
+    Status,
+    batch_status,
+)
 
 Conn = psycopg.Connection[DictRow]
 
@@ -756,13 +765,7 @@ class PostgresStore:
         total = sum(counts.values())
         completed = counts.get(Status.COMPLETED, 0)
         failed = counts.get(Status.FAILED, 0)
-        processing = counts.get(Status.PROCESSING, 0)
-        if total == completed + failed:
-            status = Status.COMPLETED if failed == 0 and total > 0 else Status.FAILED
-        elif processing or completed or failed:
-            status = Status.PROCESSING
-        else:
-            status = Status.PENDING
+        status = batch_status(counts)
         row = _one(
             conn,
             f"UPDATE batch_jobs SET status = %(status)s, total_files = %(total)s,"
