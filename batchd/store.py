@@ -315,7 +315,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._write_lock = _FairLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -916,6 +916,33 @@ class SQLiteStore:
                 raise StoreError(f"batch {batch_id} still has {busy} unfinished files")
             conn.execute("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
             conn.execute("DELETE FROM batch_jobs WHERE id = ?", (batch_id,))
+
+
+class _FairLock:
+    """A first-come, first-served lock for this process's writers.
+
+    ``threading.Lock`` is not fair: the scheduler's loop, committing twice
+    per file, released and took it again before the watcher's thread was
+    even scheduled, so registrations waited for the queue to run dry. Here
+    each writer takes a ticket and goes in its turn.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 def _statements(script: str) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -887,3 +888,29 @@ class TestSQLiteStore(StoreContract):
         assert not thread.is_alive()
         assert errors == []
         assert store.name_taken("threaded")
+
+
+def test_write_lock_serves_writers_in_arrival_order() -> None:
+    """This process's writers get the write lock first come, first served."""
+    from batchd.store import _FairLock
+
+    lock = _FairLock()
+    entered: list[int] = []
+    threads = []
+    with lock:
+        for i in range(5):
+            t = threading.Thread(target=lambda i=i: _enter_and_record(lock, entered, i))
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + 10
+            while lock._next_ticket != i + 2:  # this thread holds its ticket now
+                assert time.monotonic() < deadline, "a writer never queued"
+                time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    assert entered == [0, 1, 2, 3, 4]
+
+
+def _enter_and_record(lock: Any, entered: list[int], i: int) -> None:
+    with lock:
+        entered.append(i)
