@@ -1,0 +1,255 @@
+"""The HTTP server's plumbing: connection threads, deadlines, room for new clients.
+
+A :class:`ThreadingHTTPServer` with one thread per client connection, capped
+at ``http.max_threads``. What the requests mean lives in :mod:`batchd.http`;
+this module only keeps connections from holding threads forever:
+
+* :class:`DeadlineReader` gives every socket read a timeout
+  (``http.socket_timeout_seconds``) and the request line and headers one
+  deadline, so a client dribbling one byte a second cannot hold a thread;
+* when all threads are busy, the connection that has waited longest without
+  sending a byte (an idle keep-alive, or one opened and never used) is
+  closed to make room; failing that a new connection waits briefly, then
+  gets 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import select
+import socket
+import socketserver
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from batchd.http import HttpServer
+
+log = structlog.get_logger("batchd.httpserver")
+
+#: The most read from a socket at once (upload bodies, bodies drained after a refusal).
+READ_CHUNK_BYTES = 256 * 1024
+#: How long a new connection waits for a free thread before it gets 503.
+BUSY_WAIT_SECONDS = 0.5
+#: Threads that may answer 503 at once; past that, extra connections are dropped.
+BUSY_REFUSER_THREADS = 8
+#: With every thread busy, a connection that has sent nothing for this long may
+#: be closed to make room (a client sends its request right after connecting).
+IDLE_CLOSE_SECONDS = 1.0
+#: How often a new connection waiting for a thread looks for an idle one to close.
+IDLE_POLL_SECONDS = 0.05
+#: After refusing an upload mid-body, how long (and how much) to keep reading
+#: and discarding so the client sees the answer instead of a connection reset.
+LINGER_SECONDS = 1.0
+LINGER_MAX_BYTES = 4 * 1024 * 1024
+
+
+class Refusal(Exception):
+    """A request refused with an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before sending its whole request."""
+
+
+class DeadlineReader(io.RawIOBase):
+    """Socket reads with a per-read timeout and, while headers arrive, a deadline.
+
+    A per-read timeout alone lets a client that sends one byte just before
+    each timeout hold a thread forever; the deadline bounds the whole
+    request line and headers.
+    """
+
+    def __init__(self, sock: socket.socket, io_timeout: float) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self.deadline: float | None = None
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.io_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("request headers were not received in time")
+        self.sock.settimeout(timeout)
+        try:
+            n = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.io_timeout)
+        self.received += n
+        return n
+
+
+def _refuse_busy(request: socket.socket) -> None:
+    """Answer 503 on a connection no thread could take, then close it gently.
+
+    Runs in a short-lived thread of its own (see ``Server.process_request``)
+    so the accept loop never waits on a client.
+    """
+    body = b'{"success":false,"error":"server busy: every HTTP thread is in use; retry"}'
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        request.settimeout(LINGER_SECONDS)
+        request.sendall(head + body)
+        request.shutdown(socket.SHUT_WR)
+        # Read (and drop) the request until the client closes: closing with
+        # unread data would reset the connection before the client reads the 503.
+        deadline = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < deadline and request.recv(READ_CHUNK_BYTES):
+            pass
+    except OSError:
+        pass
+    finally:
+        request.close()
+
+
+def _readable(conn: socket.socket) -> bool:
+    """True when ``conn`` has bytes (or end-of-file) waiting, without reading them."""
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True  # closed meanwhile: nothing to make room from
+
+
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on concurrent connection threads."""
+
+    daemon_threads = True
+    block_on_close = False  # stop() cuts and waits for connections itself
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        owner: HttpServer,
+        handler: type[BaseHTTPRequestHandler],
+    ) -> None:
+        self.owner = owner
+        self._slots = threading.BoundedSemaphore(owner.settings.http.max_threads)
+        self._refusers = threading.BoundedSemaphore(BUSY_REFUSER_THREADS)
+        self.changed = threading.Condition()
+        self.connections: set[socket.socket] = set()
+        #: connections whose thread waits for a next request: since when, and its reader.
+        self.idle: dict[socket.socket, tuple[float, DeadlineReader]] = {}
+        self.peak_connections = 0
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can hang.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def waiting(self, conn: socket.socket, reader: DeadlineReader) -> None:
+        """``conn``'s thread starts waiting for a request (it may be closed to make room)."""
+        with self.changed:
+            self.idle[conn] = (time.monotonic(), reader)
+
+    def working(self, conn: socket.socket) -> None:
+        with self.changed:
+            self.idle.pop(conn, None)
+
+    def _close_idle(self) -> bool:
+        """Close the connection that has waited longest without sending a byte.
+
+        Every thread taken by connections that send nothing (a client opening
+        http.max_threads connections and sitting on them, or idle keep-alives)
+        would otherwise shut everyone else out, health probes included, until
+        their timeout. An idle HTTP/1.1 connection may be closed at any time;
+        clients open a new one. Returns True when it closed one.
+        """
+        now = time.monotonic()
+        with self.changed:
+            idle = sorted(
+                ((since, conn) for conn, (since, r) in self.idle.items() if r.received == 0),
+                key=lambda item: item[0],
+            )
+            for since, conn in idle:
+                if now - since < IDLE_CLOSE_SECONDS:
+                    return False
+                if not _readable(conn):  # a request that arrived but is not read yet
+                    del self.idle[conn]
+                    break
+            else:
+                return False
+        with contextlib.suppress(OSError):
+            # Wakes its thread with end-of-file: it ends, and frees its slot.
+            conn.shutdown(socket.SHUT_RD)
+        log.debug("http_idle_closed", idle_seconds=round(time.monotonic() - since, 3))
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        slot = self._slots.acquire(blocking=False)
+        closed = False
+        deadline = time.monotonic() + BUSY_WAIT_SECONDS
+        while not slot:
+            # One idle connection closed frees the one slot this connection needs.
+            closed = closed or self._close_idle()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            slot = self._slots.acquire(timeout=min(left, IDLE_POLL_SECONDS))
+        if not slot:
+            self.owner.metrics.http_busy()
+            log.warning("http_busy", client=str(client_address[0]))
+            if self._refusers.acquire(blocking=False):
+                threading.Thread(
+                    target=self._refuse, args=(request,), name="batchd-http-busy", daemon=True
+                ).start()
+            else:  # even the refusers are all busy: just drop the connection
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            _refuse_busy(request)
+        finally:
+            self._refusers.release()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self.changed:
+            self.connections.add(request)
+            self.peak_connections = max(self.peak_connections, len(self.connections))
+            self.owner.metrics.http_in_flight.set(len(self.connections))
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            try:
+                self.owner.store.release_thread()
+            finally:
+                with self.changed:
+                    self.connections.discard(request)
+                    self.owner.metrics.http_in_flight.set(len(self.connections))
+                    self.changed.notify_all()
+                self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("http_error", client=str(client_address[0]))

@@ -1,0 +1,434 @@
+"""Uploads: a multipart POST streamed into a new batch (SPEC section 6).
+
+The body is parsed by python-multipart as it arrives; each file part goes
+straight to its own file in a private folder under ``work/.uploads``, and
+the upload is cut off as soon as a limit is passed (413 for size and count,
+415 for a refused type, 400 for a malformed body, 429 past the per-user
+rate). Nothing of a refused upload is kept. An accepted folder is handed to
+:meth:`Intake.take_upload`, the same registration path a folder drop takes.
+
+:class:`Upload` is all :mod:`batchd.http` calls: it takes the request's
+headers and body stream and returns the answer's data, or raises
+:class:`~batchd.httpserver.Refusal`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from email.message import Message
+from io import BufferedIOBase
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import structlog
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from batchd.clock import Clock, parse_iso
+from batchd.config import LimitsSettings, Priority, Settings
+from batchd.httpserver import READ_CHUNK_BYTES, ClientGone, Refusal
+from batchd.intake import Intake
+from batchd.metrics import Metrics
+from batchd.spool import Spool, fsync_dir
+from batchd.store import Store
+
+log = structlog.get_logger("batchd.upload")
+
+#: Room for one part's boundary and headers when bounding a whole upload body.
+PART_OVERHEAD_BYTES = 16 * 1024
+#: A plain form field (priority, user_id) longer than this is refused.
+MAX_FIELD_BYTES = 1024
+MAX_USER_ID_CHARS = 128
+#: File names are cut to this many UTF-8 bytes (filesystems allow 255).
+MAX_FILENAME_BYTES = 200
+RATE_WINDOW = timedelta(hours=1)
+
+
+# -- file names --------------------------------------------------------------
+
+
+def safe_filename(raw: str) -> str:
+    """A plain base name for an uploaded file, or ``""`` when nothing usable is left.
+
+    Directory parts (``/`` and ``\\``) are dropped, control, format and other
+    non-printing characters removed, leading dots stripped (hidden names are
+    ignored by the spool and ``..`` must never survive), and the name cut to
+    :data:`MAX_FILENAME_BYTES` keeping its extension.
+    """
+    name = unicodedata.normalize("NFC", raw).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = name.strip().lstrip(".").strip()
+    if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or len(ext) > 16:
+            stem, ext = name, ""
+        else:
+            ext = "." + ext
+        budget = MAX_FILENAME_BYTES - len(ext.encode("utf-8"))
+        name = stem.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip() + ext
+    return name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, else ``stem-2.ext``, ``stem-3.ext`` ... whichever is not in ``taken``."""
+    if name not in taken:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    n = 2
+    while f"{stem}-{n}{dot}{ext}" in taken:
+        n += 1
+    return f"{stem}-{n}{dot}{ext}"
+
+
+# -- multipart uploads -------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    form_name: str
+    filename: str | None = None  # None for a plain form field
+    path: Path | None = None
+    fh: BinaryIO | None = None
+    size: int = 0
+    value: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One uploaded file on disk: its safe name, where it is, how big."""
+
+    name: str
+    path: Path
+    size: int
+
+
+class UploadReceiver:
+    """python-multipart callbacks that stream file parts into ``folder``.
+
+    Each file part goes straight to its own file; limits are checked as
+    bytes arrive and a :class:`Refusal` is raised from inside the parser
+    the moment one is passed, which stops the reading.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        limits: LimitsSettings,
+        skipped: Callable[[str], bool],
+        on_user: Callable[[str], None],
+    ) -> None:
+        self.folder = folder
+        self.limits = limits
+        self.skipped = skipped
+        self.on_user = on_user
+        self.files: list[Received] = []
+        self.fields: dict[str, str] = {}
+        self.finished = False
+        self._taken: set[str] = set()
+        self._part: _Part | None = None
+        self._headers: dict[str, str] = {}
+        self._hfield = bytearray()
+        self._hvalue = bytearray()
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._hfield.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._hvalue.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def close(self) -> None:
+        """Close a file left open by an upload cut short."""
+        if self._part is not None and self._part.fh is not None:
+            self._part.fh.close()
+            self._part.fh = None
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._hfield.decode("latin-1").strip().lower()] = self._hvalue.decode(
+            "latin-1"
+        ).strip()
+        self._hfield.clear()
+        self._hvalue.clear()
+
+    def _headers_finished(self) -> None:
+        _disposition, opts = parse_options_header(self._headers.get("content-disposition", ""))
+        part = _Part(form_name=opts.get(b"name", b"").decode("utf-8", "replace"))
+        raw_name = opts.get(b"filename")
+        self._part = part
+        if raw_name is None:
+            return
+        part.filename = raw_name.decode("utf-8", "replace")
+        name = safe_filename(part.filename)
+        if not name:
+            return  # refused below if it carries any data (a browser's empty file input has none)
+        if len(self.files) >= self.limits.max_files_per_batch:
+            raise Refusal(
+                413,
+                f"too many files: more than limits.max_files_per_batch"
+                f" ({self.limits.max_files_per_batch}) in one upload",
+            )
+        if self.skipped(name):
+            raise Refusal(
+                400,
+                f"file name {name!r} is one batchd ignores as work in progress (watch.ignore);"
+                " rename the file",
+            )
+        name = _unique(name, self._taken)
+        self._taken.add(name)
+        part.filename = name
+        part.path = self.folder / name
+        # O_EXCL | O_NOFOLLOW: the name is a fresh plain name in a private folder;
+        # refuse anything else rather than write through a surprise.
+        fd = os.open(part.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        part.fh = os.fdopen(fd, "wb")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part is None:
+            return
+        n = end - start
+        if part.filename is None:
+            if part.form_name in ("priority", "user_id"):
+                part.value.extend(data[start:end])
+                if len(part.value) > MAX_FIELD_BYTES:
+                    raise Refusal(
+                        400, f"form field {part.form_name} is over {MAX_FIELD_BYTES} bytes"
+                    )
+            return  # other fields are ignored
+        if part.fh is None:
+            if n:
+                raise Refusal(400, f"a file part has no usable file name ({part.filename!r})")
+            return
+        part.size += n
+        if part.size > self.limits.max_file_bytes:
+            raise Refusal(
+                413,
+                f"file {part.filename!r} is over limits.max_file_bytes"
+                f" ({self.limits.max_file_bytes} bytes)",
+            )
+        part.fh.write(memoryview(data)[start:end])
+
+    def _part_end(self) -> None:
+        part, self._part = self._part, None
+        if part is None:
+            return
+        if part.fh is not None and part.path is not None and part.filename is not None:
+            part.fh.flush()
+            # fsync before the folder is adopted: a registered batch must never
+            # point at a file whose blocks are not on disk yet.
+            os.fsync(part.fh.fileno())
+            part.fh.close()
+            self.files.append(Received(part.filename, part.path, part.size))
+        elif part.filename is None and part.form_name in ("priority", "user_id"):
+            try:
+                value = part.value.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise Refusal(400, f"form field {part.form_name} is not UTF-8 text") from None
+            self.fields[part.form_name] = value
+            if part.form_name == "priority":
+                parse_priority(value)
+            else:
+                self.on_user(parse_user_id(value))
+
+    def _end(self) -> None:
+        self.finished = True
+
+
+def parse_priority(value: str) -> Priority:
+    """The ``priority`` form field (empty means normal)."""
+    try:
+        return Priority(value.lower() or Priority.NORMAL)
+    except ValueError:
+        raise Refusal(400, f"priority must be high, normal or low, not {value!r}") from None
+
+
+def parse_user_id(value: str) -> str:
+    """The ``user_id`` form field (empty means ``anonymous``)."""
+    if not value:
+        return "anonymous"
+    if len(value) > MAX_USER_ID_CHARS or any(unicodedata.category(c)[0] == "C" for c in value):
+        raise Refusal(400, f"user_id must be at most {MAX_USER_ID_CHARS} printable characters")
+    return value
+
+
+# -- the request -------------------------------------------------------------
+
+
+def upload_length(headers: Message, limits: LimitsSettings) -> int:
+    """The upload's Content-Length, checked against what the limits could ever allow."""
+    if "Transfer-Encoding" in headers:
+        raise Refusal(
+            411, "send the upload with a Content-Length (chunked bodies are not accepted)"
+        )
+    text = headers.get("Content-Length")
+    if text is None:
+        raise Refusal(411, "send the upload with a Content-Length header")
+    try:
+        length = int(text)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise Refusal(400, f"Content-Length must be a byte count, not {text!r}")
+    most = limits.max_files_per_batch * (limits.max_file_bytes + PART_OVERHEAD_BYTES)
+    most += 4 * PART_OVERHEAD_BYTES  # the priority and user_id fields, the closing boundary
+    if length > most:
+        raise Refusal(
+            413,
+            f"upload of {length} bytes is over what the limits allow"
+            f" ({limits.max_files_per_batch} files of limits.max_file_bytes ="
+            f" {limits.max_file_bytes} bytes)",
+        )
+    return length
+
+
+class UploadHost(Protocol):
+    """What an upload needs from the server that received it.
+
+    Read at each use, not copied: a reconfigure mid-upload applies at once,
+    as it does for every other request.
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def spool(self) -> Spool: ...
+    @property
+    def intake(self) -> Intake: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def clock(self) -> Clock: ...
+
+
+class Upload:
+    """One upload request: read its body, register its batch, or refuse it.
+
+    :meth:`receive` returns the data of the 201 answer or raises
+    :class:`Refusal`; either way nothing of a refused upload is left on disk
+    when it returns. :attr:`consumed` tells the caller whether the whole body
+    was read: if not, the connection cannot serve another request.
+    """
+
+    def __init__(self, host: UploadHost, headers: Message, rfile: BufferedIOBase) -> None:
+        self.host = host
+        self.headers = headers
+        self.rfile = rfile
+        self.consumed = False
+
+    def receive(self) -> dict[str, Any]:
+        owner = self.host
+        folder: Path | None = None
+        receiver: UploadReceiver | None = None
+        try:
+            ctype, opts = parse_options_header(self.headers.get("Content-Type", ""))
+            boundary = opts.get(b"boundary")
+            if ctype != b"multipart/form-data" or not boundary:
+                raise Refusal(
+                    415, "upload must be multipart/form-data (fields: file, priority, user_id)"
+                )
+            remaining = upload_length(self.headers, owner.settings.limits)
+            settings = owner.settings
+            folder = owner.spool.new_upload_folder()
+            receiver = UploadReceiver(
+                folder,
+                settings.limits,
+                lambda name: owner.spool.ignored(name) or name == settings.watch.marker,
+                lambda user: self._check_rate(user, record=False),
+            )
+            try:
+                parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+                while remaining > 0:
+                    chunk = self.rfile.read1(min(READ_CHUNK_BYTES, remaining))
+                    if not chunk:
+                        raise ClientGone()
+                    remaining -= len(chunk)
+                    parser.write(chunk)
+                self.consumed = True
+                parser.finalize()
+            except FormParserError as exc:
+                raise Refusal(400, f"malformed multipart body: {exc}") from None
+            finally:
+                receiver.close()
+            if not receiver.finished:
+                raise Refusal(400, "malformed multipart body: it ends before its closing boundary")
+            if not receiver.files:
+                raise Refusal(400, "no files: send each file as a form field named file")
+            priority = parse_priority(receiver.fields.get("priority", ""))
+            user_id = parse_user_id(receiver.fields.get("user_id", ""))
+            for item in receiver.files:
+                problem = owner.spool.check_file(item.path, item.path.stat())
+                if problem is not None:
+                    raise Refusal(415, f"file {item.name!r} refused: {problem}")
+            fsync_dir(folder)
+            self._check_rate(user_id, record=True)
+            batch = owner.intake.take_upload(folder, priority, user_id, f"upload-{folder.name[:8]}")
+            files = owner.store.list_files(batch.id)
+            owner.metrics.upload_ended("accepted")
+            log.info("upload_accepted", batch_id=batch.id, user_id=user_id, files=len(files))
+            return {
+                "batchId": batch.id,
+                "name": batch.name,
+                "totalFiles": batch.total_files,
+                "status": str(batch.status),
+                "files": [
+                    {
+                        "id": f.id,
+                        "filename": f.filename,
+                        "fileSize": f.file_size,
+                        "status": str(f.status),
+                    }
+                    for f in files
+                ],
+            }
+        except Refusal as exc:
+            # Delete before answering: once the client reads the refusal, nothing is kept.
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            owner.metrics.upload_ended(str(exc.status))
+            log.info("upload_refused", status=exc.status, error=exc.message)
+            raise
+        finally:
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _check_rate(self, user_id: str, record: bool) -> None:
+        """429 when ``user_id`` has used up its uploads this hour; with ``record``,
+        atomically count this upload when it may go ahead."""
+        owner = self.host
+        limit = owner.settings.limits.uploads_per_user_per_hour
+        now = owner.clock.now()
+        if record:
+            if owner.store.record_upload(user_id, now, limit, RATE_WINDOW):
+                return
+        elif len(owner.store.uploads_since(user_id, now - RATE_WINDOW)) < limit:
+            return
+        times = owner.store.uploads_since(user_id, now - RATE_WINDOW)
+        if times:
+            wait = (parse_iso(times[0]) + RATE_WINDOW - now).total_seconds()
+        else:
+            wait = RATE_WINDOW.total_seconds()
+        retry_after = max(1, math.ceil(wait))
+        raise Refusal(
+            429,
+            f"user {user_id!r} has made {limit} uploads in the last hour"
+            f" (limits.uploads_per_user_per_hour); try again in {retry_after} s",
+            {"Retry-After": str(retry_after)},
+        )
