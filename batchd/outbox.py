@@ -15,7 +15,7 @@ from pathlib import Path
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
 from batchd.records import BatchRow, FileRow, Status
-from batchd.spool import Spool, stage_json, write_json_atomic
+from batchd.spool import Spool, fsync_file, stage_json, write_json_atomic
 from batchd.store import Store
 from batchd.views import Json, batch_detail, result_document
 
@@ -140,15 +140,6 @@ class Outbox:
                 if fname.startswith(".") and fname.endswith(".tmp"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, fname))
-
-
-def fsync_file(path: str) -> None:
-    """Flush one file's data and size to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResultSyncer:

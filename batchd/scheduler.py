@@ -63,6 +63,8 @@ class _Running:
     processor: str
     started_at: str
     started_mono: float
+    #: where this attempt's result file goes (written by the worker).
+    result_path: str
 
 
 @dataclass
@@ -109,8 +111,8 @@ class Scheduler:
         self.metrics = metrics
         self.on_tick = on_tick
         self._running: dict[str, _Running] = {}
-        self.settler = Settler(spool, outbox)
         self.syncer = ResultSyncer()
+        self.settler = Settler(spool, outbox, syncer=self.syncer)
         self._pending: list[_Final] = []
         self._retries: list[_Retry] = []
         #: where this node's HTTP API listens (``nodes.address``); set by the daemon.
@@ -297,7 +299,11 @@ class Scheduler:
             bound.error("input_unavailable", error=str(exc))
         processor = choose(self.settings, file.relpath)
         running = _Running(
-            task, processor, file.started_at or iso(self.clock.now()), self.clock.monotonic()
+            task,
+            processor,
+            file.started_at or iso(self.clock.now()),
+            self.clock.monotonic(),
+            str(self.spool.result_path(task.batch_name, file.relpath)),
         )
         self._running[file.id] = running
         self._dirty.add(file.batch_id)
@@ -307,7 +313,7 @@ class Scheduler:
         delivery = Delivery(
             file=file,
             started_at=running.started_at,
-            result_path=str(self.spool.result_path(task.batch_name, file.relpath)),
+            result_path=running.result_path,
             outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
             # The scheduler makes results durable a group at a time (_commit).
             fsync=False,
@@ -359,8 +365,7 @@ class Scheduler:
             ended = parse_iso(done.completed_at)
         except ValueError:
             ended = self.clock.now()
-        result = str(self.spool.result_path(running.task.batch_name, running.task.file.relpath))
-        self._pending.append(_Final(running, outcome, ended, unsynced=result))
+        self._pending.append(_Final(running, outcome, ended, unsynced=running.result_path))
 
     def _fail(self, running: _Running, error: str) -> None:
         shutil.rmtree(self.spool.scratch_for(running.task.file.id), ignore_errors=True)

@@ -78,12 +78,19 @@ class Settler:
     """One background thread running :data:`Task` items in order."""
 
     def __init__(
-        self, spool: Spool, outbox: Outbox, retry_first_seconds: float = RETRY_FIRST_SECONDS
+        self,
+        spool: Spool,
+        outbox: Outbox,
+        retry_first_seconds: float = RETRY_FIRST_SECONDS,
+        syncer: ResultSyncer | None = None,
     ) -> None:
         self.spool = spool
         self.outbox = outbox
         self.retry_first_seconds = retry_first_seconds
-        self.syncer = ResultSyncer()
+        #: the scheduler lends its own syncer (one pool of fsync threads per
+        #: daemon); a settler made without one owns and closes its own.
+        self._owns_syncer = syncer is None
+        self.syncer = syncer or ResultSyncer()
         #: parked moves dropped because their file was re-queued meanwhile.
         self.retries_dropped = 0
         self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
@@ -153,7 +160,7 @@ class Settler:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("settler_stop_timeout", backlog=self.backlog)
-        else:
+        elif self._owns_syncer:
             self.syncer.close()
 
     def _put(self, task: Task) -> None:

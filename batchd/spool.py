@@ -66,6 +66,15 @@ class Claimed:
     user_id: str | None
 
 
+def fsync_file(path: str) -> None:
+    """Flush one file's data and size to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or create inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -87,11 +96,7 @@ def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     tmp = stage_json(path, data)
     try:
         if durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -82,11 +82,15 @@ class DaemonProcess:
         env.update(extra)
         return env
 
+    def command(self) -> list[str]:
+        """The command line that starts the daemon."""
+        return [sys.executable, "-m", "batchd", "run"]
+
     def start(self, wait: bool = True, **extra_env: str) -> DaemonProcess:
         self.runs += 1
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd", "run"],
+            self.command(),
             env=self.env(**extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,

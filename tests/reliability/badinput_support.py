@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import DaemonProcess, wait_until
+from support import DaemonProcess
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -95,27 +95,13 @@ class UnprivilegedDaemon(DaemonProcess):
         self.python = python
         os.chown(self.state, *nobody_ids())
 
-    def start(self, wait: bool = True, **extra_env: str) -> DaemonProcess:
-        self.runs += 1
-        env = self.env(**extra_env)
+    def command(self) -> list[str]:
+        return ["setpriv", *UNPRIVILEGED, self.python, "-m", "batchd", "run"]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = super().env(**extra)
         env["PYTHONPATH"] = pythonpath(sysconfig.get_paths()["purelib"])
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            ["setpriv", *UNPRIVILEGED, self.python, "-m", "batchd", "run"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.tmp,
-        )
-        log.close()
-        if wait:
-            wait_until(
-                lambda: "daemon_started" in self.log() or self.proc.poll() is not None,
-                30,
-                what="daemon start",
-            )
-            assert self.proc.poll() is None, f"daemon exited at start:\n{self.log()}"
-        return self
+        return env
 
 
 def nobody_ids() -> tuple[int, int]:
