@@ -8,7 +8,6 @@ watcher claims anything or the service reports ready.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -74,7 +73,12 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
     """
     spool.finish_cross_device()
     if spool.settings.database.url:
-        _clear_cluster_leftovers(spool, store)
+        # Other nodes share these folders and may be using them right now: a
+        # scratch folder goes only once its file is not processing anywhere,
+        # an upload folder once nothing in it changed for STALE_UPLOAD_SECONDS.
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
+        spool.clear_scratch(keep=lambda entry: _file_running(store, entry.name))
+        spool.clear_uploads(keep=lambda entry: _newest_mtime(entry) >= cutoff)
     else:
         spool.clear_uploads()
         spool.clear_scratch()
@@ -90,10 +94,7 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
             if entry.is_dir() and not any(entry.iterdir()):
                 entry.rmdir()  # crash between mkdir and the rename of a loose file
                 continue
-            claimed = Claimed(
-                entry, entry.name, priority, f"recovered:{rel}", owner_name(entry.lstat())
-            )
-            if intake.register_claimed(claimed) is not None:
+            if intake.register_claimed(_orphan_claim(spool, priority, entry)) is not None:
                 registered += 1
             continue
         outbox.remove_stray_temporaries(batch)
@@ -115,24 +116,16 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
     return summary
 
 
-def _clear_cluster_leftovers(spool: Spool, store: Store) -> None:
-    """Remove scratch folders of files no node runs, and uploads long abandoned.
+def _orphan_claim(spool: Spool, priority: Priority, entry: Path) -> Claimed:
+    """A folder found in ``work/`` with no batch, as a claim to register."""
+    return Claimed(
+        entry, entry.name, priority, f"recovered:{spool.rel(entry)}", owner_name(entry.lstat())
+    )
 
-    Other nodes share these folders and may be using them right now: a
-    scratch folder belongs to a file id, and goes only once that file is not
-    processing anywhere; an upload folder goes once nothing in it has changed
-    for :data:`STALE_UPLOAD_SECONDS`.
-    """
-    if spool.scratch.exists():
-        for entry in spool.scratch.iterdir():
-            file = store.get_file(entry.name)
-            if file is None or file.status != Status.PROCESSING:
-                shutil.rmtree(entry, ignore_errors=True)
-    if spool.uploads.exists():
-        cutoff = time.time() - STALE_UPLOAD_SECONDS
-        for entry in spool.uploads.iterdir():
-            if _newest_mtime(entry) < cutoff:
-                shutil.rmtree(entry, ignore_errors=True)
+
+def _file_running(store: Store, file_id: str) -> bool:
+    file = store.get_file(file_id)
+    return file is not None and file.status == Status.PROCESSING
 
 
 def _newest_mtime(path: Path) -> float:
@@ -386,15 +379,8 @@ class Daemon:
                     continue
                 if self.store.batch_by_work_path(self.spool.rel(entry)) is not None:
                     continue
-                claimed = Claimed(
-                    entry,
-                    entry.name,
-                    priority,
-                    f"recovered:{self.spool.rel(entry)}",
-                    owner_name(entry.lstat()),
-                )
                 with self.intake.lock:
-                    batch = self.intake.register_claimed(claimed)
+                    batch = self.intake.register_claimed(_orphan_claim(self.spool, priority, entry))
             except FileNotFoundError:
                 continue  # finished and cleared meanwhile
             except (OSError, StoreError, AlreadyRegistered) as exc:

@@ -649,15 +649,20 @@ class Spool:
         folder.mkdir(parents=True)
         return folder
 
-    def clear_uploads(self) -> None:
-        """Remove uploads a crash left half-received (they were never registered)."""
-        if self.uploads.exists():
-            for entry in self.uploads.iterdir():
-                _remove(entry)
+    def clear_uploads(self, keep: Callable[[Path], bool] = lambda entry: False) -> None:
+        """Remove uploads a crash left half-received (they were never registered),
+        except those ``keep`` says may still be in use (another node's)."""
+        _clear(self.uploads, keep)
 
-    def clear_scratch(self) -> None:
-        if self.scratch.exists():
-            for entry in self.scratch.iterdir():
+    def clear_scratch(self, keep: Callable[[Path], bool] = lambda entry: False) -> None:
+        """Remove processors' output folders a crash left, except those ``keep`` names."""
+        _clear(self.scratch, keep)
+
+
+def _clear(folder: Path, keep: Callable[[Path], bool]) -> None:
+    if folder.exists():
+        for entry in folder.iterdir():
+            if not keep(entry):
                 _remove(entry)
 
 
