@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SPOOL ?= ./spool
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench torture clean
+.PHONY: run test test-system lint typecheck pytest bench torture clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# batchd as a service under a real systemd, in a booted systemd-nspawn container
+# (root, debootstrap and systemd-container; see README "Testing on a real systemd").
+test-system: $(STAMP)
+	BATCHD_TEST_SYSTEM=1 $(BIN)/pytest -v --timeout=1800 tests/system
 
 # The long form of tests/reliability (kill -9 torture: >= 100 kills). SEED=N replays a run.
 torture: $(STAMP)
