@@ -12,8 +12,8 @@ import textwrap
 import time
 
 import pytest
-from conftest import CHECKOUT, CONFIG, UNIT, Service, set_key
 from nspawn import wait_until
+from unitctl import CHECKOUT, CONFIG, UNIT, Service, set_key
 
 #: systemd-analyze security's score for the unit; 2.0 and below reads "OK".
 MAX_EXPOSURE = 2.0
