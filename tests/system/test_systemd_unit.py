@@ -37,36 +37,54 @@ def test_active_via_notify(service: Service) -> None:
     wait_until(lambda: service.show("StatusText")["StatusText"] != "", 30, "a STATUS= line")
 
 
-def _readme_drop_block() -> str:
-    """README's shell block, in "Dropping files", that copies a folder into the inbox."""
+def _readme_drop_command() -> str:
+    """README's command, in "Dropping files", that copies a folder into the inbox."""
     readme = (CHECKOUT / "README.md").read_text()
     section = readme.split("### Dropping files", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"^([ \t]*)```(?:sh|bash|console)?\n(.*?)^\1```", section, re.M | re.S)
     for _indent, body in blocks:
-        body = textwrap.dedent(body)
-        if "cp " in body and "/var/lib/batchd/inbox/normal" in body:
-            return body
+        # One command per line, "\" continuations joined; comments are not commands.
+        for command in textwrap.dedent(body).replace("\\\n", " ").splitlines():
+            if "cp " in command and "/var/lib/batchd/inbox/normal" in command:
+                return command.split(" #", 1)[0].strip()
     raise AssertionError("README's 'Dropping files' has no cp command into inbox/normal")
+
+
+def _alice(service: Service, folder: str) -> None:
+    """User alice in batchd-drop, with ~/<folder> of two CSVs made under her umask (0022)."""
+    box = service.machine
+    if box.run(["id", "alice"]).returncode != 0:
+        box.run(["useradd", "--create-home", "--shell", "/bin/bash", "alice"], check=True)
+        box.run(["usermod", "-aG", "batchd-drop", "alice"], check=True)
+    box.run(
+        ["runuser", "-l", "alice", "-c",
+         f"rm -rf ~/{folder} && mkdir ~/{folder} && printf 'a,b\\n1,2\\n' >~/{folder}/one.csv"
+         f" && printf 'a,b\\n3,4\\n' >~/{folder}/two.csv"],
+        check=True,
+    )  # fmt: skip
 
 
 def test_readme_drop_by_group_member_completes(service: Service) -> None:
     """A batchd-drop member (umask 0022) drops a folder with README's command; it completes."""
-    block = _readme_drop_block()
-    match = re.search(r"~/([\w.-]+)", block)
-    assert match, f"README's drop command copies no ~/folder:\n{block}"
+    command = _readme_drop_command()
+    match = re.search(r"~/([\w.-]+)", command)
+    assert match, f"README's drop command copies no ~/folder: {command}"
     name = match.group(1)
-    box = service.machine
-    box.run(["useradd", "--create-home", "--shell", "/bin/bash", "alice"])
-    box.run(["usermod", "-aG", "batchd-drop", "alice"], check=True)
-    # As alice, with the umask her login gives (0022): the folder is 0755.
-    box.run(
-        ["runuser", "-l", "alice", "-c",
-         f"rm -rf ~/{name} && mkdir ~/{name} && printf 'a,b\\n1,2\\n' >~/{name}/one.csv"
-         f" && printf 'a,b\\n3,4\\n' >~/{name}/two.csv"],
-        check=True,
-    )  # fmt: skip
-    box.run(["runuser", "-l", "alice", "-c", block], check=True)
+    _alice(service, name)
+    # As alice, in a login shell: her groups and the umask her login gives.
+    service.machine.run(["runuser", "-l", "alice", "-c", command], check=True)
     status = service.wait_batch_end(name)
+    assert status["batch"]["status"] == "completed", status
+    assert status["summary"]["completed"] == 2, status
+
+
+def test_group_member_submits_a_folder(service: Service) -> None:
+    """A batchd-drop member who cannot read the config runs batchd submit; the batch completes."""
+    _alice(service, "submitted-1")
+    done = service.machine.run(["runuser", "-l", "alice", "-c", "batchd submit ~/submitted-1"])
+    assert done.returncode == 0, str(done)
+    assert "submitted-1" in done.stdout, str(done)
+    status = service.wait_batch_end("submitted-1")
     assert status["batch"]["status"] == "completed", status
     assert status["summary"]["completed"] == 2, status
 
