@@ -176,15 +176,7 @@ def test_bad_config_fails_with_78_and_no_restart(service: Service) -> None:
     service.write_config(set_key(service.base_config, "processing", "concurrency", '"lots"'))
     done = service.machine.run(["systemctl", "restart", UNIT], timeout=120)
     assert done.returncode != 0, str(done)
-    props = service.show("ActiveState", "Result", "ExecMainStatus", "NRestarts")
-    assert props["ActiveState"] == "failed", props
-    assert props["ExecMainStatus"] == "78", props
-    assert props["Result"] == "exit-code", props
-    deadline = time.monotonic() + NO_RESTART_SECONDS
-    while time.monotonic() < deadline:
-        now = service.show("ActiveState", "NRestarts")
-        assert now == {"ActiveState": "failed", "NRestarts": props["NRestarts"]}, now
-        time.sleep(0.5)
+    _assert_failed_for_good(service, "78")
 
 
 @pytest.mark.timeout(WATCHDOG_RESTART_TIMEOUT_SECONDS + 120)
@@ -246,3 +238,50 @@ def test_security_exposure_is_low(service: Service) -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert match, str(done)
     assert float(match.group(1)) <= MAX_EXPOSURE, done.stdout
+
+
+def test_port_taken_fails_with_73_and_no_restart(service: Service) -> None:
+    """The HTTP port held by another program: the start fails with 73 and is not retried."""
+    box = service.machine
+    box.run(["systemctl", "stop", UNIT], timeout=120, check=True)
+    box.run(
+        ["systemd-run", "--unit=porthog", "--", "python3", "-m", "http.server",
+         "--bind", "127.0.0.1", "8080"],
+        check=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: (
+                box.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8080/"]).returncode == 0
+            ),
+            30,
+            "the port hog listens on 8080",
+        )
+        done = box.run(["systemctl", "start", UNIT], timeout=120)
+        assert done.returncode != 0, str(done)
+        _assert_failed_for_good(service, "73")
+    finally:
+        box.run(["systemctl", "stop", "porthog"])
+
+
+def _assert_failed_for_good(service: Service, status: str) -> None:
+    """The unit failed with exit ``status``, and stays failed past RestartSec twice over."""
+    props = service.show("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert props["ActiveState"] == "failed", props
+    assert props["ExecMainStatus"] == status, props
+    assert props["Result"] == "exit-code", props
+    deadline = time.monotonic() + NO_RESTART_SECONDS
+    while time.monotonic() < deadline:
+        now = service.show("ActiveState", "NRestarts")
+        assert now == {"ActiveState": "failed", "NRestarts": props["NRestarts"]}, now
+        time.sleep(0.5)
+
+
+def test_stop_is_clean(service: Service) -> None:
+    """systemctl stop ends every process of the unit on SIGTERM: systemd SIGKILLs nothing."""
+    since = _journal_now(service)
+    service.machine.run(["systemctl", "stop", UNIT], timeout=120, check=True)
+    props = service.show("ActiveState", "Result")
+    assert props == {"ActiveState": "inactive", "Result": "success"}, props
+    messages = [str(e.get("MESSAGE", "")) for e in service.journal("--since", since)]
+    assert not [m for m in messages if "SIGKILL" in m], messages
