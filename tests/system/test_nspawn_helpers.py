@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,20 @@ def test_set_key_replaces_adds_and_creates_sections() -> None:
     assert set_key(text, "log", "level", '"debug"').endswith('[log]\nlevel = "debug"\n')
     added = set_key(text, "exec", "cwd", '"/tmp"')
     assert added.index('cwd = "/tmp"') > added.index("[exec]")
+
+
+def test_suite_skips_with_the_reason_without_the_tools(tmp_path: Path) -> None:
+    """make test-system on a host without debootstrap skips the container tests, naming it."""
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider",
+         str(here / "test_systemd_unit.py"), "-k", "test_active_via_notify"],
+        env={"BATCHD_TEST_SYSTEM": "1", "PATH": str(tmp_path), "HOME": str(tmp_path)},
+        cwd=here.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 skipped" in done.stdout, done.stdout
+    assert "debootstrap is not installed" in done.stdout, done.stdout
