@@ -300,7 +300,7 @@ def build_wheelhouse(checkout: Path, pip: Sequence[str], into: Path) -> Path:
                 str(into),
                 stage,
             ],
-            log,
+            into.parent / "batchd-wheel.log",
             WHEELHOUSE_TIMEOUT_SECONDS,
         )
     return into
