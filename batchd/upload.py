@@ -45,6 +45,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from batchd.clock import Clock, parse_iso
 from batchd.config import LimitsSettings, Priority, Settings
+from batchd.diskspace import free_space_problem
 from batchd.httpguard import Identity, parse_user_id
 from batchd.httpserver import READ_CHUNK_BYTES, ClientGone, DeadlineReader, Refusal
 from batchd.intake import Intake
@@ -292,24 +293,6 @@ def parse_priority(value: str) -> Priority:
         return Priority(value.lower() or Priority.NORMAL)
     except ValueError:
         raise Refusal(400, f"priority must be high, normal or low, not {value!r}") from None
-
-
-def free_space_problem(root: Path, floor: int, need: int = 0) -> str | None:
-    """Why ``root``'s file system is too full (``need`` more bytes would leave less
-    than ``floor`` free), or None; ``floor`` 0 turns the check off."""
-    if floor <= 0:
-        return None
-    try:
-        st = os.statvfs(root)
-    except OSError as exc:
-        return f"cannot read the free space of {root}: {exc.strerror}"
-    free = st.f_bavail * st.f_frsize
-    if free - need >= floor:
-        return None
-    return (
-        f"{free} bytes free on the file system of {root}, under limits.min_free_bytes"
-        f" ({floor}) once {need} more are written; free space there"
-    )
 
 
 # -- the request -------------------------------------------------------------
