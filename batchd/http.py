@@ -555,6 +555,9 @@ class _Handler(BaseHTTPRequestHandler):
         Closing a socket with unread data makes the kernel send a reset, and
         most clients then report the reset instead of the 413 we sent.
         """
+        with self.server.changed:
+            # Answered already: the first connection closed to make room.
+            self.server.lingering.add(self.connection)
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
@@ -571,6 +574,9 @@ class _Handler(BaseHTTPRequestHandler):
                 drained += len(chunk)
         except OSError:
             pass
+        finally:
+            with self.server.changed:
+                self.server.lingering.discard(self.connection)
 
 
 class HttpServer:

@@ -13,7 +13,8 @@ this module only keeps connections from holding threads forever:
   :data:`SLOW_REQUEST_CLOSE_SECONDS`, is closed to make room; failing that a
   new connection waits briefly, then gets 503;
 * one client address holds at most ``http.max_connections_per_client``
-  connections (at the cap its own idle or slow ones make room first);
+  connections (at the cap its own oldest idle or unfinished request is
+  closed to make room, so it can only ever displace itself);
 * uploads hold at most ``http.max_threads - http.reserved_threads`` threads
   (and ``http.max_uploads_per_client`` per address) and announce at most
   ``limits.max_upload_bytes_in_flight`` bytes in all (:meth:`Server.upload_slot`),
@@ -181,6 +182,8 @@ class Server(ThreadingHTTPServer):
         self.uploads: collections.Counter[str] = collections.Counter()
         self.upload_bytes = 0
         self._client_of: dict[socket.socket, str] = {}
+        #: connections that were answered and are only drained before closing.
+        self.lingering: set[socket.socket] = set()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -209,10 +212,13 @@ class Server(ThreadingHTTPServer):
         or that drip their headers a byte at a time would otherwise shut
         everyone else out, health probes included, until their timeout. An
         idle HTTP/1.1 connection may be closed at any time; clients open a new
-        one. With ``client``, only that address's connections are candidates.
-        Returns True when it closed one.
+        one. With ``client``, only that address's connections are candidates,
+        whatever their age: a client at its own cap only ever displaces its own
+        oldest idle or unfinished request. Returns True when it closed one.
         """
         now = time.monotonic()
+        idle_age = 0.0 if client is not None else IDLE_CLOSE_SECONDS
+        slow_age = 0.0 if client is not None else SLOW_REQUEST_CLOSE_SECONDS
         with self.changed:
             idle = sorted(
                 (
@@ -231,18 +237,24 @@ class Server(ThreadingHTTPServer):
                 key=lambda item: item[0],
             )
             chosen: socket.socket | None = None
-            for since, conn in idle:
-                if now - since < IDLE_CLOSE_SECONDS:
+            since = now
+            for conn in self.lingering:  # answered already: the first to go
+                if client is None or self._client_of.get(conn) == client:
+                    chosen = conn
+                    self.lingering.discard(conn)
+                    break
+            for since, conn in idle if chosen is None else ():
+                if now - since < idle_age:
                     break
                 if not _readable(conn):  # a request that arrived but is not read yet
                     chosen = conn
                     break
-            if chosen is None and slow and now - slow[0][0] >= SLOW_REQUEST_CLOSE_SECONDS:
+            if chosen is None and slow and now - slow[0][0] >= slow_age:
                 since, chosen = slow[0]
             if chosen is None:
                 return False
             conn = chosen
-            del self.idle[conn]
+            self.idle.pop(conn, None)
         with contextlib.suppress(OSError):
             # Wakes its thread with end-of-file: it ends, and frees its slot.
             conn.shutdown(socket.SHUT_RD)
