@@ -67,9 +67,13 @@ def test_foreign_host_is_421_on_every_route(srv: Harness) -> None:
     "host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LOCALHOST:{port}", "[::1]:{port}"]
 )
 def test_loopback_hosts_are_answered(srv: Harness, host: str) -> None:
-    """localhost, 127.0.0.1 and [::1], with or without a port, are this server."""
+    """localhost, 127.0.0.1 and [::1], with or without a port, are this server; a
+    look-alike name on the same port is not."""
     answer = srv.request("GET", "/api/batch/jobs", headers={"Host": host.format(port=srv.port)})
     assert answer.status == 200, answer
+    fake = host.format(port=srv.port).lower().replace("localhost", "localhost.evil.example")
+    fake = fake.replace("127.0.0.1", "127.0.0.1.nip.example").replace("[::1]", "[::2]")
+    assert srv.request("GET", "/api/batch/jobs", headers={"Host": fake}).status == 421
 
 
 def test_allowed_hosts_entry_is_answered(make_server: Callable[..., Harness]) -> None:
@@ -108,14 +112,19 @@ def test_cross_site_upload_is_403_and_creates_no_batch(
 
 
 def test_same_origin_upload_is_accepted(srv: Harness) -> None:
-    """The server's own page (Origin = its Host, Sec-Fetch-Site same-origin) may upload."""
+    """The server's own page (Origin = its Host, Sec-Fetch-Site same-origin) may upload;
+    the same request from another port of the same host may not."""
     origin = f"http://127.0.0.1:{srv.port}"
     answer = post_upload(srv, {"Origin": origin, "Sec-Fetch-Site": "same-origin"})
     assert answer.status == 201, answer
+    other = post_upload(srv, {"Origin": f"http://127.0.0.1:{srv.port + 1}"})
+    assert other.status == 403
+    assert len(srv.store.list_batches()) == 1
 
 
 def test_no_cors_headers_are_ever_sent(srv: Harness) -> None:
-    """A CORS preflight and a cross-origin read get no Access-Control-* header."""
+    """A CORS preflight and a cross-origin read get no Access-Control-* header, and
+    the cross-origin POST is refused."""
     evil = {"Origin": "http://evil.example"}
     preflight = srv.request(
         "OPTIONS",
@@ -124,7 +133,9 @@ def test_no_cors_headers_are_ever_sent(srv: Harness) -> None:
     )
     read = srv.request("GET", "/api/batch/jobs", headers=evil)
     assert read.status == 200
-    for answer in (preflight, read):
+    post = post_upload(srv, evil)
+    assert post.status == 403
+    for answer in (preflight, read, post):
         assert not [k for k in answer.headers if k.startswith("access-control-")], answer
 
 
