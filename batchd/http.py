@@ -209,6 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reader.received = 0
         self._responded = False
         self._route_name = "other"
+        self._identity = None
         # parse_request sets these; an answer before it (408, 414) needs them too.
         self.command, self.path, self.requestline = "", "", ""
         self.request_version = "HTTP/1.1"

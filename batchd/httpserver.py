@@ -145,6 +145,30 @@ def _refuse_busy(request: socket.socket, body: bytes = BUSY_ANSWER) -> None:
         request.close()
 
 
+def _refuse_now(request: socket.socket, body: bytes) -> None:
+    """Answer 503 without blocking: send, drop what the client sent so far, close.
+
+    Used on the accept thread when every refuser thread is busy. Dropping the
+    bytes already received lets the close send FIN rather than a reset, so
+    the client reads the 503 (a request still arriving may see a reset).
+    """
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        request.setblocking(False)
+        request.send(head + body)
+        request.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(BlockingIOError):
+            while request.recv(READ_CHUNK_BYTES):
+                pass
+    except OSError:
+        pass
+    finally:
+        request.close()
+
+
 def _readable(conn: socket.socket) -> bool:
     """True when ``conn`` has bytes (or end-of-file) waiting, without reading them."""
     poller = select.poll()
@@ -249,8 +273,13 @@ class Server(ThreadingHTTPServer):
                 if not _readable(conn):  # a request that arrived but is not read yet
                     chosen = conn
                     break
-            if chosen is None and slow and now - slow[0][0] >= slow_age:
-                since, chosen = slow[0]
+            for first_at, conn in slow if chosen is None else ():
+                if now - first_at < slow_age:
+                    break
+                # Bytes waiting mean the client is sending right now, not dripping.
+                if not _readable(conn):
+                    since, chosen = first_at, conn
+                    break
             if chosen is None:
                 return False
             conn = chosen
@@ -274,8 +303,8 @@ class Server(ThreadingHTTPServer):
             threading.Thread(
                 target=self._refuse, args=(request, body), name="batchd-http-busy", daemon=True
             ).start()
-        else:  # even the refusers are all busy: just drop the connection
-            self.shutdown_request(request)
+        else:  # even the refusers are all busy: answer without waiting for the client
+            _refuse_now(request, body)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         client = str(client_address[0])

@@ -266,6 +266,8 @@ class UploadReceiver:
             self.fields[part.form_name] = value
             if part.form_name == "priority":
                 parse_priority(value)
+            elif not value:
+                return  # an empty field names nobody (a browser form left blank)
             elif self.files or self.user == "anonymous":
                 raise Refusal(
                     400,

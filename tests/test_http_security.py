@@ -160,6 +160,10 @@ def test_user_token_makes_its_user_the_user_id(users_srv: Harness) -> None:
         assert answer.status == 201, answer
         batch = users_srv.store.get_batch(answer.json()["data"]["batchId"])
         assert batch is not None and batch.user_id == user
+    blank = post_upload(users_srv, bearer(ALICE), {"user_id": ""})  # a form left blank
+    assert blank.status == 201
+    batch = users_srv.store.get_batch(blank.json()["data"]["batchId"])
+    assert batch is not None and batch.user_id == "alice"
 
 
 def test_user_token_cannot_upload_as_someone_else(users_srv: Harness) -> None:
