@@ -237,11 +237,13 @@ class Server(ThreadingHTTPServer):
         everyone else out, health probes included, until their timeout. An
         idle HTTP/1.1 connection may be closed at any time; clients open a new
         one. With ``client``, only that address's connections are candidates,
-        whatever their age: a client at its own cap only ever displaces its own
-        oldest idle or unfinished request. Returns True when it closed one.
+        and an unfinished request whatever its age: a client at its own cap
+        only ever displaces its own. Returns True when it closed one.
         """
         now = time.monotonic()
-        idle_age = 0.0 if client is not None else IDLE_CLOSE_SECONDS
+        # A connection that has sent nothing yet may be a client between its
+        # connect() and its send(): it must have been idle a while, always.
+        idle_age = IDLE_CLOSE_SECONDS
         slow_age = 0.0 if client is not None else SLOW_REQUEST_CLOSE_SECONDS
         with self.changed:
             idle = sorted(
