@@ -95,6 +95,11 @@ class LimitsSettings(_Section):
     max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
     allowed_types: tuple[str, ...] = ("pdf", "xlsx", "xls", "csv")
     uploads_per_user_per_hour: int = Field(3, ge=0)
+    #: Content-Length of all uploads being received at once, summed (issue 12.8).
+    max_upload_bytes_in_flight: int = Field(4 * 1024**3, ge=1)
+    #: Below this much free space on the spool's file system uploads get 507
+    #: and the watcher postpones claims (0 turns the floor off).
+    min_free_bytes: int = Field(256 * 1024**2, ge=0)
 
     @field_validator("allowed_types")
     @classmethod
@@ -186,6 +191,30 @@ class HttpSettings(_Section):
     token: str = ""
     max_threads: int = Field(32, ge=1)
     socket_timeout_seconds: float = Field(10.0, gt=0)
+    #: Host header values accepted besides the bound address, localhost,
+    #: 127.0.0.1 and [::1] ("name" or "name:port"); anything else gets 421.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Per-user tokens: user -> token. The token's user becomes the upload's user_id.
+    users: dict[str, str] = Field(default_factory=dict)
+    #: A file of "user token" lines, read at start and reload (secrets out of this file).
+    users_file: Path | None = None
+    #: Threads uploads may never take, kept for /healthz and GETs.
+    reserved_threads: int = Field(4, ge=0)
+    max_connections_per_client: int = Field(16, ge=1)
+    max_uploads_per_client: int = Field(4, ge=1)
+    #: An upload body slower than this (on average, after socket_timeout_seconds) is cut off (408).
+    min_upload_bytes_per_second: int = Field(1024, ge=0)
+
+    @field_validator("users")
+    @classmethod
+    def _user_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, token in value.items():
+            if not user.strip() or len(token) < 16 or token != token.strip():
+                raise ValueError(
+                    f"user {user!r}: each user needs a token of at least 16 characters"
+                    " without surrounding spaces"
+                )
+        return value
 
 
 class LogLevel(StrEnum):

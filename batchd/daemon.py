@@ -22,6 +22,7 @@ import structlog
 from batchd import log as logsetup
 from batchd.clock import Clock, SystemClock, parse_iso
 from batchd.config import Priority, Settings, load_settings
+from batchd.diskspace import free_space_problem
 from batchd.errors import AlreadyRegistered, BatchdError, ConfigError, StoreError
 from batchd.intake import Intake
 from batchd.metrics import Metrics
@@ -223,6 +224,9 @@ class Daemon:
                 problems["database"] = exc.message
         if self.scheduler is not None and self.scheduler.db_error is not None:
             problems.setdefault("database", self.scheduler.db_error)
+        disk = free_space_problem(self.spool.root, self.settings.limits.min_free_bytes)
+        if disk is not None:
+            problems["disk"] = f"{disk}; uploads get 507 and claims wait"
         return problems
 
     # -- run -------------------------------------------------------------------
@@ -287,6 +291,11 @@ class Daemon:
 
     def _take(self, path: Path, priority: Priority) -> object:
         assert self.intake is not None
+        disk = free_space_problem(self.spool.root, self.settings.limits.min_free_bytes)
+        if disk is not None:
+            # Left in the inbox: the next rescan offers it again.
+            log.warning("claim_postponed", path=str(path), reason=disk)
+            return None
         return self.intake.take_drop(path, priority)
 
     def _start_http(self, store: Store, intake: Intake) -> None:

@@ -16,6 +16,8 @@ Defences a server facing scripts and browsers needs:
   then gets 503 (both in :mod:`batchd.httpserver`);
 * uploads are streamed to disk part by part and cut off as soon as a limit
   is passed; nothing of a refused upload is kept (:mod:`batchd.upload`);
+* a foreign ``Host`` (DNS rebinding) gets 421 and a cross-site state change
+  (CSRF) 403; tokens name the operator or one user (:mod:`batchd.httpguard`);
 * every error, including malformed requests, is a JSON answer; an exception
   in a handler answers 500 and is logged as ``http_error``.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import hmac
 import io
 import json
 import re
@@ -45,6 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from batchd.clock import Clock
 from batchd.config import Settings
 from batchd.errors import BatchdError, StoreError
+from batchd.httpguard import Identity, Tokens, check_request
 from batchd.httpserver import (
     LINGER_MAX_BYTES,
     LINGER_SECONDS,
@@ -197,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._route_name = "other"
         self._responded = False
         self._started = time.monotonic()
+        self._identity: Identity | None = None
+        self._local_address = str(self.connection.getsockname()[0])
 
     # -- the request loop ------------------------------------------------------
 
@@ -205,25 +209,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._reader.received = 0
         self._responded = False
         self._route_name = "other"
+        self._identity = None
         # parse_request sets these; an answer before it (408, 414) needs them too.
         self.command, self.path, self.requestline = "", "", ""
         self.request_version = "HTTP/1.1"
         try:
+            # Until its headers are in, the connection may be closed to make
+            # room (idle, or dripping its request: see Server._close_idle).
             self.server.waiting(self.connection, self._reader)
             try:
                 self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+                self._started = time.monotonic()
+                if len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
+                    self.requestline = self.request_version = ""
+                    self.send_error(414, "request line too long")
+                    return
+                if not self.raw_requestline:
+                    self.close_connection = True
+                    return
+                if not self.parse_request():
+                    return  # parse_request answered already (through send_error)
             finally:
                 self.server.working(self.connection)
-            self._started = time.monotonic()
-            if len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
-                self.requestline = self.request_version = ""
-                self.send_error(414, "request line too long")
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():
-                return  # parse_request answered already (through send_error)
             if self.request_version == "HTTP/0.9":
                 self.send_error(400, "HTTP/0.9 requests are not supported")
                 return
@@ -248,6 +255,12 @@ class _Handler(BaseHTTPRequestHandler):
         # with Expect: 100-continue for big uploads).
         route, _ = _route(urlsplit(self.path).path)
         self._route_name = route
+        try:
+            self._guard()
+        except Refusal as exc:
+            self.close_connection = True
+            self._error(exc.status, exc.message, exc.headers)
+            return False
         if route not in _OPEN_ROUTES and not self._authorized():
             self._unauthorized()
             return False
@@ -273,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             self.close_connection = True  # a body we will not read would poison the next request
         try:
+            self._guard()
             if route not in _OPEN_ROUTES and not self._authorized():
                 self._unauthorized()
                 return
@@ -384,22 +398,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- auth ----------------------------------------------------------------------
 
+    def _guard(self) -> None:
+        """Refuse a foreign Host (DNS rebinding) or a cross-site state change (CSRF)."""
+        try:
+            check_request(self.command, self.headers, self.owner.settings.http, self._local_address)
+        except Refusal as exc:
+            if self.command not in _GET:
+                self.close_connection = True  # its body is not read
+            log.warning(
+                "http_request_refused",
+                status=exc.status,
+                host=self.headers.get("Host"),
+                origin=self.headers.get("Origin"),
+                client=self.client_address[0],
+            )
+            raise
+
     def _authorized(self) -> bool:
-        token = self.owner.settings.http.token
-        if not token:
-            return True
-        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            given = ""
-        # Header text is latin-1 decoded by http.client: encoding it back gives
-        # the raw bytes, which a UTF-8 token matches.
-        return hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode())
+        self._identity = self.owner.tokens.identify(self.headers)
+        return self._identity is not None
 
     def _unauthorized(self) -> None:
         self.close_connection = self.close_connection or self.command == "POST"
         self._error(
             401,
-            "authorization required: send the header Authorization: Bearer <http.token>",
+            "authorization required: send the header Authorization: Bearer <token>"
+            " (http.token, or your own token from http.users / http.users_file)",
             {"WWW-Authenticate": 'Bearer realm="batchd"'},
         )
 
@@ -500,7 +524,17 @@ class _Handler(BaseHTTPRequestHandler):
     # -- upload ------------------------------------------------------------------------
 
     def _upload(self) -> None:
-        upload = Upload(self.owner, self.headers, self.rfile)
+        identity = self._identity or self.owner.tokens.identify(self.headers)
+        assert identity is not None  # the route needs a token: _dispatch checked it
+        upload = Upload(
+            self.owner,
+            self.headers,
+            self.rfile,
+            identity,
+            client=str(self.client_address[0]),
+            reader=self._reader,
+            slots=self.server,
+        )
         try:
             data = upload.receive()
         except Refusal as exc:
@@ -522,6 +556,9 @@ class _Handler(BaseHTTPRequestHandler):
         Closing a socket with unread data makes the kernel send a reset, and
         most clients then report the reset instead of the 413 we sent.
         """
+        with self.server.changed:
+            # Answered already: the first connection closed to make room.
+            self.server.lingering.add(self.connection)
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
@@ -538,6 +575,9 @@ class _Handler(BaseHTTPRequestHandler):
                 drained += len(chunk)
         except OSError:
             pass
+        finally:
+            with self.server.changed:
+                self.server.lingering.discard(self.connection)
 
 
 class HttpServer:
@@ -564,6 +604,7 @@ class HttpServer:
         self.page = resources.files("batchd").joinpath("static/status.html").read_bytes()
         self.page_csp = _page_csp(self.page)
         self.cache = AnswerCache()
+        self.tokens = Tokens(settings.http)
         metrics.watch_store(store)
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -585,7 +626,13 @@ class HttpServer:
             daemon=True,
         )
         self._thread.start()
-        log.info("http_listening", host=host, port=self.port, token=bool(self.settings.http.token))
+        log.info(
+            "http_listening",
+            host=host,
+            port=self.port,
+            token=bool(self.settings.http.token),
+            user_tokens=len(self.tokens.users),
+        )
 
     @property
     def port(self) -> int:
@@ -621,6 +668,11 @@ class HttpServer:
         """Take new limits and token at once; host, port and max_threads need a restart."""
         old = self.settings.http
         new = settings.http
+        try:
+            self.tokens = Tokens(new)
+        except BatchdError as exc:
+            # Keep serving with the tokens read before: a reload must not open the server.
+            log.error("http_users_file_unreadable", error=exc.message)
         self.settings = settings
         if (old.host, old.port, old.max_threads) != (new.host, new.port, new.max_threads):
             log.warning(

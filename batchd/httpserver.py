@@ -8,13 +8,22 @@ this module only keeps connections from holding threads forever:
   (``http.socket_timeout_seconds``) and the request line and headers one
   deadline, so a client dribbling one byte a second cannot hold a thread;
 * when all threads are busy, the connection that has waited longest without
-  sending a byte (an idle keep-alive, or one opened and never used) is
-  closed to make room; failing that a new connection waits briefly, then
-  gets 503.
+  sending a byte (an idle keep-alive, or one opened and never used), or one
+  still sending its request line and headers after
+  :data:`SLOW_REQUEST_CLOSE_SECONDS`, is closed to make room; failing that a
+  new connection waits briefly, then gets 503;
+* one client address holds at most ``http.max_connections_per_client``
+  connections (at the cap its own oldest idle or unfinished request is
+  closed to make room, so it can only ever displace itself);
+* uploads hold at most ``http.max_threads - http.reserved_threads`` threads
+  (and ``http.max_uploads_per_client`` per address) and announce at most
+  ``limits.max_upload_bytes_in_flight`` bytes in all (:meth:`Server.upload_slot`),
+  so slow uploads can never take the threads /healthz and GETs need.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import select
@@ -22,6 +31,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +51,10 @@ BUSY_REFUSER_THREADS = 8
 #: With every thread busy, a connection that has sent nothing for this long may
 #: be closed to make room (a client sends its request right after connecting).
 IDLE_CLOSE_SECONDS = 1.0
+#: With every thread busy, a connection still sending its request line and
+#: headers after this long may be closed to make room (a real client sends
+#: them in one go; a slow-drip client holds its thread with them).
+SLOW_REQUEST_CLOSE_SECONDS = 1.0
 #: How often a new connection waiting for a thread looks for an idle one to close.
 IDLE_POLL_SECONDS = 0.05
 #: After refusing an upload mid-body, how long (and how much) to keep reading
@@ -76,6 +90,8 @@ class DeadlineReader(io.RawIOBase):
         self.io_timeout = io_timeout
         self.deadline: float | None = None
         self.received = 0
+        #: When the first byte of the current request arrived (monotonic).
+        self.first_at = 0.0
 
     def readable(self) -> bool:
         return True
@@ -91,17 +107,25 @@ class DeadlineReader(io.RawIOBase):
             n = self.sock.recv_into(buffer)
         finally:
             self.sock.settimeout(self.io_timeout)
+        if n and not self.received:
+            self.first_at = time.monotonic()
         self.received += n
         return n
 
 
-def _refuse_busy(request: socket.socket) -> None:
+BUSY_ANSWER = b'{"success":false,"error":"server busy: every HTTP thread is in use; retry"}'
+CLIENT_CAP_ANSWER = (
+    b'{"success":false,"error":"too many connections from your address'
+    b' (http.max_connections_per_client); close some and retry"}'
+)
+
+
+def _refuse_busy(request: socket.socket, body: bytes = BUSY_ANSWER) -> None:
     """Answer 503 on a connection no thread could take, then close it gently.
 
     Runs in a short-lived thread of its own (see ``Server.process_request``)
     so the accept loop never waits on a client.
     """
-    body = b'{"success":false,"error":"server busy: every HTTP thread is in use; retry"}'
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -115,6 +139,30 @@ def _refuse_busy(request: socket.socket) -> None:
         deadline = time.monotonic() + LINGER_SECONDS
         while time.monotonic() < deadline and request.recv(READ_CHUNK_BYTES):
             pass
+    except OSError:
+        pass
+    finally:
+        request.close()
+
+
+def _refuse_now(request: socket.socket, body: bytes) -> None:
+    """Answer 503 without blocking: send, drop what the client sent so far, close.
+
+    Used on the accept thread when every refuser thread is busy. Dropping the
+    bytes already received lets the close send FIN rather than a reset, so
+    the client reads the 503 (a request still arriving may see a reset).
+    """
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        request.setblocking(False)
+        request.send(head + body)
+        request.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(BlockingIOError):
+            while request.recv(READ_CHUNK_BYTES):
+                pass
     except OSError:
         pass
     finally:
@@ -153,6 +201,13 @@ class Server(ThreadingHTTPServer):
         #: connections whose thread waits for a next request: since when, and its reader.
         self.idle: dict[socket.socket, tuple[float, DeadlineReader]] = {}
         self.peak_connections = 0
+        #: open connections per client address, and uploads being received.
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.uploads: collections.Counter[str] = collections.Counter()
+        self.upload_bytes = 0
+        self._client_of: dict[socket.socket, str] = {}
+        #: connections that were answered and are only drained before closing.
+        self.lingering: set[socket.socket] = set()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -172,36 +227,94 @@ class Server(ThreadingHTTPServer):
         with self.changed:
             self.idle.pop(conn, None)
 
-    def _close_idle(self) -> bool:
-        """Close the connection that has waited longest without sending a byte.
+    def _close_idle(self, client: str | None = None) -> bool:
+        """Close the connection that has waited longest without sending a byte,
+        else the one slowest to send its request line and headers.
 
         Every thread taken by connections that send nothing (a client opening
         http.max_threads connections and sitting on them, or idle keep-alives)
-        would otherwise shut everyone else out, health probes included, until
-        their timeout. An idle HTTP/1.1 connection may be closed at any time;
-        clients open a new one. Returns True when it closed one.
+        or that drip their headers a byte at a time would otherwise shut
+        everyone else out, health probes included, until their timeout. An
+        idle HTTP/1.1 connection may be closed at any time; clients open a new
+        one. With ``client``, only that address's connections are candidates,
+        and an unfinished request whatever its age: a client at its own cap
+        only ever displaces its own. Returns True when it closed one.
         """
         now = time.monotonic()
+        # A connection that has sent nothing yet may be a client between its
+        # connect() and its send(): it must have been idle a while, always.
+        idle_age = IDLE_CLOSE_SECONDS
+        slow_age = 0.0 if client is not None else SLOW_REQUEST_CLOSE_SECONDS
         with self.changed:
             idle = sorted(
-                ((since, conn) for conn, (since, r) in self.idle.items() if r.received == 0),
+                (
+                    (since, conn)
+                    for conn, (since, r) in self.idle.items()
+                    if r.received == 0 and (client is None or self._client_of.get(conn) == client)
+                ),
                 key=lambda item: item[0],
             )
-            for since, conn in idle:
-                if now - since < IDLE_CLOSE_SECONDS:
-                    return False
-                if not _readable(conn):  # a request that arrived but is not read yet
-                    del self.idle[conn]
+            slow = sorted(
+                (
+                    (r.first_at, conn)
+                    for conn, (_, r) in self.idle.items()
+                    if r.received > 0 and (client is None or self._client_of.get(conn) == client)
+                ),
+                key=lambda item: item[0],
+            )
+            chosen: socket.socket | None = None
+            since = now
+            for conn in self.lingering:  # answered already: the first to go
+                if client is None or self._client_of.get(conn) == client:
+                    chosen = conn
+                    self.lingering.discard(conn)
                     break
-            else:
+            for since, conn in idle if chosen is None else ():
+                if now - since < idle_age:
+                    break
+                if not _readable(conn):  # a request that arrived but is not read yet
+                    chosen = conn
+                    break
+            for first_at, conn in slow if chosen is None else ():
+                if now - first_at < slow_age:
+                    break
+                # Bytes waiting mean the client is sending right now, not dripping.
+                if not _readable(conn):
+                    since, chosen = first_at, conn
+                    break
+            if chosen is None:
                 return False
+            conn = chosen
+            self.idle.pop(conn, None)
         with contextlib.suppress(OSError):
             # Wakes its thread with end-of-file: it ends, and frees its slot.
             conn.shutdown(socket.SHUT_RD)
         log.debug("http_idle_closed", idle_seconds=round(time.monotonic() - since, 3))
         return True
 
+    def _over_client_cap(self, client: str) -> bool:
+        """True when ``client`` holds its quota of connections and none could be freed."""
+        cap = self.owner.settings.http.max_connections_per_client
+        with self.changed:
+            if self.per_client[client] < cap:
+                return False
+        return not self._close_idle(client)
+
+    def _refuse_later(self, request: socket.socket, body: bytes) -> None:
+        if self._refusers.acquire(blocking=False):
+            threading.Thread(
+                target=self._refuse, args=(request, body), name="batchd-http-busy", daemon=True
+            ).start()
+        else:  # even the refusers are all busy: answer without waiting for the client
+            _refuse_now(request, body)
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        client = str(client_address[0])
+        if self._over_client_cap(client):
+            self.owner.metrics.http_busy()
+            log.warning("http_client_capped", client=client)
+            self._refuse_later(request, CLIENT_CAP_ANSWER)
+            return
         slot = self._slots.acquire(blocking=False)
         closed = False
         deadline = time.monotonic() + BUSY_WAIT_SECONDS
@@ -214,25 +327,77 @@ class Server(ThreadingHTTPServer):
             slot = self._slots.acquire(timeout=min(left, IDLE_POLL_SECONDS))
         if not slot:
             self.owner.metrics.http_busy()
-            log.warning("http_busy", client=str(client_address[0]))
-            if self._refusers.acquire(blocking=False):
-                threading.Thread(
-                    target=self._refuse, args=(request,), name="batchd-http-busy", daemon=True
-                ).start()
-            else:  # even the refusers are all busy: just drop the connection
-                self.shutdown_request(request)
+            log.warning("http_busy", client=client)
+            self._refuse_later(request, BUSY_ANSWER)
             return
+        with self.changed:
+            self.per_client[client] += 1
+            self._client_of[request] = client
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._forget(request)
             self._slots.release()
             raise
 
-    def _refuse(self, request: socket.socket) -> None:
+    def _forget(self, request: socket.socket) -> None:
+        with self.changed:
+            client = self._client_of.pop(request, None)
+            if client is not None:
+                self.per_client[client] -= 1
+                if self.per_client[client] <= 0:
+                    del self.per_client[client]
+
+    def _refuse(self, request: socket.socket, body: bytes) -> None:
         try:
-            _refuse_busy(request)
+            _refuse_busy(request, body)
         finally:
             self._refusers.release()
+
+    @contextlib.contextmanager
+    def upload_slot(self, client: str, length: int) -> Iterator[None]:
+        """Hold one of the threads uploads may use and ``length`` bytes of the
+        in-flight budget while an upload body is received; 503 when none is left."""
+        settings = self.owner.settings
+        http = settings.http
+        most = max(1, http.max_threads - http.reserved_threads)
+        budget = settings.limits.max_upload_bytes_in_flight
+        if length > budget:
+            raise Refusal(
+                413,
+                f"upload of {length} bytes is over limits.max_upload_bytes_in_flight"
+                f" ({budget} bytes)",
+            )
+        with self.changed:
+            if sum(self.uploads.values()) >= most:
+                why = (
+                    f"{most} uploads are being received (http.max_threads - http.reserved_threads)"
+                )
+            elif self.uploads[client] >= http.max_uploads_per_client:
+                why = (
+                    f"your address is sending {self.uploads[client]} uploads already"
+                    " (http.max_uploads_per_client)"
+                )
+            elif self.upload_bytes + length > budget:
+                why = (
+                    f"{self.upload_bytes} bytes of uploads are in flight"
+                    f" (limits.max_upload_bytes_in_flight = {budget})"
+                )
+            else:
+                why = ""
+                self.uploads[client] += 1
+                self.upload_bytes += length
+        if why:
+            log.warning("upload_busy", client=client, reason=why)
+            raise Refusal(503, f"server busy: {why}; retry later", {"Retry-After": "5"})
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.uploads[client] -= 1
+                if self.uploads[client] <= 0:
+                    del self.uploads[client]
+                self.upload_bytes -= length
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self.changed:
@@ -245,6 +410,7 @@ class Server(ThreadingHTTPServer):
             try:
                 self.owner.store.release_thread()
             finally:
+                self._forget(request)
                 with self.changed:
                     self.connections.discard(request)
                     self.owner.metrics.http_in_flight.set(len(self.connections))

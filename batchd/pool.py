@@ -78,6 +78,17 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
+def worker_settings(settings: Settings) -> Settings:
+    """``settings`` without the secrets a worker never needs (issue 17.6): the HTTP
+    tokens and the database URL (its password) stay in the daemon."""
+    return settings.model_copy(
+        update={
+            "http": settings.http.model_copy(update={"token": "", "users": {}, "users_file": None}),
+            "database": settings.database.model_copy(update={"url": None}),
+        }
+    )
+
+
 class WorkerPool:
     """Up to ``size`` worker processes; at most one job each."""
 
@@ -98,7 +109,7 @@ class WorkerPool:
         parent, child = _ctx.Pipe(duplex=True)
         process = _ctx.Process(
             target=worker_main,
-            args=(child, self.settings, os.getpid()),
+            args=(child, worker_settings(self.settings), os.getpid()),
             name=f"batchd-worker-{self.spawned + 1}",
             daemon=True,
         )
@@ -115,7 +126,7 @@ class WorkerPool:
         self.size = settings.processing.concurrency
         for worker in self._workers:
             with contextlib.suppress(OSError):
-                worker.conn.send(settings)
+                worker.conn.send(worker_settings(settings))
         self._trim()
         self.start()
 

@@ -4,7 +4,17 @@ The body is parsed by python-multipart as it arrives; each file part goes
 straight to its own file in a private folder under ``work/.uploads``, and
 the upload is cut off as soon as a limit is passed (413 for size and count,
 415 for a refused type, 400 for a malformed body, 429 past the per-user
-rate). Nothing of a refused upload is kept. An accepted folder is handed to
+rate, 408 for a body slower than ``http.min_upload_bytes_per_second``).
+Nothing of a refused upload is kept.
+
+Nothing is written before the rate limit is checked (issue 12.8): the user
+is known before the first file byte, from the user's own token, else the
+``X-Batchd-User`` header, else a ``user_id`` field sent before the first
+file part (a file part with none before it makes the upload ``anonymous``;
+a ``user_id`` after it is refused). Before the body is read the upload
+takes a slot and its Content-Length from the in-flight budget
+(:meth:`~batchd.httpserver.Server.upload_slot`) and must leave
+``limits.min_free_bytes`` free on the spool (else 507). An accepted folder is handed to
 :meth:`Intake.take_upload`, the same registration path a folder drop takes.
 
 :class:`Upload` is all :mod:`batchd.http` calls: it takes the request's
@@ -14,11 +24,14 @@ headers and body stream and returns the answer's data, or raises
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import time
 import unicodedata
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import Message
@@ -32,7 +45,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from batchd.clock import Clock, parse_iso
 from batchd.config import LimitsSettings, Priority, Settings
-from batchd.httpserver import READ_CHUNK_BYTES, ClientGone, Refusal
+from batchd.diskspace import free_space_problem
+from batchd.httpguard import Identity, parse_user_id
+from batchd.httpserver import READ_CHUNK_BYTES, ClientGone, DeadlineReader, Refusal
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.spool import Spool, fsync_dir
@@ -44,7 +59,8 @@ log = structlog.get_logger("batchd.upload")
 PART_OVERHEAD_BYTES = 16 * 1024
 #: A plain form field (priority, user_id) longer than this is refused.
 MAX_FIELD_BYTES = 1024
-MAX_USER_ID_CHARS = 128
+#: The header naming the uploading user when no per-user token does.
+USER_HEADER = "X-Batchd-User"
 #: File names are cut to this many UTF-8 bytes (filesystems allow 255).
 MAX_FILENAME_BYTES = 200
 RATE_WINDOW = timedelta(hours=1)
@@ -129,6 +145,9 @@ class UploadReceiver:
         self.limits = limits
         self.skipped = skipped
         self.on_user = on_user
+        #: The user once known: from the token or header, a user_id field, or
+        #: "anonymous" when the first file part comes with none before it.
+        self.user: str | None = None
         self.files: list[Received] = []
         self.fields: dict[str, str] = {}
         self.finished = False
@@ -174,6 +193,10 @@ class UploadReceiver:
         if raw_name is None:
             return
         part.filename = raw_name.decode("utf-8", "replace")
+        if self.user is None:
+            # No file byte is written before the rate limit is checked.
+            self.user = "anonymous"
+            self.on_user(self.user)
         name = safe_filename(part.filename)
         if not name:
             return  # refused below if it carries any data (a browser's empty file input has none)
@@ -243,8 +266,24 @@ class UploadReceiver:
             self.fields[part.form_name] = value
             if part.form_name == "priority":
                 parse_priority(value)
+            elif not value:
+                return  # an empty field names nobody (a browser form left blank)
+            elif self.files or self.user == "anonymous":
+                raise Refusal(
+                    400,
+                    "send user_id before the first file part (or as the X-Batchd-User"
+                    " header): the rate limit is checked before any file is written",
+                )
             else:
-                self.on_user(parse_user_id(value))
+                user = parse_user_id(value)
+                if self.user is not None and user != self.user:
+                    raise Refusal(
+                        403,
+                        f"user_id {user!r} is not the user your token or {USER_HEADER}"
+                        f" names ({self.user!r})",
+                    )
+                self.user = user
+                self.on_user(user)
 
     def _end(self) -> None:
         self.finished = True
@@ -256,15 +295,6 @@ def parse_priority(value: str) -> Priority:
         return Priority(value.lower() or Priority.NORMAL)
     except ValueError:
         raise Refusal(400, f"priority must be high, normal or low, not {value!r}") from None
-
-
-def parse_user_id(value: str) -> str:
-    """The ``user_id`` form field (empty means ``anonymous``)."""
-    if not value:
-        return "anonymous"
-    if len(value) > MAX_USER_ID_CHARS or any(unicodedata.category(c)[0] == "C" for c in value):
-        raise Refusal(400, f"user_id must be at most {MAX_USER_ID_CHARS} printable characters")
-    return value
 
 
 # -- the request -------------------------------------------------------------
@@ -297,6 +327,12 @@ def upload_length(headers: Message, limits: LimitsSettings) -> int:
     return length
 
 
+class UploadSlots(Protocol):
+    """Where an upload takes its thread and its share of the bytes in flight."""
+
+    def upload_slot(self, client: str, length: int) -> AbstractContextManager[None]: ...
+
+
 class UploadHost(Protocol):
     """What an upload needs from the server that received it.
 
@@ -327,11 +363,38 @@ class Upload:
     was read: if not, the connection cannot serve another request.
     """
 
-    def __init__(self, host: UploadHost, headers: Message, rfile: BufferedIOBase) -> None:
+    def __init__(
+        self,
+        host: UploadHost,
+        headers: Message,
+        rfile: BufferedIOBase,
+        identity: Identity,
+        client: str = "",
+        reader: DeadlineReader | None = None,
+        slots: UploadSlots | None = None,
+    ) -> None:
         self.host = host
         self.headers = headers
         self.rfile = rfile
+        self.identity = identity
+        self.client = client
+        self.reader = reader
+        self.slots = slots
         self.consumed = False
+
+    def _header_user(self) -> str | None:
+        """The user named before the body: the user's token, else ``X-Batchd-User``."""
+        named = self.headers.get(USER_HEADER)
+        user = parse_user_id(named) if named is not None else None
+        if self.identity.user is None:
+            return user
+        if user is not None and user != self.identity.user:
+            raise Refusal(
+                403,
+                f"{USER_HEADER} {user!r} is not the user of your token"
+                f" ({self.identity.user!r}); leave it out",
+            )
+        return self.identity.user
 
     def receive(self) -> dict[str, Any]:
         owner = self.host
@@ -344,35 +407,39 @@ class Upload:
                 raise Refusal(
                     415, "upload must be multipart/form-data (fields: file, priority, user_id)"
                 )
-            remaining = upload_length(self.headers, owner.settings.limits)
+            length = upload_length(self.headers, owner.settings.limits)
             settings = owner.settings
-            folder = owner.spool.new_upload_folder()
-            receiver = UploadReceiver(
-                folder,
-                settings.limits,
-                lambda name: owner.spool.ignored(name) or name == settings.watch.marker,
-                lambda user: self._check_rate(user, record=False),
+            known = self._header_user()
+            if known is not None:
+                self._check_rate(known, record=False)
+            problem = free_space_problem(owner.spool.root, settings.limits.min_free_bytes, length)
+            if problem is not None:
+                log.warning("upload_no_space", reason=problem)
+                raise Refusal(507, f"upload refused: {problem}")
+            slot: AbstractContextManager[None] = (
+                self.slots.upload_slot(self.client, length)
+                if self.slots is not None
+                else contextlib.nullcontext()
             )
-            try:
-                parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
-                while remaining > 0:
-                    chunk = self.rfile.read1(min(READ_CHUNK_BYTES, remaining))
-                    if not chunk:
-                        raise ClientGone()
-                    remaining -= len(chunk)
-                    parser.write(chunk)
-                self.consumed = True
-                parser.finalize()
-            except FormParserError as exc:
-                raise Refusal(400, f"malformed multipart body: {exc}") from None
-            finally:
-                receiver.close()
+            with slot:
+                folder = owner.spool.new_upload_folder()
+                receiver = UploadReceiver(
+                    folder,
+                    settings.limits,
+                    lambda name: owner.spool.ignored(name) or name == settings.watch.marker,
+                    lambda user: self._check_rate(user, record=False),
+                )
+                receiver.user = known
+                try:
+                    self._read_body(receiver, boundary, length)
+                finally:
+                    receiver.close()
             if not receiver.finished:
                 raise Refusal(400, "malformed multipart body: it ends before its closing boundary")
             if not receiver.files:
                 raise Refusal(400, "no files: send each file as a form field named file")
             priority = parse_priority(receiver.fields.get("priority", ""))
-            user_id = parse_user_id(receiver.fields.get("user_id", ""))
+            user_id = receiver.user or "anonymous"
             for item in receiver.files:
                 problem = owner.spool.check_file(item.path, item.path.stat())
                 if problem is not None:
@@ -408,6 +475,48 @@ class Upload:
         finally:
             if folder is not None and folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _read_body(self, receiver: UploadReceiver, boundary: bytes, length: int) -> None:
+        """Feed the body to the parser; 408 when it arrives slower than the minimum rate.
+
+        A per-read timeout alone lets a client send one byte every few
+        seconds and hold its thread for hours: after a grace of
+        ``http.socket_timeout_seconds`` the body must have arrived at
+        ``http.min_upload_bytes_per_second`` on average, and the socket's
+        deadline is set to the moment it would fall behind.
+        """
+        http = self.host.settings.http
+        rate = http.min_upload_bytes_per_second
+        grace = http.socket_timeout_seconds
+        started = time.monotonic()
+        got = 0
+        remaining = length
+        try:
+            parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+            while remaining > 0:
+                if self.reader is not None and rate > 0:
+                    self.reader.deadline = started + grace + got / rate
+                try:
+                    chunk = self.rfile.read1(min(READ_CHUNK_BYTES, remaining))
+                except TimeoutError:
+                    raise Refusal(
+                        408,
+                        f"upload body too slow: {got} of {length} bytes in"
+                        f" {time.monotonic() - started:.1f} s, under"
+                        f" http.min_upload_bytes_per_second ({rate}); connection closed",
+                    ) from None
+                if not chunk:
+                    raise ClientGone()
+                remaining -= len(chunk)
+                got += len(chunk)
+                parser.write(chunk)
+            self.consumed = True
+            parser.finalize()
+        except FormParserError as exc:
+            raise Refusal(400, f"malformed multipart body: {exc}") from None
+        finally:
+            if self.reader is not None:
+                self.reader.deadline = None
 
     def _check_rate(self, user_id: str, record: bool) -> None:
         """429 when ``user_id`` has used up its uploads this hour; with ``record``,

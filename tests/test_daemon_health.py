@@ -10,8 +10,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 from batchd.clock import SystemClock
-from batchd.config import Settings
+from batchd.config import Priority, Settings
 from batchd.daemon import Daemon
 from batchd.http import HttpServer
 from batchd.intake import Intake
@@ -70,4 +72,48 @@ def test_healthz_503_when_watcher_and_workers_die(tmp_path: Path) -> None:
     finally:
         server.stop()
         daemon.pool.stop()
+        store.close()
+
+
+def test_claims_wait_and_healthz_says_why_under_the_free_space_floor(tmp_path: Path) -> None:
+    """Under limits.min_free_bytes a ready drop stays in the inbox (claim_postponed) and
+    /healthz is 503 naming the disk; with the floor lowered the drop is claimed."""
+    settings = Settings.model_validate(
+        {
+            "spool": {"root": tmp_path / "spool"},
+            "http": {"port": 0},
+            "limits": {"min_free_bytes": 1 << 60},  # more than any disk has free
+        }
+    )
+    daemon = Daemon(settings)
+    clock = SystemClock()
+    daemon.spool.init()
+    store = daemon.store = SQLiteStore(settings.db_path)
+    daemon.intake = intake = Intake(
+        settings, daemon.spool, store, Outbox(daemon.spool, store), clock
+    )
+    server = HttpServer(
+        settings, store, daemon.spool, intake, daemon.metrics, daemon.problems, clock
+    )
+    server.start()
+    drop = daemon.spool.inbox_for(Priority.NORMAL) / "menu.csv"
+    drop.write_bytes(b"name,qty\nmenu,1\n")
+    try:
+        with capture_logs() as logs:
+            assert daemon._take(drop, Priority.NORMAL) is None
+        assert drop.exists() and store.list_batches() == []
+        postponed = [e for e in logs if e["event"] == "claim_postponed"]
+        assert postponed and "limits.min_free_bytes" in postponed[0]["reason"]
+        status, body = healthz(server.port)
+        assert status == 503
+        problems = body["problems"]
+        assert isinstance(problems, dict) and "limits.min_free_bytes" in problems["disk"]
+        daemon.settings = Settings.model_validate(
+            {"spool": {"root": tmp_path / "spool"}, "limits": {"min_free_bytes": 0}}
+        )
+        assert daemon._take(drop, Priority.NORMAL) is not None
+        assert not drop.exists() and len(store.list_batches()) == 1
+        assert "disk" not in daemon.problems()
+    finally:
+        server.stop()
         store.close()

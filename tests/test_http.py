@@ -342,7 +342,7 @@ def test_rate_limit_is_checked_as_soon_as_user_id_arrives(srv: Harness) -> None:
         assert srv.upload([("a.csv", CSV)], {"user_id": "dave"}).status == 201
     body, ctype = multipart([("big.csv", CSV * 10_000)], {"user_id": "dave"})
     head = (
-        f"POST /api/batch/upload HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        f"POST /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     with capture_logs() as logs:
@@ -357,7 +357,7 @@ def test_oversize_upload_is_413_and_leaves_nothing(make_server: Callable[..., Ha
     srv = make_server(limits={"max_file_bytes": 1000})
     body, ctype = multipart([("ok.csv", CSV), ("big.csv", b"x,y\n" * 100_000)], {})
     head = (
-        f"POST /api/batch/upload HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        f"POST /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     answer = raw_exchange(srv.port, head, body)
@@ -374,7 +374,7 @@ def test_content_length_over_limits_is_refused_before_the_body(
     """With Expect: 100-continue a body the limits can never allow is refused unsent."""
     srv = make_server(limits={"max_file_bytes": 1000, "max_files_per_batch": 2})
     head = (
-        b"POST /api/batch/upload HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: multipart/form-data; boundary=zzz\r\n"
         b"Content-Length: 900000000\r\nExpect: 100-continue\r\n\r\n"
     )
@@ -579,7 +579,7 @@ def test_malformed_request_line_is_400_and_server_goes_on(srv: Harness) -> None:
 
 def test_huge_header_is_431(srv: Harness) -> None:
     """A header line over 64 KiB answers 431 JSON and the server keeps serving."""
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     answer = raw_exchange(srv.port, head)
     assert answer.status == 431
     assert answer.json()["success"] is False
@@ -609,7 +609,7 @@ def test_slow_client_does_not_block_others(make_server: Callable[..., Harness]) 
     srv = make_server(http={"max_threads": 2, "socket_timeout_seconds": 1.5})
     slow = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
     stop = threading.Event()
-    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"p" * 100 + b"\r\n\r\n"
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 100 + b"\r\n\r\n"
 
     def dribble() -> None:
         for byte in request:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -81,11 +83,12 @@ def make_site(tmp_path: Path) -> Iterator[Callable[[str], Site]]:
         site.close()
 
 
-def dump_dom(url: str, profile: Path) -> str:
+def dump_dom(url: str, profile: Path, *flags: str) -> str:
     """The page's DOM after Chromium ran it for 5 s of virtual time."""
     done = subprocess.run(
         [
             str(CHROMIUM),
+            *flags,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -152,3 +155,78 @@ def test_page_asks_for_the_token_when_missing(
     assert '<form id="token-form" autocomplete="off" class="shown">' in dom
     assert "authorization required" in dom
     assert "classified" not in dom
+
+
+# -- hostile pages (issue 12.5) ----------------------------------------------------
+
+ATTACK = """<!doctype html><html><body>
+<form id="f" method="POST" action="{target}" enctype="multipart/form-data" target="sink">
+<input name="user_id" value="victim"><input name="priority" value="high">
+<input type="file" name="file" id="file"></form>
+<iframe name="sink"></iframe>
+<script>
+const csv = "name,qty\\nmenu,1\\n";
+const dt = new DataTransfer();
+dt.items.add(new File([csv], "form.csv", {{type: "text/csv"}}));
+document.getElementById("file").files = dt.files;
+const fd = new FormData();
+fd.append("user_id", "victim");
+fd.append("file", new File([csv], "fetch.csv", {{type: "text/csv"}}));
+fetch("{target}", {{method: "POST", mode: "no-cors", body: fd}})
+  .then(() => {{ document.body.dataset.fetch = "sent"; }})
+  .catch(() => {{ document.body.dataset.fetch = "failed"; }});
+document.getElementById("f").submit();
+</script></body></html>"""
+
+
+class _AttackPage(BaseHTTPRequestHandler):
+    page = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(self.page)))
+        self.end_headers()
+        self.wfile.write(self.page)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_page_on_another_origin_cannot_upload(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """A hostile page (no-cors fetch and a plain form POST, no token set) creates no batch."""
+    site = make_site("")
+    target = f"http://127.0.0.1:{site.server.port}/api/batch/upload"
+
+    class Handler(_AttackPage):
+        page = ATTACK.format(target=target).encode()
+
+    attacker = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=attacker.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # localhost:<other port> is another site than 127.0.0.1:<batchd's port>.
+        dump_dom(f"http://localhost:{attacker.server_address[1]}/", tmp_path / "profile")
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    assert site.store.list_batches() == []
+    assert list(site.spool.uploads.iterdir()) == []
+
+
+def test_a_rebound_dns_name_cannot_read_the_api(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """After DNS rebinding (rebind.example resolves to 127.0.0.1), the page under that
+    name gets 421 and shows no batch."""
+    site = make_site("")
+    batch = site.finished_batch("rebound")
+    dom = dump_dom(
+        f"http://rebind.example:{site.server.port}/",
+        tmp_path / "profile",
+        "--host-resolver-rules=MAP rebind.example 127.0.0.1",
+    )
+    assert batch.id not in dom
+    assert "rebind.example" in dom and "http.allowed_hosts" in dom

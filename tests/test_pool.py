@@ -554,3 +554,28 @@ def test_input_changed_while_processing_is_retryable(
     assert "input changed while it was being processed" in event.error
     assert f"({len(CONTENT)} bytes, now {len(CONTENT) + 9})" in event.error
     assert not Path(delivery.result_path).exists()
+
+
+def test_workers_hold_no_http_token_or_database_url(
+    make_runner: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's settings and environment lack the HTTP tokens and the database URL."""
+    secret = "daemon-http-token-0123456789"
+    monkeypatch.setenv("BATCHD_HTTP__TOKEN", secret)
+    monkeypatch.setenv("BATCHD_DATABASE__URL", "postgresql://batchd:pw@db.invalid/batchd")
+    runner = make_runner(
+        http__token=secret,
+        http__users='{"alice": "alice-token-0123456789"}',
+        database__url="postgresql://batchd:pw@db.invalid/batchd",
+    )
+    assert runner.settings.http.token == secret  # the daemon keeps them
+    event = runner.final(runner.submit("whoami"))
+    assert isinstance(event, Done)
+    assert event.result["http_token"] == ""
+    assert event.result["user_tokens"] == {}
+    assert event.result["database_url"] is None
+    assert event.result["secret_env"] == []
+    runner.pool.configure(runner.settings)  # a reload sends settings: still without them
+    event = runner.final(runner.submit("whoami"))
+    assert isinstance(event, Done)
+    assert (event.result["http_token"], event.result["database_url"]) == ("", None)

@@ -284,3 +284,46 @@ def _no_leftovers() -> Any:
     yield
     left = _live_children() - before
     assert not left, f"children still running: {sorted(left)}"
+
+
+def test_command_gets_a_clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command sees PATH, LANG and exec.env, never the daemon's secrets or other variables."""
+    monkeypatch.setenv("BATCHD_HTTP__TOKEN", "secret-http-token-123456")
+    monkeypatch.setenv("BATCHD_DATABASE__URL", "postgresql://batchd:pw@db/batchd")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "inherited-secret")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    body = 'print(json.dumps({"env": dict(os.environ)}))'
+    source, ctx, _ = setup(tmp_path, body, env={"GREETING": "hi"})
+    env = run_command(source, ctx)["env"]
+    assert "BATCHD_HTTP__TOKEN" not in env and "BATCHD_DATABASE__URL" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert (env["LANG"], env["LC_ALL"], env["GREETING"]) == ("C.UTF-8", "C.UTF-8", "hi")
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["BATCHD_INPUT"] == str(source)
+    assert {k for k in env if k.startswith("BATCHD_")} == {
+        "BATCHD_INPUT",
+        "BATCHD_OUTPUT_DIR",
+        "BATCHD_BATCH_ID",
+        "BATCHD_FILE_ID",
+        "BATCHD_RELPATH",
+        "BATCHD_SAFE_RELPATH",
+    }
+
+
+def test_safe_relpath_is_never_option_like(tmp_path: Path) -> None:
+    """{safe_relpath} of a file named like an option reaches the command as ./-name."""
+    source, ctx, _ = setup(
+        tmp_path, 'print(json.dumps({"argv": sys.argv[1:]}))', "{safe_relpath}", "{input}"
+    )
+    ctx = ProcessorContext(
+        batch_id=ctx.batch_id,
+        file_id=ctx.file_id,
+        relpath="-rf.csv",
+        output_path=tmp_path / "out",
+        settings=ctx.settings,
+        report=lambda _: None,
+    )
+    argv = run_command(source, ctx)["argv"]
+    assert argv == ["./-rf.csv", str(source)]
+    assert not any(arg.startswith("-") for arg in argv)

@@ -3,10 +3,18 @@
 ``[exec] command`` is an argv list, never given to a shell. Each element may
 hold the placeholders ``{input}`` (absolute path of the file), ``{output_dir}``
 (absolute path of a fresh folder whose files land in the outbox),
-``{batch_id}``, ``{file_id}`` and ``{relpath}``; other braces are left as
-they are. The same values are in the command's environment as
+``{batch_id}``, ``{file_id}``, ``{relpath}`` and ``{safe_relpath}``; other
+braces are left as they are. ``{relpath}`` is the dropper's name and may
+begin with ``-`` (a program would read it as an option: put ``--`` before
+it); ``{input}`` (absolute) and ``{safe_relpath}`` (``./`` + relpath) never
+look like an option. The same values are in the command's environment as
 ``BATCHD_INPUT``, ``BATCHD_OUTPUT_DIR``, ``BATCHD_BATCH_ID``,
-``BATCHD_FILE_ID`` and ``BATCHD_RELPATH``, under ``[exec] env``.
+``BATCHD_FILE_ID``, ``BATCHD_RELPATH`` and ``BATCHD_SAFE_RELPATH``.
+
+The command's environment is clean (issue 12.11): only :data:`BASIC_ENV`
+names taken from the daemon's (PATH, HOME, LANG, LC_*, TZ, TMPDIR ...), the
+values above and ``[exec] env``; never the daemon's ``BATCHD_*`` settings
+(the HTTP token) or anything else it inherited.
 
 The contract with the command:
 
@@ -57,7 +65,11 @@ POLL_SECONDS = 0.05
 #: how many times stragglers are looked for and killed, in case they fork meanwhile.
 KILL_ROUNDS = 5
 
-_PLACEHOLDER = re.compile(r"\{(input|output_dir|batch_id|file_id|relpath)\}")
+_PLACEHOLDER = re.compile(r"\{(input|output_dir|batch_id|file_id|relpath|safe_relpath)\}")
+#: Names passed on from the daemon's environment (besides every LC_* name).
+BASIC_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL")
+#: PATH when the daemon has none.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRESS = re.compile(rb"^\s*PROGRESS[:\s]\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
 
@@ -76,9 +88,14 @@ def run_command(path: Path, ctx: Context) -> dict[str, Any]:
         "batch_id": ctx.batch_id,
         "file_id": ctx.file_id,
         "relpath": ctx.relpath,
+        "safe_relpath": "./" + ctx.relpath,
     }
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in settings.command]
-    env = {**os.environ, **{f"BATCHD_{k.upper()}": v for k, v in values.items()}, **settings.env}
+    env = {
+        **command_env(os.environ),
+        **{f"BATCHD_{k.upper()}": v for k, v in values.items()},
+        **settings.env,
+    }
     timeout = ctx.settings.processing.timeout_seconds
     name = Path(argv[0]).name
     try:
@@ -128,6 +145,13 @@ def run_command(path: Path, ctx: Context) -> dict[str, Any]:
         result["outputs"] = outputs
     ctx.progress(100)
     return result
+
+
+def command_env(inherited: Mapping[str, str]) -> dict[str, str]:
+    """The basics a command needs from ``inherited``, and nothing else of it."""
+    env = {k: v for k, v in inherited.items() if k in BASIC_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
 
 
 def _result(stdout: bytes, truncated: bool) -> dict[str, Any]:

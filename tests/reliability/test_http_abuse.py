@@ -266,7 +266,7 @@ def test_path_traversal_names_stay_inside_their_batch(server: Server) -> None:
 def dribble(sock: socket.socket, stop: threading.Event) -> None:
     """Send one header line every quarter second (a slowloris client)."""
     with contextlib.suppress(OSError):  # the server closes once it has answered
-        sock.sendall(b"GET /api/batch/jobs HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /api/batch/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         n = 0
         while not stop.wait(0.25):
             n += 1
