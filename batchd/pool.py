@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -42,6 +42,9 @@ class Lost:
 
     file_id: str
     error: str
+    lease: int = 0
+    #: the worker ended over the memory limit (a permanent failure).
+    out_of_memory: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class TimedOut:
 
     file_id: str
     error: str = "Processing timeout exceeded"
+    lease: int = 0
 
 
 Event = Progress | Done | Failed | Lost | TimedOut
@@ -190,6 +194,18 @@ class WorkerPool:
 
     # -- work ------------------------------------------------------------------
 
+    def cancel(self, file_id: str, lease: int) -> bool:
+        """Kill the worker running that attempt, with no event for it (the
+        attempt was superseded: its file was claimed again). True if one ran."""
+        for worker in list(self._workers):
+            job = worker.job
+            if job is not None and job.file_id == file_id and job.lease == lease:
+                worker.killed_for_timeout = True  # no Lost event from its burial
+                self._kill(worker)
+                self._remove(worker)
+                return True
+        return False
+
     def submit(self, job: Job) -> None:
         """Hand a job to an idle worker (the caller checked :meth:`idle`)."""
         for worker in self._workers:
@@ -244,14 +260,12 @@ class WorkerPool:
         try:
             while worker.conn.poll():
                 message = worker.conn.recv()
+                if worker.job is None or worker.job.file_id != message.file_id:
+                    continue  # a late report of a job this worker no longer runs
                 if isinstance(message, Progress):
-                    events.append(message)
-                elif (
-                    isinstance(message, Done | Failed)
-                    and worker.job is not None
-                    and worker.job.file_id == message.file_id
-                ):
-                    events.append(message)
+                    events.append(replace(message, lease=worker.job.lease))
+                elif isinstance(message, Done | Failed):
+                    events.append(replace(message, lease=worker.job.lease))
                     worker.job = None
                     worker.deadline = None
         except (EOFError, OSError):
@@ -262,7 +276,7 @@ class WorkerPool:
         worker.process.join(timeout=5)
         reason = describe_exit(worker.process.exitcode)
         if worker.job is not None and not worker.killed_for_timeout:
-            events.append(Lost(worker.job.file_id, f"worker process {reason}"))
+            events.append(Lost(worker.job.file_id, f"worker process {reason}", worker.job.lease))
             log.warning(
                 "worker_died",
                 pid=worker.process.pid,
@@ -281,5 +295,5 @@ class WorkerPool:
                 worker.killed_for_timeout = True
                 self._kill(worker)
                 self._remove(worker)
-                events.append(TimedOut(job.file_id))
+                events.append(TimedOut(job.file_id, lease=job.lease))
                 log.warning("file_timeout", file_id=job.file_id, pid=worker.process.pid)

@@ -67,12 +67,16 @@ class Job:
     processor: str
     output_dir: str
     delivery: Delivery | None = None
+    #: the claim's fencing token (``FileRow.lease_gen``); the pool stamps it on
+    #: this job's events, so a superseded attempt's reports are told apart.
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
     file_id: str
     percent: int
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ class Done:
     seconds: float
     #: when the attempt ended, as written into the result file.
     completed_at: str = ""
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,7 @@ class Failed:
     error: str
     permanent: bool
     seconds: float
+    lease: int = 0
 
 
 def _die_with_parent(parent_pid: int) -> None:
