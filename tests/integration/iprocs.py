@@ -85,3 +85,13 @@ def sleepy(path: Path, ctx: Any) -> dict[str, Any]:
         time.sleep(delay / 5)
     _record(path.name)
     return {"name": path.name}
+
+
+def gated(path: Path, ctx: Any) -> dict[str, Any]:
+    """Attempt n says it started (``started-n``), then waits for ``release-n``."""
+    n = _bump(path.name)
+    (_state() / f"started-{n}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not (_state() / f"release-{n}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"attempt": n}
