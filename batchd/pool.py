@@ -27,7 +27,7 @@ import structlog
 
 from batchd.clock import Clock
 from batchd.config import Settings
-from batchd.worker import Done, Failed, Job, Progress, worker_main
+from batchd.worker import Done, Failed, Job, Progress, memory_limit_error, worker_main
 
 log = structlog.get_logger("batchd.pool")
 
@@ -67,6 +67,31 @@ class _Worker:
     deadline: float | None = None
     retiring: bool = False
     killed_for_timeout: bool = field(default=False)
+    #: the largest address-space size (VmSize, what RLIMIT_AS counts) seen
+    #: while the current job ran, in bytes; sampled at every pool turn.
+    peak_vm_bytes: int = 0
+
+
+#: A worker that died by one of these while its address space was this close
+#: to the limit is taken to have died of the limit (allocation failed in C code,
+#: or the kernel's OOM killer): a permanent failure, like a MemoryError.
+_MEMORY_DEATH_SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS)
+_MEMORY_DEATH_FRACTION = 0.9
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """``(VmSize, VmRSS)`` of a live process in bytes; zeros when it is gone."""
+    vm = rss = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmSize:"):
+                    vm = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return vm, rss
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -249,6 +274,7 @@ class WorkerPool:
         for worker in dead:
             self._drain(worker, events)  # a last message may still be in the pipe
             self._bury(worker, events)
+        self._sample_memory()
         self._check_timeouts(events)
         self._trim()
         self.start()
@@ -268,14 +294,71 @@ class WorkerPool:
                     events.append(replace(message, lease=worker.job.lease))
                     worker.job = None
                     worker.deadline = None
+                    worker.peak_vm_bytes = 0
+                    self._recycle_if_large(worker)
         except (EOFError, OSError):
             return False
         return True
 
+    def _sample_memory(self) -> None:
+        """Note each busy worker's address-space size (for :meth:`_bury`)."""
+        for worker in self._workers:
+            if worker.job is not None and worker.process.pid is not None:
+                vm, _rss = memory_of(worker.process.pid)
+                worker.peak_vm_bytes = max(worker.peak_vm_bytes, vm)
+
+    def _recycle_if_large(self, worker: _Worker) -> None:
+        """Replace a worker that grew past ``processing.worker_recycle_rss_mb``.
+
+        CPython seldom gives freed memory back to the system: a worker that
+        once read a big document keeps its size for every file after it.
+        """
+        limit_mb = self.settings.processing.worker_recycle_rss_mb
+        if not limit_mb or worker.process.pid is None or worker.retiring:
+            return
+        _vm, rss = memory_of(worker.process.pid)
+        if rss > limit_mb * 1024 * 1024:
+            worker.retiring = True
+            log.info(
+                "worker_recycled",
+                pid=worker.process.pid,
+                rss_mb=rss // (1024 * 1024),
+                limit_mb=limit_mb,
+            )
+
+    def _died_of_memory(self, worker: _Worker) -> bool:
+        """Whether a dead worker most likely died of its memory limit."""
+        limit_mb = self.settings.processing.worker_memory_mb
+        code = worker.process.exitcode
+        if not limit_mb or code is None or code >= 0:
+            return False
+        if -code not in _MEMORY_DEATH_SIGNALS:
+            return False
+        return worker.peak_vm_bytes >= _MEMORY_DEATH_FRACTION * limit_mb * 1024 * 1024
+
     def _bury(self, worker: _Worker, events: list[Event]) -> None:
         worker.process.join(timeout=5)
         reason = describe_exit(worker.process.exitcode)
-        if worker.job is not None and not worker.killed_for_timeout:
+        lost = worker.job is not None and not worker.killed_for_timeout
+        if lost and worker.job is not None and self._died_of_memory(worker):
+            limit_mb = self.settings.processing.worker_memory_mb
+            events.append(
+                Lost(
+                    worker.job.file_id,
+                    f"{memory_limit_error(limit_mb)}; worker process {reason}",
+                    worker.job.lease,
+                    out_of_memory=True,
+                )
+            )
+            log.warning(
+                "worker_died",
+                pid=worker.process.pid,
+                file_id=worker.job.file_id,
+                reason=reason,
+                peak_vm_mb=worker.peak_vm_bytes // (1024 * 1024),
+                memory_limit_mb=limit_mb,
+            )
+        elif lost and worker.job is not None:
             events.append(Lost(worker.job.file_id, f"worker process {reason}", worker.job.lease))
             log.warning(
                 "worker_died",

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
@@ -382,7 +383,11 @@ class Scheduler:
         self.metrics.attempt_took(self.clock.monotonic() - running.started_mono)
         if isinstance(event, Done):
             self._complete(running, event)
-        elif isinstance(event, TimedOut) or (isinstance(event, Failed) and event.permanent):
+        elif (
+            isinstance(event, TimedOut)
+            or (isinstance(event, Failed) and event.permanent)
+            or (isinstance(event, Lost) and event.out_of_memory)
+        ):
             self._fail(running, event.error)
         else:
             self._retry_or_fail(running, event.error)
@@ -390,9 +395,14 @@ class Scheduler:
     def _complete(self, running: _Running, done: Done) -> None:
         """The worker has already written the result file (see batchd.worker)."""
         crash_point("after_result_write")
+        # The result file holds it whole; the database (and so status.json
+        # and the API) a bounded copy.
+        result = inline_result(
+            done.result, self.settings.limits.max_inline_result_bytes, running.result_path
+        )
         outcome = Outcome(
             Status.COMPLETED,
-            result=done.result,
+            result=result,
             file_hash=done.file_hash,
             file_size=done.file_size,
             processor=running.processor,

@@ -116,6 +116,14 @@ def _limit_memory(megabytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def memory_limit_error(megabytes: int) -> str:
+    """The error of a file whose worker ran out of its memory limit."""
+    return (
+        f"exceeded the worker memory limit of {megabytes} MiB"
+        " (processing.worker_memory_mb): the document needs more memory than a worker may use"
+    )
+
+
 def hash_file(path: Path) -> tuple[str, int]:
     """``("sha256:<hex>", size)`` of a file, read once in chunks."""
     digest = hashlib.sha256()
@@ -218,8 +226,11 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
         return Failed(job.file_id, _describe(exc), True, time.monotonic() - started)
     except MemoryError:
         mb = settings.processing.worker_memory_mb
-        limit = f" (processing.worker_memory_mb = {mb})" if mb else ""
-        return Failed(job.file_id, f"out of memory{limit}", False, time.monotonic() - started)
+        if mb:
+            # The document needs more than a worker may have: another attempt
+            # would need just as much, so this is permanent, not retried.
+            return Failed(job.file_id, memory_limit_error(mb), True, time.monotonic() - started)
+        return Failed(job.file_id, "out of memory", False, time.monotonic() - started)
     except Exception as exc:
         return Failed(job.file_id, _describe(exc), False, time.monotonic() - started)
 
