@@ -50,6 +50,8 @@ __all__ = ["cluster"]  # the fixture, re-exported for pytest
 #: The disk load of the status.json test: at most this long, this many MiB a write.
 LOAD_MAX_SECONDS = 180.0
 LOAD_CHUNK_MIB = 4
+#: Files of the outage test (in four folders).
+FILES = 48
 
 
 def test_outcome_of_a_node_whose_lease_was_taken_over_is_rejected(
@@ -99,19 +101,30 @@ def test_outage_longer_than_the_lease_without_kept_inputs_completes_every_file_o
 ) -> None:
     """PostgreSQL away past the lease, keep_inputs=false: each file completed once, result whole."""
     nodes = cluster(processing={"processor": "iprocs:sleepy"})
-    # (Node's own ``spool`` argument is the folder: the setting goes by environment.)
-    start_all(nodes, BATCHD_TEST_DELAY="0.05", BATCHD_SPOOL__KEEP_INPUTS="false")
-    drop(nodes, folders=4, per_folder=40, tmp=tmp_path)
+    # Node's own ``spool`` argument is the folder: the setting goes by environment.
+    # A second a file: a re-run of a taken-back file is still running when the
+    # node that lost it reconnects and reports its old outcome.
+    start_all(nodes, BATCHD_TEST_DELAY="1.0", BATCHD_SPOOL__KEEP_INPUTS="false")
+    drop(nodes, folders=4, per_folder=FILES // 4, tmp=tmp_path)
     wait_until(
         lambda: (
-            query(pg_url, "SELECT COUNT(*) FROM batch_files WHERE status = 'completed'")[0][0] >= 20
+            query(pg_url, "SELECT COUNT(*) FROM batch_files WHERE status = 'completed'")[0][0] >= 6
         ),
         60,
         interval=0.05,
         what="the run to be under way",
     )
+    late = nodes[0]
+    running = [
+        r[0]
+        for r in query(
+            pg_url,
+            "SELECT id::text FROM batch_files WHERE status = 'processing' AND node_id = %s",
+            (late.name,),
+        )
+    ]
     pg_server.stop()
-    # Longer than the lease: every node's leases have expired when it reconnects.
+    # Longer than the lease: every lease has expired when the nodes reconnect.
     outage_ends = time.monotonic() + 2 * LEASE_SECONDS + 1
     try:
         wait_until(
@@ -123,20 +136,40 @@ def test_outage_longer_than_the_lease_without_kept_inputs_completes_every_file_o
             interval=0.2,
             what="an outage past the lease, seen by every node",
         )
+        # One node comes back last (a longer back-off): the others take its
+        # files back first. Its workers run on and finish their files.
+        late.signal(signal.SIGSTOP)
     finally:
         pg_server.start()
-    wait_until(lambda: all_done(pg_url, 160), DEADLINE, interval=0.5, what="160 files")
+    try:
+        # Until another node runs one of the late node's files again.
+        wait_until(
+            lambda: query(
+                pg_url,
+                "SELECT 1 FROM batch_files WHERE id = ANY(%s::uuid[])"
+                " AND status = 'processing' AND node_id <> %s",
+                (running, late.name),
+            ),
+            60,
+            interval=0.05,
+            what="another node to run one of the late node's files again",
+        )
+    finally:
+        late.signal(signal.SIGCONT)
+    wait_until(lambda: all_done(pg_url, FILES), DEADLINE, interval=0.5, what=f"{FILES} files")
     rows = query(pg_url, "SELECT status, COUNT(*) FROM batch_files GROUP BY status")
-    assert dict(rows) == {"completed": 160}, rows
+    assert dict(rows) == {"completed": FILES}, rows
     jobs = query(pg_url, "SELECT status, COUNT(*) FROM batch_jobs GROUP BY status")
     assert dict(jobs) == {"completed": 4}
     docs = [json.loads(p.read_text()) for p in result_files(nodes[0].spool)]
-    assert len(docs) == 160
-    assert len({d["file_id"] for d in docs}) == 160
+    assert len(docs) == FILES
+    assert len({d["file_id"] for d in docs}) == FILES
     assert {d["status"] for d in docs} == {"completed"}
     assert all(d["result"] and d["result"]["name"] == Path(d["relpath"]).name for d in docs)
     leftovers = [p for p in (nodes[0].spool / "work").rglob("*") if p.is_file()]
     assert leftovers == []
+    assert late.events("outcome_superseded"), "the late node's old outcomes were not refused"
+    assert not any(n.events("file_failed") for n in nodes)
     for n in nodes:
         assert n.stop() == 0
 
