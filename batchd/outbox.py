@@ -92,7 +92,13 @@ class Outbox:
         """
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                # NFS emulates flock with a write lock, which a directory opened
+                # read-only cannot take (EBADF): the version check alone then
+                # still refuses every older snapshot but one that races it.
+                log.debug("status_lock_unavailable", path=str(path), error=str(exc))
             current = _document_version(path)
             if current is not None and current > version:
                 os.unlink(tmp)
