@@ -294,7 +294,9 @@ class Scheduler:
         if self._running.get(file.id) is running:
             del self._running[file.id]
         self._progress.pop(file.id, None)
-        shutil.rmtree(self.spool.scratch_for(file.id), ignore_errors=True)
+        # Its scratch folder is left alone: it is the file's, in the shared
+        # work/, and the attempt that owns the file now (maybe on another
+        # node) may be writing there.
         log.warning(
             "outcome_superseded",
             batch_id=file.batch_id,
@@ -323,6 +325,8 @@ class Scheduler:
             # before it writes anything.
             self.pool.cancel(file.id, old.task.file.lease_gen)
             self._superseded(old, "claimed_again")
+            # What the stopped attempt left must not pass for the new one's outputs.
+            shutil.rmtree(self.spool.scratch_for(file.id), ignore_errors=True)
         try:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
