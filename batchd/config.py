@@ -100,6 +100,9 @@ class LimitsSettings(_Section):
     #: Below this much free space on the spool's file system uploads get 507
     #: and the watcher postpones claims (0 turns the floor off).
     min_free_bytes: int = Field(256 * 1024**2, ge=0)
+    #: a result bigger than this (as JSON) stays whole in its result file only;
+    #: the database, status.json and the API carry a short summary instead.
+    max_inline_result_bytes: int = Field(64 * 1024, ge=1024)
 
     @field_validator("allowed_types")
     @classmethod
@@ -121,7 +124,12 @@ class ProcessingSettings(_Section):
     timeout_seconds: float = Field(1800.0, gt=0)
     processor: str = "inspect"
     shutdown_grace_seconds: float = Field(30.0, ge=0)
-    worker_memory_mb: int = Field(0, ge=0)
+    #: 1024 MiB: inspect peaks under 100 MiB on 14 MB xlsx / 54 MB CSV inputs
+    #: (measured); a hostile document hits this instead of the machine.
+    worker_memory_mb: int = Field(1024, ge=0)
+    #: a worker whose resident memory passed this after a file is replaced by a
+    #: fresh one (Python rarely gives freed memory back); 0 = never.
+    worker_recycle_rss_mb: int = Field(512, ge=0)
     poll_seconds: float = Field(1.0, gt=0)
     status_interval_seconds: float = Field(0.25, ge=0)
     max_rows: int = Field(10_000, ge=1)

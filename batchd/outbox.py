@@ -7,17 +7,28 @@ script polling the outbox never parses half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import structlog
+
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
-from batchd.records import BatchRow, FileRow, Status
+from batchd.records import BatchRow, BatchSnapshot, FileRow, Status
 from batchd.spool import Spool, fsync_file, stage_json, write_json_atomic
 from batchd.store import Store
-from batchd.views import Json, batch_detail, result_document
+from batchd.views import Json, detail_of, result_document
+
+log = structlog.get_logger("batchd.outbox")
+
+#: status.json starts with its version (the first key), so a rewrite reads
+#: only this much of the document in place to compare.
+_VERSION_HEAD_BYTES = 64
+_VERSION_RE = re.compile(rb'\{\s*"version":\s*(\d+)')
 
 
 class Outbox:
@@ -28,22 +39,75 @@ class Outbox:
         self.store = store
 
     def status_document(self, batch: BatchRow) -> Json:
-        """The ``GET /api/batch/jobs/<id>`` data object plus ``outbox`` and ``source``."""
-        doc = batch_detail(self.store, batch)
+        """The ``GET /api/batch/jobs/<id>`` data object plus ``outbox``, ``source``
+        and ``version``, from one consistent snapshot of the batch and its files.
+
+        ``version`` is the batch row's (it grows at every change of the batch):
+        :meth:`_install` never lets a document replace one of a higher version.
+        """
+        snap = self.store.snapshot(batch.id)
+        if snap is None:
+            raise BatchdError(f"batch {batch.id} ({batch.name}) is no longer in the database")
+        return self._document(snap)
+
+    def _document(self, snap: BatchSnapshot) -> Json:
+        batch = snap.batch
+        doc: Json = {"version": batch.version}
+        doc.update(detail_of(batch, snap.files, snap.summary, snap.progress_sum))
         doc["outbox"] = str(self.spool.batch_outbox(batch.name))
         doc["source"] = batch.source
         return doc
 
     def write_status(self, batch: BatchRow) -> None:
-        """Rewrite ``outbox/<name>/status.json`` for ``batch`` (a row just read).
+        """Rewrite ``outbox/<name>/status.json`` for ``batch`` from a fresh snapshot.
 
         Only a finished batch's document is fsynced: until then status.json
         is a live view that start-up recovery rewrites from the database, so
         syncing every progress update would cost a disk flush for nothing.
         """
         doc = self.status_document(batch)
-        crash_point("during_status_write")
-        write_json_atomic(self.spool.status_path(batch.name), doc, durable=batch.status.done)
+        done = doc["batch"]["status"] in (Status.COMPLETED, Status.FAILED)
+        path = self.spool.status_path(batch.name)
+        tmp = stage_json(path, doc)
+        try:
+            if done:
+                fsync_file(tmp)
+            crash_point("during_status_write")
+            self._install(path, tmp, int(doc["version"]))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _install(self, path: Path, tmp: str, version: int) -> bool:
+        """Rename a staged status.json into place unless the one there is newer.
+
+        Several nodes (and the settler and recovery on one node) rewrite a
+        batch's document; each builds it from its own snapshot, and without
+        this check the slowest writer wins, even when its snapshot predates
+        the batch's end (issue 16). The check and the rename happen under an
+        exclusive ``flock`` on the batch's outbox folder, so they are one step
+        for every writer on this filesystem. False when the staged document
+        was older and dropped.
+        """
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                # NFS emulates flock with a write lock, which a directory opened
+                # read-only cannot take (EBADF): the version check alone then
+                # still refuses every older snapshot but one that races it.
+                log.debug("status_lock_unavailable", path=str(path), error=str(exc))
+            current = _document_version(path)
+            if current is not None and current > version:
+                os.unlink(tmp)
+                log.info("status_write_stale", path=str(path), version=version, current=current)
+                return False
+            os.replace(tmp, path)
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def write_statuses(
         self, batches: Sequence[BatchRow], syncer: ResultSyncer
@@ -56,24 +120,21 @@ class Outbox:
         (by id) whose document could not be written, with the error.
         """
         errors: dict[str, Exception] = {}
-        staged: list[tuple[BatchRow, str]] = []
+        staged: list[tuple[BatchRow, str, int]] = []
         for batch in batches:
             try:
-                staged.append(
-                    (
-                        batch,
-                        stage_json(self.spool.status_path(batch.name), self.status_document(batch)),
-                    )
-                )
+                doc = self.status_document(batch)
+                tmp = stage_json(self.spool.status_path(batch.name), doc)
+                staged.append((batch, tmp, int(doc["version"])))
             except (OSError, BatchdError) as exc:
                 errors[batch.id] = exc
-        failed = syncer.sync([tmp for _b, tmp in staged])
-        for batch, tmp in staged:
+        failed = syncer.sync([tmp for _b, tmp, _v in staged])
+        for batch, tmp, version in staged:
             crash_point("during_status_write")
             try:
                 if tmp in failed:
                     raise failed[tmp]
-                os.replace(tmp, self.spool.status_path(batch.name))
+                self._install(self.spool.status_path(batch.name), tmp, version)
             except OSError as exc:
                 errors[batch.id] = exc
                 with contextlib.suppress(OSError):
@@ -140,6 +201,17 @@ class Outbox:
                 if fname.startswith(".") and fname.endswith(".tmp"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, fname))
+
+
+def _document_version(path: Path) -> int | None:
+    """The ``version`` a status.json starts with; None when absent or unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_VERSION_HEAD_BYTES)
+    except OSError:
+        return None
+    found = _VERSION_RE.match(head)
+    return int(found.group(1)) if found else None
 
 
 class ResultSyncer:

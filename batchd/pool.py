@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -27,7 +27,7 @@ import structlog
 
 from batchd.clock import Clock
 from batchd.config import Settings
-from batchd.worker import Done, Failed, Job, Progress, worker_main
+from batchd.worker import Done, Failed, Job, Progress, memory_limit_error, worker_main
 
 log = structlog.get_logger("batchd.pool")
 
@@ -42,6 +42,9 @@ class Lost:
 
     file_id: str
     error: str
+    lease: int = 0
+    #: the worker ended over the memory limit (a permanent failure).
+    out_of_memory: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class TimedOut:
 
     file_id: str
     error: str = "Processing timeout exceeded"
+    lease: int = 0
 
 
 Event = Progress | Done | Failed | Lost | TimedOut
@@ -63,6 +67,31 @@ class _Worker:
     deadline: float | None = None
     retiring: bool = False
     killed_for_timeout: bool = field(default=False)
+    #: the largest address-space size (VmSize, what RLIMIT_AS counts) seen
+    #: while the current job ran, in bytes; sampled at every pool turn.
+    peak_vm_bytes: int = 0
+
+
+#: A worker that died by one of these while its address space was this close
+#: to the limit is taken to have died of the limit (allocation failed in C code,
+#: or the kernel's OOM killer): a permanent failure, like a MemoryError.
+_MEMORY_DEATH_SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS)
+_MEMORY_DEATH_FRACTION = 0.9
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """``(VmSize, VmRSS)`` of a live process in bytes; zeros when it is gone."""
+    vm = rss = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmSize:"):
+                    vm = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return vm, rss
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -201,6 +230,18 @@ class WorkerPool:
 
     # -- work ------------------------------------------------------------------
 
+    def cancel(self, file_id: str, lease: int) -> bool:
+        """Kill the worker running that attempt, with no event for it (the
+        attempt was superseded: its file was claimed again). True if one ran."""
+        for worker in list(self._workers):
+            job = worker.job
+            if job is not None and job.file_id == file_id and job.lease == lease:
+                worker.killed_for_timeout = True  # no Lost event from its burial
+                self._kill(worker)
+                self._remove(worker)
+                return True
+        return False
+
     def submit(self, job: Job) -> None:
         """Hand a job to an idle worker (the caller checked :meth:`idle`)."""
         for worker in self._workers:
@@ -244,6 +285,7 @@ class WorkerPool:
         for worker in dead:
             self._drain(worker, events)  # a last message may still be in the pipe
             self._bury(worker, events)
+        self._sample_memory()
         self._check_timeouts(events)
         self._trim()
         self.start()
@@ -255,25 +297,80 @@ class WorkerPool:
         try:
             while worker.conn.poll():
                 message = worker.conn.recv()
+                if worker.job is None or worker.job.file_id != message.file_id:
+                    continue  # a late report of a job this worker no longer runs
                 if isinstance(message, Progress):
-                    events.append(message)
-                elif (
-                    isinstance(message, Done | Failed)
-                    and worker.job is not None
-                    and worker.job.file_id == message.file_id
-                ):
-                    events.append(message)
+                    events.append(replace(message, lease=worker.job.lease))
+                elif isinstance(message, Done | Failed):
+                    events.append(replace(message, lease=worker.job.lease))
                     worker.job = None
                     worker.deadline = None
+                    worker.peak_vm_bytes = 0
+                    self._recycle_if_large(worker)
         except (EOFError, OSError):
             return False
         return True
 
+    def _sample_memory(self) -> None:
+        """Note each busy worker's address-space size (for :meth:`_bury`)."""
+        for worker in self._workers:
+            if worker.job is not None and worker.process.pid is not None:
+                vm, _rss = memory_of(worker.process.pid)
+                worker.peak_vm_bytes = max(worker.peak_vm_bytes, vm)
+
+    def _recycle_if_large(self, worker: _Worker) -> None:
+        """Replace a worker that grew past ``processing.worker_recycle_rss_mb``.
+
+        CPython seldom gives freed memory back to the system: a worker that
+        once read a big document keeps its size for every file after it.
+        """
+        limit_mb = self.settings.processing.worker_recycle_rss_mb
+        if not limit_mb or worker.process.pid is None or worker.retiring:
+            return
+        _vm, rss = memory_of(worker.process.pid)
+        if rss > limit_mb * 1024 * 1024:
+            worker.retiring = True
+            log.info(
+                "worker_recycled",
+                pid=worker.process.pid,
+                rss_mb=rss // (1024 * 1024),
+                limit_mb=limit_mb,
+            )
+
+    def _died_of_memory(self, worker: _Worker) -> bool:
+        """Whether a dead worker most likely died of its memory limit."""
+        limit_mb = self.settings.processing.worker_memory_mb
+        code = worker.process.exitcode
+        if not limit_mb or code is None or code >= 0:
+            return False
+        if -code not in _MEMORY_DEATH_SIGNALS:
+            return False
+        return worker.peak_vm_bytes >= _MEMORY_DEATH_FRACTION * limit_mb * 1024 * 1024
+
     def _bury(self, worker: _Worker, events: list[Event]) -> None:
         worker.process.join(timeout=5)
         reason = describe_exit(worker.process.exitcode)
-        if worker.job is not None and not worker.killed_for_timeout:
-            events.append(Lost(worker.job.file_id, f"worker process {reason}"))
+        lost = worker.job is not None and not worker.killed_for_timeout
+        if lost and worker.job is not None and self._died_of_memory(worker):
+            limit_mb = self.settings.processing.worker_memory_mb
+            events.append(
+                Lost(
+                    worker.job.file_id,
+                    f"{memory_limit_error(limit_mb)}; worker process {reason}",
+                    worker.job.lease,
+                    out_of_memory=True,
+                )
+            )
+            log.warning(
+                "worker_died",
+                pid=worker.process.pid,
+                file_id=worker.job.file_id,
+                reason=reason,
+                peak_vm_mb=worker.peak_vm_bytes // (1024 * 1024),
+                memory_limit_mb=limit_mb,
+            )
+        elif lost and worker.job is not None:
+            events.append(Lost(worker.job.file_id, f"worker process {reason}", worker.job.lease))
             log.warning(
                 "worker_died",
                 pid=worker.process.pid,
@@ -292,5 +389,5 @@ class WorkerPool:
                 worker.killed_for_timeout = True
                 self._kill(worker)
                 self._remove(worker)
-                events.append(TimedOut(job.file_id))
+                events.append(TimedOut(job.file_id, lease=job.lease))
                 log.warning("file_timeout", file_id=job.file_id, pid=worker.process.pid)

@@ -71,6 +71,8 @@ class BatchRow:
     name: str
     source: str | None
     work_path: str
+    #: grows at every re-derivation of the batch (issue 16): orders status.json rewrites.
+    version: int = 0
 
     def public(self) -> dict[str, Any]:
         """The batch_jobs columns as the API shows them."""
@@ -110,6 +112,8 @@ class FileRow:
     started_at: str | None
     completed_at: str | None
     processor: str | None
+    #: the fencing token: grows by one at every claim (issue 16).
+    lease_gen: int = 0
 
     def public(self) -> dict[str, Any]:
         """The batch_files columns as the API shows them."""
@@ -178,6 +182,30 @@ class Outcome:
     processor: str | None = None
     started_at: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the fencing token of the attempt that ended (``FileRow.lease_gen`` at its
+    #: claim): the outcome is recorded only while the row still carries it.
+    #: None records it unconditionally (tests, tools).
+    lease: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSnapshot:
+    """A batch and its files as one transaction saw them (status.json is built from this)."""
+
+    batch: BatchRow
+    files: tuple[FileRow, ...]
+    summary: dict[str, int]
+    progress_sum: int
+
+    @classmethod
+    def of(cls, batch: BatchRow, files: tuple[FileRow, ...]) -> BatchSnapshot:
+        """Counts and progress derived from the snapshot's own files (as
+        ``Store.file_summary`` and ``Store.progress_sum`` would)."""
+        summary = {"total": len(files), **{str(s): 0 for s in Status}}
+        for file in files:
+            summary[str(file.status)] += 1
+        progress = sum(100 if f.status.done else f.progress for f in files)
+        return cls(batch, files, summary, progress)
 
 
 def batch_status(counts: dict[str, int]) -> Status:

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
@@ -43,7 +44,7 @@ from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import Lost, TimedOut, WorkerPool
 from batchd.processors import choose
-from batchd.records import FileTask, Outcome, Status
+from batchd.records import FileRow, FileTask, Outcome, Status
 from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
 from batchd.store import Store
@@ -86,6 +87,9 @@ class _Final:
     #: a result file the worker wrote without fsync: made durable (in a group)
     #: before the commit that says "completed".
     unsynced: str | None = None
+    #: a failure's result document, written once the commit accepted the
+    #: outcome (a superseded attempt writes nothing: issue 16).
+    document: FileRow | None = None
 
 
 class Scheduler:
@@ -274,11 +278,33 @@ class Scheduler:
         if now_mono < self._next_beat:
             return
         now = self.clock.now()
-        self.store.heartbeat(now, self.address, list(self._running))
+        self.store.heartbeat(now, self.address, list(self._running), self._leases())
         requeued = self.store.requeue_expired(now)
         self._next_beat = now_mono + self.settings.cluster.heartbeat_seconds
         if requeued:
             log.warning("leases_expired_requeued", files=requeued)
+
+    def _leases(self) -> dict[str, int]:
+        """The fencing token of every attempt this node runs, by file id."""
+        return {fid: r.task.file.lease_gen for fid, r in self._running.items()}
+
+    def _superseded(self, running: _Running, reason: str) -> None:
+        """Drop an attempt that no longer owns its file: nothing of it is written."""
+        file = running.task.file
+        if self._running.get(file.id) is running:
+            del self._running[file.id]
+        self._progress.pop(file.id, None)
+        # Its scratch folder is left alone: it is the file's, in the shared
+        # work/, and the attempt that owns the file now (maybe on another
+        # node) may be writing there.
+        log.warning(
+            "outcome_superseded",
+            batch_id=file.batch_id,
+            file_id=file.id,
+            relpath=file.relpath,
+            lease=file.lease_gen,
+            reason=reason,
+        )
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:
@@ -292,6 +318,15 @@ class Scheduler:
         bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
         if self.settler.touches(file.id, file.batch_id):
             self.settler.wait_idle()
+        old = self._running.get(file.id)
+        if old is not None and old.task.file.lease_gen != file.lease_gen:
+            # Claimed again while we still run it (an operator re-queued the
+            # running file by SQL): the old attempt lost its claim. Stop it
+            # before it writes anything.
+            self.pool.cancel(file.id, old.task.file.lease_gen)
+            self._superseded(old, "claimed_again")
+            # What the stopped attempt left must not pass for the new one's outputs.
+            shutil.rmtree(self.spool.scratch_for(file.id), ignore_errors=True)
         try:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
@@ -320,7 +355,16 @@ class Scheduler:
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
-            Job(file.id, file.batch_id, file.relpath, str(path), processor, str(scratch), delivery)
+            Job(
+                file.id,
+                file.batch_id,
+                file.relpath,
+                str(path),
+                processor,
+                str(scratch),
+                delivery,
+                lease=file.lease_gen,
+            )
         )
         crash_point("after_dispatch")
         if file.attempts == 1:
@@ -332,20 +376,22 @@ class Scheduler:
     # -- outcomes ----------------------------------------------------------------
 
     def _handle(self, event: Progress | Done | Failed | Lost | TimedOut) -> None:
-        if isinstance(event, Progress):
-            running = self._running.get(event.file_id)
-            if running is not None:
-                self._progress[event.file_id] = event.percent
-                self._dirty.add(running.task.file.batch_id)
-            return
         running = self._running.get(event.file_id)
-        if running is None:
+        if running is None or running.task.file.lease_gen != event.lease:
+            return  # an attempt already dropped as superseded
+        if isinstance(event, Progress):
+            self._progress[event.file_id] = event.percent
+            self._dirty.add(running.task.file.batch_id)
             return
         self._progress.pop(event.file_id, None)
         self.metrics.attempt_took(self.clock.monotonic() - running.started_mono)
         if isinstance(event, Done):
             self._complete(running, event)
-        elif isinstance(event, TimedOut) or (isinstance(event, Failed) and event.permanent):
+        elif (
+            isinstance(event, TimedOut)
+            or (isinstance(event, Failed) and event.permanent)
+            or (isinstance(event, Lost) and event.out_of_memory)
+        ):
             self._fail(running, event.error)
         else:
             self._retry_or_fail(running, event.error)
@@ -353,9 +399,14 @@ class Scheduler:
     def _complete(self, running: _Running, done: Done) -> None:
         """The worker has already written the result file (see batchd.worker)."""
         crash_point("after_result_write")
+        # The result file holds it whole; the database (and so status.json
+        # and the API) a bounded copy.
+        result = inline_result(
+            done.result, self.settings.limits.max_inline_result_bytes, running.result_path
+        )
         outcome = Outcome(
             Status.COMPLETED,
-            result=done.result,
+            result=result,
             file_hash=done.file_hash,
             file_size=done.file_size,
             processor=running.processor,
@@ -401,13 +452,16 @@ class Scheduler:
         self._dirty.add(file.batch_id)
 
     def _finish(self, running: _Running, outcome: Outcome) -> None:
-        """Write a failed file's result, then the database, then move the input.
+        """Queue a failed file's outcome; its result document follows the commit.
 
-        Result file, then database, then input is the order crash recovery
-        relies on (a completed file's result is written by its worker, before
-        :class:`Done` arrives). A crash after the result write re-runs the
-        file (same result path, replaced atomically); a crash after the
-        database write leaves the input in work/, which recovery moves on.
+        A completed file's result is written by its worker, before
+        :class:`Done` arrives (result file, then database, then input). A
+        failure's document says nothing the database does not, so it is
+        written after the commit, and only when the commit accepted it: an
+        attempt whose claim was superseded (issue 16) never overwrites the
+        document of the attempt that owns the file. A crash between the
+        commit and the write leaves no document; start-up recovery writes it
+        from the database (:meth:`batchd.outbox.Outbox.reconcile`).
         """
         task = running.task
         file = task.file
@@ -424,26 +478,7 @@ class Scheduler:
             completed_at=iso(now),
             progress=100 if outcome.status == Status.COMPLETED else file.progress,
         )
-        try:
-            self.outbox.write_result(task.batch_name, final)
-        except OSError as exc:
-            error = f"cannot write the result file: {exc.strerror or exc}"
-            log.error("result_write_failed", batch_id=file.batch_id, file_id=file.id, error=error)
-            if outcome.status == Status.COMPLETED:
-                # Never completed without its result on disk: try again later,
-                # and once retries are spent, fail with the reason.
-                if file.retry_count < self.settings.processing.max_retries:
-                    self._retry_or_fail(running, error)
-                else:
-                    failed = replace(outcome, status=Status.FAILED, result=None, error=error)
-                    self._store_final(running, failed, now)
-                return
-        crash_point("after_result_write")
-        self._store_final(running, outcome, now)
-
-    def _store_final(self, running: _Running, outcome: Outcome, ended: datetime) -> None:
-        """Queue a final outcome for the next grouped commit (see :meth:`_commit`)."""
-        self._pending.append(_Final(running, outcome, ended))
+        self._pending.append(_Final(running, outcome, now, document=final))
 
     def _commit(self) -> None:
         """Make the queued results durable, record every queued outcome in one
@@ -457,24 +492,47 @@ class Scheduler:
         """
         while self._retries:
             retry = self._retries[0]
-            self.store.retry_later(retry.running.task.file.id, retry.error, retry.available_at)
+            file = retry.running.task.file
+            held = self.store.retry_later(
+                file.id, retry.error, retry.available_at, lease=file.lease_gen
+            )
             self._retries.pop(0)
-            self._running.pop(retry.running.task.file.id, None)
+            if held:
+                if self._running.get(file.id) is retry.running:
+                    del self._running[file.id]
+            else:
+                self._superseded(retry.running, "lease_lost")
         while self._pending:
             pending = self._barrier()
             # On a StoreError nothing was recorded (one transaction) and the
             # outcomes stay queued for the next attempt: never lost.
-            batches = (
+            recorded = (
                 self.store.finish_many(
-                    [(f.running.task.file.id, f.outcome, f.ended) for f in pending]
+                    [
+                        (
+                            f.running.task.file.id,
+                            replace(f.outcome, lease=f.running.task.file.lease_gen),
+                            f.ended,
+                        )
+                        for f in pending
+                    ]
                 )
                 if pending
                 else []
             )
             del self._pending[: len(pending)]
             crash_point("after_finish")
-            for final in pending:
+            accepted = []
+            batches = []
+            for final, batch in zip(pending, recorded, strict=True):
+                if batch is None:
+                    # Another attempt owns the file now: no result, no input move.
+                    self._superseded(final.running, "lease_lost")
+                    continue
+                accepted.append(final)
+                batches.append(batch)
                 self._finished(final)
+            pending = accepted
             # Only now: a file is claimed after the one it replaces is recorded
             # as finished, so the database never shows more files processing
             # than there are workers. What follows must happen even if the
@@ -523,7 +581,21 @@ class Scheduler:
     def _finished(self, final: _Final) -> None:
         task, outcome = final.running.task, final.outcome
         file = task.file
-        self._running.pop(file.id, None)
+        if self._running.get(file.id) is final.running:
+            del self._running[file.id]
+        if final.document is not None:
+            try:
+                self.outbox.write_result(task.batch_name, final.document)
+            except OSError as exc:
+                # The database says failed, with the error: start-up recovery
+                # writes the missing document from it.
+                log.error(
+                    "result_write_failed",
+                    batch_id=file.batch_id,
+                    file_id=file.id,
+                    error=f"cannot write the result file: {exc.strerror or exc}",
+                )
+            crash_point("after_result_write")
         self.finished_count += 1
         self.metrics.file_finished(str(outcome.status), str(task.priority))
         if outcome.status == Status.COMPLETED:
@@ -553,7 +625,8 @@ class Scheduler:
         self._last_flush = now
         if self._progress:
             progress, self._progress = self._progress, {}
-            self.store.set_progress(progress)  # lost on a StoreError: the next report redoes it
+            # Lost on a StoreError: the next report redoes it.
+            self.store.set_progress(progress, self._leases())
         dirty, self._dirty = self._dirty, set()
         for batch_id in dirty:
             self.settler.refresh(batch_id)
@@ -583,7 +656,7 @@ class Scheduler:
         try:
             if left:
                 log.warning("shutdown_requeued", files=len(left))
-                self.store.requeue(left)
+                self.store.requeue(left, self._leases())
                 for file_id in left:
                     self._dirty.add(self._running[file_id].task.file.batch_id)
         except StoreError as exc:

@@ -36,6 +36,7 @@ from batchd.config import Priority, Settings
 from batchd.errors import AlreadyRegistered, ConfigError, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
+    BatchSnapshot,
     FileRow,
     FileTask,
     NewBatch,
@@ -118,16 +119,25 @@ MIGRATIONS: tuple[str, ...] = (
         address        TEXT
     );
     """,
+    # 3: fencing and status.json ordering (issue 16). lease_gen grows by one at
+    # every claim: an outcome, progress or retry is written only while the row
+    # still carries the generation of the attempt that reports it. version grows
+    # at every re-derivation of the batch: a status.json built from an older
+    # snapshot never replaces a newer one.
+    """
+    ALTER TABLE batch_files ADD COLUMN lease_gen INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batch_jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _BATCH_COLS = (
     "id, user_id, status, total_files, processed_files, failed_files, priority, "
-    "created_at, started_at, completed_at, error, name, source, work_path"
+    "created_at, started_at, completed_at, error, name, source, work_path, version"
 )
 _FILE_COLS = (
     "id, batch_id, filename, relpath, file_size, file_hash, status, progress, result, "
-    "error, retry_count, attempts, created_at, started_at, completed_at, processor"
+    "error, retry_count, attempts, created_at, started_at, completed_at, processor, lease_gen"
 )
 
 
@@ -187,14 +197,25 @@ class Store(Protocol):
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
         """Atomically record a file's final outcome and refresh its batch."""
 
-    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow]:
-        """Atomically record several final outcomes; each item's batch, refreshed."""
+    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow | None]:
+        """Atomically record several final outcomes; each item's batch, refreshed.
 
-    def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
-        """Atomically put a failed attempt back to pending, one retry spent."""
+        An item whose ``Outcome.lease`` no longer matches the row (the file was
+        re-queued or claimed again since) is not written: its entry is None.
+        """
 
-    def requeue(self, file_ids: Sequence[str]) -> None:
-        """Put processing files back to pending without spending an attempt."""
+    def retry_later(
+        self, file_id: str, error: str, available_at: datetime, lease: int | None = None
+    ) -> bool:
+        """Atomically put a failed attempt back to pending, one retry spent.
+
+        With ``lease``, only while the file still carries that fencing token;
+        False when it did not (the attempt was superseded).
+        """
+
+    def requeue(self, file_ids: Sequence[str], leases: Mapping[str, int] | None = None) -> None:
+        """Put processing files back to pending without spending an attempt
+        (those in ``leases`` only while they still carry that token)."""
 
     def requeue_stale(self) -> int:
         """At start-up: this node's ``processing`` files back to pending; returns how many."""
@@ -203,9 +224,14 @@ class Store(Protocol):
         """Files whose node's lease ended before ``now`` back to pending; how many."""
 
     def heartbeat(
-        self, now: datetime, address: str | None = None, running: Sequence[str] | None = None
+        self,
+        now: datetime,
+        address: str | None = None,
+        running: Sequence[str] | None = None,
+        leases: Mapping[str, int] | None = None,
     ) -> None:
-        """Record that this node is alive and extend the leases of its ``running`` files."""
+        """Record that this node is alive and extend the leases of its ``running`` files
+        (those in ``leases`` only while they still carry that token)."""
 
     def nodes(self) -> list[NodeRow]:
         """Every node that heart-beat, with how many files it runs."""
@@ -216,8 +242,11 @@ class Store(Protocol):
     def drain_notifications(self) -> int:
         """Consume arrived wake-ups without blocking; how many."""
 
-    def set_progress(self, progress: Mapping[str, int]) -> None:
-        """Record progress percentages for running files, in one transaction."""
+    def set_progress(
+        self, progress: Mapping[str, int], leases: Mapping[str, int] | None = None
+    ) -> None:
+        """Record progress percentages for running files, in one transaction
+        (those in ``leases`` only while they still carry that token)."""
 
     def retry_failed(self, target_id: str) -> int:
         """Failed file ``target_id``, or every failed file of batch ``target_id``,
@@ -227,6 +256,9 @@ class Store(Protocol):
         """Re-derive a batch's counters and status from its files."""
 
     def get_batch(self, batch_id: str) -> BatchRow | None: ...
+
+    def snapshot(self, batch_id: str) -> BatchSnapshot | None:
+        """A batch and all its files from one consistent read (status.json)."""
 
     def find_batch(self, id_or_name: str) -> BatchRow | None: ...
 
@@ -538,7 +570,7 @@ class SQLiteStore:
                 return None
             updated = conn.execute(
                 f"UPDATE batch_files SET status = 'processing', started_at = ?, progress = 0,"
-                f" completed_at = NULL,"
+                f" completed_at = NULL, lease_gen = lease_gen + 1,"
                 f" attempts = attempts + 1, available_at = NULL"
                 f" WHERE id = ? RETURNING {_FILE_COLS}",
                 (stamp, row["id"]),
@@ -554,20 +586,26 @@ class SQLiteStore:
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
         """Record one file's final outcome; returns its batch, re-derived. Atomic."""
-        return self.finish_many([(file_id, outcome, now)])[0]
+        batch = self.finish_many([(file_id, outcome, now)])[0]
+        if batch is None:
+            raise StoreError(f"file {file_id} was claimed again: outcome superseded")
+        return batch
 
-    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow]:
+    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow | None]:
         """Record several files' final outcomes in one transaction (all or none).
 
         ``items`` are ``(file_id, outcome, completed_at)``. Returns the batch of
         each item, in order, re-derived once per batch after every update: the
         scheduler groups the outcomes that arrive together, so a busy daemon
-        pays one commit for many files.
+        pays one commit for many files. An outcome that carries a fencing
+        token (``Outcome.lease``) is recorded only while the file is still
+        processing under that token; otherwise it is superseded (the file was
+        re-queued or claimed again meanwhile) and its item is None.
         """
         for _fid, outcome, _at in items:
             if not outcome.status.done:
                 raise ValueError(f"finish() needs a final status, not {outcome.status}")
-        batch_of: list[str] = []
+        batch_of: list[str | None] = []
         with self._tx() as conn:
             for file_id, outcome, at in items:
                 row = conn.execute(
@@ -575,7 +613,8 @@ class SQLiteStore:
                     " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END,"
                     " file_hash = COALESCE(?, file_hash), file_size = COALESCE(?, file_size),"
                     " processor = COALESCE(?, processor), started_at = COALESCE(?, started_at)"
-                    " WHERE id = ? RETURNING batch_id",
+                    " WHERE id = ? AND (? IS NULL OR (status = 'processing' AND lease_gen = ?))"
+                    " RETURNING batch_id",
                     (
                         outcome.status,
                         json.dumps(outcome.result) if outcome.result is not None else None,
@@ -587,34 +626,44 @@ class SQLiteStore:
                         outcome.processor,
                         outcome.started_at,
                         file_id,
+                        outcome.lease,
+                        outcome.lease,
                     ),
                 ).fetchone()
-                if row is None:
+                if row is None and outcome.lease is None:
                     raise StoreError(f"no file {file_id} in {self.path}")
-                batch_of.append(row["batch_id"])
+                batch_of.append(None if row is None else row["batch_id"])
             latest = max(at for _fid, _o, at in items) if items else datetime.now(UTC)
             batches = {
-                bid: self._refresh_batch(conn, bid, latest) for bid in dict.fromkeys(batch_of)
+                bid: self._refresh_batch(conn, bid, latest)
+                for bid in dict.fromkeys(b for b in batch_of if b is not None)
             }
-        return [batches[bid] for bid in batch_of]
+        return [None if bid is None else batches[bid] for bid in batch_of]
 
-    def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
+    def retry_later(
+        self, file_id: str, error: str, available_at: datetime, lease: int | None = None
+    ) -> bool:
+        """Put a failed attempt back to pending; False when ``lease`` no longer holds."""
         with self._tx() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE batch_files SET status = 'pending', retry_count = retry_count + 1,"
-                " error = ?, available_at = ?, progress = 0 WHERE id = ?",
-                (error, iso(available_at), file_id),
+                " error = ?, available_at = ?, progress = 0 WHERE id = ?"
+                " AND (? IS NULL OR (status = 'processing' AND lease_gen = ?))",
+                (error, iso(available_at), file_id, lease, lease),
             )
+            return cur.rowcount > 0 or lease is None
 
-    def requeue(self, file_ids: Sequence[str]) -> None:
+    def requeue(self, file_ids: Sequence[str], leases: Mapping[str, int] | None = None) -> None:
         if not file_ids:
             return
+        leases = leases or {}
         with self._tx() as conn:
             # attempts - 1: an attempt cut short by us (shutdown, crash) is not spent.
             conn.executemany(
                 "UPDATE batch_files SET status = 'pending', progress = 0,"
-                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND status = 'processing'",
-                [(fid,) for fid in file_ids],
+                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND status = 'processing'"
+                " AND (? IS NULL OR lease_gen = ?)",
+                [(fid, leases.get(fid), leases.get(fid)) for fid in file_ids],
             )
 
     def requeue_stale(self) -> int:
@@ -625,13 +674,20 @@ class SQLiteStore:
             )
             return cur.rowcount
 
-    def set_progress(self, progress: Mapping[str, int]) -> None:
+    def set_progress(
+        self, progress: Mapping[str, int], leases: Mapping[str, int] | None = None
+    ) -> None:
         if not progress:
             return
+        leases = leases or {}
         with self._tx() as conn:
             conn.executemany(
-                "UPDATE batch_files SET progress = ? WHERE id = ? AND status = 'processing'",
-                [(max(0, min(100, int(pct))), fid) for fid, pct in progress.items()],
+                "UPDATE batch_files SET progress = ? WHERE id = ? AND status = 'processing'"
+                " AND (? IS NULL OR lease_gen = ?)",
+                [
+                    (max(0, min(100, int(pct))), fid, leases.get(fid), leases.get(fid))
+                    for fid, pct in progress.items()
+                ],
             )
 
     def retry_failed(self, target_id: str) -> int:
@@ -671,7 +727,7 @@ class SQLiteStore:
             f" started_at = CASE WHEN ? IN ('processing', 'completed', 'failed')"
             f"   THEN COALESCE(started_at, ?) ELSE started_at END,"
             f" completed_at = CASE WHEN ? IN ('completed', 'failed')"
-            f"   THEN COALESCE(completed_at, ?) ELSE NULL END"
+            f"   THEN COALESCE(completed_at, ?) ELSE NULL END, version = version + 1"
             f" WHERE id = ? RETURNING {_BATCH_COLS}",
             (status, total, completed, failed, status, stamp, status, stamp, batch_id),
         ).fetchone()
@@ -708,6 +764,30 @@ class SQLiteStore:
             (id_or_name, id_or_name),
         )
         return _batch(rows[0]) if rows else None
+
+    def snapshot(self, batch_id: str) -> BatchSnapshot | None:
+        """The batch, its files, their counts and progress, all from one read transaction."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN")  # deferred: the first SELECT fixes the WAL snapshot
+            try:
+                row = conn.execute(
+                    f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE id = ?", (batch_id,)
+                ).fetchone()
+                if row is None:
+                    return None
+                files = tuple(
+                    _file(r)
+                    for r in conn.execute(
+                        f"SELECT {_FILE_COLS} FROM batch_files WHERE batch_id = ? ORDER BY seq",
+                        (batch_id,),
+                    )
+                )
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"query on {self.path} failed: {exc}") from exc
+        return BatchSnapshot.of(_batch(row), files)
 
     def get_file(self, file_id: str) -> FileRow | None:
         rows = self._read(f"SELECT {_FILE_COLS} FROM batch_files WHERE id = ?", (file_id,))
@@ -857,10 +937,14 @@ class SQLiteStore:
     # -- cluster (issue 8): one node, so mostly trivial ------------------------
 
     def heartbeat(
-        self, now: datetime, address: str | None = None, running: Sequence[str] | None = None
+        self,
+        now: datetime,
+        address: str | None = None,
+        running: Sequence[str] | None = None,
+        leases: Mapping[str, int] | None = None,
     ) -> None:
         """Atomically record that this node is alive (SQLite files need no lease,
-        so ``running`` is unused)."""
+        so ``running`` and ``leases`` are unused)."""
         stamp = iso(now)
         if self._started is None:
             self._started = stamp
@@ -975,6 +1059,7 @@ def _batch(row: sqlite3.Row) -> BatchRow:
         name=row["name"],
         source=row["source"],
         work_path=row["work_path"],
+        version=row["version"],
     )
 
 
@@ -996,4 +1081,5 @@ def _file(row: sqlite3.Row) -> FileRow:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         processor=row["processor"],
+        lease_gen=row["lease_gen"],
     )

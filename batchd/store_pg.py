@@ -60,6 +60,7 @@ from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
+    BatchSnapshot,
     FileRow,
     FileTask,
     NewBatch,
@@ -173,17 +174,26 @@ MIGRATIONS: tuple[str, ...] = (
         WHEN (NEW.status = 'pending' AND (NEW.available_at IS NULL OR NEW.available_at <= now()))
         EXECUTE FUNCTION batchd_notify_work();
     """,
+    # 2: fencing and status.json ordering (issue 16). lease_gen grows by one at
+    # every claim: an outcome, progress or lease renewal is written only while
+    # the row still carries the generation of the attempt that reports it.
+    # version grows at every re-derivation of the batch: a status.json built
+    # from an older snapshot never replaces a newer one.
+    """
+    ALTER TABLE batch_files ADD COLUMN lease_gen integer NOT NULL DEFAULT 0;
+    ALTER TABLE batch_jobs ADD COLUMN version bigint NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _BATCH_COLS = (
     "id, user_id, status, total_files, processed_files, failed_files, priority, "
-    "created_at, started_at, completed_at, error, name, source, work_path"
+    "created_at, started_at, completed_at, error, name, source, work_path, version"
 )
 _FILE_FIELDS = (
     *("id", "batch_id", "filename", "relpath", "file_size", "file_hash", "status"),
     *("progress", "result", "error", "retry_count", "attempts", "created_at", "started_at"),
-    *("completed_at", "processor"),
+    *("completed_at", "processor", "lease_gen"),
 )
 
 
@@ -487,7 +497,8 @@ class PostgresStore:
                 f"  ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
                 f" UPDATE batch_files f SET status = 'processing', started_at = %s,"
                 f" progress = 0, completed_at = NULL, attempts = attempts + 1,"
-                f" available_at = NULL, node_id = %s, lease_until = %s"
+                f" available_at = NULL, node_id = %s, lease_until = %s,"
+                f" lease_gen = f.lease_gen + 1"
                 f" FROM next WHERE f.id = next.id RETURNING {_file_cols('f.')}",
                 (stamp, stamp, self.node_id, stamp + self.lease),
             ).fetchone()
@@ -501,9 +512,12 @@ class PostgresStore:
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
         """Record one file's final outcome; returns its batch, re-derived. Atomic."""
-        return self.finish_many([(file_id, outcome, now)])[0]
+        batch = self.finish_many([(file_id, outcome, now)])[0]
+        if batch is None:
+            raise StoreError(f"file {file_id} was claimed again: outcome superseded")
+        return batch
 
-    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow]:
+    def finish_many(self, items: Sequence[tuple[str, Outcome, datetime]]) -> list[BatchRow | None]:
         """Record several files' final outcomes in one transaction (all or none).
 
         ``items`` are ``(file_id, outcome, completed_at)``. Returns the batch of
@@ -511,6 +525,11 @@ class PostgresStore:
         Rows are locked files first (in id order), then batches (in id order,
         by :meth:`_refresh_batch`), as every writer here does, so two nodes
         finishing files of the same batches cannot deadlock.
+
+        Fencing: an outcome with a token (``Outcome.lease``) is written only
+        while the row is still processing under that token. A node whose
+        lease expired during an outage and whose file another node claimed
+        since gets None for that item, and nothing of it is written.
         """
         for file_id, outcome, _at in items:
             if not outcome.status.done:
@@ -527,7 +546,9 @@ class PostgresStore:
                     " file_hash = COALESCE(%s, file_hash), file_size = COALESCE(%s, file_size),"
                     " processor = COALESCE(%s, processor),"
                     " started_at = COALESCE(%s::timestamptz, started_at), lease_until = NULL"
-                    " WHERE id = %s RETURNING batch_id",
+                    " WHERE id = %s AND (%s::integer IS NULL"
+                    "   OR (status = 'processing' AND lease_gen = %s::integer))"
+                    " RETURNING batch_id",
                     (
                         outcome.status,
                         json.dumps(outcome.result) if outcome.result is not None else None,
@@ -539,45 +560,57 @@ class PostgresStore:
                         outcome.processor,
                         outcome.started_at,
                         file_id,
+                        outcome.lease,
+                        outcome.lease,
                     ),
                 ).fetchone()
                 if row is None:
-                    raise StoreError(f"no file {file_id} in {self.where}")
+                    if outcome.lease is None:
+                        raise StoreError(f"no file {file_id} in {self.where}")
+                    continue
                 batch_of[file_id] = str(row["batch_id"])
             latest = max((at for _fid, _o, at in items), default=datetime.now(UTC))
             batches = {
                 bid: self._refresh_batch(conn, bid, latest)
                 for bid in sorted(set(batch_of.values()))
             }
-        return [batches[batch_of[fid]] for fid, _o, _at in items]
+        return [batches[batch_of[fid]] if fid in batch_of else None for fid, _o, _at in items]
 
-    def retry_later(self, file_id: str, error: str, available_at: datetime) -> None:
+    def retry_later(
+        self, file_id: str, error: str, available_at: datetime, lease: int | None = None
+    ) -> bool:
         """Atomically put a failed attempt back to pending, one retry spent.
 
         The trigger wakes listening nodes only if the file is already due;
-        a later back-off is found through :meth:`next_due`.
+        a later back-off is found through :meth:`next_due`. With ``lease``,
+        only while the file still carries that token (False: superseded).
         """
         if _uuid(file_id) is None:
-            return
+            return lease is None
         with self._tx() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE batch_files SET status = 'pending', retry_count = retry_count + 1,"
                 " error = %s, available_at = %s, progress = 0, lease_until = NULL"
-                " WHERE id = %s",
-                (error, _ts(available_at), file_id),
+                " WHERE id = %s AND (%s::integer IS NULL"
+                "   OR (status = 'processing' AND lease_gen = %s::integer))",
+                (error, _ts(available_at), file_id, lease, lease),
             )
+            return cur.rowcount > 0 or lease is None
 
-    def requeue(self, file_ids: Sequence[str]) -> None:
+    def requeue(self, file_ids: Sequence[str], leases: Mapping[str, int] | None = None) -> None:
         ids = [fid for fid in file_ids if _uuid(fid) is not None]
         if not ids:
             return
+        leases = leases or {}
         with self._tx() as conn:
             # attempts - 1: an attempt cut short by us (shutdown, crash) is not spent.
             conn.execute(
-                "UPDATE batch_files SET status = 'pending', progress = 0,"
-                " attempts = GREATEST(attempts - 1, 0), lease_until = NULL"
-                " WHERE id = ANY(%s::uuid[]) AND status = 'processing'",
-                (ids,),
+                "UPDATE batch_files f SET status = 'pending', progress = 0,"
+                " attempts = GREATEST(f.attempts - 1, 0), lease_until = NULL"
+                " FROM unnest(%s::uuid[], %s::integer[]) AS t (id, gen)"
+                " WHERE f.id = t.id AND f.status = 'processing'"
+                " AND (t.gen IS NULL OR f.lease_gen = t.gen)",
+                (ids, [leases.get(fid) for fid in ids]),
             )
 
     def requeue_stale(self) -> int:
@@ -612,7 +645,11 @@ class PostgresStore:
             return cur.rowcount
 
     def heartbeat(
-        self, now: datetime, address: str | None = None, running: Sequence[str] | None = None
+        self,
+        now: datetime,
+        address: str | None = None,
+        running: Sequence[str] | None = None,
+        leases: Mapping[str, int] | None = None,
     ) -> None:
         """Atomically record that this node is alive and extend its files' leases.
 
@@ -620,7 +657,8 @@ class PostgresStore:
         ``running``: the files this node really runs; only their leases are
         extended, so a file leased to this node that it lost track of (a
         claim whose reply a dropped connection swallowed) expires and is
-        requeued. ``None`` extends every file leased to this node.
+        requeued. ``None`` extends every file leased to this node. A file in
+        ``leases`` is extended only while it still carries that token.
         """
         stamp = _ts(now)
         if self._started is None:
@@ -640,10 +678,13 @@ class PostgresStore:
                     (stamp + self.lease, self.node_id),
                 )
             elif ids := [fid for fid in running if _uuid(fid) is not None]:
+                gens = [(leases or {}).get(fid) for fid in ids]
                 conn.execute(
-                    "UPDATE batch_files SET lease_until = %s WHERE status = 'processing'"
-                    " AND node_id = %s AND id = ANY(%s::uuid[])",
-                    (stamp + self.lease, self.node_id, ids),
+                    "UPDATE batch_files f SET lease_until = %s"
+                    " FROM unnest(%s::uuid[], %s::integer[]) AS t (id, gen)"
+                    " WHERE f.id = t.id AND f.status = 'processing' AND f.node_id = %s"
+                    " AND (t.gen IS NULL OR f.lease_gen = t.gen)",
+                    (stamp + self.lease, ids, gens, self.node_id),
                 )
 
     def nodes(self) -> list[NodeRow]:
@@ -722,13 +763,21 @@ class PostgresStore:
 
     # -- progress and retries --------------------------------------------------
 
-    def set_progress(self, progress: Mapping[str, int]) -> None:
-        rows = [(max(0, min(100, int(pct))), fid) for fid, pct in progress.items() if _uuid(fid)]
+    def set_progress(
+        self, progress: Mapping[str, int], leases: Mapping[str, int] | None = None
+    ) -> None:
+        leases = leases or {}
+        rows = [
+            (max(0, min(100, int(pct))), fid, leases.get(fid), leases.get(fid))
+            for fid, pct in progress.items()
+            if _uuid(fid)
+        ]
         if not rows:
             return
         with self._tx() as conn, conn.cursor() as cur:
             cur.executemany(
-                "UPDATE batch_files SET progress = %s WHERE id = %s AND status = 'processing'",
+                "UPDATE batch_files SET progress = %s WHERE id = %s AND status = 'processing'"
+                " AND (%s::integer IS NULL OR lease_gen = %s::integer)",
                 rows,
             )
 
@@ -773,7 +822,7 @@ class PostgresStore:
             f" started_at = CASE WHEN %(status)s IN ('processing', 'completed', 'failed')"
             f"   THEN COALESCE(started_at, %(now)s) ELSE started_at END,"
             f" completed_at = CASE WHEN %(status)s IN ('completed', 'failed')"
-            f"   THEN COALESCE(completed_at, %(now)s) ELSE NULL END"
+            f"   THEN COALESCE(completed_at, %(now)s) ELSE NULL END, version = version + 1"
             f" WHERE id = %(id)s RETURNING {_BATCH_COLS}",
             {
                 "status": str(status),
@@ -820,6 +869,29 @@ class PostgresStore:
             (_uuid(id_or_name), id_or_name, _uuid(id_or_name)),
         )
         return _batch(rows[0]) if rows else None
+
+    def snapshot(self, batch_id: str) -> BatchSnapshot | None:
+        """The batch, its files, their counts and progress, from one REPEATABLE READ snapshot.
+
+        Read apart, the batch row could predate a commit its file rows show
+        (issue 16: a status.json saying 'processing' with every file done).
+        """
+        if _uuid(batch_id) is None:
+            return None
+        with self._tx("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
+            row = conn.execute(
+                f"SELECT {_BATCH_COLS} FROM batch_jobs WHERE id = %s", (batch_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            files = tuple(
+                _file(r)
+                for r in conn.execute(
+                    f"SELECT {_FILE_COLS} FROM batch_files WHERE batch_id = %s ORDER BY seq",
+                    (batch_id,),
+                )
+            )
+        return BatchSnapshot.of(_batch(row), files)
 
     def get_file(self, file_id: str) -> FileRow | None:
         if _uuid(file_id) is None:
@@ -1050,6 +1122,7 @@ def _batch(row: DictRow) -> BatchRow:
         name=row["name"],
         source=row["source"],
         work_path=row["work_path"],
+        version=int(row["version"]),
     )
 
 
@@ -1071,4 +1144,5 @@ def _file(row: DictRow) -> FileRow:
         started_at=_opt_iso(row["started_at"]),
         completed_at=_opt_iso(row["completed_at"]),
         processor=row["processor"],
+        lease_gen=row["lease_gen"],
     )

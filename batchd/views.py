@@ -7,6 +7,7 @@ One function builds each shape, so ``GET /api/batch/jobs/<id>`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchd.clock import parse_iso
@@ -32,8 +33,15 @@ def batch_detail(
     """``{"batch": {..., "progressPercent"}, "files": [...], "summary": {...}}``."""
     summary = store.file_summary(batch.id)
     files = store.list_files(batch.id, limit=files_limit, offset=files_offset)
+    return detail_of(batch, files, summary, store.progress_sum(batch.id))
+
+
+def detail_of(
+    batch: BatchRow, files: Sequence[FileRow], summary: dict[str, int], progress_sum: int
+) -> Json:
+    """The :func:`batch_detail` shape from rows already read (one snapshot)."""
     head = batch.public()
-    head["progressPercent"] = progress_percent(summary["total"], store.progress_sum(batch.id))
+    head["progressPercent"] = progress_percent(summary["total"], progress_sum)
     return {
         "batch": head,
         "files": [f.public() for f in files],

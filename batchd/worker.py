@@ -67,12 +67,16 @@ class Job:
     processor: str
     output_dir: str
     delivery: Delivery | None = None
+    #: the claim's fencing token (``FileRow.lease_gen``); the pool stamps it on
+    #: this job's events, so a superseded attempt's reports are told apart.
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
     file_id: str
     percent: int
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ class Done:
     seconds: float
     #: when the attempt ended, as written into the result file.
     completed_at: str = ""
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,7 @@ class Failed:
     error: str
     permanent: bool
     seconds: float
+    lease: int = 0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -108,6 +114,14 @@ def _limit_memory(megabytes: int) -> None:
     if megabytes > 0:
         limit = megabytes * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def memory_limit_error(megabytes: int) -> str:
+    """The error of a file whose worker ran out of its memory limit."""
+    return (
+        f"exceeded the worker memory limit of {megabytes} MiB"
+        " (processing.worker_memory_mb): the document needs more memory than a worker may use"
+    )
 
 
 def hash_file(path: Path) -> tuple[str, int]:
@@ -212,8 +226,11 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
         return Failed(job.file_id, _describe(exc), True, time.monotonic() - started)
     except MemoryError:
         mb = settings.processing.worker_memory_mb
-        limit = f" (processing.worker_memory_mb = {mb})" if mb else ""
-        return Failed(job.file_id, f"out of memory{limit}", False, time.monotonic() - started)
+        if mb:
+            # The document needs more than a worker may have: another attempt
+            # would need just as much, so this is permanent, not retried.
+            return Failed(job.file_id, memory_limit_error(mb), True, time.monotonic() - started)
+        return Failed(job.file_id, "out of memory", False, time.monotonic() - started)
     except Exception as exc:
         return Failed(job.file_id, _describe(exc), False, time.monotonic() - started)
 

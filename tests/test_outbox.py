@@ -105,3 +105,34 @@ def test_syncer_syncs_a_group_and_reports_failures(tmp_path: Path) -> None:
         assert list(syncer.sync([missing])) == [missing]
     finally:
         syncer.close()
+
+
+def test_an_older_snapshot_never_replaces_a_newer_status(outbox: Outbox) -> None:
+    """A status.json staged from an older snapshot is dropped when a newer one is in place."""
+    batch = register(outbox, "race")
+    stale = outbox.status_document(batch)  # built before the batch ends
+    task = outbox.store.claim_next(T0)
+    assert task is not None
+    final = outbox.store.finish(task.file.id, Outcome(Status.COMPLETED, result={"n": 1}), T0)
+    outbox.write_status(final)
+    path = outbox.spool.status_path("race")
+    tmp = path.with_name(".stale.tmp")
+    tmp.write_text(json.dumps(stale, indent=1))
+    assert outbox._install(path, str(tmp), int(stale["version"])) is False
+    doc = json.loads(path.read_text())
+    assert (doc["batch"]["status"], doc["version"]) == ("completed", final.version)
+    assert not tmp.exists()
+
+
+def test_status_document_comes_from_one_snapshot(outbox: Outbox) -> None:
+    """The batch head, the file list and the summary of status.json agree with each other."""
+    batch = register(outbox, "snap", ("a.csv", "b.csv"))
+    task = outbox.store.claim_next(T0)
+    assert task is not None
+    final = outbox.store.finish(task.file.id, Outcome(Status.COMPLETED, result={"n": 1}), T0)
+    doc = outbox.status_document(final)
+    assert doc["version"] == final.version
+    assert doc["batch"]["processed_files"] == doc["summary"]["completed"] == 1
+    assert [f["status"] for f in doc["files"]] == ["completed", "pending"]
+    assert doc["batch"]["progressPercent"] == 50
+    assert batch.version < final.version

@@ -19,7 +19,7 @@ from batchd.clock import Clock, SystemClock
 from batchd.config import Settings, load_settings
 from batchd.pool import Event, Lost, TimedOut, WorkerPool, describe_exit
 from batchd.records import FileRow, Status
-from batchd.worker import Delivery, Done, Failed, Job, Progress
+from batchd.worker import Delivery, Done, Failed, Job, Progress, memory_limit_error
 
 # Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -463,12 +463,13 @@ def test_stop_ends_every_worker(make_runner: Callable[..., Runner]) -> None:
 
 
 def test_memory_limit_fails_the_attempt(make_runner: Callable[..., Runner]) -> None:
-    """With worker_memory_mb set, a processor that allocates too much fails, saying so."""
+    """With worker_memory_mb set, a processor that allocates too much fails for good, saying so."""
     runner = make_runner(processing__worker_memory_mb="1024")
     event = runner.final(runner.submit("hog"))
     assert isinstance(event, Failed)
-    assert event.error == "out of memory (processing.worker_memory_mb = 1024)"
-    assert not event.permanent
+    assert event.error == memory_limit_error(1024)
+    assert "exceeded the worker memory limit of 1024 MiB" in event.error
+    assert event.permanent
     assert isinstance(runner.final(runner.submit("ok")), Done)
 
 

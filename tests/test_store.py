@@ -70,6 +70,11 @@ def completed(**extra: Any) -> Outcome:
 FAILED = Outcome(Status.FAILED, error="RuntimeError: boom", processor="noop")
 
 
+def failed_by(task: FileTask) -> Outcome:
+    """FAILED, as the attempt ``task`` reports it (with its fencing token)."""
+    return Outcome(Status.FAILED, error="boom", processor="noop", lease=task.file.lease_gen)
+
+
 class StoreContract:
     """Behaviour every store must have. Subclasses provide the ``store`` fixture."""
 
@@ -372,6 +377,84 @@ class StoreContract:
             0,
             1,
         )
+
+    # -- fencing (issue 16) -----------------------------------------------------
+
+    def test_every_claim_carries_a_new_fencing_token(self, store: Any) -> None:
+        """A file claimed, requeued and claimed again gets a higher lease_gen each time."""
+        self.register(store, "b1")
+        first = self.claim(store)
+        store.requeue([first.file.id])
+        second = self.claim(store)
+        assert second.file.id == first.file.id
+        assert second.file.lease_gen == first.file.lease_gen + 1
+        # requeue gives the attempt back, so attempts alone could not fence.
+        assert second.file.attempts == first.file.attempts
+
+    def test_outcome_of_a_superseded_attempt_is_dropped(self, store: Any) -> None:
+        """finish_many with an old token writes nothing and returns None for that item."""
+        self.register(store, "b1", ("a", "b"))
+        old = self.claim(store)
+        other = self.claim(store)
+        store.requeue([old.file.id])
+        new = self.claim(store)
+        stale = completed(lease=old.file.lease_gen)
+        fresh = completed(lease=other.file.lease_gen)
+        got = store.finish_many([(old.file.id, stale, at(1)), (other.file.id, fresh, at(1))])
+        assert got[0] is None and got[1] is not None
+        row = store.get_file(old.file.id)
+        assert (row.status, row.lease_gen) == (Status.PROCESSING, new.file.lease_gen)
+        assert store.get_file(other.file.id).status == Status.COMPLETED
+        # The owner's outcome still lands.
+        owner = store.finish_many([(new.file.id, completed(lease=new.file.lease_gen), at(2))])
+        assert owner[0] is not None and owner[0].status == Status.COMPLETED
+
+    def test_outcome_after_an_operator_requeue_is_dropped(self, store: Any) -> None:
+        """A file set back to pending by hand (not yet reclaimed) refuses the old outcome."""
+        self.register(store, "b1")
+        task = self.claim(store)
+        store.requeue([task.file.id])  # what the operator's UPDATE ... 'pending' does
+        assert store.finish_many([(task.file.id, failed_by(task), at(1))]) == [None]
+        assert store.get_file(task.file.id).status == Status.PENDING
+
+    def test_retry_progress_and_requeue_are_fenced(self, store: Any) -> None:
+        """retry_later, set_progress and requeue with an old token change nothing."""
+        self.register(store, "b1")
+        old = self.claim(store)
+        store.requeue([old.file.id])
+        new = self.claim(store)
+        assert store.retry_later(old.file.id, "boom", at(5), lease=old.file.lease_gen) is False
+        store.set_progress({old.file.id: 70}, {old.file.id: old.file.lease_gen})
+        store.requeue([old.file.id], {old.file.id: old.file.lease_gen})
+        row = store.get_file(old.file.id)
+        assert (row.status, row.retry_count, row.progress) == (Status.PROCESSING, 0, 0)
+        store.set_progress({new.file.id: 30}, {new.file.id: new.file.lease_gen})
+        assert store.get_file(new.file.id).progress == 30
+        assert store.retry_later(new.file.id, "boom", at(5), lease=new.file.lease_gen) is True
+        assert store.get_file(new.file.id).status == Status.PENDING
+
+    def test_snapshot_is_the_batch_and_its_files_at_one_moment(self, store: Any) -> None:
+        """snapshot() returns batch, files, counts and progress agreeing with each other."""
+        batch = self.register(store, "b1", ("a", "b"))
+        a = self.claim(store)
+        store.set_progress({a.file.id: 40})
+        snap = store.snapshot(batch.id)
+        assert snap.batch.status == Status.PROCESSING
+        assert [f.status for f in snap.files] == [Status.PROCESSING, Status.PENDING]
+        assert snap.summary == store.file_summary(batch.id)
+        assert snap.progress_sum == store.progress_sum(batch.id) == 40
+        assert store.snapshot("00000000-0000-0000-0000-000000000000") is None
+
+    def test_batch_version_grows_with_every_change(self, store: Any) -> None:
+        """Each re-derivation of a batch raises its version; the end has the highest."""
+        batch = self.register(store, "b1", ("a", "b"))
+        v0 = batch.version
+        a = self.claim(store)
+        done_a = store.finish(a.file.id, completed(), at(1))
+        b = self.claim(store)
+        done_b = store.finish(b.file.id, completed(), at(2))
+        assert v0 < done_a.version < done_b.version
+        assert store.get_batch(batch.id).version == done_b.version
 
     def test_requeue_does_not_spend_an_attempt(self, store: Any) -> None:
         """requeue puts processing files back to pending with the attempt given back."""

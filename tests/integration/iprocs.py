@@ -85,3 +85,47 @@ def sleepy(path: Path, ctx: Any) -> dict[str, Any]:
         time.sleep(delay / 5)
     _record(path.name)
     return {"name": path.name}
+
+
+def gated(path: Path, ctx: Any) -> dict[str, Any]:
+    """Attempt n says it started (``started-n``), then waits for ``release-n``."""
+    n = _bump(path.name)
+    (_state() / f"started-{n}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not (_state() / f"release-{n}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"attempt": n}
+
+
+#: Memory a hog tries to take: past the default worker limit (1024 MiB).
+HOG_MIB = 1536
+_KEPT: list[bytearray] = []
+
+
+def hog(path: Path, ctx: Any) -> dict[str, Any]:
+    """Take memory 64 MiB at a time up to HOG_MIB (a hostile document's parse)."""
+    chunks = [bytearray(64 * 1024 * 1024) for _ in range(HOG_MIB // 64)]
+    return {"allocated_mib": 64 * len(chunks)}
+
+
+def oom_killed(path: Path, ctx: Any) -> dict[str, Any]:
+    """Map address space close to the limit, then die by SIGKILL as the OOM killer kills."""
+    import mmap
+
+    size = int(os.environ.get("BATCHD_TEST_MAP_MIB", "980")) * 1024 * 1024
+    mapping = mmap.mmap(-1, size)  # counts against RLIMIT_AS, costs no real memory
+    time.sleep(1.0)  # long enough for the pool to see the size
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {"mapped": len(mapping)}
+
+
+def grow(path: Path, ctx: Any) -> dict[str, Any]:
+    """Keep 150 MiB touched for good (what a big parse leaves behind); say which worker ran."""
+    if not _KEPT:
+        _KEPT.append(bytearray(b"\x01" * (150 * 1024 * 1024)))
+    return {"pid": os.getpid()}
+
+
+def big_result(path: Path, ctx: Any) -> dict[str, Any]:
+    """A result of about 200 KB of JSON."""
+    return {"name": path.name, "rows": [f"row {i} " + "x" * 90 for i in range(2000)]}

@@ -102,8 +102,9 @@ def test_worker_sigkilled_from_outside_is_survived(tmp_path: Path) -> None:
     try:
         (d.inbox() / "victim.csv").write_bytes(csv_bytes(1))
         pid_file = d.state / "running-victim.csv"
-        wait_until(pid_file.exists, what="victim to start")
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        # Not just exists(): the processor creates the file, then writes the pid.
+        pid = wait_until(lambda: pid_file.exists() and pid_file.read_text(), what="victim pid")
+        os.kill(int(pid), signal.SIGKILL)
         status = d.wait_batch("victim.csv")
         assert status["batch"]["status"] == "completed"
         assert status["files"][0]["attempts"] == 2

@@ -17,6 +17,8 @@ from typing import Any
 from rprocs import pythonpath, runs
 from support import DaemonProcess, csv_bytes, drop_folder, files_under, wait_until
 
+from batchd.worker import memory_limit_error
+
 MEMORY_MB = 256
 TIMEOUT_SECONDS = 5.0
 HEALTHY = 24
@@ -26,7 +28,8 @@ EXPECTED: dict[str, tuple[str, int, str | None]] = {
     "raise": ("failed", 4, "RuntimeError: chaos processor raised for raise-1.csv (attempt 4)"),
     "exit": ("failed", 4, "worker process exited with status 7"),
     "segv": ("failed", 4, "worker process killed by signal 11 (SIGSEGV)"),
-    "mem": ("failed", 4, f"out of memory (processing.worker_memory_mb = {MEMORY_MB})"),
+    # Out of its memory limit: permanent (issue 12.4), so one attempt only.
+    "mem": ("failed", 1, memory_limit_error(MEMORY_MB)),
     "csleep": ("failed", 1, "Processing timeout exceeded"),
     "fifo": ("failed", 1, "Processing timeout exceeded"),
     "exitonce": ("completed", 2, None),
