@@ -54,7 +54,7 @@ def _tool(name: str) -> str:
 
 
 def _unit_for_verify(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here."""
+    """The unit with ExecStart/ExecReload pointing at an executable that exists here."""
     program = tmp_path / "bin" / "batchd"
     program.parent.mkdir()
     program.write_text("#!/bin/sh\nexit 0\n")
@@ -62,7 +62,8 @@ def _unit_for_verify(tmp_path: Path) -> Path:
     unit = tmp_path / "batchd.service"
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/batchd " in text
-    unit.write_text(text.replace("ExecStart=/usr/bin/batchd ", f"ExecStart={program} "))
+    text = text.replace("ExecStart=/usr/bin/batchd ", f"ExecStart={program} ")
+    unit.write_text(text.replace("ExecReload=/usr/bin/batchd ", f"ExecReload={program} "))
     return unit
 
 
@@ -111,16 +112,19 @@ def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
 
 
 def test_unit_settings() -> None:
-    """The unit keeps the service contract: notify, watchdog, no restart on exit 78."""
+    """The unit keeps the service contract: notify, watchdog, no restart on exit 78 or 73."""
     settings = _unit_settings()
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
         "ExecStart": "/usr/bin/batchd run --config /etc/batchd/config.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/usr/bin/batchd reload --config /etc/batchd/config.toml",
+        "EnvironmentFile": "-/etc/batchd/http-token.env",
+        "MemoryMax": "2G",
+        "TasksMax": "512",
         "WatchdogSec": "30",
         "Restart": "on-failure",
-        "RestartPreventExitStatus": "78",
+        "RestartPreventExitStatus": "78 73",
         "KillMode": "mixed",
         "User": "batchd",
         "Group": "batchd",
