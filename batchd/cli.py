@@ -19,6 +19,7 @@ import signal
 import stat
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -643,6 +644,8 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     """The configuration; ``submit`` also works for a drop-group member who
     may not read the 0640 config (it needs only the spool root)."""
     spool = getattr(args, "spool", None)
+    if args.fn is cmd_reload:
+        return _reload_settings(args.config)
     if args.fn is not cmd_submit:
         return load_settings(args.config)
     file = config_path(args.config, os.environ)
@@ -659,6 +662,24 @@ def _settings_for(args: argparse.Namespace) -> Settings:
             file=sys.stderr,
         )
     return settings
+
+
+def _reload_settings(path: str | None) -> Settings:
+    """The settings ``reload`` needs to find the daemon, even from a config the
+    daemon will refuse: the daemon itself must judge it (and say why)."""
+    try:
+        return load_settings(path)
+    except ConfigError:
+        file = config_path(path, os.environ)
+        try:
+            raw = tomllib.loads(file.read_text()) if file is not None else {}
+            root = raw.get("spool", {}).get("root")
+        except (OSError, ValueError, AttributeError):
+            root = None
+        if not isinstance(root, str):
+            raise
+        base = load_settings(os.devnull)
+        return base.model_copy(update={"spool": base.spool.model_copy(update={"root": Path(root)})})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
