@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -302,27 +304,40 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+#: prctl(2) option: orphans of our children become our children (not init's).
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER) failed: errno {ctypes.get_errno()}")
 
 
 def test_resource_tracker_ends_with_the_daemon(tmp_path: Path) -> None:
-    """multiprocessing's resource tracker is stopped by the daemon, not left for
-    systemd to SIGKILL."""
-    d = DaemonProcess(tmp_path).start()
-    assert d.proc is not None
+    """multiprocessing's resource tracker is stopped and reaped by the daemon itself,
+    not left behind for systemd to SIGKILL."""
+    # As subreaper, a tracker that outlives the daemon becomes our child
+    # (running, or a zombie we have not reaped): /proc still shows it. One
+    # the daemon stopped and reaped before exiting is gone.
+    _subreaper(True)
+    try:
+        d = DaemonProcess(tmp_path).start()
+        assert d.proc is not None
 
-    def tracker() -> int | None:
-        for child in _children(d.proc.pid):  # type: ignore[union-attr]
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"resource_tracker" in cmdline:
-                return child
-        return None
+        def tracker() -> int | None:
+            for child in _children(d.proc.pid):  # type: ignore[union-attr]
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"resource_tracker" in cmdline:
+                    return child
+            return None
 
-    pid = wait_until(tracker, 20, what="the resource tracker to start")
-    assert d.stop() == 0
-    assert not _alive(pid), "the resource tracker outlived the daemon"
+        pid = wait_until(tracker, 20, what="the resource tracker to start")
+        assert d.stop() == 0
+        left = Path(f"/proc/{pid}").exists()
+    finally:
+        _subreaper(False)
+    if left:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    assert not left, "the resource tracker outlived the daemon"
