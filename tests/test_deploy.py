@@ -387,3 +387,22 @@ def test_install_builds_a_working_venv(tmp_path: Path) -> None:
     # install must still succeed, and say so.
     has_journal = probe.stdout.strip() == "True"
     assert has_journal or "the systemd extra did not build" in done.stderr, done.stderr[-3000:]
+
+
+def test_install_from_a_wheelhouse_uses_only_local_files(tmp_path: Path) -> None:
+    """--wheelhouse installs with pip --no-index: an empty folder fails, naming it,
+    instead of reaching for a package index."""
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    root = tmp_path / "root"
+    done = _run(INSTALL, root, "--wheelhouse", str(wheelhouse), timeout=300, PYTHON=sys.executable)
+    assert done.returncode != 0
+    assert f"from {wheelhouse}" in done.stderr, done.stderr[-3000:]
+    assert not any(sign in done.stderr for sign in OFFLINE_SIGNS[:3]), done.stderr[-3000:]
+
+
+def test_install_with_ocr_into_destdir_only_warns(tmp_path: Path) -> None:
+    """--with-ocr installs no packages below a DESTDIR and says what the host needs."""
+    done = _install(tmp_path, "--with-ocr")
+    assert "tesseract-ocr tesseract-ocr-eng" in done.stderr
+    assert not (tmp_path / "etc" / "batchd" / "http-token.env").exists()
