@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.config import Settings
-from batchd.errors import StartupError
+from batchd.errors import ConfigError, StartupError
 
 
 def _suffix(settings: Settings) -> str:
@@ -34,6 +34,11 @@ def _suffix(settings: Settings) -> str:
         return ""
     digest = hashlib.sha256(settings.node_id.encode()).hexdigest()[:12]
     return f".{digest}"
+
+
+def spool_lock(settings: Settings) -> SpoolLock:
+    """The lock ``batchd run`` takes for these settings."""
+    return SpoolLock(lock_path(settings), settings.node_id if settings.database.url else None)
 
 
 def lock_path(settings: Settings) -> Path:
@@ -53,10 +58,16 @@ def _read_pid(fd: int) -> int | None:
 
 
 class SpoolLock:
-    """The exclusive lock one daemon holds on its spool."""
+    """The exclusive lock one daemon holds on its spool.
 
-    def __init__(self, path: Path) -> None:
+    ``node_id`` is set in a cluster: there a lock held under the same node id
+    is a configuration error (two processes under one ``cluster.node_id``,
+    exit 78, as the node-id check says), not a machine problem (73).
+    """
+
+    def __init__(self, path: Path, node_id: str | None = None) -> None:
         self.path = path
+        self.node_id = node_id
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -77,6 +88,12 @@ class SpoolLock:
                 raise StartupError(f"cannot lock {self.path}: {exc.strerror}") from None
             pid = _read_pid(fd)
             os.close(fd)
+            if self.node_id is not None:
+                raise ConfigError(
+                    f"cluster.node_id {self.node_id!r} is in use by another batchd on this spool"
+                    f" (pid {pid if pid is not None else 'unknown'} holds {self.path});"
+                    " give each node its own cluster.node_id"
+                ) from None
             raise StartupError(
                 f"spool {self.path.parent.parent} is in use by another batchd"
                 f" (pid {pid if pid is not None else 'unknown'} holds {self.path});"

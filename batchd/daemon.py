@@ -223,12 +223,13 @@ class Daemon:
         self._last_status_at = 0.0
         self._next_purge = 0.0
         self._next_adopt = 0.0
-        self.lock = control.SpoolLock(control.lock_path(settings))
+        self.lock = control.spool_lock(settings)
         self.reload_file = control.reload_path(settings)
         self._reload_generation = 0
         #: signals received, counted by the handler (which does nothing else).
         self._stop_signals = 0
         self._stop_signal_name = ""
+        self._reload_pending = False
 
     # -- health ----------------------------------------------------------------
 
@@ -265,9 +266,15 @@ class Daemon:
         # The lock first: a second daemon on this spool must not touch
         # anything (recovery would requeue the first one's running files).
         self.lock.acquire()
+        # Handlers from here on: a SIGHUP (`batchd reload`) or SIGTERM during
+        # recovery is kept for the scheduler instead of killing the process.
+        previous = self._install_signals()
         try:
             return self._run_locked()
         finally:
+            for signum, handler in previous.items():
+                if handler is not None:  # None: not set from Python; leave ours
+                    signal.signal(signum, handler)
             self.lock.release()
 
     def _run_locked(self) -> int:
@@ -288,6 +295,10 @@ class Daemon:
             settings, store, self.spool, outbox, pool, self.clock, self.metrics, self._tick
         )
         scheduler.on_stop = self._stopping
+        if self._stop_signals:
+            scheduler.signal_stop(force=self._stop_signals > 1)
+        if self._reload_pending:
+            scheduler.request_reload(self.reload)
         self.intake = intake = Intake(
             settings,
             self.spool,
@@ -311,7 +322,6 @@ class Daemon:
             on_rescan=self.metrics.rescanned,
             on_restart=self.metrics.watcher_restarted,
         )
-        self._install_signals()
         watcher.start()
         if self.http is not None:
             self.http.serve()
@@ -452,12 +462,18 @@ class Daemon:
 
     # -- signals ---------------------------------------------------------------
 
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict[int, Any]:
+        """Install the handlers; returns the ones they replaced (restored at the end)."""
         if threading.current_thread() is not threading.main_thread():
-            return
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+            return {}
+        previous: dict[int, Any] = {}
+        for signum, handler in (
+            (signal.SIGTERM, self._on_stop),
+            (signal.SIGINT, self._on_stop),
+            (signal.SIGHUP, self._on_reload),
+        ):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
 
     # The handlers only set a flag and wake the scheduler loop: logging,
     # sd_notify or taking a lock inside a handler can deadlock with the very
@@ -472,6 +488,8 @@ class Daemon:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         if self.scheduler is not None:
             self.scheduler.request_reload(self.reload)
+        else:
+            self._reload_pending = True  # still starting: applied once the loop runs
 
     def _stopping(self, forced: bool) -> None:
         """On the scheduler's thread, once a stop (or a forced stop) was asked for."""

@@ -823,7 +823,7 @@ class PostgresStore:
 
     def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
         # Ids are uuids: only hex digits and dashes can start one.
-        if not prefix or any(c not in "0123456789abcdef-" for c in prefix.lower()):
+        if any(c not in "0123456789abcdef-" for c in prefix.lower()):
             return []
         rows = self._read(
             "SELECT id::text AS id FROM batch_jobs WHERE id::text LIKE %s ORDER BY id LIMIT %s",
