@@ -285,3 +285,116 @@ def test_inbox_panel_shows_waiting_and_refused_drops(tmp_path: Path) -> None:
     assert '<tr class="drop" data-state="refused">' in dom
     assert "chmod -R g+w inbox/high/reports-2026-11" in dom
     assert ">reports-2026-11<" in dom and ">settling<" in dom
+
+
+class Cdp:
+    """Chromium driven over ``--remote-debugging-pipe`` (the DevTools protocol on
+    fds 3 and 4, NUL-terminated JSON): enough to load a page and evaluate layout."""
+
+    def __init__(self, profile: Path, width: int, height: int) -> None:
+        import os
+
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def fds() -> None:
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=fds,
+            pass_fds=(3, 4),  # kept open across exec: the pipe ends fds() put there
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next = 0
+
+    def call(self, method: str, session: str | None = None, **params: object) -> dict[str, object]:
+        import json
+        import os
+
+        self._next += 1
+        message: dict[str, object] = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_chrome, 65536)
+                assert chunk, "chromium closed the DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._next:
+                assert "error" not in answer, answer
+                return answer["result"]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        import os
+
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+def test_long_names_wrap_instead_of_pushing_the_table_under_the_detail(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """A very long batch name wraps in its cell: the list stays beside the detail panel."""
+    import time
+
+    site = make_site("")
+    batch = site.finished_batch("quarterly-report-" + "x" * 180)
+    cdp = Cdp(tmp_path / "profile", 1400, 900)
+    try:
+        target = cdp.call(
+            "Target.createTarget", url=f"http://127.0.0.1:{site.server.port}/?batch={batch.id}"
+        )
+        session = str(
+            cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)[
+                "sessionId"
+            ]
+        )
+        check = (
+            "(() => { const row = document.querySelector('tr.batch');"
+            " const detail = document.querySelector('#files');"
+            " if (!row || !detail) return null;"
+            " const list = document.querySelector('main > section');"
+            " const table = list.querySelector('table');"
+            " return {tableRight: table.getBoundingClientRect().right,"
+            " listRight: list.getBoundingClientRect().right,"
+            " detailLeft: document.querySelector('#detail').getBoundingClientRect().left,"
+            " detailTop: document.querySelector('#detail').getBoundingClientRect().top,"
+            " listTop: list.getBoundingClientRect().top}; })()"
+        )
+        deadline = time.monotonic() + 30
+        layout = None
+        while layout is None and time.monotonic() < deadline:
+            result = cdp.call("Runtime.evaluate", session, expression=check, returnByValue=True)
+            layout = result["result"].get("value")  # type: ignore[attr-defined]
+            if layout is None:
+                time.sleep(0.2)
+        assert layout is not None, "the page never rendered the batch and its files"
+    finally:
+        cdp.close()
+    assert layout["tableRight"] <= layout["listRight"] + 1, layout
+    assert layout["detailTop"] == layout["listTop"], layout  # side by side, not below
+    assert layout["listRight"] <= layout["detailLeft"], layout
