@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SPOOL ?= ./spool
+SPOOL ?= $(CURDIR)/spool
+# The developer's config: `make run` writes it once (edit it freely, it is
+# gitignored) and README's tour exports BATCHD_CONFIG=$PWD/batchd.dev.toml,
+# so `.venv/bin/batchd jobs` reads ./spool, not /var/lib/batchd.
+DEV_CONFIG := batchd.dev.toml
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-system lint typecheck pytest bench torture clean
@@ -15,9 +19,12 @@ $(STAMP): pyproject.toml
 	-$(BIN)/python -m pip install -q -e '.[systemd]' 2>/dev/null
 	touch $(STAMP)
 
-run: $(STAMP)
-	BATCHD_SPOOL__ROOT=$(SPOOL) BATCHD_HTTP__HOST=127.0.0.1 BATCHD_HTTP__PORT=8080 \
-		$(BIN)/batchd run
+$(DEV_CONFIG):
+	printf '%s\n' '# batchd.dev.toml: written by `make run`; export BATCHD_CONFIG=$$PWD/$(DEV_CONFIG)' \
+		'[spool]' 'root = "$(SPOOL)"' '' '[http]' 'host = "127.0.0.1"' 'port = 8080' >$@
+
+run: $(STAMP) $(DEV_CONFIG)
+	$(BIN)/batchd run --config $(DEV_CONFIG)
 
 lint: $(STAMP)
 	$(BIN)/ruff check batchd tests bench
@@ -45,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) spool .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) spool $(DEV_CONFIG) .mypy_cache .pytest_cache .ruff_cache

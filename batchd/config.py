@@ -345,6 +345,14 @@ def _env_json_error(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def _env_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """The ``BATCHD_SECTION__KEY`` variable that set the value at ``loc``, if one did."""
+    if len(loc) < 2:
+        return None
+    wanted = f"BATCHD_{loc[0]}__{loc[1]}".upper()
+    return next((name for name in environ if name.upper() == wanted), None)
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -380,7 +388,8 @@ def load_settings(
         bound = _Bound(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = f" (in {file})" if file else ""
+        variable = _env_variable(first["loc"], environ)
+        where = f" (from {variable})" if variable else f" (in {file})" if file else ""
         raise ConfigError(f"bad configuration{where}: {_describe(first)}") from None
     except ValueError as exc:  # e.g. an environment value that is not valid JSON
         raise ConfigError(

@@ -7,6 +7,7 @@ watcher claims anything or the service reports ready.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,11 +20,19 @@ from typing import Any
 
 import structlog
 
+from batchd import control
 from batchd import log as logsetup
 from batchd.clock import Clock, SystemClock, parse_iso
 from batchd.config import Priority, Settings, load_settings
 from batchd.diskspace import free_space_problem
-from batchd.errors import AlreadyRegistered, BatchdError, ConfigError, StoreError
+from batchd.errors import (
+    AlreadyRegistered,
+    BatchdError,
+    ConfigError,
+    SpoolError,
+    StartupError,
+    StoreError,
+)
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
@@ -140,6 +149,21 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
+def _stop_resource_tracker() -> None:
+    """Stop multiprocessing's resource tracker with the daemon.
+
+    The spawn context starts it as a child of the daemon; left running, it
+    outlives the main process by a moment and systemd logs SIGKILLing it on
+    every stop. Closing its pipe ends it, and waiting reaps it.
+    """
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(OSError, ChildProcessError):
+            stop()
+
+
 def _check_node_id(store: Store, lease_seconds: float) -> None:
     """Refuse to start under a node id another live process is using.
 
@@ -200,6 +224,13 @@ class Daemon:
         self._last_status_at = 0.0
         self._next_purge = 0.0
         self._next_adopt = 0.0
+        self.lock = control.spool_lock(settings)
+        self.reload_file = control.reload_path(settings)
+        self._reload_generation = 0
+        #: signals received, counted by the handler (which does nothing else).
+        self._stop_signals = 0
+        self._stop_signal_name = ""
+        self._reload_pending = False
 
     # -- health ----------------------------------------------------------------
 
@@ -236,16 +267,42 @@ class Daemon:
         resolve(settings.processing.processor)  # a bad processor name is a config error
         for route in settings.route:
             resolve(route.processor)
-        for warning in self.spool.init():
+        # The lock first: a second daemon on this spool must not touch
+        # anything (recovery would requeue the first one's running files).
+        self.lock.acquire()
+        # Handlers from here on: a SIGHUP (`batchd reload`) or SIGTERM during
+        # recovery is kept for the scheduler instead of killing the process.
+        previous = self._install_signals()
+        try:
+            return self._run_locked()
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:  # None: not set from Python; leave ours
+                    signal.signal(signum, handler)
+            self.lock.release()
+
+    def _run_locked(self) -> int:
+        settings = self.settings
+        try:
+            warnings = self.spool.init()
+        except SpoolError as exc:
+            raise StartupError(exc.message) from None
+        for warning in warnings:
             log.warning("spool_warning", detail=warning)
         self.store = store = open_store(settings)
         if settings.database.url:
             _check_node_id(store, settings.cluster.lease_seconds)
+        self._reload_generation = int(control.read_reload(self.reload_file).get("generation", 0))
         outbox = Outbox(self.spool, store)
         self.pool = pool = WorkerPool(settings, self.clock)
         self.scheduler = scheduler = Scheduler(
             settings, store, self.spool, outbox, pool, self.clock, self.metrics, self._tick
         )
+        scheduler.on_stop = self._stopping
+        if self._stop_signals:
+            scheduler.signal_stop(force=self._stop_signals > 1)
+        if self._reload_pending:
+            scheduler.request_reload(self.reload)
         self.intake = intake = Intake(
             settings,
             self.spool,
@@ -255,6 +312,10 @@ class Daemon:
             on_registered=lambda batch: scheduler.wake(),
             write_status=lambda batch: scheduler.settler.refresh(batch.id),
         )
+        if settings.http.enabled:
+            # Bind before recovery: a taken port ends start-up before it has
+            # changed anything, and the port is ours from here on.
+            self._bind_http(store, intake)
         recover(self.spool, store, outbox, intake)
         pool.start()
         self.watcher = watcher = Watcher(
@@ -265,10 +326,9 @@ class Daemon:
             on_rescan=self.metrics.rescanned,
             on_restart=self.metrics.watcher_restarted,
         )
-        self._install_signals()
         watcher.start()
-        if settings.http.enabled:
-            self._start_http(store, intake)
+        if self.http is not None:
+            self.http.serve()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
         self._notify_ready()
         log.info(
@@ -286,6 +346,7 @@ class Daemon:
             if self.http is not None:
                 self.http.stop()
             store.close()
+            _stop_resource_tracker()
         log.info("daemon_stopped")
         return 0
 
@@ -298,13 +359,13 @@ class Daemon:
             return None
         return self.intake.take_drop(path, priority)
 
-    def _start_http(self, store: Store, intake: Intake) -> None:
+    def _bind_http(self, store: Store, intake: Intake) -> None:
         from batchd.http import HttpServer
 
         self.http = HttpServer(
             self.settings, store, self.spool, intake, self.metrics, self.problems, self.clock
         )
-        self.http.start()
+        self.http.bind()
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here
             Path(port_file).write_text(str(self.http.port))
@@ -410,26 +471,70 @@ class Daemon:
 
     # -- signals ---------------------------------------------------------------
 
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict[int, Any]:
+        """Install the handlers; returns the ones they replaced (restored at the end)."""
         if threading.current_thread() is not threading.main_thread():
-            return
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+            return {}
+        previous: dict[int, Any] = {}
+        for signum, handler in (
+            (signal.SIGTERM, self._on_stop),
+            (signal.SIGINT, self._on_stop),
+            (signal.SIGHUP, self._on_reload),
+        ):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    # The handlers only set a flag and wake the scheduler loop: logging,
+    # sd_notify or taking a lock inside a handler can deadlock with the very
+    # code the signal interrupted.
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        self._stop_signals += 1
+        self._stop_signal_name = signal.Signals(signum).name
+        if self.scheduler is not None:
+            self.scheduler.signal_stop(force=self._stop_signals > 1)
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        if self.scheduler is not None:
+            self.scheduler.request_reload(self.reload)
+        else:
+            self._reload_pending = True  # still starting: applied once the loop runs
+
+    def _stopping(self, forced: bool) -> None:
+        """On the scheduler's thread, once a stop (or a forced stop) was asked for."""
+        if forced:
+            log.warning("shutdown_forced", detail="second stop signal: requeueing running files")
+            return
+        grace = self.settings.processing.shutdown_grace_seconds
+        log.info(
+            "shutdown_requested",
+            signal=self._stop_signal_name or "request",
+            detail=f"finishing running files for up to {grace:g} s;"
+            " send the signal again (Ctrl-C) to stop at once",
+        )
         if self.notifier is not None:
             self.notifier.stopping()
         if self.watcher is not None:
             # Stop claiming at once; the watcher thread notices within a second.
             threading.Thread(target=self.watcher.stop, daemon=True).start()
-        if self.scheduler is not None:
-            self.scheduler.request_stop()
 
-    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        if self.scheduler is not None:
-            self.scheduler.request_reload(self.reload)
+    def _verdict(self, ok: bool, error: str | None, needs_restart: list[str]) -> None:
+        """Tell ``batchd reload`` what became of this SIGHUP."""
+        self._reload_generation += 1
+        try:
+            control.write_reload(
+                self.reload_file,
+                {
+                    "generation": self._reload_generation,
+                    "pid": os.getpid(),
+                    "ok": ok,
+                    "error": error,
+                    "needs_restart": needs_restart,
+                    "at": self.clock.now().isoformat(),
+                },
+            )
+        except OSError as exc:
+            log.error("reload_verdict_unwritten", path=str(self.reload_file), error=str(exc))
 
     def reload(self) -> None:
         """Re-read the configuration and apply what can change while running."""
@@ -442,15 +547,18 @@ class Daemon:
                 resolve(route.processor)
         except ConfigError as exc:
             log.error("reload_refused", error=exc.message)
+            self._verdict(False, exc.message, [])
             if self.notifier is not None:
                 self.notifier.ready()
             return
         old = self.settings
+        needs_restart = []
         for key in RESTART_KEYS:
             section, name = key.split(".")
             before = getattr(getattr(old, section), name)
             after = getattr(getattr(new, section), name)
             if before != after:
+                needs_restart.append(key)
                 log.warning("reload_needs_restart", key=key, running=str(before), new=str(after))
         # Keep what needs a restart as it runs now.
         new = new.model_copy(
@@ -479,5 +587,6 @@ class Daemon:
         if self.http is not None:
             self.http.reconfigure(new)
         log.info("config_reloaded", concurrency=new.processing.concurrency)
+        self._verdict(True, None, needs_restart)
         if self.notifier is not None:
             self.notifier.ready()

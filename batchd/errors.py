@@ -23,6 +23,14 @@ class ConfigError(BatchdError):
     """The configuration is invalid."""
 
 
+class StartupError(BatchdError):
+    """batchd cannot start on this machine (port taken, spool locked or not writable).
+
+    The CLI exits 73 for it, which the unit lists in RestartPreventExitStatus=:
+    restarting every few seconds cannot fix it.
+    """
+
+
 class SpoolError(BatchdError):
     """The spool folder is missing, unwritable or not laid out as expected."""
 

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import threading
@@ -37,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -45,7 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batchd.clock import Clock
 from batchd.config import Settings
-from batchd.errors import BatchdError, StoreError
+from batchd.errors import BatchdError, StartupError, StoreError
 from batchd.httpguard import Identity, Tokens, check_request
 from batchd.httpserver import (
     LINGER_MAX_BYTES,
@@ -62,7 +64,7 @@ from batchd.records import Status
 from batchd.spool import Spool
 from batchd.store import Store
 from batchd.upload import Upload, safe_filename, upload_length
-from batchd.views import batch_detail
+from batchd.views import batch_detail, batch_percent
 
 __all__ = ["AnswerCache", "HttpServer", "safe_filename"]
 
@@ -502,7 +504,12 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.owner.store
         self._cached(
             ("jobs", str(limit), str(offset), str(status), str(user_id)),
-            lambda: [row.public() for row in store.list_batches(limit, offset, status, user_id)],
+            lambda: [
+                # The same progressPercent as the batch's own page (SPEC section 6),
+                # so the list and the detail never disagree.
+                {**row.public(), "progressPercent": batch_percent(store, row)}
+                for row in store.list_batches(limit, offset, status, user_id)
+            ],
         )
 
     def _job(self, ref: str, query: dict[str, list[str]]) -> None:
@@ -611,13 +618,24 @@ class HttpServer:
 
     def start(self) -> None:
         """Bind ``http.host``:``http.port`` and serve in a background thread."""
+        self.bind()
+        self.serve()
+
+    def bind(self) -> None:
+        """Take ``http.host``:``http.port`` (``StartupError`` when it is taken); no serving yet."""
         host, port = self.settings.http.host, self.settings.http.port
         try:
             self._server = Server((host, port), self, _Handler)
         except OSError as exc:
-            raise BatchdError(
-                f"cannot listen on {host}:{port} (http.host, http.port): {exc.strerror or exc}"
+            raise StartupError(
+                f"cannot listen on {host}:{port} (http.host, http.port): {exc.strerror or exc};"
+                " stop what uses the port (ss -ltnp) or choose another http.port"
             ) from exc
+
+    def serve(self) -> None:
+        """Answer requests on the bound socket in a background thread."""
+        assert self._server is not None, "bind() first"
+        host = self.settings.http.host
         self.started_at = self.clock.monotonic()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -633,6 +651,9 @@ class HttpServer:
             token=bool(self.settings.http.token),
             user_tokens=len(self.tokens.users),
         )
+        port_file = os.environ.get("BATCHD_PORT_FILE")
+        if port_file:  # tests and scripts learn the ephemeral port here, once it answers
+            Path(port_file).write_text(str(self.port))
 
     @property
     def port(self) -> int:

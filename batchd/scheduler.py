@@ -134,6 +134,12 @@ class Scheduler:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stop_requested = threading.Event()
+        # Plain flags a signal handler may set (an Event takes a lock).
+        self._stop_signalled = False
+        self._force_stop = False
+        #: called on the loop's thread when the drain starts (False) and when
+        #: a forced stop cuts it short (True): the daemon logs and notifies there.
+        self.on_stop: Callable[[bool], None] = lambda forced: None
         self._reload: Callable[[], None] | None = None
         #: monotonic time of the last completed loop turn (watchdog, health).
         self.heartbeat = clock.monotonic()
@@ -153,6 +159,13 @@ class Scheduler:
         self._stop_requested.set()
         self.wake()
 
+    def signal_stop(self, force: bool = False) -> None:
+        """Stop (``force``: end the drain now); safe inside a signal handler."""
+        self._stop_signalled = True
+        if force:
+            self._force_stop = True
+        self.wake()
+
     def request_reload(self, apply: Callable[[], None]) -> None:
         """Run ``apply`` on the scheduler's thread at the next turn."""
         self._reload = apply
@@ -160,7 +173,7 @@ class Scheduler:
 
     @property
     def stopping(self) -> bool:
-        return self._stop_requested.is_set()
+        return self._stop_signalled or self._stop_requested.is_set()
 
     def reconfigure(self, settings: Settings) -> None:
         """Take new settings (on the scheduler's thread)."""
@@ -637,11 +650,19 @@ class Scheduler:
         """Let running files finish for up to the grace period, then requeue the rest."""
         grace = self.settings.processing.shutdown_grace_seconds
         deadline = self.clock.monotonic() + grace
+        self.on_stop(False)
         if self._running:
             log.info("shutdown_draining", running=len(self._running), grace_seconds=grace)
         while self._running and self.clock.monotonic() < deadline:
+            if self._force_stop:
+                self.on_stop(True)
+                break
             remaining = deadline - self.clock.monotonic()
-            events, _ = self.pool.wait(min(remaining, 0.5), [self._wake_r])
+            events, ready = self.pool.wait(min(remaining, 0.5), [self._wake_r])
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while self._wake_r.recv(4096):
+                        pass
             for event in events:
                 self._handle(event)
             self._guarded(self._beat)

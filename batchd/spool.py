@@ -264,8 +264,18 @@ class Spool:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if exc.errno == errno.EROFS:
+                    raise SpoolError(
+                        f"cannot create {folder}: the filesystem is mounted read-only;"
+                        " remount it read-write or choose another spool.root"
+                    ) from exc
                 raise SpoolError(f"cannot create {folder}: {exc.strerror}") from exc
             if not os.access(folder, os.W_OK | os.X_OK):
+                if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                    raise SpoolError(
+                        f"{folder} is on a filesystem mounted read-only;"
+                        " remount it read-write or choose another spool.root"
+                    )
                 raise SpoolError(f"{folder} is not writable by this user (uid {os.getuid()})")
         warnings = []
         root_dev = self.root.stat().st_dev

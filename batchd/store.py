@@ -262,6 +262,9 @@ class Store(Protocol):
 
     def find_batch(self, id_or_name: str) -> BatchRow | None: ...
 
+    def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` batch ids starting with ``prefix`` (the CLI's short ids)."""
+
     def get_file(self, file_id: str) -> FileRow | None: ...
 
     def list_batches(
@@ -788,6 +791,14 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"query on {self.path} failed: {exc}") from exc
         return BatchSnapshot.of(_batch(row), files)
+
+    def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._read(
+            "SELECT id FROM batch_jobs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+            (escaped + "%", limit),
+        )
+        return [str(r[0]) for r in rows]
 
     def get_file(self, file_id: str) -> FileRow | None:
         rows = self._read(f"SELECT {_FILE_COLS} FROM batch_files WHERE id = ?", (file_id,))

@@ -893,6 +893,16 @@ class PostgresStore:
             )
         return BatchSnapshot.of(_batch(row), files)
 
+    def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        # Ids are uuids: only hex digits and dashes can start one.
+        if any(c not in "0123456789abcdef-" for c in prefix.lower()):
+            return []
+        rows = self._read(
+            "SELECT id::text AS id FROM batch_jobs WHERE id::text LIKE %s ORDER BY id LIMIT %s",
+            (prefix.lower() + "%", limit),
+        )
+        return [str(r["id"]) for r in rows]
+
     def get_file(self, file_id: str) -> FileRow | None:
         if _uuid(file_id) is None:
             return None

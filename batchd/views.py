@@ -24,6 +24,11 @@ def progress_percent(total: int, progress_sum: int) -> int:
     return round(progress_sum / total) if total else 0
 
 
+def batch_percent(store: Store, batch: BatchRow) -> int:
+    """SPEC section 6's progressPercent of one batch."""
+    return progress_percent(batch.total_files, store.progress_sum(batch.id))
+
+
 def batch_detail(
     store: Store,
     batch: BatchRow,

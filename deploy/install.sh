@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install batchd as a systemd service. Idempotent: run it again to upgrade.
 #
-#   sudo deploy/install.sh [--source DIR] [--no-systemctl] [--skip-venv]
+#   sudo deploy/install.sh [--source DIR] [--wheelhouse DIR] [--with-ocr]
+#                          [--no-systemctl] [--skip-venv]
 #   DESTDIR=/tmp/root deploy/install.sh     # stage into a fake root (packaging, tests)
 #
 # What goes where (all below $DESTDIR):
 #   /opt/batchd/                           a venv with batchd[systemd]
 #   /usr/bin/batchd                        -> /opt/batchd/bin/batchd
 #   /etc/batchd/config.toml                from config.example.toml, only if absent
+#   /etc/batchd/http-token.env             a random HTTP token, first install only
+#                                          (real root only; 0640 root:batchd)
 #   /usr/lib/sysusers.d/batchd.conf        user batchd, group batchd-drop
 #   /usr/lib/tmpfiles.d/batchd.conf        the spool folders under /var/lib/batchd
 #   /usr/lib/systemd/system/batchd.service the unit
@@ -30,6 +33,8 @@ DESTDIR=${DESTDIR%/}
 source_dir=$(cd "$(dirname "$0")/.." && pwd)
 run_systemctl=yes
 skip_venv=no
+wheelhouse=
+with_ocr=no
 [ "${BATCHD_INSTALL_SKIP_VENV:-}" = 1 ] && skip_venv=yes
 
 say() { printf '%s\n' "$*"; }
@@ -41,9 +46,15 @@ die() {
 
 usage() {
     cat <<EOF
-usage: $0 [--source DIR] [--no-systemctl] [--skip-venv]
+usage: $0 [--source DIR] [--wheelhouse DIR] [--with-ocr] [--no-systemctl] [--skip-venv]
 
   --source DIR     the batchd source tree to install (default: $source_dir)
+  --wheelhouse DIR install batchd and its dependencies from the wheels and
+                   sdists in DIR only (pip --no-index --find-links DIR): for
+                   hosts and containers without the package index. A batchd
+                   wheel in DIR is used; else the source tree is built there.
+  --with-ocr       also apt-get install tesseract-ocr tesseract-ocr-eng (OCR
+                   of scanned PDFs)
   --no-systemctl   do not run 'systemctl daemon-reload'
   --skip-venv      do not create or update the venv in $PREFIX
   DESTDIR=PATH     install below PATH instead of /; implies --no-systemctl and
@@ -60,6 +71,19 @@ while [ $# -gt 0 ]; do
         ;;
     --source=*)
         source_dir=$(cd "${1#--source=}" && pwd) || die "no such folder: ${1#--source=}"
+        shift
+        ;;
+    --wheelhouse)
+        [ $# -ge 2 ] || die "--wheelhouse needs a folder"
+        wheelhouse=$(cd "$2" && pwd) || die "no such folder: $2"
+        shift 2
+        ;;
+    --wheelhouse=*)
+        wheelhouse=$(cd "${1#--wheelhouse=}" && pwd) || die "no such folder: ${1#--wheelhouse=}"
+        shift
+        ;;
+    --with-ocr)
+        with_ocr=yes
         shift
         ;;
     --no-systemctl)
@@ -113,14 +137,40 @@ else
         batchd; do
         if [ -e "$source_dir/$item" ]; then cp -R "$source_dir/$item" "$stage/"; fi
     done
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    pip=("$venv/bin/python" -m pip install --quiet --upgrade)
+    target=$stage
+    if [ -n "$wheelhouse" ]; then
+        # Local files only: never reach out to an index.
+        pip+=(--no-index --find-links "$wheelhouse")
+        # A newer pip only if the wheelhouse has one.
+        "${pip[@]}" pip 2>/dev/null || true
+        if compgen -G "$wheelhouse/batchd-*.whl" >/dev/null; then
+            target=batchd
+        fi
+    else
+        "${pip[@]}" pip
+    fi
     # The systemd extra (systemd-python) is compiled against libsystemd; without
     # libsystemd-dev, pkg-config and a C compiler it does not build. batchd then
     # runs the same, minus structured journald fields.
-    if ! "$venv/bin/python" -m pip install --quiet --upgrade "${stage}[systemd]"; then
+    if ! "${pip[@]}" "${target}[systemd]"; then
         warn "the systemd extra did not build (needs libsystemd-dev, pkg-config, gcc," \
-            "python3-dev); installing without it: logs reach the journal as plain text"
-        "$venv/bin/python" -m pip install --quiet --upgrade "$stage"
+            "python3-dev${wheelhouse:+, or its sdist in $wheelhouse});" \
+            "installing without it: logs reach the journal as plain text"
+        "${pip[@]}" "$target" ||
+            die "pip could not install batchd${wheelhouse:+ from $wheelhouse (is every dependency there?)}"
+    fi
+fi
+
+# 1b. OCR, when asked for: the engine and its English data.
+if [ "$with_ocr" = yes ]; then
+    if [ "$real_root" = yes ]; then
+        say "installing tesseract-ocr tesseract-ocr-eng (--with-ocr)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q tesseract-ocr tesseract-ocr-eng ||
+            die "apt-get could not install tesseract-ocr tesseract-ocr-eng (try: apt-get update)"
+    else
+        warn "--with-ocr: not installing packages below DESTDIR; install tesseract-ocr" \
+            "tesseract-ocr-eng on the target host"
     fi
 fi
 
@@ -178,6 +228,24 @@ else
     mv -f "$tmp" "$config"
 fi
 
+# 5b. The HTTP token, on the first install only: a fresh install never serves
+# the API without one. The unit reads it (EnvironmentFile=); only root and the
+# batchd group (the service user alone, not batchd-drop) can read it.
+token_file=$DESTDIR/etc/batchd/http-token.env
+if [ "$real_root" != yes ]; then
+    say "not generating $token_file (DESTDIR: a token must not ship in a package)"
+elif [ -e "$token_file" ]; then
+    say "keeping the existing $token_file"
+else
+    say "writing a random HTTP token into $token_file"
+    tmp=$(mktemp "$DESTDIR/etc/batchd/.http-token.env.XXXXXX")
+    token=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+    printf 'BATCHD_HTTP__TOKEN=%s\n' "$token" >"$tmp"
+    chmod 0640 "$tmp"
+    chgrp batchd "$tmp"
+    mv -f "$tmp" "$token_file"
+fi
+
 # 6. Tell systemd, when there is one to tell.
 if [ "$real_root" = yes ] && [ "$run_systemctl" = yes ] && command -v systemctl >/dev/null &&
     [ -d /run/systemd/system ]; then
@@ -189,7 +257,8 @@ fi
 cat <<EOF
 
 batchd is installed${DESTDIR:+ below $DESTDIR}. Next steps:
-  1. Review /etc/batchd/config.toml (http.token, limits, processor).
+  1. Review /etc/batchd/config.toml (limits, processor). The HTTP token is in
+     /etc/batchd/http-token.env (read it as root: see README, "Token").
   2. Let people drop files:   usermod -aG batchd-drop alice   (then log in again)
   3. Start it at boot:        systemctl enable --now batchd
   4. Watch it:                systemctl status batchd; journalctl -u batchd -f

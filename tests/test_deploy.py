@@ -54,7 +54,7 @@ def _tool(name: str) -> str:
 
 
 def _unit_for_verify(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here."""
+    """The unit with ExecStart/ExecReload pointing at an executable that exists here."""
     program = tmp_path / "bin" / "batchd"
     program.parent.mkdir()
     program.write_text("#!/bin/sh\nexit 0\n")
@@ -62,7 +62,8 @@ def _unit_for_verify(tmp_path: Path) -> Path:
     unit = tmp_path / "batchd.service"
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/batchd " in text
-    unit.write_text(text.replace("ExecStart=/usr/bin/batchd ", f"ExecStart={program} "))
+    text = text.replace("ExecStart=/usr/bin/batchd ", f"ExecStart={program} ")
+    unit.write_text(text.replace("ExecReload=/usr/bin/batchd ", f"ExecReload={program} "))
     return unit
 
 
@@ -111,16 +112,19 @@ def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
 
 
 def test_unit_settings() -> None:
-    """The unit keeps the service contract: notify, watchdog, no restart on exit 78."""
+    """The unit keeps the service contract: notify, watchdog, no restart on exit 78 or 73."""
     settings = _unit_settings()
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
         "ExecStart": "/usr/bin/batchd run --config /etc/batchd/config.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/usr/bin/batchd reload --config /etc/batchd/config.toml",
+        "EnvironmentFile": "-/etc/batchd/http-token.env",
+        "MemoryMax": "2G",
+        "TasksMax": "512",
         "WatchdogSec": "30",
         "Restart": "on-failure",
-        "RestartPreventExitStatus": "78",
+        "RestartPreventExitStatus": "78 73",
         "KillMode": "mixed",
         "User": "batchd",
         "Group": "batchd",
@@ -383,3 +387,22 @@ def test_install_builds_a_working_venv(tmp_path: Path) -> None:
     # install must still succeed, and say so.
     has_journal = probe.stdout.strip() == "True"
     assert has_journal or "the systemd extra did not build" in done.stderr, done.stderr[-3000:]
+
+
+def test_install_from_a_wheelhouse_uses_only_local_files(tmp_path: Path) -> None:
+    """--wheelhouse installs with pip --no-index: an empty folder fails, naming it,
+    instead of reaching for a package index."""
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    root = tmp_path / "root"
+    done = _run(INSTALL, root, "--wheelhouse", str(wheelhouse), timeout=300, PYTHON=sys.executable)
+    assert done.returncode != 0
+    assert f"from {wheelhouse}" in done.stderr, done.stderr[-3000:]
+    assert not any(sign in done.stderr for sign in OFFLINE_SIGNS[:3]), done.stderr[-3000:]
+
+
+def test_install_with_ocr_into_destdir_only_warns(tmp_path: Path) -> None:
+    """--with-ocr installs no packages below a DESTDIR and says what the host needs."""
+    done = _install(tmp_path, "--with-ocr")
+    assert "tesseract-ocr tesseract-ocr-eng" in done.stderr
+    assert not (tmp_path / "etc" / "batchd" / "http-token.env").exists()

@@ -193,7 +193,7 @@ def srv(make_server: Callable[..., Harness]) -> Harness:
 
 
 def test_jobs_lists_batch_rows_newest_first(srv: Harness) -> None:
-    """The list holds the batch_jobs columns, newest batch first."""
+    """The list holds the batch_jobs columns plus progressPercent, newest batch first."""
     first = srv.drop("first", {"a.csv": CSV})
     second = srv.drop("second", {"b.csv": CSV, "c.csv": CSV}, Priority.HIGH)
     answer = srv.get("/api/batch/jobs")
@@ -201,8 +201,8 @@ def test_jobs_lists_batch_rows_newest_first(srv: Harness) -> None:
     body = answer.json()
     assert body["success"] is True
     assert [row["id"] for row in body["data"]] == [second.id, first.id]
-    assert body["data"][0] == second.public()
-    assert set(body["data"][0]) == BATCH_COLUMNS
+    assert body["data"][0] == {**second.public(), "progressPercent": 0}
+    assert set(body["data"][0]) == BATCH_COLUMNS | {"progressPercent"}
     assert body["data"][0]["priority"] == "high"
     assert body["data"][0]["total_files"] == 2
 

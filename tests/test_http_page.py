@@ -230,3 +230,249 @@ def test_a_rebound_dns_name_cannot_read_the_api(
     )
     assert batch.id not in dom
     assert "rebind.example" in dom and "http.allowed_hosts" in dom
+
+
+def _detail_progress(dom: str) -> str:
+    detail = re.search(r'<div id="batch-progress">.*?</div></div>', dom, re.S)
+    assert detail is not None, dom[-3000:]
+    return detail.group(0)
+
+
+def test_list_and_detail_show_the_same_percentage(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """The list's bar uses SPEC section 6's progressPercent, as the detail does."""
+    site = make_site("")
+    folder = site.spool.inbox_for(Priority.NORMAL) / "partial"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"menu{i}.csv").write_bytes(CSV)
+    batch = site.intake.take_drop(folder, Priority.NORMAL)
+    assert batch is not None
+    now = SystemClock().now()
+    first = site.store.claim_next(now)
+    second = site.store.claim_next(now)
+    assert first is not None and second is not None
+    site.store.finish(first.file.id, Outcome(Status.COMPLETED, result={"rows": 1}), now)
+    site.store.set_progress({second.file.id: 50})  # (100 + 50 + 0) / 3 = 50
+    dom = dump_dom(f"http://127.0.0.1:{site.server.port}/?batch={batch.id}", tmp_path / "profile")
+    assert 'data-percent="50"' in batch_row(dom, batch.id)
+    assert 'data-percent="50"' in _detail_progress(dom)
+
+
+def test_failed_batch_shows_counts_and_times(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """A batch with a failed file shows completed and failed apart, not a red 100 %,
+    with its created time and how long it took."""
+    site = make_site("")
+    folder = site.spool.inbox_for(Priority.NORMAL) / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"menu{i}.csv").write_bytes(CSV)
+    batch = site.intake.take_drop(folder, Priority.NORMAL)
+    assert batch is not None
+    now = SystemClock().now()
+    for n in range(3):
+        task = site.store.claim_next(now)
+        assert task is not None
+        outcome = (
+            Outcome(Status.FAILED, error="bad content")
+            if n == 0
+            else Outcome(Status.COMPLETED, result={"rows": 1})
+        )
+        site.store.finish(task.file.id, outcome, now)
+    dom = dump_dom(f"http://127.0.0.1:{site.server.port}/?batch={batch.id}", tmp_path / "profile")
+    row = batch_row(dom, batch.id)
+    assert "<em>2 ok, 1 failed</em>" in row and "<em>100%</em>" not in row
+    assert "<em>2 ok, 1 failed</em>" in _detail_progress(dom)
+    cells = re.findall(r'<td class="when">([^<]*)</td>', row)
+    assert len(cells) == 2 and all(cells), row  # created, took
+    times = re.search(r'<p class="times" id="batch-times">([^<]*)</p>', dom)
+    assert times is not None and "finished" in times.group(1) and "took" in times.group(1)
+
+
+def test_page_says_it_needs_the_token_instead_of_loading(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """After a 401 the page says a token is needed; nothing is left saying "loading…"."""
+    site = make_site("page-secret")
+    dom = dump_dom(f"http://127.0.0.1:{site.server.port}/", tmp_path / "profile")
+    assert "needs its access token" in dom
+    assert "loading…" not in dom
+
+
+def test_inbox_panel_is_hidden_without_the_endpoint(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """A server without GET /api/inbox (404) leaves the inbox panel hidden."""
+    site = make_site("")
+    site.finished_batch("menus")
+    dom = dump_dom(f"http://127.0.0.1:{site.server.port}/", tmp_path / "profile")
+    assert re.search(r'<section id="inbox" hidden(="")?>', dom), dom[:3000]
+
+
+def test_inbox_panel_shows_waiting_and_refused_drops(tmp_path: Path) -> None:
+    """The page renders GET /api/inbox's drops with their state and reason."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from importlib import resources
+
+    page = resources.files("batchd").joinpath("static/status.html").read_bytes()
+    drops = [
+        {"priority": "normal", "name": "week1", "state": "settling", "reason": "still changing"},
+        {
+            "priority": "high",
+            "name": "reports-2026-11",
+            "state": "refused",
+            "reason": "no group write: run chmod -R g+w inbox/high/reports-2026-11",
+        },
+    ]
+    answers = {"/api/batch/jobs": [], "/api/inbox": drops}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/":
+                body, kind = page, "text/html"
+            elif path in answers:
+                body = json.dumps({"success": True, "data": answers[path]}).encode()
+                kind = "application/json"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dom = dump_dom(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "profile")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert re.search(r'<section id="inbox">', dom), dom[:3000]
+    assert '<tr class="drop" data-state="refused">' in dom
+    assert "chmod -R g+w inbox/high/reports-2026-11" in dom
+    assert ">reports-2026-11<" in dom and ">settling<" in dom
+
+
+class Cdp:
+    """Chromium driven over ``--remote-debugging-pipe`` (the DevTools protocol on
+    fds 3 and 4, NUL-terminated JSON): enough to load a page and evaluate layout."""
+
+    def __init__(self, profile: Path, width: int, height: int) -> None:
+        import os
+
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def fds() -> None:
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=fds,
+            pass_fds=(3, 4),  # kept open across exec: the pipe ends fds() put there
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next = 0
+
+    def call(self, method: str, session: str | None = None, **params: object) -> dict[str, object]:
+        import json
+        import os
+
+        self._next += 1
+        message: dict[str, object] = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_chrome, 65536)
+                assert chunk, "chromium closed the DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._next:
+                assert "error" not in answer, answer
+                return answer["result"]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        import os
+
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+def test_long_names_wrap_instead_of_pushing_the_table_under_the_detail(
+    make_site: Callable[[str], Site], tmp_path: Path
+) -> None:
+    """A very long batch name wraps in its cell: the list stays beside the detail panel."""
+    import time
+
+    site = make_site("")
+    batch = site.finished_batch("quarterly-report-" + "x" * 180)
+    cdp = Cdp(tmp_path / "profile", 1400, 900)
+    try:
+        target = cdp.call(
+            "Target.createTarget", url=f"http://127.0.0.1:{site.server.port}/?batch={batch.id}"
+        )
+        session = str(
+            cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)[
+                "sessionId"
+            ]
+        )
+        check = (
+            "(() => { const row = document.querySelector('tr.batch');"
+            " const detail = document.querySelector('#files');"
+            " if (!row || !detail) return null;"
+            " const list = document.querySelector('main > section');"
+            " const table = list.querySelector('table');"
+            " return {tableRight: table.getBoundingClientRect().right,"
+            " listRight: list.getBoundingClientRect().right,"
+            " detailLeft: document.querySelector('#detail').getBoundingClientRect().left,"
+            " detailTop: document.querySelector('#detail').getBoundingClientRect().top,"
+            " listTop: list.getBoundingClientRect().top}; })()"
+        )
+        deadline = time.monotonic() + 30
+        layout = None
+        while layout is None and time.monotonic() < deadline:
+            result = cdp.call("Runtime.evaluate", session, expression=check, returnByValue=True)
+            layout = result["result"].get("value")  # type: ignore[attr-defined]
+            if layout is None:
+                time.sleep(0.2)
+        assert layout is not None, "the page never rendered the batch and its files"
+    finally:
+        cdp.close()
+    assert layout["tableRight"] <= layout["listRight"] + 1, layout
+    assert layout["detailTop"] == layout["listTop"], layout  # side by side, not below
+    assert layout["listRight"] <= layout["detailLeft"], layout

@@ -186,6 +186,16 @@ class StoreContract:
         assert store.batch_by_work_path("work/normal/zzz") is None
         assert store.get_batch("no-such-id") is None
 
+    def test_batch_ids_with_prefix(self, store: Any) -> None:
+        """Batch ids are found by their first characters; LIKE wildcards match literally."""
+        one = self.register(store, "p1")
+        two = self.register(store, "p2")
+        assert store.batch_ids_with_prefix(one.id[:8]) == [one.id]
+        assert sorted(store.batch_ids_with_prefix("", limit=5)) == sorted([one.id, two.id])
+        assert store.batch_ids_with_prefix("%") == []
+        assert store.batch_ids_with_prefix("_") == []
+        assert store.batch_ids_with_prefix("zzzz") == []
+
     # -- claiming ------------------------------------------------------------------
 
     def test_claim_next_returns_none_when_empty(self, store: Any) -> None:

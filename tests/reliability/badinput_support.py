@@ -6,6 +6,8 @@ this folder on its ``PYTHONPATH`` (:func:`pythonpath`).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import grp
 import hashlib
 import os
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,18 @@ INTEGRATION = HERE.parent / "integration"
 #: How long a held file waits for the test to let it go before giving up.
 HOLD_SECONDS = 60.0
 UNPRIVILEGED = ("--reuid=nobody", "--regid=nogroup", "--clear-groups")
+#: What the unprivileged daemon never imports: left out of its readable copy.
+DEV_ONLY = {
+    "mypy",
+    "mypyc",
+    "ruff",
+    "pip",
+    "setuptools",
+    "pygments",
+    "_pytest",
+    "pytest",
+    "__pycache__",
+}
 
 
 def pythonpath(*extra: str) -> str:
@@ -100,8 +115,54 @@ class UnprivilegedDaemon(DaemonProcess):
 
     def env(self, **extra: str) -> dict[str, str]:
         env = super().env(**extra)
-        env["PYTHONPATH"] = pythonpath(sysconfig.get_paths()["purelib"])
+        env["PYTHONPATH"] = nobody_pythonpath(self.python)
         return env
+
+
+def _imports_as_nobody(python: str, path: str) -> bool:
+    done = subprocess.run(
+        ["setpriv", *UNPRIVILEGED, python, "-c", "import batchd.cli, pydantic, badinput_support"],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        timeout=60,
+    )
+    return done.returncode == 0
+
+
+@functools.cache
+def nobody_pythonpath(python: str) -> str:
+    """A ``PYTHONPATH`` under which ``nobody`` imports batchd, its dependencies and
+    these helpers: the checkout's own when ``nobody`` can read it, else a copy in
+    a world-readable temporary folder (a clone in a 0700 home or ``mktemp -d``)."""
+    purelib = sysconfig.get_paths()["purelib"]
+    here = pythonpath(purelib)
+    if _imports_as_nobody(python, here):
+        return here
+    copy = Path(tempfile.mkdtemp(prefix="batchd-nobody-lib-"))
+    atexit.register(shutil.rmtree, copy, True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "batchd", copy / "src" / "batchd", ignore=skip)
+    for name in (HERE, INTEGRATION):
+        shutil.copytree(name, copy / name.name, ignore=skip)
+    site = copy / "site"
+    site.mkdir()
+    for entry in Path(purelib).iterdir():
+        if entry.name in DEV_ONLY or entry.name.startswith("__editable__"):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, site / entry.name, ignore=skip)
+        else:
+            shutil.copy2(entry, site / entry.name)
+    for path in (copy, *copy.rglob("*")):
+        mode = path.lstat().st_mode
+        if not path.is_symlink():
+            path.chmod(mode | 0o444 | (0o111 if path.is_dir() else 0))
+    path = os.pathsep.join(
+        str(p) for p in (copy / "src", copy / HERE.name, copy / INTEGRATION.name, site)
+    )
+    if not _imports_as_nobody(python, path):
+        raise AssertionError(f"user nobody still cannot import batchd from the copy in {copy}")
+    return path
 
 
 def nobody_ids() -> tuple[int, int]:
