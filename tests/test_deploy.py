@@ -120,7 +120,7 @@ def test_unit_settings() -> None:
         "ExecStart": "/usr/bin/batchd run --config /etc/batchd/config.toml",
         "ExecReload": "/usr/bin/batchd reload --config /etc/batchd/config.toml",
         "EnvironmentFile": "-/etc/batchd/http-token.env",
-        "MemoryMax": "2G",
+        "MemoryMax": "4G",
         "TasksMax": "512",
         "WatchdogSec": "30",
         "Restart": "on-failure",
