@@ -95,6 +95,10 @@ class LimitsSettings(_Section):
     max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
     allowed_types: tuple[str, ...] = ("pdf", "xlsx", "xls", "csv")
     uploads_per_user_per_hour: int = Field(3, ge=0)
+    #: folders nested deeper than this refuse the whole drop (walks stay bounded).
+    max_depth: int = Field(32, ge=1)
+    #: files and folders examined per drop before the whole drop is refused.
+    max_entries_per_drop: int = Field(10000, ge=1)
 
     @field_validator("allowed_types")
     @classmethod

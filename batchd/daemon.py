@@ -207,6 +207,8 @@ class Daemon:
         problems: dict[str, str] = {}
         if self.watcher is None or not self.watcher.is_alive():
             problems["watcher"] = "watcher thread is not running"
+        elif (watcher_problem := self.watcher.problem()) is not None:
+            problems["watcher"] = watcher_problem
         if self.pool is None or self.pool.alive() < self.pool.size:
             alive = self.pool.alive() if self.pool else 0
             size = self.pool.size if self.pool else self.settings.processing.concurrency
@@ -289,12 +291,16 @@ class Daemon:
         assert self.intake is not None
         return self.intake.take_drop(path, priority)
 
+    def _inbox(self) -> list[dict[str, str | None]]:
+        return self.watcher.inbox() if self.watcher is not None else []
+
     def _start_http(self, store: Store, intake: Intake) -> None:
         from batchd.http import HttpServer
 
         self.http = HttpServer(
             self.settings, store, self.spool, intake, self.metrics, self.problems, self.clock
         )
+        self.http.inbox = self._inbox
         self.http.start()
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here

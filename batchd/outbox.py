@@ -7,6 +7,7 @@ script polling the outbox never parses half a file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +16,12 @@ from pathlib import Path
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
 from batchd.records import BatchRow, FileRow, Status
-from batchd.spool import Spool, fsync_file, stage_json, write_json_atomic
+from batchd.spool import STATUS_FILE, Spool, fsync_file, stage_json, write_json_atomic
 from batchd.store import Store
 from batchd.views import Json, batch_detail, result_document
+
+#: The ``status`` of the status.json of a drop still in the inbox that batchd cannot claim.
+INBOX_REFUSED = "refused_in_inbox"
 
 
 class Outbox:
@@ -43,7 +47,9 @@ class Outbox:
         """
         doc = self.status_document(batch)
         crash_point("during_status_write")
-        write_json_atomic(self.spool.status_path(batch.name), doc, durable=batch.status.done)
+        write_json_atomic(
+            self.spool.status_path(batch.name), doc, durable=batch.status.done, root=self.spool.root
+        )
 
     def write_statuses(
         self, batches: Sequence[BatchRow], syncer: ResultSyncer
@@ -62,7 +68,11 @@ class Outbox:
                 staged.append(
                     (
                         batch,
-                        stage_json(self.spool.status_path(batch.name), self.status_document(batch)),
+                        stage_json(
+                            self.spool.status_path(batch.name),
+                            self.status_document(batch),
+                            root=self.spool.root,
+                        ),
                     )
                 )
             except (OSError, BatchdError) as exc:
@@ -80,6 +90,35 @@ class Outbox:
                     os.unlink(tmp)
         return errors
 
+    def write_inbox_refusal(self, name: str, source: str, priority: str, reason: str) -> None:
+        """``outbox/<name>/status.json`` for a drop that could not be claimed
+        (no batch yet): the dropper finds the reason where results would be."""
+        doc: Json = {
+            "id": None,
+            "name": name,
+            "status": INBOX_REFUSED,
+            "priority": priority,
+            "error": reason,
+            "source": source,
+            "files": [],
+        }
+        write_json_atomic(self.spool.status_path(name), doc, root=self.spool.root)
+
+    def clear_inbox_refusal(self, name: str) -> None:
+        """Remove the document :meth:`write_inbox_refusal` left for ``name`` (the
+        drop is now claimed), so the batch gets that name, not ``name.2``."""
+        folder = self.spool.batch_outbox(name)
+        status = self.spool.status_path(name)
+        try:
+            if os.listdir(folder) != [STATUS_FILE]:
+                return
+            if json.loads(status.read_bytes()).get("status") != INBOX_REFUSED:
+                return
+            status.unlink()
+            folder.rmdir()
+        except (OSError, ValueError):
+            return
+
     def refresh_status(self, batch_id: str) -> BatchRow | None:
         """Read a batch afresh and rewrite its status.json; None if it is gone."""
         batch = self.store.get_batch(batch_id)
@@ -90,7 +129,7 @@ class Outbox:
     def write_result(self, batch_name: str, file: FileRow) -> Path:
         """Write one file's result document; returns its path."""
         path = self.spool.result_path(batch_name, file.relpath)
-        write_json_atomic(path, result_document(file))
+        write_json_atomic(path, result_document(file), root=self.spool.root)
         return path
 
     def reconcile(self, batch: BatchRow, force_status: bool = True) -> BatchRow:

@@ -39,6 +39,7 @@ from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
 from batchd.faults import crash_point, hang_point
+from batchd.members import batch_limit_error
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import Lost, TimedOut, WorkerPool
@@ -55,6 +56,8 @@ log = structlog.get_logger("batchd.scheduler")
 DB_RETRY_MIN_SECONDS = 0.5
 #: The longest wait between two attempts to reach the database.
 DB_RETRY_MAX_SECONDS = 10.0
+#: batches whose file count the scheduler remembers (a dictionary cleared when full).
+BATCH_SIZE_CACHE = 4096
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Scheduler:
         #: monotonic time by which an idle loop must turn anyway, so that
         #: ``on_tick`` runs on time (the daemon's next systemd watchdog ping).
         self.tick_by: float | None = None
+        #: files per batch (fixed at registration), for the batch limit re-check.
+        self._batch_sizes: dict[str, int] = {}
 
     # -- control (any thread) ----------------------------------------------------
 
@@ -310,6 +315,12 @@ class Scheduler:
         if path is None:
             self._fail(running, "input file is no longer in the spool (moved or deleted)")
             return
+        refusal = batch_limit_error(self._batch_size(file.batch_id), self.settings.limits)
+        if refusal is not None:
+            # Only a re-queued member of a batch refused whole gets here (by
+            # `batchd retry` or an operator's UPDATE): it keeps its refusal.
+            self._fail(running, refusal)
+            return
         delivery = Delivery(
             file=file,
             started_at=running.started_at,
@@ -317,6 +328,7 @@ class Scheduler:
             outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
             # The scheduler makes results durable a group at a time (_commit).
             fsync=False,
+            spool_root=str(self.spool.root),
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
@@ -328,6 +340,16 @@ class Scheduler:
                 wait = parse_iso(file.started_at or "") - parse_iso(file.created_at)
                 self.metrics.waited(max(0.0, wait.total_seconds()))
         bound.debug("file_started", processor=processor, attempt=file.attempts)
+
+    def _batch_size(self, batch_id: str) -> int:
+        size = self._batch_sizes.get(batch_id)
+        if size is None:
+            batch = self.store.get_batch(batch_id)
+            size = batch.total_files if batch is not None else 0
+            if len(self._batch_sizes) >= BATCH_SIZE_CACHE:
+                self._batch_sizes.clear()
+            self._batch_sizes[batch_id] = size
+        return size
 
     # -- outcomes ----------------------------------------------------------------
 

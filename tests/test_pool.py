@@ -35,7 +35,12 @@ CONTENT = b"name,qty\napple,3\npear,5\n"
 def make_settings(tmp_path: Path, **env: str) -> Settings:
     config = tmp_path / "config.toml"
     config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
+    # Any content: these jobs' inputs are named freely (the worker checks
+    # content against the name again before each attempt).
+    environ = {
+        "BATCHD_SPOOL__ROOT": str(tmp_path / "spool"),
+        "BATCHD_LIMITS__ALLOWED_TYPES": '["*"]',
+    }
     environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
     return load_settings(config, environ)
 
