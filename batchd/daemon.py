@@ -94,8 +94,16 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
             if entry.is_dir() and not any(entry.iterdir()):
                 entry.rmdir()  # crash between mkdir and the rename of a loose file
                 continue
-            if intake.register_claimed(_orphan_claim(spool, priority, entry)) is not None:
-                registered += 1
+            try:
+                if intake.register_claimed(_orphan_claim(spool, priority, entry)) is not None:
+                    registered += 1
+            except StoreError:
+                raise  # no database: start-up cannot go on anyway
+            except Exception as exc:
+                # One orphan that cannot be registered must not stop every
+                # start (a restart loop): it goes to failed/ as it is.
+                log.error("orphan_not_registered", path=str(entry), error=repr(exc))
+                spool.refuse_whole(rel, spool.unique_name(entry.name, store.name_taken))
             continue
         outbox.remove_stray_temporaries(batch)
         try:

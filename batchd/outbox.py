@@ -93,14 +93,18 @@ class Outbox:
     def write_inbox_refusal(self, name: str, source: str, priority: str, reason: str) -> None:
         """``outbox/<name>/status.json`` for a drop that could not be claimed
         (no batch yet): the dropper finds the reason where results would be."""
+        # The shape of a batch's status.json, so scripts reading batch.status
+        # and batch.error see the refusal; no id: nothing is registered yet.
         doc: Json = {
-            "id": None,
-            "name": name,
-            "status": INBOX_REFUSED,
-            "priority": priority,
-            "error": reason,
-            "source": source,
+            "batch": {
+                "id": None,
+                "name": name,
+                "status": INBOX_REFUSED,
+                "priority": priority,
+                "error": reason,
+            },
             "files": [],
+            "source": source,
         }
         write_json_atomic(self.spool.status_path(name), doc, root=self.spool.root)
 
@@ -112,7 +116,7 @@ class Outbox:
         try:
             if os.listdir(folder) != [STATUS_FILE]:
                 return
-            if json.loads(status.read_bytes()).get("status") != INBOX_REFUSED:
+            if json.loads(status.read_bytes()).get("batch", {}).get("status") != INBOX_REFUSED:
                 return
             status.unlink()
             folder.rmdir()

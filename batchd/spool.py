@@ -38,6 +38,10 @@ from batchd.records import NewFile
 log = structlog.get_logger("batchd.spool")
 
 TOP_FOLDERS = ("inbox", "work", "outbox", "archive", "failed", "state")
+#: The mode of a folder :meth:`Spool.init` creates, by top folder (the inbox's
+#: priority folders are where the group drops; the rest the group only reads).
+_INIT_MODES = {"inbox": 0o2770, "outbox": 0o2750, "archive": 0o2750, "failed": 0o2750,
+               "state": 0o700, "work": 0o750}  # fmt: skip
 RESULTS = "results"
 STATUS_FILE = "status.json"
 UPLOADS = ".uploads"
@@ -326,7 +330,12 @@ class Spool:
         folders += [self.uploads, self.scratch]
         for folder in folders:
             try:
+                created = not folder.exists()
                 folder.mkdir(parents=True, exist_ok=True)
+                if created:
+                    # Explicit, whatever the umask (deploy/batchd.tmpfiles sets
+                    # the same modes where the service manager makes them).
+                    folder.chmod(_INIT_MODES.get(folder.relative_to(self.root).parts[0], 0o750))
             except OSError as exc:
                 raise SpoolError(f"cannot create {folder}: {exc.strerror}") from exc
             if not os.access(folder, os.W_OK | os.X_OK):
@@ -609,6 +618,12 @@ class Spool:
             target = f"{'archive' if ok else 'failed'}/{name}/{relpath}"
             try:
                 safefs.move(self.root, source, target)
+            except safefs.UnsafePath as exc:
+                # A link planted where the input should go: never followed;
+                # the input stays in work/ (an operator can see it there).
+                log.error(
+                    "input_not_moved", work_path=work_path, relpath=relpath, error=exc.message
+                )
             except PermissionError:
                 if not stat.S_ISDIR(st.st_mode):
                     raise
@@ -661,12 +676,17 @@ class Spool:
                 entries = os.listdir(fd)
                 for entry in entries:
                     sub = f"{rel}/{entry}" if rel else entry
-                    with contextlib.suppress(FileNotFoundError):
+                    try:
                         st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
                         if stat.S_ISDIR(st.st_mode) and depth < max_depth:
                             dirs.append(sub)
                             continue
                         safefs.move(self.root, f"{work_path}/{sub}", f"archive/{name}/{sub}")
+                    except FileNotFoundError:
+                        continue
+                    except safefs.UnsafePath as exc:
+                        log.error("leftover_not_moved", work_path=work_path, relpath=sub,
+                                  error=exc.message)  # fmt: skip
             finally:
                 os.close(fd)
         for rel in reversed(dirs[1:]):

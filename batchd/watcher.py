@@ -147,9 +147,9 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
             break
     entries.sort()
     has_marker = os.path.lexists(path / marker)
-    return Seen(
-        (st.st_mtime_ns, tuple(entries)), True, has_marker, max(members, int(over_cap)), problem
-    )
+    # The mode too: a chmod (the fix for a refused folder) changes no mtime.
+    signature = (st.st_mtime_ns, st.st_mode, tuple(entries))
+    return Seen(signature, True, has_marker, max(members, int(over_cap)), problem)
 
 
 class Readiness:
@@ -231,9 +231,11 @@ class Readiness:
                 cand.waiting = True
                 continue
             cand.reported = False
-            if path in self.refused and seen.signature == cand.signature:
-                cand.waiting = True  # refused as it is: tried again when it changes
-                continue
+            if path in self.refused:
+                if seen.signature == cand.signature:
+                    cand.waiting = True  # refused as it is: tried again when it changes
+                    continue
+                del self.refused[path]  # changed (a chmod, say): settles and is tried again
             if seen.has_marker:
                 del self._candidates[path]
                 ready.append((path, cand.priority))

@@ -275,13 +275,11 @@ def test_every_bad_input_ends_documented_and_nothing_is_lost(tmp_path: Path) -> 
     long_results = [p.name for p in (d.spool / "outbox" / "corpus" / "results").iterdir()]
     assert fit_name(LONG_X, ".json") in long_results
     assert corpus_docs[LONG_X]["filename"] == LONG_X
-    # Documents get the mode of a plain create under the daemon's umask (not mkstemp's 0600),
-    # so the group the service's UMask=0007 lets in can read them.
-    umask = os.umask(0o022)
-    os.umask(umask)
+    # Documents are 0640 whatever the daemon's umask: the group reads them
+    # (not mkstemp's 0600), only batchd may change them.
     outbox = d.spool / "outbox" / "corpus"
     for doc in (outbox / "status.json", outbox / "results" / "one.csv.json"):
-        assert stat.S_IMODE(doc.stat().st_mode) == 0o666 & ~umask, doc
+        assert stat.S_IMODE(doc.stat().st_mode) == 0o640, doc
 
 
 # -- unreadable input (a daemon without root's privileges) ---------------------------
