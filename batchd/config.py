@@ -63,6 +63,9 @@ class _Section(BaseModel):
 class SpoolSettings(_Section):
     root: Path = Path("/var/lib/batchd")
     keep_inputs: bool = True
+    #: who may read a batch's outbox/archive/failed folders: the whole drop
+    #: group, or only the user who dropped it (an ACL; batchd and root always).
+    result_access: Literal["group", "owner"] = "group"
 
 
 class WatchSettings(_Section):

@@ -194,6 +194,12 @@ class Intake:
         )
         batch = self.store.register_batch(new, self.clock.now())
         crash_point("after_register")
+        try:
+            self.spool.prepare_batch(batch.name, batch.user_id, refused=refused)
+        except OSError as exc:
+            # Registered already: say so loudly. Nothing is opened to the
+            # group: restrict_to() drops the group's access before the ACL.
+            log.error("result_access_failed", batch_id=batch.id, batch=batch.name, error=str(exc))
         if refused:
             self.spool.refuse_whole(new.work_path, batch.name)
         log.info(

@@ -23,6 +23,7 @@ import errno
 import os
 import shutil
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,39 @@ def fix_modes(root: Path) -> None:
         for fd in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+# POSIX ACL xattr format (linux/posix_acl_xattr.h): a version word, then
+# (tag u16, perm u16, id u32) entries sorted by tag, then id.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def restrict_to(fd: int, reader_uid: int | None) -> None:
+    """Make folder ``fd`` (batchd's own) readable by batchd, root and ``reader_uid``
+    only: the group loses access, the reader gets read and search by an ACL.
+
+    Written as the ``system.posix_acl_access`` attribute straight from Python:
+    an owner may set its files' ACLs without privilege, and no ``setfacl``
+    process is started per batch. ``None``: nobody but batchd and root.
+    """
+    # setgid kept: what batchd writes below still gets the drop group, which
+    # only those let through this folder (the reader) can use.
+    os.fchmod(fd, 0o2700)
+    entries = [(_ACL_USER_OBJ, 0o7, _ACL_UNDEFINED_ID)]
+    if reader_uid is not None and reader_uid != os.geteuid():
+        entries.append((_ACL_USER, 0o5, reader_uid))
+    entries += [
+        (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+        (_ACL_MASK, 0o5, _ACL_UNDEFINED_ID),
+        (_ACL_OTHER, 0, _ACL_UNDEFINED_ID),
+    ]
+    blob = struct.pack("<I", _ACL_VERSION) + b"".join(
+        struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries
+    )
+    os.setxattr(fd, _ACL_XATTR, blob)
 
 
 @contextlib.contextmanager

@@ -532,6 +532,28 @@ class Spool:
         """Why a regular file batchd assembled (an upload) must be refused, or ``None``."""
         return members.check_path(path, self.settings)
 
+    def prepare_batch(self, name: str, user_id: str | None, refused: bool = False) -> None:
+        """With ``spool.result_access = "owner"``: make the batch's folders in
+        outbox/, archive/ and failed/ now, readable by batchd, root and the user
+        who dropped it only (see :func:`batchd.safefs.restrict_to`). With
+        "group" they are made when first needed, readable by the drop group.
+
+        A drop refused whole keeps its own folder in failed/ (its dropper's,
+        with the modes it had in the inbox), so only its outbox folder is made.
+        """
+        if self.settings.spool.result_access != "owner":
+            return
+        try:
+            reader: int | None = pwd.getpwnam(user_id).pw_uid if user_id else None
+        except KeyError:
+            reader = None  # an HTTP user name that is no local user: batchd and root only
+        for top in ("outbox",) if refused else ("outbox", "archive", "failed"):
+            fd = safefs.open_dir(self.root, f"{top}/{name}", create=True)
+            try:
+                safefs.restrict_to(fd, reader)
+            finally:
+                os.close(fd)
+
     def refuse_whole(self, work_path: str, name: str) -> None:
         """Move a refused drop's folder to ``failed/<name>`` as it is, in one rename
         (a drop over a cap of the scan is never walked again)."""

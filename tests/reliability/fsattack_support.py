@@ -23,6 +23,9 @@ from support import DaemonProcess
 
 DAEMON_USER = "bdsecfs"
 ATTACKER = "bdmallory"
+#: Another member of the drop group, who must not read the attacker's results
+#: with ``spool.result_access = "owner"``.
+NEIGHBOUR = "bdeve"
 DROP_GROUP = "bdsecfs-drop"
 
 # Each line read is a JSON list [op, *args]; each answer one line: "ok" or the error.
@@ -55,7 +58,7 @@ def ensure_users() -> None:
         grp.getgrnam(DROP_GROUP)
     except KeyError:
         subprocess.run(["groupadd", "--system", DROP_GROUP], check=True)
-    for user in (DAEMON_USER, ATTACKER):
+    for user in (DAEMON_USER, ATTACKER, NEIGHBOUR):
         try:
             pwd.getpwnam(user)
         except KeyError:
@@ -64,6 +67,12 @@ def ensure_users() -> None:
                  "--user-group", "--groups", DROP_GROUP, user],
                 check=True,
             )  # fmt: skip
+
+
+def can_read(user: str, path: Path) -> bool:
+    """Whether ``user`` can read file ``path``."""
+    done = subprocess.run([*as_user(user), "cat", str(path)], capture_output=True, timeout=30)
+    return done.returncode == 0
 
 
 def uid(user: str) -> int:

@@ -34,12 +34,14 @@ from batchd.store import SQLiteStore
 
 MAX_BYTES = 1024
 ROW = b"dish,price\nsoup,4.50\n"
+#: ROW truncated to its header: still a CSV (each attempt checks the member again).
+SHORT = b"dish,price\n"
 SYMLINK = "symbolic link: not followed, its target was not read"
 NO_FILES = "batch has no files to process"
 DENIED = "Permission denied"
 LONG_X = "x" * 251 + ".csv"  # 255 bytes: no room left for ".json"
 LONG_Y = "y" * 251 + ".csv"
-DEEP = "/".join(f"l{i:02d}" for i in range(1, 51)) + "/deep.csv"  # 50 folders
+DEEP = "/".join(f"l{i:02d}" for i in range(1, 31)) + "/deep.csv"  # 30 folders (limits.max_depth 32)
 
 
 def sized_csv(size: int) -> bytes:
@@ -410,8 +412,8 @@ def held_daemon(tmp_path: Path) -> DaemonProcess:
 
 
 def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
-    """A queued input deleted from work/ fails with a clear error; one truncated is
-    processed as it now is; the rest of the batch goes on."""
+    """A queued input deleted from work/ fails with a clear error; one truncated (still
+    a valid member) is processed as it now is; the rest of the batch goes on."""
     d = held_daemon(tmp_path)
     (d.state / "hold-a-gate.csv").touch()
     d.start(PYTHONPATH=pythonpath())
@@ -425,7 +427,7 @@ def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
         wait_until((d.state / "started-a-gate.csv").exists, 60, what="the gate file to start")
         work = d.spool / "work" / "normal" / "held"
         (work / "b-deleted.csv").unlink()
-        (work / "c-truncated.csv").write_bytes(b"")
+        (work / "c-truncated.csv").write_bytes(SHORT)
         (d.state / "hold-a-gate.csv").unlink()
         status = d.wait_batch("held", 60)
     finally:
@@ -437,11 +439,14 @@ def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
         assert_outcome(rows.get(("held", name)), "completed", None, name)
     docs = result_docs(d, "held")
     assert sorted(docs) == sorted(files)
-    assert docs["c-truncated.csv"]["file_size"] == 0
-    assert docs["c-truncated.csv"]["result"] == {"bytes": 0, "sha256": hashlib.sha256().hexdigest()}
+    assert docs["c-truncated.csv"]["file_size"] == len(SHORT)
+    assert docs["c-truncated.csv"]["result"] == {
+        "bytes": len(SHORT),
+        "sha256": hashlib.sha256(SHORT).hexdigest(),
+    }
     assert where_everything_is(d.spool) == {
         "archive/held/a-gate.csv": ("file", ROW),
-        "archive/held/c-truncated.csv": ("file", b""),
+        "archive/held/c-truncated.csv": ("file", SHORT),
         "archive/held/d-ok.csv": ("file", ROW),
     }
     assert work_leftovers(d.spool) == []

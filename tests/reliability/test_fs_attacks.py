@@ -26,8 +26,10 @@ from fsattack_support import (
     ATTACKER,
     DAEMON_USER,
     DROP_GROUP,
+    NEIGHBOUR,
     Attacker,
     SpoolDaemon,
+    can_read,
     chown_deep,
     ensure_users,
     gid,
@@ -36,7 +38,7 @@ from fsattack_support import (
     runs_as,
     uid,
 )
-from support import wait_until
+from support import wait_until, write_config
 
 TOKEN = "TOKEN-batchd-only-5f0c2e"
 ROW = b"dish,price\nsoup,4.50\n"
@@ -367,3 +369,26 @@ def test_deep_orphan_in_work_does_not_stop_start_up(world: World) -> None:
     assert not orphan.exists()
     code, body = w.http("/healthz")
     assert code == 200, body
+
+
+def test_result_access_owner_keeps_results_from_other_group_members(world: World) -> None:
+    """With spool.result_access = "owner", a batch's outbox, archive and failed folders
+    are readable by its dropper (an ACL) and by no other member of the drop group."""
+    w = world
+    assert w.d.stop() == 0
+    w.d.sections["spool"]["result_access"] = "owner"
+    write_config(w.d.config, w.d.sections)
+    port_file = w.d.state / "port"
+    port_file.unlink()
+    w.d.start(BATCHD_PORT_FILE=str(port_file))
+    w.drop("mine", {"ok.csv": ROW, "bad.pdf": b"not a pdf\n"})
+    w.d.wait_batch("mine")
+    status = w.spool / "outbox" / "mine" / "status.json"
+    result = w.spool / "outbox" / "mine" / "results" / "ok.csv.json"
+    archived = w.spool / "archive" / "mine" / "ok.csv"
+    failed = w.spool / "failed" / "mine" / "bad.pdf"
+    for path in (status, result, archived, failed):
+        assert can_read(ATTACKER, path), path
+        assert not can_read(NEIGHBOUR, path), path
+    # In "group" mode (the batches before) every member reads every result.
+    assert can_read(NEIGHBOUR, w.spool / "outbox" / "modes" / "status.json")
