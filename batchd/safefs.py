@@ -18,6 +18,7 @@ folder itself, not whatever now sits at its old name.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -25,6 +26,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,13 +276,55 @@ def named_view(fd: int, name: str) -> Iterator[Path]:
 
     A private folder (0700, under the temporary directory) holds a link named
     ``name`` to ``/proc/<pid>/fd/<fd>``: whoever opens it gets the very file
-    batchd opened and checked, never what sits at its old name now.
+    batchd opened and checked, never what sits at its old name now. The
+    folders are kept for reuse within a process: removing a folder costs
+    milliseconds on some filesystems, a link microseconds.
     """
-    folder = tempfile.mkdtemp(prefix="batchd-input-")
-    leaf = name.rsplit("/", 1)[-1] or "input"
+    folder = _take_view_folder()
+    link = Path(folder) / (name.rsplit("/", 1)[-1] or "input")
     try:
-        link = Path(folder) / leaf
         os.symlink(fd_path(fd), link)
-        yield link
+        try:
+            yield link
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
     finally:
+        _give_view_folder(folder)
+
+
+_views_lock = threading.Lock()
+_views: dict[int, list[str]] = {}  # by pid: a forked worker makes its own
+
+
+def _take_view_folder() -> str:
+    with _views_lock:
+        free = _views.setdefault(os.getpid(), [])
+        if free:
+            return free.pop()
+    folder = tempfile.mkdtemp(prefix="batchd-input-")
+    if not _cleanup_registered.get(os.getpid()):
+        _cleanup_registered[os.getpid()] = True
+        atexit.register(_remove_view_folders, os.getpid())
+    return folder
+
+
+def _give_view_folder(folder: str) -> None:
+    with _views_lock:
+        free = _views.setdefault(os.getpid(), [])
+        if len(free) < VIEW_FOLDERS_KEPT:
+            free.append(folder)
+            return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_cleanup_registered: dict[int, bool] = {}
+#: Private view folders a process keeps for reuse (one per concurrent view).
+VIEW_FOLDERS_KEPT = 8
+
+
+def _remove_view_folders(pid: int) -> None:
+    if pid != os.getpid():
+        return  # a forked child: the folders are its parent's
+    for folder in _views.get(pid, []):
         shutil.rmtree(folder, ignore_errors=True)

@@ -45,6 +45,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import Lost, TimedOut, WorkerPool
 from batchd.processors import choose
 from batchd.records import FileTask, Outcome, Status
+from batchd.safefs import UnsafePath
 from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
 from batchd.store import Store
@@ -297,11 +298,15 @@ class Scheduler:
         bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
         if self.settler.touches(file.id, file.batch_id):
             self.settler.wait_idle()
+        unsafe = None
         try:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
             path = None
             bound.error("input_unavailable", error=str(exc))
+        except UnsafePath as exc:
+            # A re-queued input whose way back from archive/failed is a link now.
+            path, unsafe = None, exc.message
         processor = choose(self.settings, file.relpath)
         running = _Running(
             task,
@@ -313,7 +318,7 @@ class Scheduler:
         self._running[file.id] = running
         self._dirty.add(file.batch_id)
         if path is None:
-            self._fail(running, "input file is no longer in the spool (moved or deleted)")
+            self._fail(running, unsafe or "input file is no longer in the spool (moved or deleted)")
             return
         refusal = batch_limit_error(self._batch_size(file.batch_id), self.settings.limits)
         if refusal is not None:
