@@ -149,7 +149,13 @@ def _member(dir_fd: int, name: str, relpath: str, settings: Settings) -> NewFile
     try:
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             return NewFile(relpath, None, "replaced while it was being scanned: not read")
-        return NewFile(relpath, fst.st_size, check(fd, fst, name, settings.limits))
+        return NewFile(
+            relpath,
+            fst.st_size,
+            check(fd, fst, name, settings.limits),
+            file_dev=fst.st_dev,
+            file_ino=fst.st_ino,
+        )
     finally:
         os.close(fd)
 

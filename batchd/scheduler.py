@@ -337,7 +337,17 @@ class Scheduler:
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
-            Job(file.id, file.batch_id, file.relpath, str(path), processor, str(scratch), delivery)
+            Job(
+                file.id,
+                file.batch_id,
+                file.relpath,
+                str(path),
+                processor,
+                str(scratch),
+                delivery,
+                file_dev=file.file_dev,
+                file_ino=file.file_ino,
+            )
         )
         crash_point("after_dispatch")
         if file.attempts == 1:

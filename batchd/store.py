@@ -118,6 +118,11 @@ MIGRATIONS: tuple[str, ...] = (
         address        TEXT
     );
     """,
+    # 3: the device and inode each member had when scanned (issue 12).
+    """
+    ALTER TABLE batch_files ADD COLUMN file_dev INTEGER;
+    ALTER TABLE batch_files ADD COLUMN file_ino INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -127,7 +132,8 @@ _BATCH_COLS = (
 )
 _FILE_COLS = (
     "id, batch_id, filename, relpath, file_size, file_hash, status, progress, result, "
-    "error, retry_count, attempts, created_at, started_at, completed_at, processor"
+    "error, retry_count, attempts, created_at, started_at, completed_at, processor, "
+    "file_dev, file_ino"
 )
 
 
@@ -501,12 +507,14 @@ class SQLiteStore:
                         seq + i + 1,
                         batch.priority,
                         batch.priority.rank,
+                        member.file_dev,
+                        member.file_ino,
                     )
                 )
             conn.executemany(
                 "INSERT INTO batch_files (id, batch_id, filename, relpath, file_size, status,"
-                " error, created_at, completed_at, seq, priority, priority_rank)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, created_at, completed_at, seq, priority, priority_rank, file_dev,"
+                " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             return self._refresh_batch(conn, batch_id, now)
@@ -996,4 +1004,6 @@ def _file(row: sqlite3.Row) -> FileRow:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         processor=row["processor"],
+        file_dev=row["file_dev"],
+        file_ino=row["file_ino"],
     )

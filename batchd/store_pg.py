@@ -173,6 +173,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHEN (NEW.status = 'pending' AND (NEW.available_at IS NULL OR NEW.available_at <= now()))
         EXECUTE FUNCTION batchd_notify_work();
     """,
+    # 3: the device and inode each member had when scanned (issue 12).
+    """
+    ALTER TABLE batch_files ADD COLUMN file_dev bigint, ADD COLUMN file_ino bigint;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -183,7 +187,7 @@ _BATCH_COLS = (
 _FILE_FIELDS = (
     *("id", "batch_id", "filename", "relpath", "file_size", "file_hash", "status"),
     *("progress", "result", "error", "retry_count", "attempts", "created_at", "started_at"),
-    *("completed_at", "processor"),
+    *("completed_at", "processor", "file_dev", "file_ino"),
 )
 
 
@@ -437,13 +441,16 @@ class PostgresStore:
                             seq + i + 1,
                             batch.priority,
                             batch.priority.rank,
+                            member.file_dev,
+                            member.file_ino,
                         )
                     )
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO batch_files (id, batch_id, filename, relpath, file_size,"
-                        " status, error, created_at, completed_at, seq, priority, priority_rank)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        " status, error, created_at, completed_at, seq, priority, priority_rank,"
+                        " file_dev, file_ino)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         rows,
                     )
                 return self._refresh_batch(conn, batch_id, now)
@@ -1071,4 +1078,6 @@ def _file(row: DictRow) -> FileRow:
         started_at=_opt_iso(row["started_at"]),
         completed_at=_opt_iso(row["completed_at"]),
         processor=row["processor"],
+        file_dev=row["file_dev"],
+        file_ino=row["file_ino"],
     )

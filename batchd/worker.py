@@ -72,6 +72,9 @@ class Job:
     processor: str
     output_dir: str
     delivery: Delivery | None = None
+    #: the device and inode the scan recorded for the input (None: not known).
+    file_dev: int | None = None
+    file_ino: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,15 @@ def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
     except OSError as exc:
         # Name the input the user knows, not the last component opened.
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+    # The same device and another inode: the member was replaced after the
+    # scan (by its dropper, still inside it). Another device: batchd itself
+    # copied it back from an archive on another filesystem.
+    if job.file_ino is not None and st.st_dev == job.file_dev and st.st_ino != job.file_ino:
+        os.close(fd)
+        raise PermanentError(
+            f"{job.relpath}: replaced by another file after it was registered"
+            f" (inode {job.file_ino}, now {st.st_ino}): not read; drop it again"
+        )
     problem = check(fd, st, path.name, settings.limits)
     if problem is not None:
         os.close(fd)

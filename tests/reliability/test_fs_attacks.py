@@ -163,19 +163,21 @@ def assert_database_in_place(w: World, ino: int) -> None:
 
 
 def test_member_swapped_for_a_link_after_registration_is_not_read(world: World) -> None:
-    """A member file swapped for a link to the config, and a member folder swapped for a
-    link to state/, after the claim: both fail with a link error, the config is read by
-    nobody, and the live database stays where it is."""
+    """A member file swapped for a link to the config, a member folder swapped for a link
+    to state/ and a member replaced by another file, after the claim: each fails with a
+    clear error, the config is read by nobody, the live database stays where it is."""
     w = world
     ino = (w.spool / "state" / "batchd.db").lstat().st_ino
     hold = w.hold("a.csv")
-    w.drop("swap", {"a.csv": ROW, "b.csv": ROW, "c/batchd.db": ROW})
+    w.drop("swap", {"a.csv": ROW, "b.csv": ROW, "c/batchd.db": ROW, "d.csv": ROW})
     w.wait_started("a.csv")  # registered; a.csv runs, b.csv and c/ wait
     a = w.attacker
     assert a.do("unlink", "b.csv") == "ok"  # the cwd is the claimed folder in work/
     assert a.do("symlink", str(w.d.config), "b.csv") == "ok"
     assert a.do("rmtree", "c") == "ok"
     assert a.do("symlink", str(w.spool / "state"), "c") == "ok"
+    assert a.do("write", "d.new", "other,bytes\n1,2\n") == "ok"
+    assert a.do("rename", "d.new", "d.csv") == "ok"  # another file (inode) under the name
     hold.unlink()
     w.d.wait_batch("swap")
     files = w.files("swap")
@@ -184,6 +186,8 @@ def test_member_swapped_for_a_link_after_registration_is_not_read(world: World) 
     assert SYMLINK in files["b.csv"]["error"]
     assert files["c/batchd.db"]["status"] == "failed"
     assert "symbolic link" in files["c/batchd.db"]["error"]
+    assert files["d.csv"]["status"] == "failed"
+    assert "replaced by another file after it was registered" in files["d.csv"]["error"]
     assert_secret_nowhere(w)
     assert_database_in_place(w, ino)
     # The links themselves are archived as links, never followed.
