@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -115,14 +116,22 @@ def _step(fd: int, part: str, create: bool, mode: int, root: Path, rel: str) -> 
             if stat.S_IMODE(os.fstat(new).st_mode) != mode:
                 os.fchmod(new, mode)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafePath(
-                f"{root / rel}: {part!r} is a symbolic link or not a folder: not followed"
-            ) from exc
+        # With O_DIRECTORY a link gives ENOTDIR, as a plain file does: only a
+        # link is an attack (refused for good); a file in the way is an
+        # ordinary error that may be retried once it is gone.
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and _is_link(fd, part)):
+            raise UnsafePath(f"{root / rel}: {part!r} is a symbolic link: not followed") from exc
         raise
     finally:
         os.close(fd)
     return new
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def open_file(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
@@ -194,6 +203,27 @@ def move(root: Path, source: str, target: str) -> None:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` (a file, a link, or a folder of any depth), following no link.
+
+    shutil.rmtree recurses once per level: a refused drop kept whole in
+    failed/ can be 1,500 levels deep and would raise RecursionError. For such
+    a tree coreutils' ``rm -rf`` (iterative, never follows links) does it.
+    """
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(path)
+    except RecursionError:
+        done = subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise OSError(errno.EIO, f"rm -rf failed: {done.stderr.strip()}", str(path)) from None
 
 
 def write_new(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:

@@ -146,3 +146,22 @@ def test_restrict_to_writes_an_acl_for_one_reader(tmp_path: Path) -> None:
     assert (0x04, 0, 0xFFFFFFFF) in entries  # group::---
     assert (0x20, 0, 0xFFFFFFFF) in entries  # other::---
     assert stat.S_IMODE(folder.stat().st_mode) & 0o007 == 0
+
+
+def test_remove_tree_removes_a_very_deep_folder(tmp_path: Path) -> None:
+    """A folder 1,500 levels deep (a refused drop kept whole) is removed without RecursionError."""
+    top = tmp_path / "deep"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    secret = tmp_path / "keep.csv"
+    secret.write_bytes(DATA)
+    os.symlink(tmp_path, top / "link")
+    safefs.remove_tree(top)
+    assert not top.exists()
+    assert secret.read_bytes() == DATA
