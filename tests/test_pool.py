@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -559,3 +561,24 @@ def test_input_changed_while_processing_is_retryable(
     assert "input changed while it was being processed" in event.error
     assert f"({len(CONTENT)} bytes, now {len(CONTENT) + 9})" in event.error
     assert not Path(delivery.result_path).exists()
+
+
+def test_exec_input_is_the_file_the_worker_opened(make_runner: Callable[..., Runner]) -> None:
+    """exec's {input} reads the file the worker opened and checked, even when its name in
+    the spool became a link to a secret while the command ran."""
+    gate = Path(tempfile.mkdtemp(prefix="batchd-exec-gate-"))
+    script = 'touch "$1/started"; while [ ! -e "$1/go" ]; do sleep 0.02; done; cat "$0"'
+    runner = make_runner(exec__command=json.dumps(["sh", "-c", script, "{input}", str(gate)]))
+    secret = runner.tmp_path / "secret.csv"
+    secret.write_bytes(b"TOP-SECRET\n")
+    job = runner.job("x", name="in.csv")
+    job = dataclasses.replace(job, processor="exec")
+    runner.pool.submit(job)
+    assert wait_for(lambda: (gate / "started").exists())
+    Path(job.path).unlink()
+    Path(job.path).symlink_to(secret)
+    (gate / "go").touch()
+    event = runner.final(job)
+    assert isinstance(event, Done)
+    assert event.result == {"stdout": CONTENT.decode()}
+    shutil.rmtree(gate)
