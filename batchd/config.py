@@ -63,6 +63,9 @@ class _Section(BaseModel):
 class SpoolSettings(_Section):
     root: Path = Path("/var/lib/batchd")
     keep_inputs: bool = True
+    #: who may read a batch's outbox/archive/failed folders: the whole drop
+    #: group, or only the user who dropped it (an ACL; batchd and root always).
+    result_access: Literal["group", "owner"] = "group"
 
 
 class WatchSettings(_Section):
@@ -103,6 +106,10 @@ class LimitsSettings(_Section):
     #: a result bigger than this (as JSON) stays whole in its result file only;
     #: the database, status.json and the API carry a short summary instead.
     max_inline_result_bytes: int = Field(64 * 1024, ge=1024)
+    #: folders nested deeper than this refuse the whole drop (walks stay bounded).
+    max_depth: int = Field(32, ge=1)
+    #: files and folders examined per drop before the whole drop is refused.
+    max_entries_per_drop: int = Field(10000, ge=1)
 
     @field_validator("allowed_types")
     @classmethod

@@ -104,8 +104,16 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
             if entry.is_dir() and not any(entry.iterdir()):
                 entry.rmdir()  # crash between mkdir and the rename of a loose file
                 continue
-            if intake.register_claimed(_orphan_claim(spool, priority, entry)) is not None:
-                registered += 1
+            try:
+                if intake.register_claimed(_orphan_claim(spool, priority, entry)) is not None:
+                    registered += 1
+            except StoreError:
+                raise  # no database: start-up cannot go on anyway
+            except Exception as exc:
+                # One orphan that cannot be registered must not stop every
+                # start (a restart loop): it goes to failed/ as it is.
+                log.error("orphan_not_registered", path=str(entry), error=repr(exc))
+                spool.refuse_whole(rel, spool.unique_name(entry.name, store.name_taken))
             continue
         outbox.remove_stray_temporaries(batch)
         try:
@@ -239,6 +247,8 @@ class Daemon:
         problems: dict[str, str] = {}
         if self.watcher is None or not self.watcher.is_alive():
             problems["watcher"] = "watcher thread is not running"
+        elif (watcher_problem := self.watcher.problem()) is not None:
+            problems["watcher"] = watcher_problem
         if self.pool is None or self.pool.alive() < self.pool.size:
             alive = self.pool.alive() if self.pool else 0
             size = self.pool.size if self.pool else self.settings.processing.concurrency
@@ -359,12 +369,16 @@ class Daemon:
             return None
         return self.intake.take_drop(path, priority)
 
+    def _inbox(self) -> list[dict[str, str | None]]:
+        return self.watcher.inbox() if self.watcher is not None else []
+
     def _bind_http(self, store: Store, intake: Intake) -> None:
         from batchd.http import HttpServer
 
         self.http = HttpServer(
             self.settings, store, self.spool, intake, self.metrics, self.problems, self.clock
         )
+        self.http.inbox = self._inbox
         self.http.bind()
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here

@@ -99,6 +99,7 @@ _ROUTE_METHODS = {
     "jobs": _GET,
     "job": _GET,
     "upload": ("POST",),
+    "inbox": _GET,
 }
 
 
@@ -176,6 +177,8 @@ def _route(path: str) -> tuple[str, str | None]:
             return "job", unquote(rest)
     if path.rstrip("/") == "/api/batch/upload":
         return "upload", None
+    if path.rstrip("/") == "/api/inbox":
+        return "inbox", None
     return "other", None
 
 
@@ -313,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif route == "job":
                 assert batch_ref is not None
                 self._job(batch_ref, query)
+            elif route == "inbox":
+                self._inbox()
             else:
                 self._upload()
         except Refusal as exc:
@@ -443,6 +448,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "X-Frame-Options": "DENY",
             },
         )
+
+    def _inbox(self) -> None:
+        """Drops waiting in the inbox, not yet batches: settling, waiting for a
+        marker, or refused (with what to do)."""
+        drops = self.owner.inbox()
+        self._json(200, {"success": True, "data": drops, "count": len(drops)})
 
     def _healthz(self) -> None:
         try:
@@ -615,6 +626,8 @@ class HttpServer:
         metrics.watch_store(store)
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
+        #: the drops waiting in the inbox (the daemon sets it to its watcher's).
+        self.inbox: Callable[[], list[dict[str, str | None]]] = lambda: []
 
     def start(self) -> None:
         """Bind ``http.host``:``http.port`` and serve in a background thread."""

@@ -20,9 +20,10 @@ from batchd.clock import Clock
 from batchd.config import Priority, Settings
 from batchd.errors import AlreadyRegistered, BatchdError, NameTaken, StoreError
 from batchd.faults import crash_point
+from batchd.members import DropRefused, batch_limit_error
 from batchd.outbox import Outbox
 from batchd.records import BatchRow, NewBatch, Status
-from batchd.spool import Claimed, Spool, printable
+from batchd.spool import Claimed, ClaimRefused, Spool, printable
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.intake")
@@ -65,6 +66,7 @@ class Intake:
         :meth:`register_claimed`).
         """
         with self.lock:
+            self.outbox.clear_inbox_refusal(printable(source.name))
             for _ in range(MAX_NAME_TRIES):
                 try:
                     name = self.spool.unique_name(printable(source.name), self.store.name_taken)
@@ -78,6 +80,16 @@ class Intake:
                 except FileExistsError:
                     # Another node reserved this name a moment ago: take the next.
                     continue
+                except ClaimRefused as exc:
+                    # Visible where the dropper looks for results; the watcher
+                    # logs it once and keeps the drop in GET /api/inbox.
+                    try:
+                        self.outbox.write_inbox_refusal(
+                            name, printable(str(source)), str(priority), exc.message
+                        )
+                    except (OSError, BatchdError) as write_exc:
+                        log.error("status_write_failed", batch=name, error=str(write_exc))
+                    raise
                 break
             else:
                 raise BatchdError(f"no free batch name for {source} after {MAX_NAME_TRIES} tries")
@@ -161,15 +173,15 @@ class Intake:
                 relpath=relpath,
                 detail="the name was not valid UTF-8: its bad bytes are now written as \\xNN",
             )
-        members = self.spool.scan(claimed.path)
-        limit = self.settings.limits.max_files_per_batch
-        error = None
-        if len(members) > limit:
-            error = (
-                f"batch has {len(members)} files, over limits.max_files_per_batch ({limit});"
-                " no file was processed"
-            )
-        elif not members:
+        refused = False
+        try:
+            members = self.spool.scan(claimed.path)
+            error = batch_limit_error(len(members), self.settings.limits)
+        except DropRefused as exc:
+            # Too deep or too many entries: registered as a refused batch with
+            # no members, its folder moved whole to failed/ (never walked again).
+            members, error, refused = [], exc.message, True
+        if error is None and not members:
             error = "batch has no files to process"
         new = NewBatch(
             name=claimed.name,
@@ -182,6 +194,14 @@ class Intake:
         )
         batch = self.store.register_batch(new, self.clock.now())
         crash_point("after_register")
+        try:
+            self.spool.prepare_batch(batch.name, batch.user_id, refused=refused)
+        except OSError as exc:
+            # Registered already: say so loudly. Nothing is opened to the
+            # group: restrict_to() drops the group's access before the ACL.
+            log.error("result_access_failed", batch_id=batch.id, batch=batch.name, error=str(exc))
+        if refused:
+            self.spool.refuse_whole(new.work_path, batch.name)
         log.info(
             "batch_registered",
             batch_id=batch.id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import structlog
 
+from batchd import safefs
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
 from batchd.records import BatchRow, BatchSnapshot, FileRow, Status
-from batchd.spool import Spool, fsync_file, stage_json, write_json_atomic
+from batchd.spool import STATUS_FILE, Spool, fsync_file, stage_json, write_json_atomic
 from batchd.store import Store
 from batchd.views import Json, detail_of, result_document
 
@@ -29,6 +31,9 @@ log = structlog.get_logger("batchd.outbox")
 #: only this much of the document in place to compare.
 _VERSION_HEAD_BYTES = 64
 _VERSION_RE = re.compile(rb'\{\s*"version":\s*(\d+)')
+
+#: The ``status`` of the status.json of a drop still in the inbox that batchd cannot claim.
+INBOX_REFUSED = "refused_in_inbox"
 
 
 class Outbox:
@@ -68,7 +73,7 @@ class Outbox:
         doc = self.status_document(batch)
         done = doc["batch"]["status"] in (Status.COMPLETED, Status.FAILED)
         path = self.spool.status_path(batch.name)
-        tmp = stage_json(path, doc)
+        tmp = stage_json(path, doc, root=self.spool.root)
         try:
             if done:
                 fsync_file(tmp)
@@ -90,7 +95,9 @@ class Outbox:
         for every writer on this filesystem. False when the staged document
         was older and dropped.
         """
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        # Reached from the spool root with no link followed (the folder is
+        # batchd's own, 2750, so the rename by name below stays inside it).
+        fd = safefs.open_dir(self.spool.root, self.spool.rel(path.parent))
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -124,7 +131,7 @@ class Outbox:
         for batch in batches:
             try:
                 doc = self.status_document(batch)
-                tmp = stage_json(self.spool.status_path(batch.name), doc)
+                tmp = stage_json(self.spool.status_path(batch.name), doc, root=self.spool.root)
                 staged.append((batch, tmp, int(doc["version"])))
             except (OSError, BatchdError) as exc:
                 errors[batch.id] = exc
@@ -141,6 +148,39 @@ class Outbox:
                     os.unlink(tmp)
         return errors
 
+    def write_inbox_refusal(self, name: str, source: str, priority: str, reason: str) -> None:
+        """``outbox/<name>/status.json`` for a drop that could not be claimed
+        (no batch yet): the dropper finds the reason where results would be."""
+        # The shape of a batch's status.json, so scripts reading batch.status
+        # and batch.error see the refusal; no id: nothing is registered yet.
+        doc: Json = {
+            "batch": {
+                "id": None,
+                "name": name,
+                "status": INBOX_REFUSED,
+                "priority": priority,
+                "error": reason,
+            },
+            "files": [],
+            "source": source,
+        }
+        write_json_atomic(self.spool.status_path(name), doc, root=self.spool.root)
+
+    def clear_inbox_refusal(self, name: str) -> None:
+        """Remove the document :meth:`write_inbox_refusal` left for ``name`` (the
+        drop is now claimed), so the batch gets that name, not ``name.2``."""
+        folder = self.spool.batch_outbox(name)
+        status = self.spool.status_path(name)
+        try:
+            if os.listdir(folder) != [STATUS_FILE]:
+                return
+            if json.loads(status.read_bytes()).get("batch", {}).get("status") != INBOX_REFUSED:
+                return
+            status.unlink()
+            folder.rmdir()
+        except (OSError, ValueError):
+            return
+
     def refresh_status(self, batch_id: str) -> BatchRow | None:
         """Read a batch afresh and rewrite its status.json; None if it is gone."""
         batch = self.store.get_batch(batch_id)
@@ -151,7 +191,7 @@ class Outbox:
     def write_result(self, batch_name: str, file: FileRow) -> Path:
         """Write one file's result document; returns its path."""
         path = self.spool.result_path(batch_name, file.relpath)
-        write_json_atomic(path, result_document(file))
+        write_json_atomic(path, result_document(file), root=self.spool.root)
         return path
 
     def reconcile(self, batch: BatchRow, force_status: bool = True) -> BatchRow:

@@ -37,6 +37,9 @@ class NewFile:
     relpath: str
     file_size: int | None
     error: str | None = None
+    #: the device and inode the scan saw; every later open must find the same file.
+    file_dev: int | None = None
+    file_ino: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,9 @@ class FileRow:
     processor: str | None
     #: the fencing token: grows by one at every claim (issue 16).
     lease_gen: int = 0
+    #: the device and inode the scan recorded (None: registered before they were).
+    file_dev: int | None = None
+    file_ino: int | None = None
 
     def public(self) -> dict[str, Any]:
         """The batch_files columns as the API shows them."""

@@ -7,12 +7,12 @@ touched.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime
 from typing import Any
 
 import structlog
 
+from batchd.safefs import remove_tree
 from batchd.spool import Spool
 from batchd.store import Store
 
@@ -29,7 +29,11 @@ def purge(
         if dry_run:
             continue
         for base in (spool.outbox, spool.archive, spool.failed):
-            shutil.rmtree(base / batch.name, ignore_errors=True)
+            try:
+                # Iterative where it must be: a drop refused whole may be very deep.
+                remove_tree(base / batch.name)
+            except OSError as exc:
+                log.error("purge_incomplete", batch=batch.name, path=str(base), error=str(exc))
         store.delete_batch(batch.id)
         log.info(
             "batch_purged", batch_id=batch.id, batch=batch.name, completed_at=batch.completed_at

@@ -40,11 +40,13 @@ from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
 from batchd.faults import crash_point, hang_point
+from batchd.members import batch_limit_error
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import Lost, TimedOut, WorkerPool
 from batchd.processors import choose
 from batchd.records import FileRow, FileTask, Outcome, Status
+from batchd.safefs import UnsafePath
 from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
 from batchd.store import Store
@@ -56,6 +58,8 @@ log = structlog.get_logger("batchd.scheduler")
 DB_RETRY_MIN_SECONDS = 0.5
 #: The longest wait between two attempts to reach the database.
 DB_RETRY_MAX_SECONDS = 10.0
+#: batches whose file count the scheduler remembers (a dictionary cleared when full).
+BATCH_SIZE_CACHE = 4096
 
 
 @dataclass
@@ -147,6 +151,8 @@ class Scheduler:
         #: monotonic time by which an idle loop must turn anyway, so that
         #: ``on_tick`` runs on time (the daemon's next systemd watchdog ping).
         self.tick_by: float | None = None
+        #: files per batch (fixed at registration), for the batch limit re-check.
+        self._batch_sizes: dict[str, int] = {}
 
     # -- control (any thread) ----------------------------------------------------
 
@@ -340,11 +346,15 @@ class Scheduler:
             self._superseded(old, "claimed_again")
             # What the stopped attempt left must not pass for the new one's outputs.
             shutil.rmtree(self.spool.scratch_for(file.id), ignore_errors=True)
+        unsafe = None
         try:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
             path = None
             bound.error("input_unavailable", error=str(exc))
+        except UnsafePath as exc:
+            # A re-queued input whose way back from archive/failed is a link now.
+            path, unsafe = None, exc.message
         processor = choose(self.settings, file.relpath)
         running = _Running(
             task,
@@ -356,7 +366,13 @@ class Scheduler:
         self._running[file.id] = running
         self._dirty.add(file.batch_id)
         if path is None:
-            self._fail(running, "input file is no longer in the spool (moved or deleted)")
+            self._fail(running, unsafe or "input file is no longer in the spool (moved or deleted)")
+            return
+        refusal = batch_limit_error(self._batch_size(file.batch_id), self.settings.limits)
+        if refusal is not None:
+            # Only a re-queued member of a batch refused whole gets here (by
+            # `batchd retry` or an operator's UPDATE): it keeps its refusal.
+            self._fail(running, refusal)
             return
         delivery = Delivery(
             file=file,
@@ -365,6 +381,7 @@ class Scheduler:
             outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
             # The scheduler makes results durable a group at a time (_commit).
             fsync=False,
+            spool_root=str(self.spool.root),
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
@@ -377,6 +394,8 @@ class Scheduler:
                 str(scratch),
                 delivery,
                 lease=file.lease_gen,
+                file_dev=file.file_dev,
+                file_ino=file.file_ino,
             )
         )
         crash_point("after_dispatch")
@@ -385,6 +404,16 @@ class Scheduler:
                 wait = parse_iso(file.started_at or "") - parse_iso(file.created_at)
                 self.metrics.waited(max(0.0, wait.total_seconds()))
         bound.debug("file_started", processor=processor, attempt=file.attempts)
+
+    def _batch_size(self, batch_id: str) -> int:
+        size = self._batch_sizes.get(batch_id)
+        if size is None:
+            batch = self.store.get_batch(batch_id)
+            size = batch.total_files if batch is not None else 0
+            if len(self._batch_sizes) >= BATCH_SIZE_CACHE:
+                self._batch_sizes.clear()
+            self._batch_sizes[batch_id] = size
+        return size
 
     # -- outcomes ----------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import hashlib
 import json
 import os
@@ -29,11 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from batchd import members, safefs
 from batchd.config import PRIORITY_ORDER, Priority, Settings
 from batchd.errors import SpoolError
 from batchd.records import NewFile
 
+log = structlog.get_logger("batchd.spool")
+
 TOP_FOLDERS = ("inbox", "work", "outbox", "archive", "failed", "state")
+#: The mode of a folder :meth:`Spool.init` creates, by top folder (the inbox's
+#: priority folders are where the group drops; the rest the group only reads).
+_INIT_MODES = {"inbox": 0o2770, "outbox": 0o2750, "archive": 0o2750, "failed": 0o2750,
+               "state": 0o700, "work": 0o750}  # fmt: skip
 RESULTS = "results"
 STATUS_FILE = "status.json"
 UPLOADS = ".uploads"
@@ -45,14 +53,10 @@ XDEV_PARTIAL_SUFFIX = ".xdev-partial"
 NAME_MAX_BYTES = 255
 #: How much of a target's name a temporary file next to it carries.
 TEMP_NAME_BYTES = 100
-# A file whose name promises one of these types must have that content: a
-# ".pdf" holding text is refused even where text (csv) is allowed.
-_KINDS_BY_SUFFIX: dict[str, frozenset[str]] = {
-    ".pdf": frozenset({"pdf"}),
-    ".xlsx": frozenset({"xlsx"}),
-    ".xls": frozenset({"xls", "xlsx"}),
-    ".csv": frozenset({"csv", "txt", "empty"}),
-}
+
+
+class ClaimRefused(SpoolError):
+    """A ready drop batchd may not move out of the inbox; it stays there, with the reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
+def write_json_atomic(
+    path: Path, data: Any, durable: bool = True, root: Path | None = None
+) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half.
 
     Temporary file in the same folder, then rename over the target. With
@@ -92,34 +98,88 @@ def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     rename never exposes a file whose blocks are not on disk yet. A worker
     passes ``durable=False`` when the daemon fsyncs a group of results
     itself before recording them (see :class:`batchd.outbox.ResultSyncer`).
+
+    With ``root`` (the spool root; always, for the outbox), the folder is
+    reached from ``root`` without following a link at any component and
+    missing folders are made 2750; the file is 0640 whatever the umask.
     """
-    tmp = stage_json(path, data)
+    if root is None:
+        tmp = stage_json(path, data)
+        try:
+            if durable:
+                fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
     try:
-        if durable:
-            fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        tmp = _stage_in(dir_fd, path.name, data)
+        try:
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
-def stage_json(path: Path, data: Any) -> str:
+def _rel_to(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        raise SpoolError(f"{path} is not inside the spool {root}: not written") from None
+
+
+def _stage_in(dir_fd: int, name: str, data: Any) -> str:
+    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
+    body = (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    while True:
+        tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            safefs.write_new(dir_fd, tmp, body)
+        except FileExistsError:
+            continue
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return tmp
+
+
+def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
     """Write ``data`` to a temporary file beside ``path`` (not synced, not yet
     visible under its name); returns the temporary file's path.
 
     The first half of an atomic write: fsync it, then ``os.replace`` it onto
     ``path``. Split so that a group of documents can share one disk flush.
+    With ``root``, the folder is reached and made as in :func:`write_json_atomic`
+    (it is then batchd's own, 2750, so the later rename by name stays inside it).
     """
+    if root is not None:
+        dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
+        try:
+            return str(path.parent / _stage_in(dir_fd, path.name, data))
+        finally:
+            os.close(dir_fd)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file 0600 whatever the umask: give it the mode a
-        # plain create would (with the unit's UMask=0007 the group may read it).
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        # mkstemp makes the file 0600: give it the mode every file batchd
+        # writes has (0640: the group reads, only batchd writes), whatever the umask.
+        os.fchmod(fd, safefs.FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(data, ensure_ascii=False, indent=1))
             fh.write("\n")
@@ -130,15 +190,23 @@ def stage_json(path: Path, data: Any) -> str:
     return tmp
 
 
-def move_outputs(scratch: Path, target: Path) -> None:
+def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
     """Move what a processor left in its output folder to ``target`` (next to
-    its result); an empty or missing folder is simply removed."""
+    its result); an empty or missing folder is simply removed.
+
+    With ``root`` (the spool root) the outputs get batchd's modes (folders
+    2750, files 0640) and move through folder descriptors, no link followed.
+    """
     try:
         empty = not any(scratch.iterdir())
     except FileNotFoundError:
         return
     if empty:
         scratch.rmdir()
+        return
+    if root is not None:
+        safefs.fix_modes(scratch)
+        safefs.move(root, _rel_to(scratch, root), _rel_to(target, root))
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
@@ -262,7 +330,12 @@ class Spool:
         folders += [self.uploads, self.scratch]
         for folder in folders:
             try:
+                created = not folder.exists()
                 folder.mkdir(parents=True, exist_ok=True)
+                if created:
+                    # Explicit, whatever the umask (deploy/batchd.tmpfiles sets
+                    # the same modes where the service manager makes them).
+                    folder.chmod(_INIT_MODES.get(folder.relative_to(self.root).parts[0], 0o750))
             except OSError as exc:
                 if exc.errno == errno.EROFS:
                     raise SpoolError(
@@ -289,7 +362,7 @@ class Spool:
 
     def ignored(self, name: str) -> bool:
         """True for names writers use for work in progress (``watch.ignore``)."""
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.watch.ignore)
+        return members.ignored(name, self.settings)
 
     def drops(self) -> Iterator[tuple[Priority, Path]]:
         """Every entry waiting in the inbox folders (ignored names left out)."""
@@ -363,6 +436,16 @@ class Spool:
             if exc.errno != errno.EXDEV:
                 with contextlib.suppress(OSError):
                     target.rmdir()
+                if is_dir and exc.errno in (errno.EACCES, errno.EPERM):
+                    # Moving a folder rewrites its "..", which needs write
+                    # permission on it: a folder copied with a umask of 0022
+                    # (mode 0750) cannot be claimed. Say what to run.
+                    raise ClaimRefused(
+                        f"{printable(str(source))}: batchd cannot claim this folder: it is not"
+                        f" writable by the group (mode {stat.S_IMODE(st.st_mode):o}). Run:"
+                        f" chmod -R g+w '{printable(str(source))}'  (it is claimed once it"
+                        " changes)"
+                    ) from exc
                 raise
             self._copy_claim(source, target, is_dir)
         return Claimed(target, name, priority, printable(str(source)), user)
@@ -448,104 +531,48 @@ class Spool:
     # -- members ---------------------------------------------------------------
 
     def repair_names(self, folder: Path) -> list[str]:
-        """Rename every entry under a claimed ``folder`` whose name is not valid
-        UTF-8 to its :func:`printable` form; returns the new relative paths.
-
-        The database and the JSON documents hold text, so such a name could
-        never be registered; renamed, the file is processed like any other
-        (``caf\\xe9.csv``). Runs on batchd's own copy in ``work/``, before
-        :meth:`scan`; symbolic links are renamed, never followed.
-        """
-        renamed: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            here = Path(dirpath)
-            for names in (dirnames, filenames):
-                for i, name in enumerate(names):
-                    fixed = printable(name)
-                    if fixed == name:
-                        continue
-                    fixed, n = fit_name(fixed), 1
-                    while os.path.lexists(here / fixed):
-                        n += 1
-                        fixed = fit_name(printable(name), f"~{n}")
-                    os.rename(here / name, here / fixed)
-                    names[i] = fixed  # os.walk descends into the new name
-                    renamed.append((here / fixed).relative_to(folder).as_posix())
-        return renamed
+        """See :func:`batchd.members.repair_names`."""
+        return members.repair_names(folder, self.settings)
 
     def scan(self, folder: Path) -> list[NewFile]:
-        """The members of a claimed batch folder, each checked against the limits.
-
-        Never follows symbolic links. Symlinks, FIFOs, sockets and devices are
-        members that fail at once with a clear error; so do files over the
-        size limit, of a refused type, or unreadable. The marker file and
-        names matched by ``watch.ignore`` are not members (they stay in the
-        folder and are archived with it).
-        """
-        members: list[NewFile] = []
-        self._walk(folder, "", members, top=True)
-        members.sort(key=lambda m: m.relpath)
-        return members
-
-    def _walk(self, folder: Path, prefix: str, out: list[NewFile], top: bool) -> None:
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as exc:
-            out.append(
-                NewFile(prefix.rstrip("/") or ".", None, f"cannot read folder: {exc.strerror}")
-            )
-            return
-        for entry in entries:
-            relpath = f"{prefix}{entry.name}"
-            if top and entry.name == self.settings.watch.marker:
-                continue
-            if self.ignored(entry.name):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as exc:
-                out.append(NewFile(relpath, None, f"cannot stat: {exc.strerror}"))
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                out.append(
-                    NewFile(relpath, None, "symbolic link: not followed, its target was not read")
-                )
-            elif stat.S_ISDIR(st.st_mode):
-                self._walk(Path(entry.path), relpath + "/", out, top=False)
-            elif stat.S_ISREG(st.st_mode):
-                out.append(NewFile(relpath, st.st_size, self.check_file(Path(entry.path), st)))
-            else:
-                out.append(NewFile(relpath, None, f"not a regular file ({_kind(st)}): not read"))
+        """See :func:`batchd.members.scan` (raises :class:`members.DropRefused` over a cap)."""
+        return members.scan(folder, self.settings)
 
     def check_file(self, path: Path, st: os.stat_result) -> str | None:
-        """Why a regular file must be refused, or ``None`` when it may be processed."""
-        from batchd.sniff import sniff  # imported late: filetype is only needed here
+        """Why a regular file batchd assembled (an upload) must be refused, or ``None``."""
+        return members.check_path(path, self.settings)
 
-        limits = self.settings.limits
-        if st.st_size > limits.max_file_bytes:
-            return (
-                f"file is {st.st_size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})"
-            )
+    def prepare_batch(self, name: str, user_id: str | None, refused: bool = False) -> None:
+        """With ``spool.result_access = "owner"``: make the batch's folders in
+        outbox/, archive/ and failed/ now, readable by batchd, root and the user
+        who dropped it only (see :func:`batchd.safefs.restrict_to`). With
+        "group" they are made when first needed, readable by the drop group.
+
+        A drop refused whole keeps its own folder in failed/ (its dropper's,
+        with the modes it had in the inbox), so only its outbox folder is made.
+        """
+        if self.settings.spool.result_access != "owner":
+            return
         try:
-            kind = sniff(path)
-        except OSError as exc:
-            return f"cannot read file: {exc.strerror}"
-        allowed = ", ".join(limits.allowed_types)
-        if "*" in limits.allowed_types:
-            return None
-        suffix = path.suffix.lower()
-        expected = _KINDS_BY_SUFFIX.get(suffix)
-        if expected is not None and kind.kind not in expected:
-            return (
-                f"content is {kind.kind} ({kind.mime}), not an allowed type for a {suffix} file"
-                f" (allowed: {allowed}; see limits.allowed_types)"
-            )
-        if not limits.allows(kind.kind):
-            return (
-                f"content is {kind.kind} ({kind.mime}), not an allowed type ({allowed});"
-                " see limits.allowed_types"
-            )
-        return None
+            reader: int | None = pwd.getpwnam(user_id).pw_uid if user_id else None
+        except KeyError:
+            reader = None  # an HTTP user name that is no local user: batchd and root only
+        for top in ("outbox",) if refused else ("outbox", "archive", "failed"):
+            fd = safefs.open_dir(self.root, f"{top}/{name}", create=True)
+            try:
+                safefs.restrict_to(fd, reader)
+            finally:
+                os.close(fd)
+
+    def refuse_whole(self, work_path: str, name: str) -> None:
+        """Move a refused drop's folder to ``failed/<name>`` as it is, in one rename
+        (a drop over a cap of the scan is never walked again)."""
+        try:
+            safefs.move(self.root, work_path, f"failed/{name}")
+        except (OSError, safefs.UnsafePath) as exc:
+            # The folder may not be movable (its owner gave batchd no write on
+            # it); it stays in work/, and finalize() archives what it can.
+            log.error("refused_drop_not_moved", work_path=work_path, error=str(exc))
 
     # -- outbox ----------------------------------------------------------------
 
@@ -577,37 +604,69 @@ class Spool:
 
     def locate_input(self, work_path: str, name: str, relpath: str) -> Path | None:
         """Where a file's input is now, moving it back into ``work/`` if an
-        operator re-queued a file that had already been archived or failed."""
+        operator re-queued a file that had already been archived or failed.
+
+        The move goes through folder descriptors (no link followed); the
+        worker then opens the input the same way and checks it again."""
         here = self.input_path(work_path, relpath)
         if os.path.lexists(here):
             return here
-        for base in (self.failed, self.archive):
-            there = base / name / relpath
-            if os.path.lexists(there):
-                here.parent.mkdir(parents=True, exist_ok=True)
-                replace_across(there, here)
+        for base in ("failed", "archive"):
+            there = f"{base}/{name}/{relpath}"
+            if os.path.lexists(self.root / there):
+                safefs.move(self.root, there, f"{work_path}/{relpath}")
                 return here
         return None
 
     def settle_input(self, work_path: str, name: str, relpath: str, ok: bool) -> None:
         """Move a finished file's input to ``archive/`` (or delete it, with
-        ``spool.keep_inputs = false``) on success, or to ``failed/``."""
-        source = self.input_path(work_path, relpath)
-        if not os.path.lexists(source):
-            return  # already settled (recovery after a crash, or a re-run)
-        if ok and not self.settings.spool.keep_inputs:
-            _remove(source)
-            return
-        target = (self.archive if ok else self.failed) / name / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(target) and target.is_dir() and not target.is_symlink():
-            _remove(target)
+        ``spool.keep_inputs = false``) on success, or to ``failed/``.
+
+        Both ends are reached through folder descriptors opened without
+        following links: a member folder its dropper swapped for a link
+        (to ``state/``, say) is refused, never moved through."""
+        source = f"{work_path}/{relpath}"
+        parent, _, leaf = source.rpartition("/")
         try:
-            replace_across(source, target)
-        except PermissionError:
-            if not source.is_dir() or source.is_symlink():
-                raise
-            _move_locked_folder(source, target)
+            dir_fd = safefs.open_dir(self.root, parent)
+        except FileNotFoundError:
+            return  # already settled (recovery after a crash, or a re-run)
+        except safefs.UnsafePath as exc:
+            # Not retried: it would be refused every time. What is left in
+            # the batch folder is archived by finalize(), links as links.
+            log.error("input_not_moved", work_path=work_path, relpath=relpath, error=exc.message)
+            return
+        try:
+            try:
+                st = os.stat(leaf, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if ok and not self.settings.spool.keep_inputs:
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(safefs.fd_path(dir_fd, leaf))
+                else:
+                    os.unlink(leaf, dir_fd=dir_fd)
+                return
+            target = f"{'archive' if ok else 'failed'}/{name}/{relpath}"
+            try:
+                safefs.move(self.root, source, target)
+            except safefs.UnsafePath as exc:
+                # A link planted where the input should go: never followed;
+                # the input stays in work/ (an operator can see it there).
+                log.error(
+                    "input_not_moved", work_path=work_path, relpath=relpath, error=exc.message
+                )
+            except PermissionError:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise
+                dst_parent = target.rpartition("/")[0]
+                dst_fd = safefs.open_dir(self.root, dst_parent, create=True)
+                try:
+                    _move_locked_folder(safefs.fd_path(dir_fd, leaf), safefs.fd_path(dst_fd, leaf))
+                finally:
+                    os.close(dst_fd)
+        finally:
+            os.close(dir_fd)
 
     def finalize(self, work_path: str, name: str) -> None:
         """Empty a finished batch's folder in ``work/``, leaving the folder itself.
@@ -618,24 +677,58 @@ class Spool:
         :meth:`release`: as long as it is there, start-up recovery finds the
         batch and rewrites its final status.json, which a crash may have kept
         from being written.
+
+        Iterative and through folder descriptors: links are moved as links,
+        never followed; below ``limits.max_depth`` a folder moves whole.
         """
-        folder = self.root / work_path
-        if not folder.exists():
+        try:
+            top = safefs.open_dir(self.root, work_path)
+        except FileNotFoundError:
             return
-        marker = folder / self.settings.watch.marker
-        with contextlib.suppress(FileNotFoundError):
-            if marker.is_file() and not marker.is_symlink():
-                marker.unlink()
-        for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
-            here = Path(dirpath)
-            for fname in filenames + [d for d in dirnames if (here / d).is_symlink()]:
-                src = here / fname
-                dest = self.archive / name / src.relative_to(folder)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                replace_across(src, dest)
-            if here != folder:
-                with contextlib.suppress(OSError):
-                    here.rmdir()
+        except safefs.UnsafePath as exc:
+            log.error("batch_folder_not_finalized", work_path=work_path, error=exc.message)
+            return
+        try:
+            marker = self.settings.watch.marker
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(marker, dir_fd=top, follow_symlinks=False).st_mode):
+                    os.unlink(marker, dir_fd=top)
+        finally:
+            os.close(top)
+        folder = self.root / work_path
+        max_depth = self.settings.limits.max_depth
+        dirs = [""]
+        for rel in dirs:  # grows while it is walked: breadth first, no recursion
+            depth = rel.count("/") + 1 if rel else 0
+            try:
+                fd = safefs.open_dir(folder, rel)
+            except (OSError, safefs.UnsafePath):
+                continue  # swapped or unreadable: left where it is
+            try:
+                entries = os.listdir(fd)
+                for entry in entries:
+                    sub = f"{rel}/{entry}" if rel else entry
+                    try:
+                        st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode) and depth < max_depth:
+                            dirs.append(sub)
+                            continue
+                        safefs.move(self.root, f"{work_path}/{sub}", f"archive/{name}/{sub}")
+                    except FileNotFoundError:
+                        continue
+                    except safefs.UnsafePath as exc:
+                        log.error("leftover_not_moved", work_path=work_path, relpath=sub,
+                                  error=exc.message)  # fmt: skip
+            finally:
+                os.close(fd)
+        for rel in reversed(dirs[1:]):
+            parent, _, leaf = rel.rpartition("/")
+            with contextlib.suppress(OSError, safefs.UnsafePath):
+                fd = safefs.open_dir(folder, parent)
+                try:
+                    os.rmdir(leaf, dir_fd=fd)
+                finally:
+                    os.close(fd)
         # No fsync of work/<prio>/ here: the database already says the batch
         # is finished, so if a power cut undoes these moves, start-up recovery
         # simply finalizes the batch again. Durability is not needed, only the
@@ -674,19 +767,6 @@ def _clear(folder: Path, keep: Callable[[Path], bool]) -> None:
         for entry in folder.iterdir():
             if not keep(entry):
                 _remove(entry)
-
-
-def _kind(st: os.stat_result) -> str:
-    mode = st.st_mode
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    return "unknown type"
 
 
 def _move_locked_folder(source: Path, target: Path) -> None:

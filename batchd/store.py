@@ -128,6 +128,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batch_files ADD COLUMN lease_gen INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE batch_jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the device and inode each member had when scanned (issue 12).
+    """
+    ALTER TABLE batch_files ADD COLUMN file_dev INTEGER;
+    ALTER TABLE batch_files ADD COLUMN file_ino INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -137,7 +142,8 @@ _BATCH_COLS = (
 )
 _FILE_COLS = (
     "id, batch_id, filename, relpath, file_size, file_hash, status, progress, result, "
-    "error, retry_count, attempts, created_at, started_at, completed_at, processor, lease_gen"
+    "error, retry_count, attempts, created_at, started_at, completed_at, processor, lease_gen, "
+    "file_dev, file_ino"
 )
 
 
@@ -536,12 +542,14 @@ class SQLiteStore:
                         seq + i + 1,
                         batch.priority,
                         batch.priority.rank,
+                        member.file_dev,
+                        member.file_ino,
                     )
                 )
             conn.executemany(
                 "INSERT INTO batch_files (id, batch_id, filename, relpath, file_size, status,"
-                " error, created_at, completed_at, seq, priority, priority_rank)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, created_at, completed_at, seq, priority, priority_rank, file_dev,"
+                " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             return self._refresh_batch(conn, batch_id, now)
@@ -1093,4 +1101,6 @@ def _file(row: sqlite3.Row) -> FileRow:
         completed_at=row["completed_at"],
         processor=row["processor"],
         lease_gen=row["lease_gen"],
+        file_dev=row["file_dev"],
+        file_ino=row["file_ino"],
     )

@@ -183,6 +183,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batch_files ADD COLUMN lease_gen integer NOT NULL DEFAULT 0;
     ALTER TABLE batch_jobs ADD COLUMN version bigint NOT NULL DEFAULT 0;
     """,
+    # 3: the device and inode each member had when scanned (issue 12).
+    """
+    ALTER TABLE batch_files ADD COLUMN file_dev bigint, ADD COLUMN file_ino bigint;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -193,7 +197,7 @@ _BATCH_COLS = (
 _FILE_FIELDS = (
     *("id", "batch_id", "filename", "relpath", "file_size", "file_hash", "status"),
     *("progress", "result", "error", "retry_count", "attempts", "created_at", "started_at"),
-    *("completed_at", "processor", "lease_gen"),
+    *("completed_at", "processor", "lease_gen", "file_dev", "file_ino"),
 )
 
 
@@ -447,13 +451,16 @@ class PostgresStore:
                             seq + i + 1,
                             batch.priority,
                             batch.priority.rank,
+                            member.file_dev,
+                            member.file_ino,
                         )
                     )
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO batch_files (id, batch_id, filename, relpath, file_size,"
-                        " status, error, created_at, completed_at, seq, priority, priority_rank)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        " status, error, created_at, completed_at, seq, priority, priority_rank,"
+                        " file_dev, file_ino)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         rows,
                     )
                 return self._refresh_batch(conn, batch_id, now)
@@ -1155,4 +1162,6 @@ def _file(row: DictRow) -> FileRow:
         completed_at=_opt_iso(row["completed_at"]),
         processor=row["processor"],
         lease_gen=row["lease_gen"],
+        file_dev=row["file_dev"],
+        file_ino=row["file_ino"],
     )

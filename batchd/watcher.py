@@ -27,9 +27,13 @@ from watchdog.observers.polling import PollingObserver
 
 from batchd.clock import Clock
 from batchd.config import PRIORITY_ORDER, Priority, WatchSettings
-from batchd.spool import Spool
+from batchd.spool import ClaimRefused, Spool
 
 log = structlog.get_logger("batchd.watcher")
+
+#: Unexpected watcher errors within ERROR_WINDOW_SECONDS that make /healthz 503.
+ERRORS_UNHEALTHY = 3
+ERROR_WINDOW_SECONDS = 60.0
 
 
 def _no_move_pairing_delay() -> None:
@@ -92,6 +96,11 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
     matched by ``watch.ignore``); a subfolder that cannot be read counts as
     one (it will be a failed member). ``problem`` says why the folder itself
     cannot be read: batchd can then neither see nor move what is inside.
+
+    Iterative, never following links, and bounded by the scan's caps
+    (``limits.max_depth``, ``limits.max_entries_per_drop``): a drop over a
+    cap stops being looked into and counts as one member, so it settles,
+    is claimed and is refused by the scan with the reason.
     """
     try:
         st = path.lstat()
@@ -99,27 +108,48 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
         return None
     if not stat.S_ISDIR(st.st_mode):
         return Seen((st.st_size, st.st_mtime_ns, st.st_ino), False, False, 1)
+    limits = spool.settings.limits
     entries: list[tuple[str, int, int]] = []
     members = 0
-    errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(path, onerror=errors.append):
-        for name in filenames + dirnames:
+    problem = None
+    over_cap = False
+    stack: list[tuple[str, int]] = [(str(path), 0)]
+    while stack:
+        dirpath, depth = stack.pop()
+        try:
+            names = os.listdir(dirpath)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if dirpath == str(path):
+                problem = f"cannot read folder: {exc.strerror}"
+            else:
+                members += 1  # it will be a failed member
+            continue
+        for name in names:
             full = os.path.join(dirpath, name)
             try:
                 est = os.lstat(full)
             except FileNotFoundError:
                 continue
             entries.append((full, est.st_size, est.st_mtime_ns))
-            if stat.S_ISDIR(est.st_mode) or spool.ignored(name):
+            if stat.S_ISDIR(est.st_mode):
+                if depth + 1 > limits.max_depth:
+                    over_cap = True
+                else:
+                    stack.append((full, depth + 1))
                 continue
-            if not (dirpath == str(path) and name == marker):
-                members += 1
+            if spool.ignored(name) or (depth == 0 and name == marker):
+                continue
+            members += 1
+        if over_cap or len(entries) > limits.max_entries_per_drop:
+            over_cap = True
+            break
     entries.sort()
-    top = next((e for e in errors if e.filename == str(path)), None)
-    members += len(errors) - (top is not None)
     has_marker = os.path.lexists(path / marker)
-    problem = None if top is None else f"cannot read folder: {top.strerror}"
-    return Seen((st.st_mtime_ns, tuple(entries)), True, has_marker, members, problem)
+    # The mode too: a chmod (the fix for a refused folder) changes no mtime.
+    signature = (st.st_mtime_ns, st.st_mode, tuple(entries))
+    return Seen(signature, True, has_marker, max(members, int(over_cap)), problem)
 
 
 class Readiness:
@@ -131,6 +161,8 @@ class Readiness:
         self.settings = settings
         self.clock = clock
         self._candidates: dict[Path, _Candidate] = {}
+        #: drops batchd cannot claim, with the reason (see :meth:`refuse`).
+        self.refused: dict[Path, str] = {}
 
     def touch(self, path: Path, priority: Priority) -> None:
         """Something happened at or under drop ``path``: look at it at the next poll.
@@ -168,13 +200,22 @@ class Readiness:
         settle = self.settings.settle_seconds
         for path, cand in list(self._candidates.items()):
             cand.look_now = False
-            seen = (
-                None
-                if self.spool.ignored(path.name)
-                else look(path, self.spool, self.settings.marker)
-            )
+            try:
+                seen = (
+                    None
+                    if self.spool.ignored(path.name)
+                    else look(path, self.spool, self.settings.marker)
+                )
+            except Exception as exc:
+                # One drop that cannot be looked at must not stop the others.
+                seen = None
+                if not cand.reported:
+                    log.error("drop_look_failed", path=str(path), error=repr(exc))
+                cand.reported = cand.waiting = True
+                continue
             if seen is None:
                 del self._candidates[path]
+                self.refused.pop(path, None)
                 continue
             if seen.problem is not None:
                 # Claiming needs to rename it, which needs write permission on
@@ -190,6 +231,11 @@ class Readiness:
                 cand.waiting = True
                 continue
             cand.reported = False
+            if path in self.refused:
+                if seen.signature == cand.signature:
+                    cand.waiting = True  # refused as it is: tried again when it changes
+                    continue
+                del self.refused[path]  # changed (a chmod, say): settles and is tried again
             if seen.has_marker:
                 del self._candidates[path]
                 ready.append((path, cand.priority))
@@ -207,6 +253,46 @@ class Readiness:
                 del self._candidates[path]
                 ready.append((path, cand.priority))
         return ready
+
+    def refuse(self, path: Path, priority: Priority, reason: str) -> bool:
+        """Remember that ready drop ``path`` cannot be claimed, and why; it is
+        looked at again when it changes. True the first time (log it once)."""
+        first = self.refused.get(path) != reason
+        self.refused[path] = reason
+        seen = look(path, self.spool, self.settings.marker)
+        self._candidates[path] = _Candidate(
+            priority, seen.signature if seen else None, self.clock.monotonic(), False, True
+        )
+        return first
+
+    def states(self) -> list[dict[str, str | None]]:
+        """Every drop waiting in the inbox: priority, name, state and reason."""
+        out: list[dict[str, str | None]] = []
+        for path, cand in sorted(self._candidates.items()):
+            reason = self.refused.get(path)
+            if reason is not None:
+                state = "refused"
+            elif cand.reported:
+                state, reason = "refused", "batchd cannot read this folder: give the group read"
+            elif cand.waiting and cand.signature is not None:
+                state = "waiting_marker"
+                reason = (
+                    f"waiting for its marker file {self.settings.marker!r}"
+                    if self.settings.folder_ready == "marker"
+                    else "settled, but holds no file to process yet"
+                )
+            else:
+                state = "settling"
+                reason = f"waiting until nothing changed for {self.settings.settle_seconds} s"
+            out.append(
+                {
+                    "priority": str(cand.priority),
+                    "name": path.name,
+                    "state": state,
+                    "reason": reason,
+                }
+            )
+        return out
 
 
 class _Handler(FileSystemEventHandler):
@@ -258,6 +344,8 @@ class Watcher:
         self._thread = threading.Thread(target=self._run, name="batchd-watcher", daemon=True)
         self.restarts = 0
         self.last_rescan: float | None = None
+        self._errors: list[float] = []
+        self.last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -364,8 +452,9 @@ class Watcher:
                     if self._stop.is_set():
                         break
                     self._take(path, priority)
-            except Exception:
+            except Exception as exc:
                 # One bad drop or a transient error must not stop watching.
+                self._error(exc)
                 log.exception("watcher_error")
                 self._stop.wait(0.5)
 
@@ -377,5 +466,35 @@ class Watcher:
     def _take(self, path: Path, priority: Priority) -> None:
         try:
             self.take(path, priority)
-        except Exception:
+        except ClaimRefused as exc:
+            # Not an error of batchd's: the dropper must act. Logged once per
+            # reason, without a traceback; shown in GET /api/inbox meanwhile.
+            if self.readiness.refuse(path, priority, exc.message):
+                log.warning("drop_refused", path=str(path), error=exc.message)
+            return
+        except Exception as exc:
+            self._error(exc)
             log.exception("claim_failed", path=str(path))
+            return
+        self.readiness.refused.pop(path, None)
+
+    def _error(self, exc: BaseException) -> None:
+        """Count an unexpected error; several in a short time make /healthz say so."""
+        now = self.clock.monotonic()
+        self._errors = [t for t in self._errors if now - t < ERROR_WINDOW_SECONDS] + [now]
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def problem(self) -> str | None:
+        """Why the watcher is unhealthy now (repeated errors), or None."""
+        now = self.clock.monotonic()
+        recent = [t for t in self._errors if now - t < ERROR_WINDOW_SECONDS]
+        if len(recent) >= ERRORS_UNHEALTHY:
+            return (
+                f"{len(recent)} watcher errors in the last {ERROR_WINDOW_SECONDS:.0f} s,"
+                f" the last: {self.last_error} (see the log: watcher_error, claim_failed)"
+            )
+        return None
+
+    def inbox(self) -> list[dict[str, str | None]]:
+        """Drops waiting in the inbox (``GET /api/inbox``)."""
+        return self.readiness.states()

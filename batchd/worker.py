@@ -33,7 +33,9 @@ from typing import Any
 from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
+from batchd.members import check
 from batchd.records import FileRow, Status
+from batchd.safefs import UnsafePath, named_view, open_member
 from batchd.spool import move_outputs, write_json_atomic
 from batchd.views import result_document
 
@@ -53,6 +55,9 @@ class Delivery:
     #: each group of results durable itself before committing them (one
     #: barrier for many files instead of a disk flush per file in the worker).
     fsync: bool = True
+    #: the spool root: the result and outputs are written below it through
+    #: folder descriptors, no link followed, with batchd's modes.
+    spool_root: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,9 @@ class Job:
     #: the claim's fencing token (``FileRow.lease_gen``); the pool stamps it on
     #: this job's events, so a superseded attempt's reports are told apart.
     lease: int = 0
+    #: the device and inode the scan recorded for the input (None: not known).
+    file_dev: int | None = None
+    file_ino: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +134,61 @@ def memory_limit_error(megabytes: int) -> str:
 
 def hash_file(path: Path) -> tuple[str, int]:
     """``("sha256:<hex>", size)`` of a file, read once in chunks."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int) -> tuple[str, int]:
+    """``("sha256:<hex>", size)`` of open file ``fd``, read from its start in chunks."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+    offset = 0
+    while chunk := os.pread(fd, HASH_CHUNK, offset):
+        digest.update(chunk)
+        size += len(chunk)
+        offset += len(chunk)
     return f"sha256:{digest.hexdigest()}", size
+
+
+def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
+    """Open the job's input once, following no link at any component below the
+    spool root (or below its own folder, for a path outside the spool), and
+    check it again exactly as the scan checked it when it was registered.
+
+    Raises :class:`PermanentError` with the scan's own words when it is now a
+    link, not a regular file, over the size limit or of a refused type: a
+    file re-queued by ``batchd retry`` or by hand keeps its refusal.
+    """
+    path = Path(job.path)
+    root = settings.spool.root.absolute()
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        root, rel = path.parent, path.name
+    try:
+        fd, st = open_member(root, rel)
+    except UnsafePath as exc:
+        raise PermanentError(f"{job.relpath}: {exc.message}") from exc
+    except OSError as exc:
+        # Name the input the user knows, not the last component opened.
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+    # The same device and another inode: the member was replaced after the
+    # scan (by its dropper, still inside it). Another device: batchd itself
+    # copied it back from an archive on another filesystem.
+    if job.file_ino is not None and st.st_dev == job.file_dev and st.st_ino != job.file_ino:
+        os.close(fd)
+        raise PermanentError(
+            f"{job.relpath}: replaced by another file after it was registered"
+            f" (inode {job.file_ino}, now {st.st_ino}): not read; drop it again"
+        )
+    problem = check(fd, st, path.name, settings.limits)
+    if problem is not None:
+        os.close(fd)
+        raise PermanentError(f"{job.relpath}: {problem}")
+    return fd, st
 
 
 def _describe(exc: BaseException) -> str:
@@ -149,7 +205,8 @@ def deliver(
     job: Job, delivery: Delivery, result: dict[str, Any], file_hash: str, size: int, ended: str
 ) -> None:
     """Move the attempt's outputs next to its result, then write the result file."""
-    move_outputs(Path(job.output_dir), Path(delivery.outputs_path))
+    root = _spool_root(delivery)
+    move_outputs(Path(job.output_dir), Path(delivery.outputs_path), root=root)
     final = replace(
         delivery.file,
         status=Status.COMPLETED,
@@ -164,7 +221,15 @@ def deliver(
     )
     document = result_document(final)
     document["result"] = result
-    write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync)
+    write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync, root=root)
+
+
+def _spool_root(delivery: Delivery) -> Path | None:
+    """The spool root the result goes under (written through verified folders), if any."""
+    if not delivery.spool_root:
+        return None
+    root = Path(delivery.spool_root)
+    return root if Path(delivery.result_path).is_relative_to(root) else None
 
 
 def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
@@ -174,24 +239,31 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
     started = time.monotonic()
     output_dir = Path(job.output_dir)
     try:
-        before = os.stat(job.path)
-        file_hash, size = hash_file(Path(job.path))
-        fn = resolve(job.processor)
-        ctx = ProcessorContext(
-            batch_id=job.batch_id,
-            file_id=job.file_id,
-            relpath=job.relpath,
-            output_path=output_dir,
-            settings=settings,
-            report=lambda pct: conn.send(Progress(job.file_id, pct)),
-        )
+        fd, before = open_input(job, settings)
         try:
-            result = fn(Path(job.path), ctx)
+            file_hash, size = hash_fd(fd)
+            fn = resolve(job.processor)
+            ctx = ProcessorContext(
+                batch_id=job.batch_id,
+                file_id=job.file_id,
+                relpath=job.relpath,
+                output_path=output_dir,
+                settings=settings,
+                report=lambda pct: conn.send(Progress(job.file_id, pct)),
+            )
+            try:
+                # The processor (and exec's {input}) gets a path to the file
+                # opened and checked above, never the name in the spool.
+                with named_view(fd, job.relpath) as view:
+                    result = fn(view, ctx)
+            finally:
+                # Remove the output folder when the processor left nothing in it.
+                if ctx.output_dir_made:
+                    with contextlib.suppress(OSError):
+                        output_dir.rmdir()
+            after = os.fstat(fd)
         finally:
-            # Remove the output folder when the processor left nothing in it.
-            if ctx.output_dir_made:
-                with contextlib.suppress(OSError):
-                    output_dir.rmdir()
+            os.close(fd)
         if not isinstance(result, dict):
             raise PermanentError(
                 f"processor {job.processor} returned {type(result).__name__}, not a dict"
@@ -203,7 +275,6 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
             raise PermanentError(
                 f"processor {job.processor} returned a result that is not JSON: {exc}"
             ) from exc
-        after = os.stat(job.path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             # A writer still had the file open and wrote to it after the claim:
             # the result would describe bytes the file no longer has. Retry, so

@@ -74,9 +74,11 @@ def hang_with_child(path: Path, ctx: Any) -> dict[str, Any]:
 
 
 def gate(path: Path, ctx: Any) -> dict[str, Any]:
-    """Report progress 10, then wait until ``<path>.go`` exists and succeed."""
+    """Report progress 10, then wait until ``<input>.go`` exists beside the input and succeed."""
     ctx.progress(10)
-    go = Path(f"{path}.go")
+    # The worker hands a private link to the file it opened; its real name
+    # is where the test puts the go file.
+    go = Path(f"{os.path.realpath(path)}.go")
     deadline = time.monotonic() + GATE_TIMEOUT_SECONDS
     while not go.exists():
         if time.monotonic() > deadline:

@@ -738,3 +738,17 @@ def test_all_threads_busy_answers_503(make_server: Callable[..., Harness]) -> No
     finally:
         holder.close()
     wait_until(lambda: srv.get("/healthz").status == 200)
+
+
+# -- GET /api/inbox ------------------------------------------------------------------
+
+
+def test_inbox_lists_the_drops_the_daemon_reports(make_server: Callable[..., Harness]) -> None:
+    """GET /api/inbox answers the waiting drops with their state and reason, behind the token."""
+    srv = make_server(http={"token": "t0k"})
+    drop = {"priority": "normal", "name": "reports", "state": "refused", "reason": "chmod -R g+w"}
+    srv.server.inbox = lambda: [drop]
+    assert srv.get("/api/inbox").status == 401
+    answer = srv.get("/api/inbox", token="t0k")
+    assert answer.status == 200
+    assert answer.json() == {"success": True, "data": [drop], "count": 1}

@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +37,12 @@ CONTENT = b"name,qty\napple,3\npear,5\n"
 def make_settings(tmp_path: Path, **env: str) -> Settings:
     config = tmp_path / "config.toml"
     config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
+    # Any content: these jobs' inputs are named freely (the worker checks
+    # content against the name again before each attempt).
+    environ = {
+        "BATCHD_SPOOL__ROOT": str(tmp_path / "spool"),
+        "BATCHD_LIMITS__ALLOWED_TYPES": '["*"]',
+    }
     environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
     return load_settings(config, environ)
 
@@ -580,3 +587,24 @@ def test_workers_hold_no_http_token_or_database_url(
     event = runner.final(runner.submit("whoami"))
     assert isinstance(event, Done)
     assert (event.result["http_token"], event.result["database_url"]) == ("", None)
+
+
+def test_exec_input_is_the_file_the_worker_opened(make_runner: Callable[..., Runner]) -> None:
+    """exec's {input} reads the file the worker opened and checked, even when its name in
+    the spool became a link to a secret while the command ran."""
+    gate = Path(tempfile.mkdtemp(prefix="batchd-exec-gate-"))
+    script = 'touch "$1/started"; while [ ! -e "$1/go" ]; do sleep 0.02; done; cat "$0"'
+    runner = make_runner(exec__command=json.dumps(["sh", "-c", script, "{input}", str(gate)]))
+    secret = runner.tmp_path / "secret.csv"
+    secret.write_bytes(b"TOP-SECRET\n")
+    job = runner.job("x", name="in.csv")
+    job = dataclasses.replace(job, processor="exec")
+    runner.pool.submit(job)
+    assert wait_for(lambda: (gate / "started").exists())
+    Path(job.path).unlink()
+    Path(job.path).symlink_to(secret)
+    (gate / "go").touch()
+    event = runner.final(job)
+    assert isinstance(event, Done)
+    assert event.result == {"stdout": CONTENT.decode()}
+    shutil.rmtree(gate)

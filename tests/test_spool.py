@@ -287,11 +287,15 @@ def test_scan_lists_nested_relpaths(spool: Spool) -> None:
     write(folder / "top.csv")
     write(folder / "a" / "b" / "c.csv")
     write(folder / "a" / "doc.pdf", PDF)
-    assert spool.scan(folder) == [
-        NewFile("a/b/c.csv", len(CSV), None),
-        NewFile("a/doc.pdf", len(PDF), None),
-        NewFile("top.csv", len(CSV), None),
+    found = spool.scan(folder)
+    assert [(m.relpath, m.file_size, m.error) for m in found] == [
+        ("a/b/c.csv", len(CSV), None),
+        ("a/doc.pdf", len(PDF), None),
+        ("top.csv", len(CSV), None),
     ]
+    # Each member carries the device and inode the scan saw.
+    top = (folder / "top.csv").stat()
+    assert (found[2].file_dev, found[2].file_ino) == (top.st_dev, top.st_ino)
 
 
 def test_scan_leaves_out_marker_and_ignored_names(spool: Spool) -> None:

@@ -412,3 +412,57 @@ def test_stop_ends_the_thread(start_watcher: Callable[..., tuple[Watcher, Spool,
     watcher.stop()
     assert not watcher.is_alive()
     assert watcher._observer is None
+
+
+# -- deep drops, refusals, errors ------------------------------------------------------
+
+
+def test_look_at_a_very_deep_drop_does_not_recurse(h: Harness) -> None:
+    """A drop 1,500 levels deep is looked at without RecursionError and becomes ready
+    (the scan then refuses it)."""
+    top = h.inbox / "deep"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    h.touch(top)
+    assert h.poll() == []
+    assert h.poll_after(1.5) == [top]
+
+
+def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
+    """A drop refused at its claim is listed as refused with the reason and not tried
+    again until it changes (a chmod counts)."""
+    drop = h.inbox / "private"
+    write(drop / "a.csv")
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(1.5) == [drop]
+    assert h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")
+    assert not h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")  # logged once
+    assert h.readiness.states() == [
+        {"priority": "normal", "name": "private", "state": "refused", "reason": "run chmod -R g+w"}
+    ]
+    assert h.poll_after(5) == []
+    drop.chmod(0o2770)
+    h.touch(drop)
+    assert h.poll() == []
+    assert h.readiness.states()[0]["state"] == "settling"
+    assert h.poll_after(1.5) == [drop]
+
+
+def test_repeated_take_errors_make_the_watcher_unhealthy(
+    start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
+) -> None:
+    """Three unexpected errors within a minute give a problem naming the last error."""
+    watcher, spool, taker = start_watcher(fail=lambda path: path.name.startswith("bad"))
+    assert watcher.problem() is None
+    for i in range(3):
+        write(spool.inbox_for(Priority.NORMAL) / f"bad{i}.csv")
+    assert wait_until(lambda: taker.calls >= 3)
+    problem = watcher.problem()
+    assert problem is not None and "3 watcher errors" in problem and "cannot take" in problem

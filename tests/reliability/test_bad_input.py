@@ -34,12 +34,14 @@ from batchd.store import SQLiteStore
 
 MAX_BYTES = 1024
 ROW = b"dish,price\nsoup,4.50\n"
+#: ROW truncated to its header: still a CSV (each attempt checks the member again).
+SHORT = b"dish,price\n"
 SYMLINK = "symbolic link: not followed, its target was not read"
 NO_FILES = "batch has no files to process"
 DENIED = "Permission denied"
 LONG_X = "x" * 251 + ".csv"  # 255 bytes: no room left for ".json"
 LONG_Y = "y" * 251 + ".csv"
-DEEP = "/".join(f"l{i:02d}" for i in range(1, 51)) + "/deep.csv"  # 50 folders
+DEEP = "/".join(f"l{i:02d}" for i in range(1, 31)) + "/deep.csv"  # 30 folders (limits.max_depth 32)
 
 
 def sized_csv(size: int) -> bytes:
@@ -275,13 +277,11 @@ def test_every_bad_input_ends_documented_and_nothing_is_lost(tmp_path: Path) -> 
     long_results = [p.name for p in (d.spool / "outbox" / "corpus" / "results").iterdir()]
     assert fit_name(LONG_X, ".json") in long_results
     assert corpus_docs[LONG_X]["filename"] == LONG_X
-    # Documents get the mode of a plain create under the daemon's umask (not mkstemp's 0600),
-    # so the group the service's UMask=0007 lets in can read them.
-    umask = os.umask(0o022)
-    os.umask(umask)
+    # Documents are 0640 whatever the daemon's umask: the group reads them
+    # (not mkstemp's 0600), only batchd may change them.
     outbox = d.spool / "outbox" / "corpus"
     for doc in (outbox / "status.json", outbox / "results" / "one.csv.json"):
-        assert stat.S_IMODE(doc.stat().st_mode) == 0o666 & ~umask, doc
+        assert stat.S_IMODE(doc.stat().st_mode) == 0o640, doc
 
 
 # -- unreadable input (a daemon without root's privileges) ---------------------------
@@ -412,8 +412,8 @@ def held_daemon(tmp_path: Path) -> DaemonProcess:
 
 
 def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
-    """A queued input deleted from work/ fails with a clear error; one truncated is
-    processed as it now is; the rest of the batch goes on."""
+    """A queued input deleted from work/ fails with a clear error; one truncated (still
+    a valid member) is processed as it now is; the rest of the batch goes on."""
     d = held_daemon(tmp_path)
     (d.state / "hold-a-gate.csv").touch()
     d.start(PYTHONPATH=pythonpath())
@@ -427,7 +427,7 @@ def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
         wait_until((d.state / "started-a-gate.csv").exists, 60, what="the gate file to start")
         work = d.spool / "work" / "normal" / "held"
         (work / "b-deleted.csv").unlink()
-        (work / "c-truncated.csv").write_bytes(b"")
+        (work / "c-truncated.csv").write_bytes(SHORT)
         (d.state / "hold-a-gate.csv").unlink()
         status = d.wait_batch("held", 60)
     finally:
@@ -439,11 +439,14 @@ def test_input_deleted_or_truncated_while_queued(tmp_path: Path) -> None:
         assert_outcome(rows.get(("held", name)), "completed", None, name)
     docs = result_docs(d, "held")
     assert sorted(docs) == sorted(files)
-    assert docs["c-truncated.csv"]["file_size"] == 0
-    assert docs["c-truncated.csv"]["result"] == {"bytes": 0, "sha256": hashlib.sha256().hexdigest()}
+    assert docs["c-truncated.csv"]["file_size"] == len(SHORT)
+    assert docs["c-truncated.csv"]["result"] == {
+        "bytes": len(SHORT),
+        "sha256": hashlib.sha256(SHORT).hexdigest(),
+    }
     assert where_everything_is(d.spool) == {
         "archive/held/a-gate.csv": ("file", ROW),
-        "archive/held/c-truncated.csv": ("file", b""),
+        "archive/held/c-truncated.csv": ("file", SHORT),
         "archive/held/d-ok.csv": ("file", ROW),
     }
     assert work_leftovers(d.spool) == []

@@ -1,0 +1,259 @@
+"""What in a claimed folder is processed: the scan, its caps, the content check, name repair.
+
+Every walk here is iterative and goes through folder descriptors opened
+without following links (:mod:`batchd.safefs`), so neither a drop nested
+thousands of levels deep nor a member swapped for a link can make batchd
+recurse without end or read outside the claimed tree. A drop deeper than
+``limits.max_depth`` or with more than ``limits.max_entries_per_drop``
+entries is refused whole (:class:`DropRefused`).
+
+The same :func:`check` runs at the scan and again in the worker before each
+attempt, so a file re-queued by any means (``batchd retry``, an operator's
+SQL) is held to exactly the rules a new member is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import stat
+from pathlib import Path
+
+from batchd import safefs
+from batchd.config import LimitsSettings, Settings
+from batchd.errors import BatchdError
+from batchd.records import NewFile
+
+# A file whose name promises one of these types must have that content: a
+# ".pdf" holding text is refused even where text (csv) is allowed.
+_KINDS_BY_SUFFIX: dict[str, frozenset[str]] = {
+    ".pdf": frozenset({"pdf"}),
+    ".xlsx": frozenset({"xlsx"}),
+    ".xls": frozenset({"xls", "xlsx"}),
+    ".csv": frozenset({"csv", "txt", "empty"}),
+}
+
+
+class DropRefused(BatchdError):
+    """The drop is over a cap of the scan (too deep, too many entries); none of it is processed."""
+
+
+def ignored(name: str, settings: Settings) -> bool:
+    """True for names writers use for work in progress (``watch.ignore``)."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in settings.watch.ignore)
+
+
+def is_member(name: str, top: bool, settings: Settings) -> bool:
+    """Whether an entry of this name is a member: not the top-level marker, not ignored."""
+    if top and name == settings.watch.marker:
+        return False
+    return not ignored(name, settings)
+
+
+def batch_limit_error(count: int, limits: LimitsSettings) -> str | None:
+    """Why a batch of ``count`` members is refused as a whole, or None."""
+    if count > limits.max_files_per_batch:
+        return (
+            f"batch has {count} files, over limits.max_files_per_batch"
+            f" ({limits.max_files_per_batch}); no file was processed"
+        )
+    return None
+
+
+def _caps(limits: LimitsSettings, depth: int, examined: int, where: str) -> None:
+    if depth > limits.max_depth:
+        raise DropRefused(
+            f"folders are nested deeper than limits.max_depth ({limits.max_depth}) at"
+            f" {where!r}: no file was processed; flatten the folder and drop it again"
+        )
+    if examined > limits.max_entries_per_drop:
+        raise DropRefused(
+            f"the drop has more than limits.max_entries_per_drop"
+            f" ({limits.max_entries_per_drop}) files and folders: no file was processed;"
+            " split it into several drops"
+        )
+
+
+def scan(folder: Path, settings: Settings) -> list[NewFile]:
+    """The members of a claimed batch folder, each checked against the limits.
+
+    Never follows symbolic links. Symlinks, FIFOs, sockets and devices are
+    members that fail at once with a clear error; so do files over the
+    size limit, of a refused type, or unreadable. The marker file and
+    names matched by ``watch.ignore`` are not members (they stay in the
+    folder and are archived with it). Raises :class:`DropRefused` over a cap.
+    """
+    limits = settings.limits
+    out: list[NewFile] = []
+    # Folders still to list, as (relpath, depth). Each is reopened from the
+    # top when its turn comes (at most max_depth steps, none following a
+    # link), so a folder with thousands of subfolders never holds thousands
+    # of descriptors open.
+    stack: list[tuple[str, int]] = [("", 0)]
+    examined = 0
+    while stack:
+        rel, depth = stack.pop()
+        try:
+            fd = safefs.open_dir(folder, rel)
+        except safefs.UnsafePath:
+            out.append(NewFile(rel, None, safefs.LINK_REFUSED))
+            continue
+        except OSError as exc:
+            out.append(NewFile(rel or ".", None, f"cannot read folder: {exc.strerror}"))
+            continue
+        try:
+            try:
+                entries = os.listdir(fd)
+            except OSError as exc:
+                out.append(NewFile(rel or ".", None, f"cannot read folder: {exc.strerror}"))
+                continue
+            examined += len(entries)
+            _caps(limits, depth, examined, rel or ".")
+            for name in entries:
+                if not is_member(name, depth == 0, settings):
+                    continue
+                relpath = f"{rel}/{name}" if rel else name
+                member = _member(fd, name, relpath, settings)
+                if member is None:
+                    _caps(limits, depth + 1, examined, relpath)
+                    stack.append((relpath, depth + 1))
+                else:
+                    out.append(member)
+        finally:
+            os.close(fd)
+    out.sort(key=lambda m: m.relpath)
+    return out
+
+
+def _member(dir_fd: int, name: str, relpath: str, settings: Settings) -> NewFile | None:
+    """One entry: a checked member, or ``None`` for a subfolder to walk."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        return NewFile(relpath, None, f"cannot stat: {exc.strerror}")
+    if stat.S_ISLNK(st.st_mode):
+        return NewFile(relpath, None, safefs.LINK_REFUSED)
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return NewFile(relpath, None, f"not a regular file ({safefs.kind(st.st_mode)}): not read")
+    if st.st_size > settings.limits.max_file_bytes:
+        return NewFile(relpath, st.st_size, size_error(st.st_size, settings.limits))
+    try:
+        fd, fst = safefs.open_file(dir_fd, name)
+    except safefs.UnsafePath as exc:
+        return NewFile(relpath, None, exc.message)
+    except OSError as exc:
+        return NewFile(relpath, st.st_size, f"cannot read file: {exc.strerror}")
+    try:
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            return NewFile(relpath, None, "replaced while it was being scanned: not read")
+        return NewFile(
+            relpath,
+            fst.st_size,
+            check(fd, fst, name, settings.limits),
+            file_dev=fst.st_dev,
+            file_ino=fst.st_ino,
+        )
+    finally:
+        os.close(fd)
+
+
+def size_error(size: int, limits: LimitsSettings) -> str:
+    return f"file is {size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})"
+
+
+def check(fd: int, st: os.stat_result, name: str, limits: LimitsSettings) -> str | None:
+    """Why open regular file ``fd`` (named ``name``) must be refused, or ``None``.
+
+    The content is read through the descriptor, never by name.
+    """
+    from batchd.sniff import sniff  # imported late: filetype is only needed here
+
+    if st.st_size > limits.max_file_bytes:
+        return size_error(st.st_size, limits)
+    if "*" in limits.allowed_types:
+        return None
+    try:
+        with safefs.named_view(fd, name) as view:
+            kind = sniff(view)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    allowed = ", ".join(limits.allowed_types)
+    suffix = Path(name).suffix.lower()
+    expected = _KINDS_BY_SUFFIX.get(suffix)
+    if expected is not None and kind.kind not in expected:
+        return (
+            f"content is {kind.kind} ({kind.mime}), not an allowed type for a {suffix} file"
+            f" (allowed: {allowed}; see limits.allowed_types)"
+        )
+    if not limits.allows(kind.kind):
+        return (
+            f"content is {kind.kind} ({kind.mime}), not an allowed type ({allowed});"
+            " see limits.allowed_types"
+        )
+    return None
+
+
+def check_path(path: Path, settings: Settings) -> str | None:
+    """:func:`check` for a file batchd assembled itself (an upload), opened without following."""
+    try:
+        fd, st = safefs.open_member(path.parent, path.name)
+    except safefs.UnsafePath as exc:
+        return exc.message
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    try:
+        return check(fd, st, path.name, settings.limits)
+    finally:
+        os.close(fd)
+
+
+def repair_names(folder: Path, settings: Settings) -> list[str]:
+    """Rename every entry under a claimed ``folder`` whose name is not valid
+    UTF-8 to its printable form; returns the new relative paths.
+
+    The database and the JSON documents hold text, so such a name could
+    never be registered; renamed, the file is processed like any other
+    (``caf\\xe9.csv``). Runs on batchd's own copy in ``work/``, before
+    :func:`scan`; links are renamed, never followed. Iterative, and it stops
+    at the scan's caps (the scan then refuses the drop).
+    """
+    from batchd.spool import fit_name, printable
+
+    limits = settings.limits
+    renamed: list[str] = []
+    stack: list[tuple[str, int]] = [("", 0)]
+    examined = 0
+    while stack:
+        rel, depth = stack.pop()
+        try:
+            fd = safefs.open_dir(folder, rel)
+        except (OSError, safefs.UnsafePath):
+            continue  # the scan reports it (a link, or unreadable)
+        try:
+            try:
+                names = os.listdir(fd)
+            except OSError:
+                continue
+            examined += len(names)
+            if depth > limits.max_depth or examined > limits.max_entries_per_drop:
+                return renamed  # the scan refuses the drop
+            taken = set(names)
+            for name in names:
+                fixed = printable(name)
+                if fixed != name:
+                    fixed, n = fit_name(fixed), 1
+                    while fixed in taken:
+                        n += 1
+                        fixed = fit_name(printable(name), f"~{n}")
+                    os.rename(name, fixed, src_dir_fd=fd, dst_dir_fd=fd)
+                    taken.add(fixed)
+                    renamed.append(f"{rel}/{fixed}" if rel else fixed)
+                with contextlib.suppress(OSError):
+                    if stat.S_ISDIR(os.stat(fixed, dir_fd=fd, follow_symlinks=False).st_mode):
+                        stack.append((f"{rel}/{fixed}" if rel else fixed, depth + 1))
+        finally:
+            os.close(fd)
+    return renamed
