@@ -112,7 +112,14 @@ def oom_killed(path: Path, ctx: Any) -> dict[str, Any]:
     """Map address space close to the limit, then die by SIGKILL as the OOM killer kills."""
     import mmap
 
-    size = int(os.environ.get("BATCHD_TEST_MAP_MIB", "980")) * 1024 * 1024
+    import resource
+
+    # Fill the address space to 95 % of the limit, whatever the worker already
+    # maps (its imports grow with the code): the pool counts >= 90 % as "near".
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    with open("/proc/self/status", encoding="ascii") as fh:
+        vm_kib = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
+    size = int(limit * 0.95) - vm_kib * 1024
     mapping = mmap.mmap(-1, size)  # counts against RLIMIT_AS, costs no real memory
     time.sleep(1.0)  # long enough for the pool to see the size
     os.kill(os.getpid(), signal.SIGKILL)
