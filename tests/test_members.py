@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd import members
+from batchd import members, safefs
 from batchd.config import Settings, load_settings
 
 CSV = b"id,value\n1,2\n"
@@ -43,6 +43,7 @@ def test_scan_refuses_a_drop_deeper_than_max_depth(tmp_path: Path) -> None:
     with pytest.raises(members.DropRefused, match=r"limits.max_depth \(32\)"):
         members.scan(folder, settings(tmp_path))
     assert members.repair_names(folder, settings(tmp_path)) == []
+    safefs.remove_tree(folder)  # pytest's own clean-up of tmp_path recurses per level
 
 
 def test_scan_takes_a_drop_at_max_depth(tmp_path: Path) -> None:

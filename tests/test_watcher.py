@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from batchd import safefs
 from batchd.clock import SystemClock
 from batchd.config import Priority, Settings, load_settings
 from batchd.spool import Spool
@@ -432,6 +433,7 @@ def test_look_at_a_very_deep_drop_does_not_recurse(h: Harness) -> None:
     h.touch(top)
     assert h.poll() == []
     assert h.poll_after(1.5) == [top]
+    safefs.remove_tree(top)  # pytest's own clean-up of tmp_path recurses per level
 
 
 def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
