@@ -111,7 +111,6 @@ def hog(path: Path, ctx: Any) -> dict[str, Any]:
 def oom_killed(path: Path, ctx: Any) -> dict[str, Any]:
     """Map address space close to the limit, then die by SIGKILL as the OOM killer kills."""
     import mmap
-
     import resource
 
     # Fill the address space to 95 % of the limit, whatever the worker already
