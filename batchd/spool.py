@@ -40,7 +40,7 @@ log = structlog.get_logger("batchd.spool")
 TOP_FOLDERS = ("inbox", "work", "outbox", "archive", "failed", "state")
 #: The mode of a folder :meth:`Spool.init` creates, by top folder (the inbox's
 #: priority folders are where the group drops; the rest the group only reads).
-_INIT_MODES = {"inbox": 0o2770, "outbox": 0o2750, "archive": 0o2750, "failed": 0o2750,
+_INIT_MODES = {"inbox": 0o2750, "outbox": 0o2750, "archive": 0o2750, "failed": 0o2750,
                "state": 0o700, "work": 0o750}  # fmt: skip
 RESULTS = "results"
 STATUS_FILE = "status.json"
@@ -335,7 +335,7 @@ class Spool:
                 if created:
                     # Explicit, whatever the umask (deploy/batchd.tmpfiles sets
                     # the same modes where the service manager makes them).
-                    folder.chmod(_INIT_MODES.get(folder.relative_to(self.root).parts[0], 0o750))
+                    folder.chmod(_init_mode(folder.relative_to(self.root).parts))
             except OSError as exc:
                 if exc.errno == errno.EROFS:
                     raise SpoolError(
@@ -391,9 +391,9 @@ class Spool:
 
     def name_in_use(self, name: str) -> bool:
         """True when ``name`` already has a folder anywhere a batch's name is used."""
-        if any((base / name).exists() for base in (self.outbox, self.archive, self.failed)):
-            return True
-        return any((self.work / p.value / name).exists() for p in PRIORITY_ORDER)
+        bases = [self.outbox, self.archive, self.failed]
+        bases += [self.work / p.value for p in PRIORITY_ORDER]
+        return any(_visible(base / name) for base in bases)
 
     def unique_name(self, base: str, taken: Callable[[str], bool]) -> str:
         """``base``, else ``base.2``, ``base.3`` ... whichever is free on disk and in ``taken``."""
@@ -760,6 +760,25 @@ class Spool:
     def clear_scratch(self, keep: Callable[[Path], bool] = lambda entry: False) -> None:
         """Remove processors' output folders a crash left, except those ``keep`` names."""
         _clear(self.scratch, keep)
+
+
+def _init_mode(parts: tuple[str, ...]) -> int:
+    """The mode ``batchd init`` gives a spool folder (as deploy/batchd.tmpfiles does):
+    only inbox/<priority>/ is group-writable; inbox/ itself is not, or a dropper
+    could rename or replace a priority folder."""
+    if parts[0] == "inbox" and len(parts) > 1:
+        return 0o2770
+    return _INIT_MODES.get(parts[0], 0o750)
+
+
+def _visible(path: Path) -> bool:
+    """``path.exists()``, but False where this user may not look (work/ is
+    0750 batchd's own: a drop-group member's ``batchd submit`` cannot tell, and
+    the daemon picks the next free name itself if the name is taken there)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return False
 
 
 def _clear(folder: Path, keep: Callable[[Path], bool]) -> None:

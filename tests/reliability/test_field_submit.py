@@ -74,6 +74,11 @@ def test_drop_group_member_submits_without_reading_the_config(
             inbox = d.inbox()
             os.chown(inbox, 0, gid)
             os.chmod(inbox, 0o2770)
+            for shared in ("inbox", "outbox", "archive", "failed"):
+                os.chown(d.spool / shared, 0, gid)
+                os.chmod(d.spool / shared, 0o2750)
+            # As deploy/ lays it out: work/ is batchd's own, the group cannot look in.
+            os.chmod(d.spool / "work", 0o750)
             src = tmp / "week1"
             src.mkdir(mode=0o750)
             (src / "prices.csv").write_bytes(csv_bytes(1))
