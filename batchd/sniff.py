@@ -16,7 +16,7 @@ import csv
 import struct
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import filetype
 
@@ -129,13 +129,14 @@ def _ole2_kind(path: Path, head: bytes) -> Sniffed:
     return Sniffed("ole2", "application/x-ole-storage")
 
 
-def sniff(path: Path) -> Sniffed:
+def sniff(path: Path, name: str | None = None) -> Sniffed:
     """Detect the type of the regular file at ``path`` from its bytes.
 
     Raises ``OSError`` when the file cannot be read. An empty file is
     ``empty``; text that parses as delimited rows is ``csv`` (any text whose
     name ends in ``.csv``, ``.tsv`` or ``.tab`` counts), other text ``txt``;
-    anything unrecognised is ``bin``.
+    anything unrecognised is ``bin``. ``name`` is the file's name as the
+    user gave it, when ``path`` is not (a ``/proc/self/fd/N`` path, a copy).
     """
     with path.open("rb") as fh:
         head = fh.read(HEAD_BYTES)
@@ -154,7 +155,8 @@ def sniff(path: Path) -> Sniffed:
         return Sniffed(str(guess.extension), str(guess.mime))
     text = decode_head(head)
     if text is not None:
-        if _looks_like_csv(text, path.suffix.lower()):
+        suffix = PurePosixPath(name if name is not None else path.name).suffix.lower()
+        if _looks_like_csv(text, suffix):
             return Sniffed("csv", "text/csv")
         return Sniffed("txt", "text/plain")
     return Sniffed("bin", "application/octet-stream")

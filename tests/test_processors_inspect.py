@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +112,17 @@ def test_pdf_pages_metadata_and_text(tmp_path: Path) -> None:
             "title": "Winter menu",
             "author": "Chef Ana",
             "subject": "Prices",
+            "keywords": None,
             "creator": "tests",
             "producer": "pypdf",
-            "created": "2024-11-28T10:00:00+00:00",
+            "created": "2024-11-28T10:00:00Z",
             "modified": None,
         },
         "text": ["Soup 4.50", "Tea 2.00", "Cake 3.20"],
+        "page_errors": [],
+        "pages_without_text": [],
         "truncated": False,
+        "truncated_reasons": [],
     }
     assert progress == [33, 66, 100]
 
@@ -456,3 +461,137 @@ def test_plain_text_gives_encoding_and_lines(tmp_path: Path) -> None:
         "encoding": "utf-8",
         "lines": 2,
     }
+
+
+# -- PDF: real-world cases (issue 13, issue 12.12) ------------------------------
+
+
+def raw_pdf(contents: list[bytes], *, compress: bool = False, info: bytes = b"") -> bytes:
+    """A hand-written PDF with one page per content stream (Helvetica), as
+    producers write them: a classic xref table, optional Flate streams and an
+    /Info dictionary ``info``."""
+    font = len(contents) * 2 + 3
+    kids = b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(len(contents)))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(contents)),
+    ]
+    for i, content in enumerate(contents):
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
+            b"/Resources << /Font << /F1 %d 0 R >> >> >>" % (4 + 2 * i, font)
+        )
+        data = zlib.compress(content, 9) if compress else content
+        flate = b" /Filter /FlateDecode" if compress else b""
+        objects.append(b"<< /Length %d%s >>\nstream\n%s\nendstream" % (len(data), flate, data))
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    if info:
+        objects.append(info)
+    body = b"%PDF-1.4\n"
+    offsets = []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(body))
+        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
+    xref = len(body)
+    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    info_ref = b" /Info %d 0 R" % len(objects) if info else b""
+    body += b"trailer\n<< /Size %d /Root 1 0 R%s >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        info_ref,
+        xref,
+    )
+    return body
+
+
+def text_op(text: str) -> bytes:
+    return b"BT /F1 12 Tf 72 712 Td (" + text.encode("latin-1") + b") Tj ET"
+
+
+def test_pdf_flate_bomb_fails_permanently_with_the_limit(tmp_path: Path) -> None:
+    """A Flate stream expanding past inspect.max_pdf_stream_mb fails, naming the limit."""
+    path = tmp_path / "bomb.pdf"
+    path.write_bytes(raw_pdf([text_op("hi") + b" " * (3 << 20)], compress=True))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PDF_STREAM_MB": "2"})
+    with pytest.raises(PermanentError, match=r"bomb.pdf: .* more than 2 MiB .*max_pdf_stream_mb"):
+        run(path, config)
+    result, _ = run(path)  # under the default limit the same file is read
+    assert result["text"] == ["hi"]
+
+
+def test_pdf_with_no_pages_fails_permanently(tmp_path: Path) -> None:
+    """A PDF with 0 pages is a permanent failure, not an empty success."""
+    path = tmp_path / "empty.pdf"
+    path.write_bytes(raw_pdf([]))
+    with pytest.raises(PermanentError, match=r"empty.pdf: the PDF has no pages"):
+        run(path)
+
+
+def test_pdf_pages_without_text_are_listed(tmp_path: Path) -> None:
+    """Pages with no text layer (blank or scanned) are listed in pages_without_text."""
+    path = tmp_path / "scan.pdf"
+    image_only = b"q 100 0 0 100 0 0 cm 0.5 g 0 0 1 1 re f Q"
+    path.write_bytes(raw_pdf([text_op("cover"), image_only, b""]))
+    result, _ = run(path)
+    assert (result["text"], result["pages_without_text"]) == (["cover", "", ""], [2, 3])
+    assert result["page_errors"] == []
+
+
+def test_pdf_one_broken_content_stream_does_not_fail_the_document(tmp_path: Path) -> None:
+    """A page whose compressed content stream is corrupt still lets the other pages through."""
+    good = [zlib.compress(text_op(f"page {n}")) for n in (1, 2, 3)]
+    broken = bytearray(zlib.compress(text_op("page 4 broken") * 50))
+    broken[len(broken) // 2 :] = b"\x00" * (len(broken) - len(broken) // 2)
+    streams = [*good[:2], bytes(broken), good[2]]
+    data = raw_pdf([b"@%d@" % i for i in range(4)])
+    for i, stream in enumerate(streams):
+        old = b"<< /Length 3 >>\nstream\n@%d@\nendstream" % i
+        new = b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (
+            len(stream),
+            stream,
+        )
+        data = data.replace(old, new)
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(data)  # the xref offsets are now wrong: readers rebuild them
+    result, _ = run(path)
+    assert result["pages"] == 4
+    assert (result["text"][0], result["text"][1], result["text"][3]) == (
+        "page 1",
+        "page 2",
+        "page 3",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "iso"),
+    [
+        ("D:20150722100404Z00'00'", "2015-07-22T10:04:04Z"),  # macOS Quartz
+        ("D:20150722100404+02'00'", "2015-07-22T08:04:04Z"),
+        ("D:20150722100404-05'30", "2015-07-22T15:34:04Z"),
+        ("D:20150722100404", "2015-07-22T10:04:04Z"),
+        ("D:2015", "2015-01-01T00:00:00Z"),
+        ("20150722", "2015-07-22T00:00:00Z"),
+        ("D:20151340", "D:20151340"),  # month 13: kept as written
+        ("yesterday", "yesterday"),
+    ],
+)
+def test_pdf_dates_are_iso_8601_utc_or_kept_raw(tmp_path: Path, raw: str, iso: str) -> None:
+    """PDF dates in every form the spec allows become ISO 8601 UTC; others stay raw."""
+    path = tmp_path / "dated.pdf"
+    info = b"<< /CreationDate (" + raw.encode() + b") /ModDate (D:20240101000000Z) >>"
+    path.write_bytes(raw_pdf([text_op("x")], info=info))
+    result, _ = run(path)
+    assert (result["metadata"]["created"], result["metadata"]["modified"]) == (
+        iso,
+        "2024-01-01T00:00:00Z",
+    )
+
+
+def test_pdf_max_pages_stops_reading_and_says_so(tmp_path: Path) -> None:
+    """Text stops after inspect.max_pages pages; the result names the cap."""
+    path = tmp_path / "long.pdf"
+    path.write_bytes(raw_pdf([text_op(f"p{n}") for n in range(5)]))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PAGES": "2"})
+    result, _ = run(path, config)
+    assert (result["pages"], result["text"]) == (5, ["p0", "p1"])
+    assert (result["truncated"], result["truncated_reasons"]) == (True, ["inspect.max_pages"])

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import codecs
 import csv
-import datetime as dt
-import decimal
 import hashlib
 import io
-import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from batchd.errors import PermanentError, ProcessorError
 from batchd.processors import Context
+from batchd.processors.content import Budget, Result, bad_content, json_value
+from batchd.processors.pdf import read_pdf
 from batchd.sniff import sniff
 
 CHUNK_BYTES = 1024 * 1024
@@ -40,21 +39,19 @@ CSV_SAMPLE_CHARS = 64 * 1024
 CSV_DELIMITERS = ",;\t|"
 #: rows between two progress reports of a CSV or a sheet.
 PROGRESS_EVERY_ROWS = 1000
-#: pypdf tolerates this much junk after a PDF's last %%EOF; so do we.
-PDF_EOF_SEARCH_BYTES = 1024 * 1024
 #: the smallest csv.field_size_limit kept, Python's own default (characters).
 CSV_FIELD_LIMIT_FLOOR = 128 * 1024
 
 _C1_BYTES = re.compile(rb"[\x80-\x9f]")  # where Latin-1 and Windows-1252 differ
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
 
-Result = dict[str, Any]
-
 
 def inspect(path: Path, ctx: Context) -> Result:
     """Read PDF, XLSX, XLS and CSV content; type, size and sha256 of anything else."""
-    sniffed = sniff(path)
-    suffix = path.suffix.lower()
+    # The path may be /proc/self/fd/N or a private copy: the name users gave
+    # the file is its relative path.
+    sniffed = sniff(path, name=ctx.relpath)
+    suffix = PurePosixPath(ctx.relpath).suffix.lower()
     if sniffed.kind in {"bin", "empty"} and suffix in {".csv", ".tsv", ".tab"}:
         raise PermanentError(
             f"{ctx.relpath}: named like a CSV file but its content is not text "
@@ -67,9 +64,9 @@ def inspect(path: Path, ctx: Context) -> Result:
         "size": scan.size,
         "sha256": scan.sha256,
     }
-    budget = _Budget(ctx.settings.processing.max_rows, ctx.settings.processing.max_text_chars)
+    budget = Budget(ctx.settings.processing.max_rows, ctx.settings.processing.max_text_chars)
     if sniffed.kind == "pdf":
-        result.update(_read_pdf(path, ctx, budget))
+        result.update(read_pdf(path, ctx, budget))
     elif sniffed.kind == "xlsx":
         result.update(_read_xlsx(path, ctx, budget))
     elif sniffed.kind == "xls":
@@ -159,152 +156,10 @@ def _count_lines(path: Path, encoding: str) -> int:
     return lines
 
 
-# -- caps and JSON values ------------------------------------------------------
-
-
-class _Budget:
-    """What is left of ``processing.max_rows`` and ``max_text_chars`` for one file.
-
-    Once a cap is hit nothing more is taken, so what was kept is a prefix.
-    """
-
-    def __init__(self, rows: int, chars: int) -> None:
-        self.rows = rows
-        self.chars = chars
-        self.truncated = False
-
-    def take_row(self, values: Iterable[Any]) -> bool:
-        """True when a row with these values fits, and count it."""
-        chars = sum(len(v) for v in values if isinstance(v, str))
-        if self.truncated or self.rows <= 0 or chars > self.chars:
-            self.truncated = True
-            return False
-        self.rows -= 1
-        self.chars -= chars
-        return True
-
-    def take_text(self, text: str) -> str | None:
-        """As much of ``text`` as fits, or None when nothing more does."""
-        if self.truncated:
-            return None
-        if len(text) > self.chars:
-            self.truncated = True
-            text = text[: self.chars]
-        self.chars -= len(text)
-        return text
-
-
-def json_value(value: Any) -> Any:
-    """A cell value as JSON: dates and times as ISO 8601 strings, durations as
-    ISO 8601 durations, NaN and infinities as null, anything unknown as text."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return f"PT{value.total_seconds():g}S"
-    if isinstance(value, decimal.Decimal):
-        return json_value(float(value))
-    return str(value)
-
-
-def _bad_content(ctx: Context, what: str, exc: BaseException) -> PermanentError:
-    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return PermanentError(f"{ctx.relpath}: {what} ({detail})")
-
-
-# -- PDF -----------------------------------------------------------------------
-
-
-def _read_pdf(path: Path, ctx: Context, budget: _Budget) -> Result:
-    """Page count, document information and the text of each page (pypdf).
-
-    ``text`` has one string per page, in order, and stops early when
-    ``max_text_chars`` is reached.
-    """
-    from pypdf import PasswordType, PdfReader
-    from pypdf.errors import FileNotDecryptedError
-
-    _require_eof_marker(path, ctx)
-    try:
-        reader = PdfReader(path, strict=False)
-        encrypted = reader.is_encrypted
-        # Many PDFs are encrypted only to set permissions, with an empty user
-        # password; those open like any other.
-        if encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
-            raise FileNotDecryptedError("password required")
-        pages = len(reader.pages)
-        metadata = _pdf_metadata(reader)
-        texts: list[str] = []
-        for number, page in enumerate(reader.pages, start=1):
-            text = budget.take_text(page.extract_text() or "")
-            if text is None:
-                break
-            texts.append(text)
-            ctx.progress(number * 100 / pages)
-    except FileNotDecryptedError as exc:
-        raise PermanentError(
-            f"{ctx.relpath}: the PDF is encrypted and needs a password, which batchd "
-            "does not have; remove the password and submit it again"
-        ) from exc
-    except (OSError, MemoryError, ProcessorError):
-        raise
-    except Exception as exc:  # pypdf raises many kinds on damaged input
-        raise _bad_content(ctx, "the PDF is damaged and cannot be read", exc) from exc
-    return {
-        "pages": pages,
-        "encrypted": encrypted,
-        "metadata": metadata,
-        "text": texts,
-        "truncated": budget.truncated,
-    }
-
-
-def _require_eof_marker(path: Path, ctx: Context) -> None:
-    # Without strict mode pypdf rebuilds a cut file from whatever objects it
-    # finds, which would report a partial document as if it were whole.
-    with path.open("rb") as fh:
-        end = fh.seek(0, io.SEEK_END)
-        fh.seek(max(0, end - PDF_EOF_SEARCH_BYTES))
-        if b"%%EOF" not in fh.read():
-            raise PermanentError(
-                f"{ctx.relpath}: the PDF is truncated (no %%EOF marker at its end); "
-                "the upload or copy was probably cut short, submit it again"
-            )
-
-
-def _pdf_metadata(reader: Any) -> dict[str, str | None]:
-    info = reader.metadata or {}
-    fields = {
-        "title": "/Title",
-        "author": "/Author",
-        "subject": "/Subject",
-        "creator": "/Creator",
-        "producer": "/Producer",
-    }
-    meta: dict[str, str | None] = {
-        key: (str(info[name]) if info.get(name) is not None else None)
-        for key, name in fields.items()
-    }
-    for key, name, attr in (
-        ("created", "/CreationDate", "creation_date"),
-        ("modified", "/ModDate", "modification_date"),
-    ):
-        try:
-            when = getattr(info, attr, None)
-        except ValueError:  # a malformed date: keep it as written
-            when = None
-        raw = info.get(name)
-        meta[key] = when.isoformat() if when is not None else (str(raw) if raw else None)
-    return meta
-
-
 # -- spreadsheets --------------------------------------------------------------
 
 
-def _read_xlsx(path: Path, ctx: Context, budget: _Budget) -> Result:
+def _read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
     """Every worksheet's size and rows, formulas as their cached values (openpyxl).
 
     Safe parsing: openpyxl parses every XML part with defusedxml whenever it
@@ -341,13 +196,13 @@ def _read_xlsx(path: Path, ctx: Context, budget: _Budget) -> Result:
         while cause is not None and not isinstance(cause, DefusedXmlException):
             cause = cause.__cause__ or cause.__context__  # openpyxl wraps it in ValueError
         if cause is not None:
-            raise _bad_content(
+            raise bad_content(
                 ctx, "the workbook declares XML entities or external references, refused", cause
             ) from exc
-        raise _bad_content(ctx, "the XLSX workbook is damaged and cannot be read", exc) from exc
+        raise bad_content(ctx, "the XLSX workbook is damaged and cannot be read", exc) from exc
 
 
-def _read_xls(path: Path, ctx: Context, budget: _Budget) -> Result:
+def _read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
     """Every sheet of an Excel 97-2003 workbook (xlrd), loaded one at a time."""
     import xlrd
 
@@ -372,7 +227,7 @@ def _read_xls(path: Path, ctx: Context, budget: _Budget) -> Result:
     except (OSError, MemoryError, ProcessorError):
         raise
     except Exception as exc:  # xlrd.XLRDError, CompDocError, struct errors ...
-        raise _bad_content(ctx, "the XLS workbook is damaged and cannot be read", exc) from exc
+        raise bad_content(ctx, "the XLS workbook is damaged and cannot be read", exc) from exc
 
 
 def _xls_value(cell: Any, datemode: int) -> Any:
@@ -394,7 +249,7 @@ def _xls_value(cell: Any, datemode: int) -> Any:
 Sheet = tuple[str, int | None, int | None, Iterable[Iterable[Any]]]
 
 
-def _sheets(sheets: Sequence[Sheet], ctx: Context, budget: _Budget) -> Result:
+def _sheets(sheets: Sequence[Sheet], ctx: Context, budget: Budget) -> Result:
     """The ``sheets`` list from (name, max_row, max_column, rows) per sheet.
 
     max_row and max_column are the sheet's declared size, else counted.
@@ -429,7 +284,7 @@ def _sheets(sheets: Sequence[Sheet], ctx: Context, budget: _Budget) -> Result:
 # -- CSV -----------------------------------------------------------------------
 
 
-def _read_csv(path: Path, ctx: Context, budget: _Budget, encoding: str, size: int) -> Result:
+def _read_csv(path: Path, ctx: Context, budget: Budget, encoding: str, size: int) -> Result:
     """Header and records of a delimited text file, streamed.
 
     The first non-blank row is the header; each later non-blank row is a
@@ -460,7 +315,7 @@ def _read_csv(path: Path, ctx: Context, budget: _Budget, encoding: str, size: in
                 if count % PROGRESS_EVERY_ROWS == 0 and size:
                     ctx.progress(raw.tell() * 100 / size)  # read-ahead makes it approximate
         except csv.Error as exc:
-            raise _bad_content(
+            raise bad_content(
                 ctx, f"not valid CSV at line {reader.line_num} (limit {limit} chars a field)", exc
             ) from exc
     return {
