@@ -28,6 +28,8 @@ class Budget:
         self.rows = rows
         self.chars = chars
         self.reasons: list[str] = []
+        #: the row or text cap was reached: nothing more is kept.
+        self.full = False
 
     @property
     def truncated(self) -> bool:
@@ -40,13 +42,15 @@ class Budget:
 
     def take_row(self, values: Iterable[Any]) -> bool:
         """True when a row with these values fits, and count it."""
-        if self.truncated:
+        if self.full:
             return False
         if self.rows <= 0:
+            self.full = True
             self.hit("processing.max_rows")
             return False
         chars = sum(len(v) for v in values if isinstance(v, str))
         if chars > self.chars:
+            self.full = True
             self.hit("processing.max_text_chars")
             return False
         self.rows -= 1
@@ -55,9 +59,10 @@ class Budget:
 
     def take_text(self, text: str) -> str | None:
         """As much of ``text`` as fits, or None when nothing more does."""
-        if self.truncated:
+        if self.full:
             return None
         if len(text) > self.chars:
+            self.full = True
             self.hit("processing.max_text_chars")
             text = text[: self.chars]
         self.chars -= len(text)

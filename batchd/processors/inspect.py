@@ -1,14 +1,16 @@
 """The default processor: what a file is, and its content as JSON.
 
 The type comes from the file's bytes (:func:`batchd.sniff.sniff`), never from
-its name alone. Every result has ``type``, ``mime``, ``size`` and ``sha256``;
-PDF, XLSX, XLS and CSV files add their content (see ``docs/processors.md``).
+its name alone; the name a user gave the file is ``ctx.relpath`` (the path
+handed in may be ``/proc/self/fd/N`` or a private copy). Every result has
+``type``, ``mime``, ``size`` and ``sha256``; PDF (:mod:`.pdf`), XLSX and XLS
+(:mod:`.sheets`) and CSV files add their content (README, "Processors").
 
-Results are capped, never cut silently: at most ``processing.max_rows`` rows
-(CSV records, or spreadsheet rows over all sheets) and
-``processing.max_text_chars`` characters of text are kept, and a result that
-hit a cap says ``"truncated": true``. Files are streamed, so memory follows
-the caps, not the file's size.
+Results are capped, never cut silently: ``processing.max_rows`` rows (CSV
+records, or spreadsheet rows over all sheets), ``processing.max_text_chars``
+characters of text and the ``[inspect]`` caps; a result that hit a cap says
+``"truncated": true`` and names the caps in ``truncated_reasons``. Files are
+streamed, so memory follows the caps, not the file's size.
 
 Bad content (an encrypted or damaged PDF, a broken workbook, a "CSV" that is
 not text) raises :class:`~batchd.errors.PermanentError`: parsing is
@@ -22,15 +24,15 @@ import csv
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from batchd.errors import PermanentError, ProcessorError
+from batchd.errors import PermanentError
 from batchd.processors import Context
-from batchd.processors.content import Budget, Result, bad_content, json_value
+from batchd.processors.content import Budget, Result, bad_content
 from batchd.processors.pdf import read_pdf
+from batchd.processors.sheets import read_xls, read_xlsx
 from batchd.sniff import sniff
 
 CHUNK_BYTES = 1024 * 1024
@@ -41,6 +43,10 @@ CSV_DELIMITERS = ",;\t|"
 PROGRESS_EVERY_ROWS = 1000
 #: the smallest csv.field_size_limit kept, Python's own default (characters).
 CSV_FIELD_LIMIT_FLOOR = 128 * 1024
+#: an 8-bit file with more NUL bytes than one in this many is not text.
+NUL_BYTES_PER = 100
+#: this many NUL bytes are always taken for export glitches in text.
+STRAY_NUL_BYTES = 4
 
 _C1_BYTES = re.compile(rb"[\x80-\x9f]")  # where Latin-1 and Windows-1252 differ
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
@@ -68,13 +74,15 @@ def inspect(path: Path, ctx: Context) -> Result:
     if sniffed.kind == "pdf":
         result.update(read_pdf(path, ctx, budget))
     elif sniffed.kind == "xlsx":
-        result.update(_read_xlsx(path, ctx, budget))
+        result.update(read_xlsx(path, ctx, budget))
     elif sniffed.kind == "xls":
-        result.update(_read_xls(path, ctx, budget))
+        result.update(read_xls(path, ctx, budget))
     elif sniffed.kind == "csv":
         if scan.encoding is None:
             raise PermanentError(
-                f"{ctx.relpath}: not a text file (it contains NUL bytes); a CSV must be plain text"
+                f"{ctx.relpath}: not a text file (more than 1 byte in {NUL_BYTES_PER} is NUL: "
+                "binary data or UTF-16 without a byte order mark); export it again as CSV "
+                "in UTF-8"
             )
         result.update(_read_csv(path, ctx, budget, scan.encoding, scan.size))
     elif sniffed.kind == "txt" and scan.encoding is not None:
@@ -101,14 +109,16 @@ def _scan(path: Path, *, text: bool) -> _Scan:
     UTF-8 (with or without BOM) and UTF-16 (with BOM) are taken when every byte
     decodes; otherwise Windows-1252 when it has the bytes 0x80-0x9F that make
     it differ from Latin-1 (the euro sign, curly quotes) and decodes, else
-    Latin-1. A NUL byte in an 8-bit file means it is not text.
+    Latin-1. An 8-bit file with more than one NUL byte in NUL_BYTES_PER is not
+    text; a stray NUL (an export glitch) is kept as a character.
     """
     digest = hashlib.sha256()
     size = 0
     utf8 = codecs.getincrementaldecoder("utf-8")()
     utf16 = codecs.getincrementaldecoder("utf-16")()
     utf8_ok = utf16_ok = True
-    has_nul = has_c1 = has_cp1252_hole = False
+    has_c1 = has_cp1252_hole = False
+    nuls = 0
     bom = b""
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK_BYTES):
@@ -118,7 +128,7 @@ def _scan(path: Path, *, text: bool) -> _Scan:
             size += len(chunk)
             if not text:
                 continue
-            has_nul = has_nul or b"\x00" in chunk
+            nuls += chunk.count(b"\x00")
             has_c1 = has_c1 or _C1_BYTES.search(chunk) is not None
             has_cp1252_hole = has_cp1252_hole or _CP1252_UNDEFINED.search(chunk) is not None
             utf8_ok = utf8_ok and _decodes(utf8, chunk)
@@ -129,8 +139,8 @@ def _scan(path: Path, *, text: bool) -> _Scan:
         encoding = "utf-8" if text else None
     elif bom in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
         encoding = "utf-16" if utf16_ok and _decodes(utf16, b"", final=True) else None
-    elif has_nul:
-        encoding = None
+    elif nuls > STRAY_NUL_BYTES and nuls * NUL_BYTES_PER > size:
+        encoding = None  # UTF-16 without a BOM, or binary: not text we can read
     elif utf8_ok and _decodes(utf8, b"", final=True):
         encoding = "utf-8-sig" if bom == codecs.BOM_UTF8 else "utf-8"
     elif has_c1 and not has_cp1252_hole:
@@ -159,128 +169,6 @@ def _count_lines(path: Path, encoding: str) -> int:
 # -- spreadsheets --------------------------------------------------------------
 
 
-def _read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
-    """Every worksheet's size and rows, formulas as their cached values (openpyxl).
-
-    Safe parsing: openpyxl parses every XML part with defusedxml whenever it
-    is installed (``openpyxl.DEFUSEDXML``, a dependency of batchd), which
-    refuses entity declarations and external references, so a workbook
-    cannot make us read a local file (XXE) or blow up memory (billion laughs).
-    If that protection was switched off (``OPENPYXL_DEFUSEDXML=False``) we
-    refuse XLSX files. External links are not loaded (``keep_links=False``).
-    Formulas come back as the value Excel cached when it saved the file, or
-    null when the file has none (files written by openpyxl itself).
-    """
-    import openpyxl
-    from defusedxml import DefusedXmlException
-
-    if not openpyxl.DEFUSEDXML:
-        raise PermanentError(
-            f"{ctx.relpath}: refusing to read XLSX because openpyxl is not using "
-            "defusedxml (unset OPENPYXL_DEFUSEDXML in the service environment)"
-        )
-    try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True, keep_links=False)
-        try:
-            sheets = [
-                (ws.title, ws.max_row, ws.max_column, ws.iter_rows(values_only=True))
-                for ws in book.worksheets
-            ]
-            return _sheets(sheets, ctx, budget)
-        finally:
-            book.close()
-    except (OSError, MemoryError, ProcessorError):
-        raise
-    except Exception as exc:  # zipfile, XML and openpyxl errors alike
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, DefusedXmlException):
-            cause = cause.__cause__ or cause.__context__  # openpyxl wraps it in ValueError
-        if cause is not None:
-            raise bad_content(
-                ctx, "the workbook declares XML entities or external references, refused", cause
-            ) from exc
-        raise bad_content(ctx, "the XLSX workbook is damaged and cannot be read", exc) from exc
-
-
-def _read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
-    """Every sheet of an Excel 97-2003 workbook (xlrd), loaded one at a time."""
-    import xlrd
-
-    try:
-        # xlrd writes warnings to stdout by default; keep the worker's quiet.
-        book = xlrd.open_workbook(str(path), on_demand=True, logfile=io.StringIO())
-        try:
-
-            def rows(index: int) -> Iterator[list[Any]]:
-                sheet = book.sheet_by_index(index)
-                for r in range(sheet.nrows):
-                    yield [_xls_value(cell, book.datemode) for cell in sheet.row(r)]
-                book.unload_sheet(index)
-
-            sheets = []
-            for index in range(book.nsheets):
-                sheet = book.sheet_by_index(index)
-                sheets.append((sheet.name, sheet.nrows, sheet.ncols, rows(index)))
-            return _sheets(sheets, ctx, budget)
-        finally:
-            book.release_resources()
-    except (OSError, MemoryError, ProcessorError):
-        raise
-    except Exception as exc:  # xlrd.XLRDError, CompDocError, struct errors ...
-        raise bad_content(ctx, "the XLS workbook is damaged and cannot be read", exc) from exc
-
-
-def _xls_value(cell: Any, datemode: int) -> Any:
-    import xlrd
-
-    if cell.ctype in (xlrd.XL_CELL_EMPTY, xlrd.XL_CELL_BLANK):
-        return None
-    if cell.ctype == xlrd.XL_CELL_DATE:
-        return xlrd.xldate.xldate_as_datetime(cell.value, datemode).isoformat()
-    if cell.ctype == xlrd.XL_CELL_BOOLEAN:
-        return bool(cell.value)
-    if cell.ctype == xlrd.XL_CELL_ERROR:
-        return xlrd.error_text_from_code.get(cell.value, f"#ERR{cell.value}")
-    if cell.ctype == xlrd.XL_CELL_NUMBER and float(cell.value).is_integer():
-        return int(cell.value)  # XLS stores every number as a float; XLSX does not
-    return json_value(cell.value)
-
-
-Sheet = tuple[str, int | None, int | None, Iterable[Iterable[Any]]]
-
-
-def _sheets(sheets: Sequence[Sheet], ctx: Context, budget: Budget) -> Result:
-    """The ``sheets`` list from (name, max_row, max_column, rows) per sheet.
-
-    max_row and max_column are the sheet's declared size, else counted.
-    Progress moves per sheet and per block of rows.
-    """
-    out: list[Result] = []
-    for index, (name, max_row, max_column, rows) in enumerate(sheets):
-        kept: list[list[Any]] = []
-        counted = widest = 0
-        for row in rows:
-            values = [json_value(v) for v in row]
-            counted += 1
-            widest = max(widest, len(values))
-            if budget.take_row(values):
-                kept.append(values)
-            elif max_row is not None and max_column is not None:
-                break  # the size is known: no need to read the rest
-            if counted % PROGRESS_EVERY_ROWS == 0 and max_row:
-                ctx.progress((index + min(counted / max_row, 1.0)) * 100 / len(sheets))
-        out.append(
-            {
-                "name": name,
-                "max_row": max_row if max_row is not None else counted,
-                "max_column": max_column if max_column is not None else widest,
-                "rows": kept,
-            }
-        )
-        ctx.progress((index + 1) * 100 / len(sheets))
-    return {"sheets": out, "truncated": budget.truncated}
-
-
 # -- CSV -----------------------------------------------------------------------
 
 
@@ -300,12 +188,16 @@ def _read_csv(path: Path, ctx: Context, budget: Budget, encoding: str, size: int
         reader = csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True)
         header: list[str] = []
         keys: list[str] = []
+        max_fields = ctx.settings.inspect.max_header_columns
         records: list[dict[str, Any]] = []
         count = 0
         try:
             for row in reader:
                 if not row:
                     continue  # a blank line
+                if len(row) > max_fields:
+                    budget.hit("inspect.max_header_columns")
+                    row = row[:max_fields]
                 if not keys:
                     header, keys = row, _unique_keys(row)
                     continue
@@ -324,7 +216,7 @@ def _read_csv(path: Path, ctx: Context, budget: Budget, encoding: str, size: int
         "header": header,
         "rows": count,
         "records": records,
-        "truncated": budget.truncated,
+        **budget.fields(),
     }
 
 
@@ -341,14 +233,24 @@ def _delimiter(sample: str) -> str:
 
 
 def _unique_keys(header: list[str]) -> list[str]:
+    """One key per header field: blank names become ``column_N``, repeats
+    ``name_2``, ``name_3`` ...
+
+    Linear: each name remembers the last suffix it was given, so 100,000
+    identical names cost 100,000 steps, not 5 billion.
+    """
     keys: list[str] = []
     seen: set[str] = set()
+    last_suffix: dict[str, int] = {}
     for number, name in enumerate(header, start=1):
         key = name.strip() or f"column_{number}"
-        candidate, n = key, 1
-        while candidate in seen:
-            n += 1
-            candidate = f"{key}_{n}"
+        candidate = key
+        if candidate in seen:
+            n = last_suffix.get(key, 1)
+            while candidate in seen:
+                n += 1
+                candidate = f"{key}_{n}"
+            last_suffix[key] = n
         seen.add(candidate)
         keys.append(candidate)
     return keys
