@@ -689,7 +689,7 @@ def test_xlsx_one_row_of_millions_of_cells_stays_bounded(tmp_path: Path) -> None
     result, _ = run(path, config)
     (sheet,) = result["sheets"]
     assert result["truncated"] is True
-    assert "inspect.max_columns" in result["truncated_reasons"]
+    assert result["truncated_reasons"] == ["inspect.max_columns"]
     assert sheet["max_column"] == 16_384
     assert len(json.dumps(result)) < 200_000
 
@@ -868,3 +868,44 @@ def test_csv_unique_keys_is_linear() -> None:
     assert keys[:3] == ["x", "x_2", "x_3"]
     assert keys[-2:] == ["x_100000", "x_5_2"]
     assert len(set(keys)) == len(keys)
+
+
+def _inspect_in_child(path: Path, queue: Any) -> None:
+    import resource
+
+    import pypdfium2  # noqa: F401  (loaded like in a worker, before the file)
+    import python_calamine  # noqa: F401
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, _ = run(path)
+    queue.put((len(json.dumps(result)), result["truncated_reasons"]))
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+
+
+def test_xlsx_row_of_5m_cells_stays_small_in_worker_memory(tmp_path: Path) -> None:
+    """Under the default caps, a 5 M-cell row bomb keeps a worker's peak RSS and result small."""
+    import multiprocessing as mp
+
+    path = tmp_path / "bomb.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append([1])  # type: ignore[union-attr]
+    book.save(path)
+    row = '<c r="A1"><v>1</v></c>' + "<c><v>7</v></c>" * 5_000_000
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>", f'<sheetData><row r="1">{row}</row></sheetData>', xml
+        ),
+    )
+    assert path.stat().st_size < 400_000
+    context = mp.get_context("spawn")  # a fresh worker, as batchd's pool starts them
+    queue = context.Queue()
+    child = context.Process(target=_inspect_in_child, args=(path, queue))
+    child.start()
+    size, reasons = queue.get(timeout=120)
+    peak_kib = queue.get(timeout=30)
+    child.join(30)
+    assert reasons == ["inspect.max_columns"]
+    assert size < 200_000
+    assert peak_kib < 64 * 1024, f"worker peak RSS grew by {peak_kib // 1024} MiB"

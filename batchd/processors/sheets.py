@@ -454,6 +454,8 @@ class _StreamedSheet:
         self.max_columns, self.max_cells = max_columns, max_cells
         self.cells = 0
         self.capped = self.wide = False
+        #: a cap was reached: nothing more of the sheet is read.
+        self.stopped = False
         self.errors: dict[str, str] = {}
         self._done: list[tuple[int, list[Any]]] = []
         self._row: list[Any] = []
@@ -475,7 +477,7 @@ class _StreamedSheet:
                 emitted = number
                 yield row
             self._done.clear()
-            if self.capped:
+            if self.stopped:
                 return  # reading stops at the cap: nothing after it is parsed
         parser.Parse(b"", True)
 
@@ -503,16 +505,16 @@ class _StreamedSheet:
             self._add_cell(self._cell, "".join(self._text))
             self._cell = None
         elif local == "row":
-            if not self.capped:
+            if not self.stopped:
                 self._done.append((self._row_number, self._row))
             self._row = []
 
     def _add_cell(self, attrs: dict[str, str], text: str) -> None:
-        if self.capped:
+        if self.stopped:
             return
         self.cells += 1
         if self.cells > self.max_cells:
-            self.capped = True
+            self.capped = self.stopped = True
             if self._row:  # the row read so far is kept: it is a prefix of the sheet
                 self._done.append((self._row_number, self._row))
                 self._row = []
@@ -521,7 +523,12 @@ class _StreamedSheet:
         match = _A1.match(ref)
         column = column_number(match.group(1)) if match else len(self._row) + 1
         if column > self.max_columns:
-            self.wide = True
+            # Wider than any spreadsheet program writes: a hostile row. The
+            # sheet stops being read here, like at max_cells.
+            self.wide = self.stopped = True
+            if self._row:
+                self._done.append((self._row_number, self._row))
+                self._row = []
             return
         value = self._value(attrs, text, ref)
         if column > len(self._row):
