@@ -909,3 +909,42 @@ def test_xlsx_row_of_5m_cells_stays_small_in_worker_memory(tmp_path: Path) -> No
     assert reasons == ["inspect.max_columns"]
     assert size < 200_000
     assert peak_kib < 64 * 1024, f"worker peak RSS grew by {peak_kib // 1024} MiB"
+
+
+def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path) -> None:
+    """A number cell calamine cannot parse ("2,5") does not fail the workbook: it reads as text."""
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [
+        ["item", "price", "since", "double"],
+        ["tea", "2,5", "2024-03-01", 5],
+        ["cake", 3, "2024-03-02T09:30:00"],
+    ]
+    assert result["truncated"] is False
+
+
+def form_pdf(value: bytes) -> bytes:
+    """A one-page PDF with a text field holding ``value`` (AcroForm, appearance stream)."""
+    data = raw_pdf([text_op("Name:")])
+    widget = (
+        b"<< /Type /Annot /Subtype /Widget /FT /Tx /T (name) /V (" + value + b") "
+        b"/Rect [100 600 300 620] /P 3 0 R >>"
+    )
+    data = data.replace(b"/Resources << /Font", b"/Annots [99 0 R] /Resources << /Font", 1)
+    data = data.replace(
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [99 0 R] >> >>",
+    )
+    return data.replace(b"xref\n", b"99 0 obj\n" + widget + b"\nendobj\nxref\n", 1)
+
+
+def test_pdf_form_field_values_follow_the_page_text(tmp_path: Path) -> None:
+    """A filled-in form field's value, shown on the page, is in that page's text."""
+    path = tmp_path / "form.pdf"
+    path.write_bytes(form_pdf(b"Ana Lima"))
+    result, _ = run(path)
+    assert result["text"] == ["Name:\nAna Lima"]
