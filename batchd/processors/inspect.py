@@ -32,7 +32,8 @@ from batchd.errors import PermanentError
 from batchd.processors import Context
 from batchd.processors.content import Budget, Result, bad_content
 from batchd.processors.pdf import read_pdf
-from batchd.processors.sheets import read_xls, read_xlsx
+from batchd.processors.sheets import read_xlsx
+from batchd.processors.xls import read_xls
 from batchd.sniff import sniff
 
 CHUNK_BYTES = 1024 * 1024

@@ -1,5 +1,6 @@
-"""XLSX and XLS workbooks: every sheet's true size, rows, merged ranges and
-error cells, bounded by ``inspect.max_cells`` and ``inspect.max_columns``.
+"""XLSX workbooks: every sheet's true size, rows, merged ranges and error
+cells, bounded by ``inspect.max_cells`` and ``inspect.max_columns``; and
+:func:`sheet_result`, the sheet shape XLS (:mod:`.xls`) shares.
 
 Engines, chosen by measurement (BENCHMARKS.md, "Real-world documents"):
 
@@ -11,8 +12,8 @@ Engines, chosen by measurement (BENCHMARKS.md, "Real-world documents"):
   When it does not, or calamine fails on the file, a streaming expat reader
   takes over: it keeps at most ``max_columns`` cells of a row and stops at
   ``max_cells``, so memory stays near the data kept whatever the XML holds.
-- XLS (Excel 2.x to 2003, BIFF2 to BIFF8): xlrd, which reads every BIFF
-  version, knows error cells and merged ranges.
+- XLS (Excel 2.x to 2003, BIFF2 to BIFF8): xlrd, in :mod:`.xls`, which
+  reads every BIFF version and knows error cells and merged ranges.
 
 Values have one representation in every format (see
 :func:`batchd.processors.content.json_value`); trailing empty cells of a
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import io
 import posixpath
 import re
 import zipfile
@@ -38,7 +38,7 @@ from xml.parsers import expat
 
 from batchd.errors import PermanentError, ProcessorError
 from batchd.processors import Context
-from batchd.processors.content import Budget, Result, bad_content, cell_name, json_value
+from batchd.processors.content import Budget, Result, bad_content, json_value
 
 #: rows between two progress reports.
 PROGRESS_EVERY_ROWS = 1000
@@ -280,14 +280,14 @@ def _calamine_sheets(
             except Exception:
                 return None
             rows = enumerate(grid, start=1)
-            out.append(_sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
+            out.append(sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
             ctx.progress((index + 1) * 100 / len(scans))
     finally:
         book.close()
     return out
 
 
-def _sheet_result(
+def sheet_result(
     name: str,
     rows: Iterator[tuple[int, list[Any]]],
     merged: list[str],
@@ -364,7 +364,7 @@ def _streamed_sheets(
             cells_left,
         )
         try:
-            result = _sheet_result(
+            result = sheet_result(
                 scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
             )
         except (expat.ExpatError, ValueError) as exc:
@@ -600,85 +600,3 @@ def _excel_date(serial: float, epoch: dt.datetime, kind: str) -> Any:
     if kind == "date" and when.time() == dt.time(0):
         return when.date()
     return when
-
-
-# -- XLS -----------------------------------------------------------------------
-
-
-def read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
-    """Every sheet of an Excel 2.x-2003 workbook (xlrd), loaded one at a time."""
-    import xlrd
-
-    caps = ctx.settings.inspect
-    try:
-        try:
-            # formatting_info gives merged ranges; BIFF versions xlrd cannot
-            # format-read still open without it.
-            book = xlrd.open_workbook(
-                str(path), on_demand=True, logfile=io.StringIO(), formatting_info=True
-            )
-        except (NotImplementedError, xlrd.XLRDError):
-            book = xlrd.open_workbook(str(path), on_demand=True, logfile=io.StringIO())
-        try:
-            out: list[Result] = []
-            cells_left = caps.max_cells
-            for index in range(book.nsheets):
-                sheet = book.sheet_by_index(index)
-                errors: dict[str, str] = {}
-
-                def rows(
-                    sheet: Any = sheet, errors: dict[str, str] = errors
-                ) -> Iterator[tuple[int, list[Any]]]:
-                    nonlocal cells_left
-                    for r in range(sheet.nrows):
-                        width = min(sheet.row_len(r), caps.max_columns)
-                        if sheet.row_len(r) > caps.max_columns:
-                            budget.hit("inspect.max_columns")
-                        if width > cells_left:
-                            budget.hit("inspect.max_cells")
-                            return
-                        cells_left -= width
-                        row = []
-                        for c in range(width):
-                            cell = sheet.cell(r, c)
-                            if cell.ctype == xlrd.XL_CELL_ERROR:
-                                errors[cell_name(r, c)] = xlrd.error_text_from_code.get(
-                                    cell.value, f"#ERR{cell.value}"
-                                )
-                            row.append(_xls_value(cell, book.datemode))
-                        yield r + 1, row
-
-                merged = [
-                    f"{cell_name(r0, c0)}:{cell_name(r1 - 1, c1 - 1)}"
-                    for r0, r1, c0, c1 in sheet.merged_cells
-                ]
-                out.append(_sheet_result(sheet.name, rows(), merged, errors, ctx, budget))
-                book.unload_sheet(index)
-                ctx.progress((index + 1) * 100 / book.nsheets)
-            return {"sheets": out, **budget.fields()}
-        finally:
-            book.release_resources()
-    except (OSError, MemoryError, ProcessorError):
-        raise
-    except Exception as exc:  # xlrd.XLRDError, CompDocError, struct errors ...
-        raise bad_content(ctx, "damaged workbook: the XLS file cannot be read", exc) from exc
-
-
-def _xls_value(cell: Any, datemode: int) -> Any:
-    import xlrd
-
-    if cell.ctype in (xlrd.XL_CELL_EMPTY, xlrd.XL_CELL_BLANK):
-        return None
-    if cell.ctype == xlrd.XL_CELL_DATE:
-        # A serial below 1 is a time of day, whatever the date system: xlrd
-        # would make it 1899-12-31 or 1904-01-01, a date nobody typed.
-        if 0 <= cell.value < 1:
-            *_, hh, mm, ss = xlrd.xldate_as_tuple(cell.value, datemode)
-            return dt.time(hh, mm, ss)
-        when = xlrd.xldate.xldate_as_datetime(cell.value, datemode)
-        return when.date() if when.time() == dt.time(0) and float(cell.value).is_integer() else when
-    if cell.ctype == xlrd.XL_CELL_BOOLEAN:
-        return bool(cell.value)
-    if cell.ctype == xlrd.XL_CELL_ERROR:
-        return xlrd.error_text_from_code.get(cell.value, f"#ERR{cell.value}")
-    return cell.value
