@@ -148,6 +148,24 @@ class ProcessingSettings(_Section):
         return float(min(delay, self.retry_backoff_max_seconds))
 
 
+class InspectSettings(_Section):
+    """Caps of the ``inspect`` processor; a cap that stops reading sets
+    ``"truncated": true`` and names itself in ``truncated_reasons``."""
+
+    #: spreadsheet cells read per file (every cell, empty or not, counts).
+    max_cells: int = Field(2_000_000, ge=1)
+    #: cells kept per spreadsheet row; a wider row stops being read there.
+    max_columns: int = Field(16_384, ge=1)
+    #: CSV header fields kept (the rest of the header and of each record is dropped).
+    max_header_columns: int = Field(4_096, ge=1)
+    #: PDF pages whose text is read; later pages count but give no text.
+    max_pages: int = Field(10_000, ge=1)
+    #: one compressed PDF stream may expand to at most this many MiB (flate bombs).
+    max_pdf_stream_mb: int = Field(256, ge=1)
+    #: the XML parts of an XLSX workbook may expand to at most this many MiB in total.
+    max_xlsx_unpacked_mb: int = Field(1_024, ge=1)
+
+
 class ExecSettings(_Section):
     command: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
@@ -262,6 +280,7 @@ class Settings(BaseSettings):
     watch: WatchSettings = WatchSettings()
     limits: LimitsSettings = LimitsSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    inspect: InspectSettings = InspectSettings()
     exec: ExecSettings = ExecSettings()
     route: tuple[RouteSettings, ...] = ()
     database: DatabaseSettings = DatabaseSettings()
