@@ -33,6 +33,10 @@ _OLE2_STREAMS = (
     ("PowerPoint Document".encode("utf-16-le"), "ppt", "application/vnd.ms-powerpoint"),
 )
 
+#: filetype's extension names where batchd's type names differ (the image
+#: types inspect OCRs are named by format: ``jpeg``, ``tiff``).
+_KIND_NAMES = {"jpg": "jpeg", "tif": "tiff"}
+
 
 @dataclass(frozen=True, slots=True)
 class Sniffed:
@@ -151,7 +155,8 @@ def sniff(path: Path) -> Sniffed:
         return _ole2_kind(path, head)
     guess = filetype.guess(head)
     if guess is not None:
-        return Sniffed(str(guess.extension), str(guess.mime))
+        kind = str(guess.extension)
+        return Sniffed(_KIND_NAMES.get(kind, kind), str(guess.mime))
     text = decode_head(head)
     if text is not None:
         if _looks_like_csv(text, path.suffix.lower()):

@@ -68,8 +68,21 @@ def inspect(path: Path, ctx: Context) -> Result:
         "sha256": scan.sha256,
     }
     budget = _Budget(ctx.settings.processing.max_rows, ctx.settings.processing.max_text_chars)
+    # -- OCR (issue 18): scanned PDF pages and images, see batchd/processors/ocr.py --
     if sniffed.kind == "pdf":
-        result.update(_read_pdf(path, ctx, budget))
+        from batchd.processors import ocr
+
+        result.update(_read_pdf(path, ocr.text_pass(ctx), budget))
+        if ctx.settings.inspect.ocr == "always":  # OCR text replaces the text layer's
+            processing = ctx.settings.processing
+            budget = _Budget(processing.max_rows, processing.max_text_chars)
+        ocr.ocr_pdf(path, ctx, result, budget.take_text)
+        result["truncated"] = result["truncated"] or budget.truncated
+    elif sniffed.kind in {"png", "jpeg", "tiff"}:
+        from batchd.processors import ocr
+
+        result.update(ocr.read_image(path, ctx, budget.take_text, lambda: budget.truncated))
+    # -- end of OCR --
     elif sniffed.kind == "xlsx":
         result.update(_read_xlsx(path, ctx, budget))
     elif sniffed.kind == "xls":

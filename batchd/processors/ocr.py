@@ -1,0 +1,482 @@
+"""OCR for ``inspect``: the text of scanned PDF pages and of images, by Tesseract.
+
+Tesseract runs as its command line (Debian's ``tesseract-ocr``), one process
+per page, fed the page as an uncompressed PNM picture on stdin and read back
+as TSV (words with their confidence). Chosen over a binding (tesserocr) on
+purpose, see BENCHMARKS.md for the figures:
+
+* a page that hangs or runs long is killed at ``inspect.ocr_page_seconds``
+  and becomes a ``page_errors`` entry; the worker and the rest of the
+  document live on. A crash inside Tesseract is the same: one page lost.
+* the engine and its language data are Debian's, updated with the system;
+  "is OCR available" is "is ``tesseract`` on PATH, with these languages".
+* the process inherits the worker's limits (``RLIMIT_AS`` from
+  ``processing.worker_memory_mb``) and its process group, so the daemon's
+  kill of a timed-out worker kills it too.
+
+PDF pages are rendered by PDFium (pypdfium2) at ``inspect.ocr_dpi``, in grey.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchd.config import InspectSettings, Settings
+from batchd.errors import ConfigError, PermanentError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from batchd.processors import Context
+
+TESSERACT = "tesseract"
+#: the Debian package that has the ``tesseract`` command.
+TESSERACT_PACKAGE = "tesseract-ocr"
+#: ``tesseract --version`` and ``--list-langs`` answer at once; more means it is broken.
+PROBE_SECONDS = 10.0
+#: PDF points per inch: a page's size in points times dpi/72 is its size in pixels.
+POINTS_PER_INCH = 72
+#: images saying less than this (or nothing) about their resolution let Tesseract guess it.
+MIN_TRUSTED_DPI = 70
+#: Tesseract's TSV row level for one word.
+_TSV_WORD = 5
+#: the content types that are pictures, OCRed as documents when allowed.
+IMAGE_TYPES = frozenset({"png", "jpeg", "tiff"})
+
+Result = dict[str, Any]
+#: ``"done"``: the pages that needed OCR went through it (see ``ocr_pages`` and
+#: ``page_errors``); ``"unavailable"``: they needed it but Tesseract (or a
+#: language) is not installed; ``"off"``: ``inspect.ocr = "never"``.
+Status = Literal["done", "unavailable", "off"]
+
+
+class OcrError(Exception):
+    """One page could not be OCRed; the message says why."""
+
+
+# -- the engine ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """The Tesseract found on PATH."""
+
+    path: str
+    #: ``tesseract 5.3.0``
+    version: str
+    languages: tuple[str, ...]
+
+
+def find_engine() -> Engine | None:
+    """The ``tesseract`` on the current PATH, or None when there is none that runs."""
+    return _find_engine(os.environ.get("PATH", os.defpath))
+
+
+@functools.lru_cache(maxsize=4)
+def _find_engine(search_path: str) -> Engine | None:
+    # Cached per PATH: a worker asks once per document, the answer stays the same.
+    path = shutil.which(TESSERACT, path=search_path)
+    if path is None:
+        return None
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, timeout=PROBE_SECONDS, check=True
+        )
+        langs = subprocess.run(
+            [path, "--list-langs"], capture_output=True, timeout=PROBE_SECONDS, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = (version.stdout or version.stderr).decode(errors="replace").strip().splitlines()
+    # The first line says where the data is ("List of available languages in ...").
+    names = langs.stdout.decode(errors="replace").strip().splitlines()[1:]
+    return Engine(
+        path=path,
+        version=first[0].strip() if first else "tesseract",
+        languages=tuple(sorted(n.strip() for n in names if n.strip())),
+    )
+
+
+def language_package(language: str) -> str:
+    """The Debian package with a Tesseract language's data: ``chi_sim`` is in
+    ``tesseract-ocr-chi-sim``."""
+    return f"{TESSERACT_PACKAGE}-{language.lower().replace('_', '-')}"
+
+
+def unavailable_reason(settings: InspectSettings) -> str | None:
+    """Why OCR cannot run with these settings (what to install), or None when it can."""
+    engine = find_engine()
+    if engine is None:
+        return f"Tesseract is not installed (no {TESSERACT!r} on PATH; install {TESSERACT_PACKAGE})"
+    missing = [name for name in settings.ocr_languages if name not in engine.languages]
+    if missing:
+        packages = " ".join(language_package(name) for name in missing)
+        return f"Tesseract has no data for {', '.join(missing)} (install {packages})"
+    return None
+
+
+def check_settings(settings: Settings) -> None:
+    """Raise :class:`ConfigError` when ``inspect.ocr = "always"`` but OCR cannot run.
+
+    Called at start and on reload: a daemon told to always OCR must not start
+    and then quietly return scans without text.
+    """
+    if settings.inspect.ocr != "always":
+        return
+    reason = unavailable_reason(settings.inspect)
+    if reason is not None:
+        raise ConfigError(f'inspect.ocr = "always" but {reason}; or set inspect.ocr = "auto"')
+
+
+def describe(settings: Settings) -> Result:
+    """OCR's state for ``batchd processors``: mode, engine, languages installed."""
+    engine = find_engine()
+    reason = unavailable_reason(settings.inspect)
+    return {
+        "mode": settings.inspect.ocr,
+        "available": reason is None,
+        "engine": engine.version if engine else None,
+        "languages": list(engine.languages) if engine else [],
+        "wanted_languages": list(settings.inspect.ocr_languages),
+        "problem": reason,
+    }
+
+
+def status(settings: InspectSettings) -> Status | None:
+    """What OCR will do for a document: None means it will run."""
+    if settings.ocr == "never":
+        return "off"
+    if unavailable_reason(settings) is not None:
+        return "unavailable"
+    return None
+
+
+# -- one page --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageText:
+    text: str
+    #: Tesseract's mean word confidence (0-100), None when it found no words.
+    confidence: float | None
+
+
+def recognize(image: Image.Image, settings: InspectSettings, dpi: int | None) -> PageText:
+    """The text Tesseract reads on ``image``; :class:`OcrError` when it cannot.
+
+    ``dpi`` is the picture's resolution when known (Tesseract guesses otherwise).
+    """
+    engine = find_engine()
+    if engine is None:
+        raise OcrError(f"Tesseract is gone from PATH (install {TESSERACT_PACKAGE})")
+    picture = io.BytesIO()
+    _grey(image).save(picture, "PPM")  # PGM/PBM: no compression to spend time on
+    command = [engine.path, "stdin", "stdout", "-l", "+".join(settings.ocr_languages)]
+    if dpi is not None:
+        command += ["--dpi", str(dpi)]
+    command.append("tsv")
+    # One thread: the pool already runs one worker per core, and OpenMP threads
+    # fighting over them made a page 7x slower (BENCHMARKS.md).
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    try:
+        done = subprocess.run(
+            command,
+            input=picture.getbuffer(),
+            capture_output=True,
+            timeout=settings.ocr_page_seconds,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise OcrError(
+            f"OCR stopped after {settings.ocr_page_seconds:g} s (inspect.ocr_page_seconds)"
+        ) from exc
+    except OSError as exc:
+        raise OcrError(f"cannot run {engine.path}: {exc}") from exc
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {done.returncode}"
+        raise OcrError(f"Tesseract failed: {why}")
+    return parse_tsv(done.stdout.decode("utf-8", errors="replace"))
+
+
+def _grey(image: Image.Image) -> Image.Image:
+    """The picture as 1-bit or 8-bit grey, transparency on white (Tesseract
+    binarises anyway; grey is a third of the bytes to pass)."""
+    from PIL import Image
+
+    if image.mode in ("1", "L"):
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return image.convert("L")
+
+
+def parse_tsv(tsv: str) -> PageText:
+    """Text and mean confidence from Tesseract's TSV: words joined by spaces,
+    lines by newlines, blocks by a blank line."""
+    rows = csv.reader(io.StringIO(tsv), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(rows, None)
+    if header is None or "conf" not in header or "text" not in header:
+        raise OcrError("Tesseract gave no TSV output")
+    col = {name: i for i, name in enumerate(header)}
+    blocks: list[list[list[str]]] = []
+    where: tuple[str, ...] | None = None
+    block: str | None = None
+    confidences: list[float] = []
+    for row in rows:
+        if len(row) < len(header) or row[col["level"]] != str(_TSV_WORD):
+            continue
+        word = row[col["text"]].strip()
+        if not word:
+            continue
+        line = (row[col["block_num"]], row[col["par_num"]], row[col["line_num"]])
+        if row[col["block_num"]] != block:
+            block = row[col["block_num"]]
+            blocks.append([])
+        if line != where:
+            where = line
+            blocks[-1].append([])
+        blocks[-1][-1].append(word)
+        confidence = float(row[col["conf"]])
+        if confidence >= 0:
+            confidences.append(confidence)
+    text = "\n\n".join("\n".join(" ".join(words) for words in lines) for lines in blocks)
+    mean = round(sum(confidences) / len(confidences), 1) if confidences else None
+    return PageText(text=text, confidence=mean)
+
+
+# -- documents -------------------------------------------------------------------
+
+
+@dataclass
+class Pages:
+    """What OCR adds to a result: which pages, their confidence, the failures."""
+
+    ocr_pages: list[Result]
+    page_errors: list[Result]
+    truncated: bool = False
+
+    def page_done(self, number: int, page: PageText, seconds: float) -> None:
+        self.ocr_pages.append(
+            {"page": number, "confidence": page.confidence, "seconds": round(seconds, 3)}
+        )
+
+    def page_failed(self, number: int, message: str) -> None:
+        self.page_errors.append({"page": number, "message": message})
+
+
+class ScaledProgress:
+    """A :class:`Context` whose progress 0-100 lands in [start, end] of the real one:
+    the text layer's pass takes the first few percent, OCR the rest."""
+
+    def __init__(self, ctx: Context, start: float, end: float) -> None:
+        self._ctx = ctx
+        self._start = start
+        self._span = end - start
+        self.batch_id = ctx.batch_id
+        self.file_id = ctx.file_id
+        self.relpath = ctx.relpath
+        self.settings = ctx.settings
+
+    @property
+    def output_dir(self) -> Path:
+        return self._ctx.output_dir
+
+    def progress(self, percent: float) -> None:
+        self._ctx.progress(self._start + self._span * percent / 100)
+
+
+#: share of a PDF's progress bar given to its text-layer pass when OCR may follow.
+TEXT_PASS_PERCENT = 10.0
+
+
+def text_pass(ctx: Context) -> Context:
+    """The context for reading a PDF's text layer: its progress takes the first
+    TEXT_PASS_PERCENT when OCR may follow, all of it otherwise."""
+    if status(ctx.settings.inspect) is None:
+        return ScaledProgress(ctx, 0, TEXT_PASS_PERCENT)
+    return ctx
+
+
+def ocr_pdf(
+    path: Path, ctx: Context, result: Result, take_text: Callable[[str], str | None]
+) -> None:
+    """OCR the pages of an inspected PDF that need it, in place in ``result``.
+
+    ``auto``: pages whose text layer is empty; ``always``: every page (the OCR
+    text replaces the text layer's, for PDFs whose text layer is wrong).
+    ``take_text`` is the document's text budget. A PDF with nothing to OCR is
+    left as it was; otherwise ``ocr`` says what happened and ``ocr_pages``
+    lists the pages whose text came from OCR.
+    """
+    settings = ctx.settings.inspect
+    texts: list[str] = result["text"]
+    if settings.ocr == "always":
+        wanted = list(range(result["pages"]))
+    else:
+        wanted = [i for i, text in enumerate(texts) if not text.strip()]
+    if not wanted:
+        return
+    why_not = status(settings)
+    if why_not is not None:
+        result["ocr"] = why_not
+        return
+    pages = Pages(ocr_pages=[], page_errors=[])
+    if len(wanted) > settings.ocr_max_pages:
+        wanted = wanted[: settings.ocr_max_pages]
+        pages.truncated = True
+    for done, (index, image) in enumerate(_render_pdf(path, ctx, wanted, pages), start=1):
+        if image is not None:
+            _recognize_into(texts, index, image, settings, settings.ocr_dpi, pages, take_text)
+        span = 100 - TEXT_PASS_PERCENT
+        ctx.progress(TEXT_PASS_PERCENT + span * done / len(wanted))
+    _merge(result, pages)
+
+
+def _render_pdf(
+    path: Path, ctx: Context, indexes: list[int], pages: Pages
+) -> Iterator[tuple[int, Image.Image | None]]:
+    """Each wanted page rendered in grey at ``inspect.ocr_dpi`` (smaller when
+    that would pass ``ocr_max_page_megapixels``); None for a page PDFium fails on."""
+    import pypdfium2 as pdfium
+
+    settings = ctx.settings.inspect
+    try:
+        document = pdfium.PdfDocument(path)
+    except pdfium.PdfiumError as exc:
+        for index in indexes:
+            pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
+        return
+    try:
+        for index in indexes:
+            try:
+                page = document[index]
+                try:
+                    width, height = page.get_size()
+                    scale = settings.ocr_dpi / POINTS_PER_INCH
+                    limit = settings.ocr_max_page_megapixels * 1e6
+                    if width * height * scale * scale > limit:
+                        scale = (limit / (width * height)) ** 0.5
+                    bitmap = page.render(scale=scale, grayscale=True)
+                    image = bitmap.to_pil()
+                finally:
+                    page.close()
+            except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
+                pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
+                yield index, None
+                continue
+            yield index, image
+    finally:
+        document.close()
+
+
+def _recognize_into(
+    texts: list[str],
+    index: int,
+    image: Image.Image,
+    settings: InspectSettings,
+    dpi: int | None,
+    pages: Pages,
+    take_text: Callable[[str], str | None],
+) -> None:
+    started = time.monotonic()
+    try:
+        page = recognize(image, settings, dpi)
+    except OcrError as exc:
+        pages.page_failed(index + 1, str(exc))
+        return
+    kept = take_text(page.text)
+    if kept is None:  # the text budget is spent: this page's text is not kept
+        return
+    while len(texts) <= index:
+        texts.append("")
+    texts[index] = kept
+    pages.page_done(index + 1, page, time.monotonic() - started)
+
+
+def _merge(result: Result, pages: Pages) -> None:
+    result["ocr"] = "done"
+    result["ocr_pages"] = pages.ocr_pages
+    if pages.page_errors:
+        errors: list[Result] = [*result.get("page_errors", []), *pages.page_errors]
+        result["page_errors"] = sorted(errors, key=lambda e: int(e["page"]))
+    result["truncated"] = bool(result.get("truncated")) or pages.truncated
+
+
+def read_image(
+    path: Path, ctx: Context, take_text: Callable[[str], str | None], truncated: Callable[[], bool]
+) -> Result:
+    """An image as a document: its frames (pages; several in a TIFF), size and
+    resolution, and the text OCR reads on each frame."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    settings = ctx.settings.inspect
+    limit = int(settings.ocr_max_page_megapixels * 1e6)
+    try:
+        picture = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+        raise PermanentError(
+            f"{ctx.relpath}: the image is damaged and cannot be read ({exc}); scan it again"
+        ) from exc
+    with picture:
+        width, height = picture.size
+        if width * height > limit:
+            raise PermanentError(
+                f"{ctx.relpath}: the image is {width}x{height} pixels, more than "
+                f"inspect.ocr_max_page_megapixels ({settings.ocr_max_page_megapixels:g} "
+                "million); scan it at a lower resolution or raise the limit"
+            )
+        frames = int(getattr(picture, "n_frames", 1))
+        dpi = _image_dpi(picture.info.get("dpi"))
+        result: Result = {
+            "pages": frames,
+            "width": width,
+            "height": height,
+            "dpi": dpi,
+            "text": [""] * frames,
+        }
+        why_not = status(settings)
+        if why_not is not None:
+            result["ocr"] = why_not
+            return result
+        pages = Pages(ocr_pages=[], page_errors=[])
+        wanted = min(frames, settings.ocr_max_pages)
+        pages.truncated = frames > wanted
+        for index in range(wanted):
+            try:
+                picture.seek(index)
+                frame_w, frame_h = picture.size
+                if frame_w * frame_h > limit:
+                    raise ValueError(f"the frame is {frame_w}x{frame_h} pixels, over the limit")
+                frame = ImageOps.exif_transpose(picture)
+                frame.load()
+            except (OSError, EOFError, ValueError, SyntaxError) as exc:
+                pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
+            else:
+                frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
+                _recognize_into(result["text"], index, frame, settings, frame_dpi, pages, take_text)
+            ctx.progress((index + 1) * 100 / wanted)
+        _merge(result, pages)
+        result["truncated"] = result["truncated"] or truncated()
+        return result
+
+
+def _image_dpi(value: Any) -> int | None:
+    try:
+        dpi = round(float(value[0]))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return dpi if dpi >= MIN_TRUSTED_DPI else None
