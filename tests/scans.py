@@ -8,6 +8,7 @@ picture, no text layer), a PNG or a multi-page TIFF.
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,3 +101,37 @@ def word_accuracy(expected: str, found: str) -> float:
             current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
         previous = current
     return previous[-1] / len(a)
+
+
+def save_mixed_pdf(path: Path, pages: Sequence[str | Image.Image], dpi: int = SCAN_DPI) -> Path:
+    """A PDF mixing pages with a text layer (a str: one Helvetica line, written
+    by pypdf) and scanned pages (an image: a picture and no text)."""
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = writer._add_object(
+        DictionaryObject(
+            {
+                NameObject("/Type"): NameObject("/Font"),
+                NameObject("/Subtype"): NameObject("/Type1"),
+                NameObject("/BaseFont"): NameObject("/Helvetica"),
+            }
+        )
+    )
+    for page in pages:
+        if isinstance(page, str):
+            blank = writer.add_blank_page(612, 792)
+            blank[NameObject("/Resources")] = DictionaryObject(
+                {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
+            )
+            stream = DecodedStreamObject()
+            stream.set_data(b"BT /F1 14 Tf 72 720 Td (" + page.encode("latin-1") + b") Tj ET")
+            blank[NameObject("/Contents")] = writer._add_object(stream)
+        else:
+            scan = io.BytesIO()
+            page.save(scan, "PDF", resolution=dpi)
+            writer.append(PdfReader(scan))
+    with path.open("wb") as fh:
+        writer.write(fh)
+    return path
