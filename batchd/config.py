@@ -134,7 +134,22 @@ class ProcessingSettings(_Section):
 
 
 class InspectSettings(_Section):
-    """The ``inspect`` processor's OCR of scanned pages and images (Tesseract)."""
+    """Caps of the ``inspect`` processor; a cap that stops reading sets
+    ``"truncated": true`` and names itself in ``truncated_reasons``. Then its
+    OCR of scanned pages and images (Tesseract, issue 18)."""
+
+    #: spreadsheet cells read per file (every cell, empty or not, counts).
+    max_cells: int = Field(2_000_000, ge=1)
+    #: cells kept per spreadsheet row; a wider row stops being read there.
+    max_columns: int = Field(16_384, ge=1)
+    #: CSV header fields kept (the rest of the header and of each record is dropped).
+    max_header_columns: int = Field(4_096, ge=1)
+    #: PDF pages whose text is read; later pages count but give no text.
+    max_pages: int = Field(10_000, ge=1)
+    #: one compressed PDF stream may expand to at most this many MiB (flate bombs).
+    max_pdf_stream_mb: int = Field(256, ge=1)
+    #: the XML parts of an XLSX workbook may expand to at most this many MiB in total.
+    max_xlsx_unpacked_mb: int = Field(1_024, ge=1)
 
     #: auto: OCR pages without a text layer when Tesseract is installed;
     #: always: OCR every page, Tesseract required at start; never: no OCR.
@@ -252,8 +267,8 @@ class Settings(BaseSettings):
     watch: WatchSettings = WatchSettings()
     limits: LimitsSettings = LimitsSettings()
     processing: ProcessingSettings = ProcessingSettings()
-    exec: ExecSettings = ExecSettings()
     inspect: InspectSettings = InspectSettings()
+    exec: ExecSettings = ExecSettings()
     route: tuple[RouteSettings, ...] = ()
     database: DatabaseSettings = DatabaseSettings()
     cluster: ClusterSettings = ClusterSettings()

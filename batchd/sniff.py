@@ -16,11 +16,18 @@ import csv
 import struct
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import filetype
 
 HEAD_BYTES = 8192
+#: text may hold this many control characters, or one per _CONTROLS_PER characters.
+_MIN_CONTROLS = 4
+_CONTROLS_PER = 50
+#: a BIFF2-BIFF5 worksheet stream outside an OLE2 file (Excel 2.x-5.0) starts
+#: with a BOF record: its id (0x0009, 0x0209, 0x0409, 0x0809) and length.
+_BIFF_BOF = (b"\x09\x00\x04\x00", b"\x09\x02\x06\x00", b"\x09\x04\x06\x00")
+_BIFF58_BOF = b"\x09\x08"
 _TEXT_EXTENSIONS = {".csv", ".tsv", ".tab", ".txt"}
 _CSV_DELIMITERS = ",;\t|"
 _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
@@ -52,12 +59,13 @@ def decode_head(head: bytes) -> str | None:
     if head.startswith(_UTF16_BOMS):
         # An odd length cuts the last code unit, and a pair may be cut too.
         text = head[: len(head) & ~1].decode("utf-16", errors="ignore")
-    elif b"\x00" in head:
-        return None
     else:
         text = _decode_8bit(head)
-    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\r\n\t\f")
-    return text if controls <= max(1, len(text) // 100) else None
+    # Real CSV exports hold the odd control character (a vertical tab from a
+    # spreadsheet cell, a stray NUL): a few per hundred characters is still
+    # text. Binary formats and UTF-16 without a BOM have far more.
+    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\r\n\t\f\v")
+    return text if controls <= max(_MIN_CONTROLS, len(text) // _CONTROLS_PER) else None
 
 
 def _decode_8bit(head: bytes) -> str:
@@ -86,17 +94,25 @@ def _looks_like_csv(text: str, suffix: str) -> bool:
     return dialect.delimiter in _CSV_DELIMITERS
 
 
-def _zip_office_kind(path: Path) -> Sniffed | None:
+_XLSX = Sniffed("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+
+
+def _zip_office_kind(path: Path, head: bytes) -> Sniffed | None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
     except (zipfile.BadZipFile, OSError, ValueError):
+        # A damaged archive (its directory cut off or broken) still names
+        # its first parts in the local headers at its start: a workbook that
+        # lost its end is a damaged workbook, not "a zip".
+        if b"[Content_Types].xml" in head and (b"xl/" in head or b"_rels/" in head):
+            return _XLSX
         return None
     if "[Content_Types].xml" not in names:
         return None
     prefixes = {n.split("/", 1)[0] for n in names}
     if "xl" in prefixes:
-        return Sniffed("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+        return _XLSX
     if "word" in prefixes:
         return Sniffed(
             "docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
@@ -133,13 +149,14 @@ def _ole2_kind(path: Path, head: bytes) -> Sniffed:
     return Sniffed("ole2", "application/x-ole-storage")
 
 
-def sniff(path: Path) -> Sniffed:
+def sniff(path: Path, name: str | None = None) -> Sniffed:
     """Detect the type of the regular file at ``path`` from its bytes.
 
     Raises ``OSError`` when the file cannot be read. An empty file is
     ``empty``; text that parses as delimited rows is ``csv`` (any text whose
     name ends in ``.csv``, ``.tsv`` or ``.tab`` counts), other text ``txt``;
-    anything unrecognised is ``bin``.
+    anything unrecognised is ``bin``. ``name`` is the file's name as the
+    user gave it, when ``path`` is not (a ``/proc/self/fd/N`` path, a copy).
     """
     with path.open("rb") as fh:
         head = fh.read(HEAD_BYTES)
@@ -148,18 +165,23 @@ def sniff(path: Path) -> Sniffed:
     if head.startswith(b"%PDF-"):
         return Sniffed("pdf", "application/pdf")
     if head.startswith(b"PK\x03\x04"):
-        office = _zip_office_kind(path)
+        office = _zip_office_kind(path, head)
         if office is not None:
             return office
     if head.startswith(_OLE2_MAGIC):
         return _ole2_kind(path, head)
+    if head.startswith(_BIFF_BOF) or (
+        head.startswith(_BIFF58_BOF) and head[2:4] in (b"\x08\x00", b"\x10\x00")
+    ):
+        return Sniffed("xls", "application/vnd.ms-excel")  # Excel 2.x to 5.0, no OLE2 wrapper
     guess = filetype.guess(head)
     if guess is not None:
         kind = str(guess.extension)
         return Sniffed(_KIND_NAMES.get(kind, kind), str(guess.mime))
     text = decode_head(head)
     if text is not None:
-        if _looks_like_csv(text, path.suffix.lower()):
+        suffix = PurePosixPath(name if name is not None else path.name).suffix.lower()
+        if _looks_like_csv(text, suffix):
             return Sniffed("csv", "text/csv")
         return Sniffed("txt", "text/plain")
     return Sniffed("bin", "application/octet-stream")

@@ -6,7 +6,10 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +115,17 @@ def test_pdf_pages_metadata_and_text(tmp_path: Path) -> None:
             "title": "Winter menu",
             "author": "Chef Ana",
             "subject": "Prices",
+            "keywords": None,
             "creator": "tests",
             "producer": "pypdf",
-            "created": "2024-11-28T10:00:00+00:00",
+            "created": "2024-11-28T10:00:00Z",
             "modified": None,
         },
         "text": ["Soup 4.50", "Tea 2.00", "Cake 3.20"],
+        "page_errors": [],
+        "pages_without_text": [],
         "truncated": False,
+        "truncated_reasons": [],
     }
     assert progress == [33, 66, 100]
 
@@ -218,13 +225,23 @@ def test_xlsx_sheets_values_dates_and_cached_formulas(tmp_path: Path) -> None:
                 "max_column": 4,
                 "rows": [
                     ["item", "price", "since", "double"],
-                    ["tea", 2.5, "2024-03-01T00:00:00", 5],
-                    ["cake", 3, "2024-03-02T09:30:00", None],
+                    ["tea", 2.5, "2024-03-01", 5],
+                    ["cake", 3, "2024-03-02T09:30:00"],
                 ],
+                "merged": [],
+                "errors": [],
             },
-            {"name": "Notes", "max_row": 1, "max_column": 2, "rows": [["open daily", True]]},
+            {
+                "name": "Notes",
+                "max_row": 1,
+                "max_column": 2,
+                "rows": [["open daily", True]],
+                "merged": [],
+                "errors": [],
+            },
         ],
         "truncated": False,
+        "truncated_reasons": [],
     }
     assert progress == [50, 100]
 
@@ -234,7 +251,7 @@ def test_xlsx_formula_without_cached_value_is_null(tmp_path: Path) -> None:
     path = tmp_path / "fresh.xlsx"
     make_xlsx(path, cached=None)
     result, _ = run(path)
-    assert result["sheets"][0]["rows"][1] == ["tea", 2.5, "2024-03-01T00:00:00", None]
+    assert result["sheets"][0]["rows"][1] == ["tea", 2.5, "2024-03-01"]
 
 
 def test_xlsx_rows_capped_across_sheets(tmp_path: Path) -> None:
@@ -273,7 +290,7 @@ def test_xlsx_damaged_fails_permanently(tmp_path: Path) -> None:
     path = tmp_path / "broken.xlsx"
     make_xlsx(path)
     rewrite_zip(path, "xl/worksheets/sheet1.xml", lambda xml: xml[: len(xml) // 2])
-    with pytest.raises(PermanentError, match=r"broken.xlsx: the XLSX workbook is damaged"):
+    with pytest.raises(PermanentError, match=r"broken.xlsx: damaged workbook: "):
         run(path)
 
 
@@ -304,13 +321,23 @@ def test_xls_sheets_values_dates_and_formulas(tmp_path: Path) -> None:
                 "max_column": 3,
                 "rows": [
                     ["item", "price", "since"],
-                    ["tea", 2.5, "2024-03-01T00:00:00"],
+                    ["tea", 2.5, "2024-03-01"],
                     ["cake", 3, True],
                 ],
+                "merged": [],
+                "errors": [],
             },
-            {"name": "Empty", "max_row": 0, "max_column": 0, "rows": []},
+            {
+                "name": "Empty",
+                "max_row": 0,
+                "max_column": 0,
+                "rows": [],
+                "merged": [],
+                "errors": [],
+            },
         ],
         "truncated": False,
+        "truncated_reasons": [],
     }
 
 
@@ -343,6 +370,7 @@ def test_csv_delimiters_and_quoted_fields(tmp_path: Path, delimiter: str, conten
         "rows": 2,
         "records": PRICES,
         "truncated": False,
+        "truncated_reasons": [],
     }
 
 
@@ -428,7 +456,7 @@ def test_csv_named_file_that_is_binary_fails_permanently(tmp_path: Path) -> None
 def test_csv_with_nul_bytes_after_the_head_fails_permanently(tmp_path: Path) -> None:
     """A CSV that turns binary past the sniffed head fails permanently as not text."""
     path = tmp_path / "late.csv"
-    path.write_bytes(b"a,b\n" + b"1,2\n" * 5000 + b"\x00\x01\x02")
+    path.write_bytes(b"a,b\n" + b"1,2\n" * 5000 + b"\x00\x01\x02" * 1000)
     with pytest.raises(PermanentError, match=r"late.csv: not a text file"):
         run(path)
 
@@ -457,3 +485,387 @@ def test_plain_text_gives_encoding_and_lines(tmp_path: Path) -> None:
         "encoding": "utf-8",
         "lines": 2,
     }
+
+
+# -- PDF: real-world cases (issue 13, issue 12.12) ------------------------------
+
+
+def raw_pdf(contents: list[bytes], *, compress: bool = False, info: bytes = b"") -> bytes:
+    """A hand-written PDF with one page per content stream (Helvetica), as
+    producers write them: a classic xref table, optional Flate streams and an
+    /Info dictionary ``info``."""
+    font = len(contents) * 2 + 3
+    kids = b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(len(contents)))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(contents)),
+    ]
+    for i, content in enumerate(contents):
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
+            b"/Resources << /Font << /F1 %d 0 R >> >> >>" % (4 + 2 * i, font)
+        )
+        data = zlib.compress(content, 9) if compress else content
+        flate = b" /Filter /FlateDecode" if compress else b""
+        objects.append(b"<< /Length %d%s >>\nstream\n%s\nendstream" % (len(data), flate, data))
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    if info:
+        objects.append(info)
+    body = b"%PDF-1.4\n"
+    offsets = []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(body))
+        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
+    xref = len(body)
+    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    info_ref = b" /Info %d 0 R" % len(objects) if info else b""
+    body += b"trailer\n<< /Size %d /Root 1 0 R%s >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        info_ref,
+        xref,
+    )
+    return body
+
+
+def text_op(text: str) -> bytes:
+    return b"BT /F1 12 Tf 72 712 Td (" + text.encode("latin-1") + b") Tj ET"
+
+
+def test_pdf_flate_bomb_fails_permanently_with_the_limit(tmp_path: Path) -> None:
+    """A Flate stream expanding past inspect.max_pdf_stream_mb fails, naming the limit."""
+    path = tmp_path / "bomb.pdf"
+    path.write_bytes(raw_pdf([text_op("hi") + b" " * (3 << 20)], compress=True))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PDF_STREAM_MB": "2"})
+    with pytest.raises(PermanentError, match=r"bomb.pdf: .* more than 2 MiB .*max_pdf_stream_mb"):
+        run(path, config)
+    result, _ = run(path)  # under the default limit the same file is read
+    assert result["text"] == ["hi"]
+
+
+def test_pdf_with_no_pages_fails_permanently(tmp_path: Path) -> None:
+    """A PDF with 0 pages is a permanent failure, not an empty success."""
+    path = tmp_path / "empty.pdf"
+    path.write_bytes(raw_pdf([]))
+    with pytest.raises(PermanentError, match=r"empty.pdf: the PDF has no pages"):
+        run(path)
+
+
+def test_pdf_pages_without_text_are_listed(tmp_path: Path) -> None:
+    """Pages with no text layer (blank or scanned) are listed in pages_without_text."""
+    path = tmp_path / "scan.pdf"
+    image_only = b"q 100 0 0 100 0 0 cm 0.5 g 0 0 1 1 re f Q"
+    path.write_bytes(raw_pdf([text_op("cover"), image_only, b""]))
+    result, _ = run(path)
+    assert (result["text"], result["pages_without_text"]) == (["cover", "", ""], [2, 3])
+    assert result["page_errors"] == []
+
+
+def test_pdf_one_broken_content_stream_does_not_fail_the_document(tmp_path: Path) -> None:
+    """A page whose compressed content stream is corrupt still lets the other pages through."""
+    good = [zlib.compress(text_op(f"page {n}")) for n in (1, 2, 3)]
+    broken = bytearray(zlib.compress(text_op("page 4 broken") * 50))
+    broken[len(broken) // 2 :] = b"\x00" * (len(broken) - len(broken) // 2)
+    streams = [*good[:2], bytes(broken), good[2]]
+    data = raw_pdf([b"@%d@" % i for i in range(4)])
+    for i, stream in enumerate(streams):
+        old = b"<< /Length 3 >>\nstream\n@%d@\nendstream" % i
+        new = b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (
+            len(stream),
+            stream,
+        )
+        data = data.replace(old, new)
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(data)  # the xref offsets are now wrong: readers rebuild them
+    result, _ = run(path)
+    assert result["pages"] == 4
+    assert (result["text"][0], result["text"][1], result["text"][3]) == (
+        "page 1",
+        "page 2",
+        "page 3",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "iso"),
+    [
+        ("D:20150722100404Z00'00'", "2015-07-22T10:04:04Z"),  # macOS Quartz
+        ("D:20150722100404+02'00'", "2015-07-22T08:04:04Z"),
+        ("D:20150722100404-05'30", "2015-07-22T15:34:04Z"),
+        ("D:20150722100404", "2015-07-22T10:04:04Z"),
+        ("D:2015", "2015-01-01T00:00:00Z"),
+        ("20150722", "2015-07-22T00:00:00Z"),
+        ("D:20151340", "D:20151340"),  # month 13: kept as written
+        ("yesterday", "yesterday"),
+    ],
+)
+def test_pdf_dates_are_iso_8601_utc_or_kept_raw(tmp_path: Path, raw: str, iso: str) -> None:
+    """PDF dates in every form the spec allows become ISO 8601 UTC; others stay raw."""
+    path = tmp_path / "dated.pdf"
+    info = b"<< /CreationDate (" + raw.encode() + b") /ModDate (D:20240101000000Z) >>"
+    path.write_bytes(raw_pdf([text_op("x")], info=info))
+    result, _ = run(path)
+    assert (result["metadata"]["created"], result["metadata"]["modified"]) == (
+        iso,
+        "2024-01-01T00:00:00Z",
+    )
+
+
+def test_pdf_max_pages_stops_reading_and_says_so(tmp_path: Path) -> None:
+    """Text stops after inspect.max_pages pages; the result names the cap."""
+    path = tmp_path / "long.pdf"
+    path.write_bytes(raw_pdf([text_op(f"p{n}") for n in range(5)]))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PAGES": "2"})
+    result, _ = run(path, config)
+    assert (result["pages"], result["text"]) == (5, ["p0", "p1"])
+    assert (result["truncated"], result["truncated_reasons"]) == (True, ["inspect.max_pages"])
+
+
+# -- spreadsheets: real-world cases (issue 13, issue 12.4) ---------------------
+
+
+def set_dimension(path: Path, ref: str) -> None:
+    """Make sheet1 declare ``<dimension ref=ref>``, as R's writexl and POI do."""
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(r'<dimension ref="[^"]*"\s*/>', f'<dimension ref="{ref}"/>', xml),
+    )
+
+
+def test_xlsx_declared_dimension_a1_does_not_hide_rows(tmp_path: Path) -> None:
+    """A sheet declaring <dimension ref="A1"> still gives all 151 x 5 cells it holds."""
+    path = tmp_path / "iris.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Sepal.Length", "Sepal.Width", "Petal.Length", "Petal.Width", "Species"])
+    for n in range(150):
+        sheet.append([5.1 + n / 100, 3.5, 1.4, 0.2, "setosa"])
+    book.save(path)
+    set_dimension(path, "A1")
+    result, _ = run(path)
+    (iris,) = result["sheets"]
+    assert (iris["max_row"], iris["max_column"], len(iris["rows"])) == (151, 5, 151)
+    assert iris["rows"][150] == [6.59, 3.5, 1.4, 0.2, "setosa"]
+    assert result["truncated"] is False
+
+
+def test_xlsx_huge_declared_dimension_is_trimmed(tmp_path: Path) -> None:
+    """A LibreOffice-style A1:AMJ1048576 dimension with 4 real rows gives 4 rows, no padding."""
+    path = tmp_path / "lo.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(4):
+        sheet.append([f"r{n}", n])
+    sheet["AMJ1048576"].style = "Note"  # a styled, empty far corner, as LibreOffice keeps
+    book.save(path)
+    set_dimension(path, "A1:AMJ1048576")
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert (only["max_row"], only["max_column"]) == (4, 2)
+    assert only["rows"] == [["r0", 0], ["r1", 1], ["r2", 2], ["r3", 3]]
+    assert result["truncated"] is False
+    assert len(json.dumps(result)) < 2000
+
+
+def test_xlsx_one_row_of_millions_of_cells_stays_bounded(tmp_path: Path) -> None:
+    """A zip-bombed row of 5 M numeric cells stops at inspect.max_cells, small and truncated."""
+    path = tmp_path / "wide.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append([1, 2])  # type: ignore[union-attr]
+    book.save(path)
+    cells = "".join(f'<c r="{col}1"><v>1</v></c>' for col in ("A", "B"))
+    row = cells + "<c><v>7</v></c>" * 5_000_000  # no r: as some writers do
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>", f'<sheetData><row r="1">{row}</row></sheetData>', xml
+        ),
+    )
+    assert path.stat().st_size < 1_000_000
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_CELLS": "100000"})
+    result, _ = run(path, config)
+    (sheet,) = result["sheets"]
+    assert result["truncated"] is True
+    assert "inspect.max_columns" in result["truncated_reasons"]
+    assert sheet["max_column"] == 16_384
+    assert len(json.dumps(result)) < 200_000
+
+
+def test_xlsx_cells_beyond_max_cells_stop_reading(tmp_path: Path) -> None:
+    """Reading stops at inspect.max_cells: the rows before it are kept, the result says why."""
+    path = tmp_path / "tall.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1000):
+        sheet.append([n, n * 2])
+    book.save(path)
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_CELLS": "500"})
+    result, _ = run(path, config)
+    (only,) = result["sheets"]
+    assert len(only["rows"]) == 250
+    assert only["rows"][249] == [249, 498]
+    assert result["truncated_reasons"] == ["inspect.max_cells"]
+
+
+def test_xlsx_merged_ranges_and_error_cells(tmp_path: Path) -> None:
+    """Merged ranges are listed per sheet; error cells are named apart from look-alike text."""
+    path = tmp_path / "report.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Total", None, "#N/A"])
+    sheet["C1"].data_type = "s"  # text that reads like an error, not an error
+    sheet.append([1, 0, None])
+    sheet.merge_cells("A1:B1")
+    book.save(path)
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(
+            "</row></sheetData>", '<c r="C2" t="e"><f>A2/B2</f><v>#DIV/0!</v></c></row></sheetData>'
+        ),
+    )
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert only["merged"] == ["A1:B1"]
+    assert only["rows"] == [["Total", None, "#N/A"], [1, 0, "#DIV/0!"]]
+    assert only["errors"] == [{"cell": "C2", "error": "#DIV/0!"}]
+
+
+def test_xlsx_time_of_day_is_a_time(tmp_path: Path) -> None:
+    """A time-of-day cell reads "06:34:00", a date "2024-03-01", a datetime with its T."""
+    path = tmp_path / "times.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append([dt.time(6, 34), dt.date(2024, 3, 1), dt.datetime(2024, 3, 1, 9, 30)])
+    book.save(path)
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [["06:34:00", "2024-03-01", "2024-03-01T09:30:00"]]
+
+
+@pytest.mark.parametrize("date1904", [False, True], ids=["1900", "1904"])
+def test_xls_time_of_day_is_a_time_not_a_fake_date(tmp_path: Path, date1904: bool) -> None:
+    """An XLS time cell reads "06:34:00" in both date systems, as in XLSX and CSV."""
+    path = tmp_path / "times.xls"
+    book = xlwt.Workbook()
+    book.dates_1904 = date1904
+    sheet = book.add_sheet("T")
+    sheet.write(0, 0, dt.time(6, 34), xlwt.easyxf(num_format_str="hh:mm:ss"))
+    sheet.write(
+        0, 1, dt.datetime(2024, 3, 1, 9, 30), xlwt.easyxf(num_format_str="yyyy-mm-dd hh:mm")
+    )
+    sheet.write(0, 2, dt.date(2024, 3, 1), xlwt.easyxf(num_format_str="yyyy-mm-dd"))
+    book.save(str(path))
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [["06:34:00", "2024-03-01T09:30:00", "2024-03-01"]]
+
+
+def test_xls_merged_ranges_and_error_cells(tmp_path: Path) -> None:
+    """An XLS reports merged ranges and marks error cells, like an XLSX."""
+    path = tmp_path / "report.xls"
+    book = xlwt.Workbook()
+    sheet = book.add_sheet("R")
+    sheet.write_merge(0, 0, 0, 1, "Total")
+    sheet.write(0, 2, "#N/A")
+    sheet.write(1, 0, xlwt.Formula("1/0"))
+    book.save(str(path))
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert only["merged"] == ["A1:B1"]
+    assert only["rows"][0] == ["Total", None, "#N/A"]
+    # xlwt stores no cached formula results, so the formula cell reads as empty
+    assert only["errors"] == []
+
+
+def biff2(cells: list[tuple[int, int, float | str]]) -> bytes:
+    """An Excel 2.x worksheet (BIFF2, no OLE2 wrapper) with these cells."""
+    out = struct.pack("<HHHH", 0x0009, 4, 0x0002, 0x0010)  # BOF: BIFF2 worksheet
+    for row, col, value in cells:
+        if isinstance(value, str):
+            data = value.encode("latin-1")
+            body = struct.pack("<HH3sB", row, col, b"\0\0\0", len(data)) + data
+            out += struct.pack("<HH", 0x0004, len(body)) + body  # LABEL
+        else:
+            body = struct.pack("<HH3sd", row, col, b"\0\0\0", value)
+            out += struct.pack("<HH", 0x0003, len(body)) + body  # NUMBER
+    return out + struct.pack("<HH", 0x000A, 0)  # EOF
+
+
+def test_xls_excel_2_worksheet_is_read(tmp_path: Path) -> None:
+    """An Excel 2.x (BIFF2) file is sniffed as xls and read, not refused as binary."""
+    path = tmp_path / "old.xls"
+    path.write_bytes(biff2([(0, 0, "item"), (0, 1, "price"), (1, 0, "tea"), (1, 1, 2.5)]))
+    result, _ = run(path)
+    assert result["type"] == "xls"
+    assert result["sheets"][0]["rows"] == [["item", "price"], ["tea", 2.5]]
+
+
+def test_xlsx_missing_part_is_a_damaged_workbook(tmp_path: Path) -> None:
+    """A workbook missing a sheet part says "damaged workbook: <part> is missing"."""
+    path = tmp_path / "cut.xlsx"
+    make_xlsx(path)
+    with zipfile.ZipFile(path) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist() if n != "xl/worksheets/sheet2.xml"}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+    with pytest.raises(
+        PermanentError, match=r"cut.xlsx: damaged workbook: xl/worksheets/sheet2.xml .* is missing"
+    ):
+        run(path)
+
+
+def test_xlsx_cut_short_is_a_damaged_workbook(tmp_path: Path) -> None:
+    """An XLSX whose end was cut off is a damaged workbook, not "a zip"."""
+    path = tmp_path / "short.xlsx"
+    make_xlsx(path)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(PermanentError, match=r"short.xlsx: damaged workbook"):
+        run(path)
+
+
+# -- CSV: real-world cases (issue 13.5, issue 12.6) ----------------------------
+
+
+def test_csv_with_control_characters_in_a_quoted_header_is_text(tmp_path: Path) -> None:
+    """A UTF-8 CSV whose quoted header holds tab, newline and vertical tab is read."""
+    path = tmp_path / "odd.csv"
+    path.write_bytes(b'"a\tb","c\nd","e\x0bf"\n1,2,3\n')
+    result, _ = run(path)
+    assert result["header"] == ["a\tb", "c\nd", "e\x0bf"]
+    assert result["records"] == [{"a\tb": "1", "c\nd": "2", "e\x0bf": "3"}]
+
+
+def test_csv_with_one_nul_byte_is_read(tmp_path: Path) -> None:
+    """A CSV with one stray NUL byte is text: read, the NUL kept in its field."""
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"name,qty\ntea,2\x00\ncake,3\n")
+    result, _ = run(path)
+    assert result["records"] == [{"name": "tea", "qty": "2\x00"}, {"name": "cake", "qty": "3"}]
+
+
+def test_csv_header_of_identical_names_is_linear_and_capped(tmp_path: Path) -> None:
+    """100,000 identical header names finish quickly; fields past max_header_columns are dropped."""
+    path = tmp_path / "same.csv"
+    path.write_text(",".join(["x"] * 100_000) + "\n" + ",".join(["1"] * 100_000) + "\n")
+    result, _ = run(path)
+    assert len(result["header"]) == 4096
+    assert result["header"][:2] == ["x", "x"]
+    assert list(result["records"][0])[:3] == ["x", "x_2", "x_3"]
+    assert result["truncated_reasons"] == ["inspect.max_header_columns"]
+
+
+def test_csv_unique_keys_is_linear() -> None:
+    """Keys for 100,000 repeats of a name are made in linear steps (x, x_2 ... x_100000)."""
+    from batchd.processors.inspect import _unique_keys
+
+    keys = _unique_keys(["x"] * 100_000 + ["x_5"])
+    assert keys[:3] == ["x", "x_2", "x_3"]
+    assert keys[-2:] == ["x_100000", "x_5_2"]
+    assert len(set(keys)) == len(keys)

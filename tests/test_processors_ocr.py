@@ -125,8 +125,8 @@ def test_image_only_pdf_gives_the_words_drawn_on_it(tmp_path: Path) -> None:
     [entry] = result["ocr_pages"]
     assert entry["page"] == 1
     assert 50 < entry["confidence"] <= 100
-    assert result["truncated"] is False
-    assert "page_errors" not in result
+    assert (result["truncated"], result["page_errors"]) == (False, [])
+    assert result["pages_without_text"] == [1]  # the text layer's story, OCR or not
     assert progress[-1] == 100
 
 
@@ -152,7 +152,7 @@ def test_pdf_with_a_text_layer_everywhere_is_left_as_it_was(tmp_path: Path) -> N
     path = save_mixed_pdf(tmp_path / "text.pdf", ["Soup 4.50", "Tea 2.00"])
     result, _ = run(path)
     assert result["text"] == ["Soup 4.50", "Tea 2.00"]
-    assert not {"ocr", "ocr_pages", "page_errors"} & set(result)
+    assert not {"ocr", "ocr_pages"} & set(result)
 
 
 @needs_tesseract
@@ -182,6 +182,7 @@ def test_cap_on_ocred_pages_sets_truncated(tmp_path: Path) -> None:
     assert [p["page"] for p in result["ocr_pages"]] == [1]
     assert result["text"][0] and result["text"][1:] == ["", ""]
     assert result["truncated"] is True
+    assert result["truncated_reasons"] == ["inspect.ocr_max_pages"]
 
 
 @needs_tesseract
@@ -191,7 +192,7 @@ def test_text_cap_applies_to_ocr_text(tmp_path: Path) -> None:
     config = load_settings(None, env={"BATCHD_PROCESSING__MAX_TEXT_CHARS": "12"})
     result, _ = run(save_pdf(tmp_path / "scan.pdf", [scan]), config)
     assert len(result["text"][0]) == 12
-    assert result["truncated"] is True
+    assert result["truncated_reasons"] == ["processing.max_text_chars"]
 
 
 # -- images ----------------------------------------------------------------------
@@ -277,7 +278,7 @@ def test_a_page_that_fails_ocr_is_a_page_error(tmp_path: Path, fake_path: Path) 
     assert result["ocr"] == "done"
     assert result["ocr_pages"] == []
     assert result["page_errors"] == [
-        {"page": 2, "message": "Tesseract failed: Error: cannot allocate pix"}
+        {"page": 2, "error": "Tesseract failed: Error: cannot allocate pix"}
     ]
 
 
@@ -287,7 +288,7 @@ def test_a_page_over_its_time_budget_is_stopped(tmp_path: Path, fake_path: Path)
     _, scan = page(17, lines=1)
     result, _ = run(save_pdf(tmp_path / "s.pdf", [scan]), settings(ocr_page_seconds=0.5))
     assert result["page_errors"] == [
-        {"page": 1, "message": "OCR stopped after 0.5 s (inspect.ocr_page_seconds)"}
+        {"page": 1, "error": "OCR stopped after 0.5 s (inspect.ocr_page_seconds)"}
     ]
 
 

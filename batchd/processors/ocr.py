@@ -26,13 +26,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from batchd.config import InspectSettings, Settings
 from batchd.errors import ConfigError, PermanentError
+from batchd.processors.content import Budget
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -267,7 +268,6 @@ class Pages:
 
     ocr_pages: list[Result]
     page_errors: list[Result]
-    truncated: bool = False
 
     def page_done(self, number: int, page: PageText, seconds: float) -> None:
         self.ocr_pages.append(
@@ -275,7 +275,7 @@ class Pages:
         )
 
     def page_failed(self, number: int, message: str) -> None:
-        self.page_errors.append({"page": number, "message": message})
+        self.page_errors.append({"page": number, "error": message})
 
 
 class ScaledProgress:
@@ -311,23 +311,25 @@ def text_pass(ctx: Context) -> Context:
     return ctx
 
 
-def ocr_pdf(
-    path: Path, ctx: Context, result: Result, take_text: Callable[[str], str | None]
-) -> None:
+def ocr_pdf(path: Path, ctx: Context, result: Result, budget: Budget) -> None:
     """OCR the pages of an inspected PDF that need it, in place in ``result``.
 
-    ``auto``: pages whose text layer is empty; ``always``: every page (the OCR
-    text replaces the text layer's, for PDFs whose text layer is wrong).
-    ``take_text`` is the document's text budget. A PDF with nothing to OCR is
-    left as it was; otherwise ``ocr`` says what happened and ``ocr_pages``
-    lists the pages whose text came from OCR.
+    ``auto``: the ``pages_without_text``; ``always``: every page read (the OCR
+    text replaces the text layer's, for PDFs whose text layer is wrong, and
+    has a budget of its own). ``budget`` is the document's text budget. A PDF
+    with nothing to OCR is left as it was; otherwise ``ocr`` says what
+    happened and ``ocr_pages`` lists the pages whose text came from OCR.
     """
     settings = ctx.settings.inspect
     texts: list[str] = result["text"]
     if settings.ocr == "always":
-        wanted = list(range(result["pages"]))
+        wanted = list(range(min(result["pages"], settings.max_pages)))
+        processing = ctx.settings.processing
+        take = Budget(processing.max_rows, processing.max_text_chars)
+        take.reasons = budget.reasons  # one list: the text pass's caps still count
     else:
-        wanted = [i for i, text in enumerate(texts) if not text.strip()]
+        wanted = [number - 1 for number in result.get("pages_without_text", [])]
+        take = budget
     if not wanted:
         return
     why_not = status(settings)
@@ -337,13 +339,13 @@ def ocr_pdf(
     pages = Pages(ocr_pages=[], page_errors=[])
     if len(wanted) > settings.ocr_max_pages:
         wanted = wanted[: settings.ocr_max_pages]
-        pages.truncated = True
+        take.hit("inspect.ocr_max_pages")
     for done, (index, image) in enumerate(_render_pdf(path, ctx, wanted, pages), start=1):
         if image is not None:
-            _recognize_into(texts, index, image, settings, settings.ocr_dpi, pages, take_text)
+            _recognize_into(texts, index, image, settings, settings.ocr_dpi, pages, take)
         span = 100 - TEXT_PASS_PERCENT
         ctx.progress(TEXT_PASS_PERCENT + span * done / len(wanted))
-    _merge(result, pages)
+    _merge(result, pages, take)
 
 
 def _render_pdf(
@@ -390,7 +392,7 @@ def _recognize_into(
     settings: InspectSettings,
     dpi: int | None,
     pages: Pages,
-    take_text: Callable[[str], str | None],
+    budget: Budget,
 ) -> None:
     started = time.monotonic()
     try:
@@ -398,7 +400,7 @@ def _recognize_into(
     except OcrError as exc:
         pages.page_failed(index + 1, str(exc))
         return
-    kept = take_text(page.text)
+    kept = budget.take_text(page.text)
     if kept is None:  # the text budget is spent: this page's text is not kept
         return
     while len(texts) <= index:
@@ -407,18 +409,15 @@ def _recognize_into(
     pages.page_done(index + 1, page, time.monotonic() - started)
 
 
-def _merge(result: Result, pages: Pages) -> None:
+def _merge(result: Result, pages: Pages, budget: Budget) -> None:
     result["ocr"] = "done"
     result["ocr_pages"] = pages.ocr_pages
-    if pages.page_errors:
-        errors: list[Result] = [*result.get("page_errors", []), *pages.page_errors]
-        result["page_errors"] = sorted(errors, key=lambda e: int(e["page"]))
-    result["truncated"] = bool(result.get("truncated")) or pages.truncated
+    errors: list[Result] = [*result.get("page_errors", []), *pages.page_errors]
+    result["page_errors"] = sorted(errors, key=lambda e: int(e["page"]))
+    result.update(budget.fields())
 
 
-def read_image(
-    path: Path, ctx: Context, take_text: Callable[[str], str | None], truncated: Callable[[], bool]
-) -> Result:
+def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
     """An image as a document: its frames (pages; several in a TIFF), size and
     resolution, and the text OCR reads on each frame."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -447,6 +446,8 @@ def read_image(
             "height": height,
             "dpi": dpi,
             "text": [""] * frames,
+            "page_errors": [],
+            **budget.fields(),
         }
         why_not = status(settings)
         if why_not is not None:
@@ -454,7 +455,8 @@ def read_image(
             return result
         pages = Pages(ocr_pages=[], page_errors=[])
         wanted = min(frames, settings.ocr_max_pages)
-        pages.truncated = frames > wanted
+        if frames > wanted:
+            budget.hit("inspect.ocr_max_pages")
         for index in range(wanted):
             try:
                 picture.seek(index)
@@ -467,10 +469,9 @@ def read_image(
                 pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
             else:
                 frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
-                _recognize_into(result["text"], index, frame, settings, frame_dpi, pages, take_text)
+                _recognize_into(result["text"], index, frame, settings, frame_dpi, pages, budget)
             ctx.progress((index + 1) * 100 / wanted)
-        _merge(result, pages)
-        result["truncated"] = result["truncated"] or truncated()
+        _merge(result, pages, budget)
         return result
 
 

@@ -1,0 +1,651 @@
+"""XLSX and XLS workbooks: every sheet's true size, rows, merged ranges and
+error cells, bounded by ``inspect.max_cells`` and ``inspect.max_columns``.
+
+Engines, chosen by measurement (BENCHMARKS.md, "Real-world documents"):
+
+- XLSX: a first pass over each sheet's XML (zlib and regular expressions,
+  no per-cell Python objects) measures what the sheet really holds: its
+  cells, its bounding box (never the declared ``<dimension>``, which lies in
+  both directions), merged ranges and error cells. When the sheet fits the
+  caps, calamine (Rust) reads the values, many times faster than openpyxl.
+  When it does not, or calamine fails on the file, a streaming expat reader
+  takes over: it keeps at most ``max_columns`` cells of a row and stops at
+  ``max_cells``, so memory stays near the data kept whatever the XML holds.
+- XLS (Excel 2.x to 2003, BIFF2 to BIFF8): xlrd, which reads every BIFF
+  version, knows error cells and merged ranges.
+
+Values have one representation in every format (see
+:func:`batchd.processors.content.json_value`); trailing empty cells of a
+row and trailing empty rows of a sheet are dropped, so ``rows`` holds no
+padding and ``max_row``/``max_column`` are the last row and column holding
+a value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import posixpath
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.parsers import expat
+
+from batchd.errors import PermanentError, ProcessorError
+from batchd.processors import Context
+from batchd.processors.content import Budget, Result, bad_content, cell_name, json_value
+
+#: rows between two progress reports.
+PROGRESS_EVERY_ROWS = 1000
+#: bytes of sheet XML handled at a time by the first pass and the streaming reader.
+XML_CHUNK_BYTES = 1024 * 1024
+
+_NS_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+_NS_REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+_CELL = re.compile(rb"<(?:\w+:)?c[\s>/]")
+_CELL_COLUMN = re.compile(rb"<(?:\w+:)?c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]")
+_ROW_NUMBER = re.compile(rb"<(?:\w+:)?row\s[^>]*?\br=\"([0-9]+)\"")
+_ROW_TAG = re.compile(rb"<(?:\w+:)?row[\s>/]")
+_ERROR_CELL = re.compile(
+    rb"<(?:\w+:)?c\s([^>]*?\bt=\"e\"[^>]*)>.*?<(?:\w+:)?v>([^<]*)</(?:\w+:)?v>", re.DOTALL
+)
+_REF = re.compile(rb"\br=\"([A-Z]{1,3}[0-9]+)\"")
+_MERGE = re.compile(
+    rb"<(?:\w+:)?mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
+)
+_CELL_END = re.compile(rb"</(?:\w+:)?c>|<(?:\w+:)?c\s[^>]*/>")
+_A1 = re.compile(r"^([A-Z]{1,3})([0-9]+)$")
+#: number formats 14-22 and 45-47 are dates and times whatever the file says.
+_BUILTIN_DATE_FORMATS = frozenset({*range(14, 23), 45, 46, 47})
+
+
+def column_number(letters: str) -> int:
+    """1-based column number of ``"A"``, ``"AB"`` ..."""
+    number = 0
+    for ch in letters:
+        number = number * 26 + ord(ch) - 64
+    return number
+
+
+# -- XLSX ----------------------------------------------------------------------
+
+
+@dataclass
+class _SheetScan:
+    """What the first pass found in one sheet's XML."""
+
+    name: str
+    part: str
+    cells: int = 0
+    #: cells without an ``r`` attribute: their position is only known by counting.
+    unplaced: int = 0
+    max_row: int = 0
+    max_column: int = 0
+    merged: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def area(self) -> int:
+        return self.max_row * self.max_column
+
+
+def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
+    """Every worksheet of an XLSX workbook; see the module docstring."""
+    caps = ctx.settings.inspect
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sheets, date1904 = _workbook_sheets(zf, ctx)
+            _refuse_entities(zf, ctx, [part for _, part in sheets])
+            scans = [_scan_sheet(zf, ctx, name, part, caps.max_cells) for name, part in sheets]
+            unpacked = sum(zf.getinfo(s.part).file_size for s in scans)
+            if unpacked > caps.max_xlsx_unpacked_mb * 1024 * 1024:
+                raise PermanentError(
+                    f"{ctx.relpath}: the workbook's sheets expand to {unpacked >> 20} MiB, "
+                    f"more than inspect.max_xlsx_unpacked_mb ({caps.max_xlsx_unpacked_mb}); "
+                    "split the workbook or raise that limit"
+                )
+            fits = all(
+                s.unplaced == 0 and s.area <= caps.max_cells and s.max_column <= caps.max_columns
+                for s in scans
+            )
+            out: list[Result] | None = None
+            if fits and sum(s.area for s in scans) <= caps.max_cells:
+                out = _calamine_sheets(path, ctx, budget, scans)
+            if out is None:
+                out = _streamed_sheets(zf, ctx, budget, scans, date1904)
+    except (OSError, MemoryError, ProcessorError):
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise bad_content(
+            ctx, "damaged workbook: the ZIP archive cannot be read (export it again)", exc
+        ) from exc
+    return {"sheets": out, **budget.fields()}
+
+
+def _workbook_sheets(zf: zipfile.ZipFile, ctx: Context) -> tuple[list[tuple[str, str]], bool]:
+    """(name, part) of every worksheet in workbook order, and the 1904 flag."""
+    from defusedxml import ElementTree as SafeET
+
+    def part(name: str) -> bytes:
+        try:
+            return zf.read(name)
+        except KeyError:
+            raise PermanentError(
+                f"{ctx.relpath}: damaged workbook: {name} is missing; export it again"
+            ) from None
+
+    try:
+        book = SafeET.fromstring(part("xl/workbook.xml"))
+        rels = SafeET.fromstring(part("xl/_rels/workbook.xml.rels"))
+    except PermanentError:
+        raise
+    except Exception as exc:  # defusedxml and expat errors alike
+        raise bad_content(
+            ctx, "damaged workbook: xl/workbook.xml or its relationships are not valid XML", exc
+        ) from exc
+    targets = {rel.get("Id"): rel.get("Target", "") for rel in rels}
+    pr = book.find(f"{{{_NS_MAIN}}}workbookPr")
+    date1904 = pr is not None and pr.get("date1904", "").lower() in {"1", "true"}
+    out: list[tuple[str, str]] = []
+    for sheet in book.iter(f"{{{_NS_MAIN}}}sheet"):
+        target = targets.get(sheet.get(f"{{{_NS_REL}}}id"), "")
+        if "worksheet" not in target and not target.endswith(".xml"):
+            continue
+        target = target.lstrip("/") if target.startswith("/") else posixpath.join("xl", target)
+        target = posixpath.normpath(target)
+        if "chartsheet" in target:
+            continue  # a chart, no cells
+        if target not in zf.namelist():
+            raise PermanentError(
+                f"{ctx.relpath}: damaged workbook: {target} (sheet {sheet.get('name')!r}) "
+                "is missing; export it again"
+            )
+        out.append((sheet.get("name") or target, target))
+    return out, date1904
+
+
+def _refuse_entities(zf: zipfile.ZipFile, ctx: Context, parts: list[str]) -> None:
+    """Refuse a workbook whose XML declares entities (XXE, billion laughs).
+
+    A DOCTYPE comes before the root element, so the head of each part tells;
+    calamine is not asked to handle one, the streaming reader refuses them too.
+    """
+    names = set(zf.namelist())
+    for part in [*parts, "xl/sharedStrings.xml", "xl/styles.xml"]:
+        if part not in names:
+            continue
+        with zf.open(part) as fh:
+            head = fh.read(4096)
+        if b"<!DOCTYPE" in head or b"<!ENTITY" in head:
+            raise PermanentError(
+                f"{ctx.relpath}: the workbook declares XML entities or external references "
+                f"in {part}, refused (they can read local files or exhaust memory)"
+            )
+
+
+def _xml_chunks(zf: zipfile.ZipFile, part: str) -> Iterator[bytes]:
+    with zf.open(part) as fh:
+        while chunk := fh.read(XML_CHUNK_BYTES):
+            yield chunk
+
+
+def _scan_sheet(
+    zf: zipfile.ZipFile, ctx: Context, name: str, part: str, max_cells: int
+) -> _SheetScan:
+    """The first pass over one sheet; stops counting past ``max_cells`` cells."""
+    scan = _SheetScan(name, part)
+    columns: set[bytes] = set()
+    carry = b""
+    for chunk in _xml_chunks(zf, part):
+        buf = carry + chunk
+        # Cut after the last complete cell, so no cell is split between passes.
+        ends = [m.end() for m in _CELL_END.finditer(buf, max(0, len(buf) - 65536))]
+        cut = ends[-1] if ends else (buf.rfind(b">") + 1 if len(buf) > 4 * XML_CHUNK_BYTES else 0)
+        head, carry = buf[:cut], buf[cut:]
+        _scan_block(scan, head, columns)
+        if scan.cells > max_cells:
+            break  # too big for calamine anyway: the streaming reader takes over
+    else:
+        _scan_block(scan, carry, columns)
+    if columns:
+        scan.max_column = max(column_number(c.decode()) for c in columns)
+    return scan
+
+
+def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes]) -> None:
+    if not block:
+        return
+    cells = len(_CELL.findall(block))
+    placed = _CELL_COLUMN.findall(block)
+    scan.cells += cells
+    scan.unplaced += cells - len(placed)
+    columns.update(placed)
+    rows = _ROW_NUMBER.findall(block)
+    if rows:
+        scan.max_row = max(scan.max_row, max(map(int, rows)))
+    if len(_ROW_TAG.findall(block)) > len(rows):
+        scan.unplaced += 1  # a row without its number: only counting can place it
+    for attrs, value in _ERROR_CELL.findall(block):
+        ref = _REF.search(attrs)
+        if ref is not None:
+            scan.errors[ref.group(1).decode()] = value.decode("utf-8", "replace")
+    scan.merged.extend(m.decode() for m in _MERGE.findall(block))
+
+
+def _calamine_sheets(
+    path: Path, ctx: Context, budget: Budget, scans: list[_SheetScan]
+) -> list[Result] | None:
+    """The sheets read by calamine, or None when calamine cannot read the file."""
+    import python_calamine
+
+    try:
+        book = python_calamine.CalamineWorkbook.from_path(str(path))
+    except Exception:  # calamine's own errors: the streaming reader tries
+        return None
+    out: list[Result] = []
+    try:
+        for index, scan in enumerate(scans):
+            try:
+                grid = book.get_sheet_by_name(scan.name).to_python(skip_empty_area=False)
+            except Exception:
+                return None
+            rows = ([None if v == "" else v for v in row] for row in grid)
+            out.append(_sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
+            ctx.progress((index + 1) * 100 / len(scans))
+    finally:
+        book.close()
+    return out
+
+
+def _sheet_result(
+    name: str,
+    rows: Iterator[list[Any]],
+    merged: list[str],
+    errors: dict[str, str],
+    ctx: Context,
+    budget: Budget,
+    *,
+    patch: bool = True,
+) -> Result:
+    """One sheet's result from its rows (cells as Python values, None = empty)."""
+    max_columns = ctx.settings.inspect.max_columns
+    kept: list[list[Any]] = []
+    pending_empty = 0  # empty rows seen since the last row with a value
+    max_row = max_column = 0
+    number = 0
+    # error texts to put back into calamine's rows, which show errors as "".
+    by_row: dict[int, list[tuple[int, str]]] = {}
+    for ref, text in errors.items() if patch else ():
+        match = _A1.match(ref)
+        if match:
+            by_row.setdefault(int(match.group(2)), []).append((column_number(match.group(1)), text))
+    for number, row in enumerate(rows, start=1):
+        if len(row) > max_columns:
+            budget.hit("inspect.max_columns")
+            row = row[:max_columns]
+        values = [json_value(v) for v in row]
+        for col, text in by_row.get(number, ()):
+            if col <= len(values):
+                values[col - 1] = text
+        while values and values[-1] is None:
+            values.pop()
+        if not values:
+            pending_empty += 1
+            continue
+        for _ in range(pending_empty):
+            if budget.take_row([]):
+                kept.append([])
+        pending_empty = 0
+        if budget.take_row(values):
+            kept.append(values)
+        max_row = number
+        max_column = max(max_column, len(values))
+    error_cells = [{"cell": ref, "error": text} for ref, text in errors.items()]
+    return {
+        "name": name,
+        "max_row": max_row,
+        "max_column": max_column,
+        "rows": kept,
+        "merged": merged,
+        "errors": error_cells,
+    }
+
+
+def _streamed_sheets(
+    zf: zipfile.ZipFile, ctx: Context, budget: Budget, scans: list[_SheetScan], date1904: bool
+) -> list[Result]:
+    strings = _shared_strings(zf, ctx)
+    date_styles = _date_styles(zf)
+    out: list[Result] = []
+    cells_left = ctx.settings.inspect.max_cells
+    for index, scan in enumerate(scans):
+        reader = _StreamedSheet(
+            zf,
+            scan.part,
+            strings,
+            date_styles,
+            date1904,
+            ctx.settings.inspect.max_columns,
+            cells_left,
+        )
+        try:
+            result = _sheet_result(
+                scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
+            )
+        except (expat.ExpatError, ValueError) as exc:
+            raise bad_content(
+                ctx, f"damaged workbook: {scan.part} (sheet {scan.name!r}) is not valid XML", exc
+            ) from exc
+        if reader.wide:
+            budget.hit("inspect.max_columns")
+        if reader.capped:
+            budget.hit("inspect.max_cells")
+        out.append(result)
+        cells_left = max(0, cells_left - reader.cells)
+        ctx.progress((index + 1) * 100 / len(scans))
+    return out
+
+
+def _shared_strings(zf: zipfile.ZipFile, ctx: Context) -> list[str]:
+    names = {n.lower(): n for n in zf.namelist()}
+    part = names.get("xl/sharedstrings.xml")
+    if part is None:
+        return []
+    strings: list[str] = []
+    text: list[str] = []
+    depth = {"si": False, "t": False, "rPh": False}
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        local = tag.rsplit(":", 1)[-1]
+        if local in depth:
+            depth[local] = True
+        if local == "si":
+            text.clear()
+
+    def end(tag: str) -> None:
+        local = tag.rsplit(":", 1)[-1]
+        if local in depth:
+            depth[local] = False
+        if local == "si":
+            strings.append("".join(text))
+
+    def chars(data: str) -> None:
+        if depth["t"] and not depth["rPh"]:  # phonetic runs are not the text
+            text.append(data)
+
+    _parse(zf, part, ctx, start, end, chars)
+    return strings
+
+
+def _date_styles(zf: zipfile.ZipFile) -> list[str]:
+    """Per cell style index: "date", "time", "datetime" or "" (not a date)."""
+    from defusedxml import ElementTree as SafeET
+    from openpyxl.styles.numbers import BUILTIN_FORMATS, is_date_format
+
+    try:
+        root = SafeET.fromstring(zf.read("xl/styles.xml"))
+    except Exception:  # no styles or unreadable ones: no cell is a date
+        return []
+    custom = {
+        int(fmt.get("numFmtId", "-1")): fmt.get("formatCode", "")
+        for fmt in root.iter(f"{{{_NS_MAIN}}}numFmt")
+    }
+    kinds: list[str] = []
+    xfs = root.find(f"{{{_NS_MAIN}}}cellXfs")
+    for xf in xfs if xfs is not None else []:
+        fmt_id = int(xf.get("numFmtId", "0"))
+        code = custom.get(fmt_id, BUILTIN_FORMATS.get(fmt_id, ""))
+        if fmt_id in _BUILTIN_DATE_FORMATS or (code and is_date_format(code)):
+            lower = re.sub(r"\[[^\]]*\]|\"[^\"]*\"", "", code.lower())
+            has_date = any(ch in lower for ch in "dy") or "m" in lower.replace("mm:", "")
+            has_time = any(ch in lower for ch in "hs")
+            kinds.append("datetime" if has_date and has_time else "time" if has_time else "date")
+        else:
+            kinds.append("")
+    return kinds
+
+
+def _parse(zf: zipfile.ZipFile, part: str, ctx: Context, start: Any, end: Any, chars: Any) -> None:
+    """Parse a whole XML part with these expat handlers (entities refused)."""
+    parser = _parser(start, end, chars)
+    try:
+        for chunk in _xml_chunks(zf, part):
+            parser.Parse(chunk, False)
+        parser.Parse(b"", True)
+    except (expat.ExpatError, ValueError) as exc:
+        raise bad_content(ctx, f"damaged workbook: {part} is not valid XML", exc) from exc
+
+
+def _parser(start: Any, end: Any, chars: Any) -> Any:
+    parser = expat.ParserCreate()
+
+    def refuse(*_: Any) -> int:
+        raise ValueError("the XML declares entities (refused: entity expansion, XXE)")
+
+    parser.EntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    parser.buffer_text = True
+    return parser
+
+
+class _StreamedSheet:
+    """One sheet's rows from its XML, streamed, with the row and cell caps."""
+
+    def __init__(
+        self,
+        zf: zipfile.ZipFile,
+        part: str,
+        strings: list[str],
+        date_styles: list[str],
+        date1904: bool,
+        max_columns: int,
+        max_cells: int,
+    ) -> None:
+        self.zf, self.part = zf, part
+        self.strings, self.date_styles = strings, date_styles
+        self.epoch = dt.datetime(1904, 1, 1) if date1904 else dt.datetime(1899, 12, 30)
+        self.max_columns, self.max_cells = max_columns, max_cells
+        self.cells = 0
+        self.capped = self.wide = False
+        self.errors: dict[str, str] = {}
+        self._done: list[tuple[int, list[Any]]] = []
+        self._row: list[Any] = []
+        self._row_number = 0
+        self._cell: dict[str, str] | None = None
+        self._text: list[str] = []
+        self._in_value = False
+
+    def rows(self) -> Iterator[list[Any]]:
+        """Rows in order (gaps as empty rows) until the sheet or a cap ends."""
+        parser = _parser(self._start, self._end, self._chars)
+        emitted = 0
+        for chunk in _xml_chunks(self.zf, self.part):
+            parser.Parse(chunk, False)
+            for number, row in self._done:
+                while emitted < number - 1:
+                    emitted += 1
+                    yield []
+                emitted = number
+                yield row
+            self._done.clear()
+            if self.capped:
+                return  # reading stops at the cap: nothing after it is parsed
+        parser.Parse(b"", True)
+
+    def _start(self, tag: str, attrs: dict[str, str]) -> None:
+        local = tag.rsplit(":", 1)[-1]
+        if local == "c":
+            self._cell = attrs
+            self._text.clear()
+        elif local in ("v", "t") and self._cell is not None:
+            self._in_value = True
+        elif local == "row":
+            self._row = []
+            r = attrs.get("r")
+            self._row_number = int(r) if r and r.isdigit() else self._row_number + 1
+
+    def _chars(self, data: str) -> None:
+        if self._in_value:
+            self._text.append(data)
+
+    def _end(self, tag: str) -> None:
+        local = tag.rsplit(":", 1)[-1]
+        if local in ("v", "t"):
+            self._in_value = False
+        elif local == "c" and self._cell is not None:
+            self._add_cell(self._cell, "".join(self._text))
+            self._cell = None
+        elif local == "row":
+            if not self.capped:
+                self._done.append((self._row_number, self._row))
+            self._row = []
+
+    def _add_cell(self, attrs: dict[str, str], text: str) -> None:
+        if self.capped:
+            return
+        self.cells += 1
+        if self.cells > self.max_cells:
+            self.capped = True
+            if self._row:  # the row read so far is kept: it is a prefix of the sheet
+                self._done.append((self._row_number, self._row))
+                self._row = []
+            return
+        ref = attrs.get("r", "")
+        match = _A1.match(ref)
+        column = column_number(match.group(1)) if match else len(self._row) + 1
+        if column > self.max_columns:
+            self.wide = True
+            return
+        value = self._value(attrs, text, ref)
+        if column > len(self._row):
+            self._row.extend([None] * (column - len(self._row)))
+        self._row[column - 1] = value
+
+    def _value(self, attrs: dict[str, str], text: str, ref: str) -> Any:
+        kind = attrs.get("t", "n")
+        if kind == "s":
+            index = int(text) if text.strip().isdigit() else -1
+            return self.strings[index] if 0 <= index < len(self.strings) else None
+        if kind in ("str", "inlineStr"):
+            return text
+        if kind == "b":
+            return text.strip() in ("1", "true")
+        if kind == "e":
+            self.errors[ref or f"#{self.cells}"] = text
+            return text
+        if not text.strip():
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            return text  # not a number after all: keep what the cell says
+        style = int(attrs.get("s", "0") or 0)
+        kind = self.date_styles[style] if 0 <= style < len(self.date_styles) else ""
+        if kind:
+            return _excel_date(number, self.epoch, kind)
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
+def _excel_date(serial: float, epoch: dt.datetime, kind: str) -> Any:
+    """An Excel serial number as the date, time or datetime its format shows."""
+    if epoch.year == 1899 and serial < 60:
+        serial += 1  # Excel's 1900 system counts a 29 February 1900 that never was
+    try:
+        when = epoch + dt.timedelta(days=serial)
+    except OverflowError:
+        return serial
+    when = when.replace(microsecond=round(when.microsecond / 1000) * 1000 % 1_000_000)
+    if kind == "time" or (0 <= serial < 1 and kind != "date"):
+        return when.time()
+    if kind == "date" and when.time() == dt.time(0):
+        return when.date()
+    return when
+
+
+# -- XLS -----------------------------------------------------------------------
+
+
+def read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
+    """Every sheet of an Excel 2.x-2003 workbook (xlrd), loaded one at a time."""
+    import xlrd
+
+    caps = ctx.settings.inspect
+    try:
+        try:
+            # formatting_info gives merged ranges; BIFF versions xlrd cannot
+            # format-read still open without it.
+            book = xlrd.open_workbook(
+                str(path), on_demand=True, logfile=io.StringIO(), formatting_info=True
+            )
+        except (NotImplementedError, xlrd.XLRDError):
+            book = xlrd.open_workbook(str(path), on_demand=True, logfile=io.StringIO())
+        try:
+            out: list[Result] = []
+            cells_left = caps.max_cells
+            for index in range(book.nsheets):
+                sheet = book.sheet_by_index(index)
+                errors: dict[str, str] = {}
+
+                def rows(
+                    sheet: Any = sheet, errors: dict[str, str] = errors
+                ) -> Iterator[list[Any]]:
+                    nonlocal cells_left
+                    for r in range(sheet.nrows):
+                        width = min(sheet.row_len(r), caps.max_columns)
+                        if sheet.row_len(r) > caps.max_columns:
+                            budget.hit("inspect.max_columns")
+                        if width > cells_left:
+                            budget.hit("inspect.max_cells")
+                            return
+                        cells_left -= width
+                        row = []
+                        for c in range(width):
+                            cell = sheet.cell(r, c)
+                            if cell.ctype == xlrd.XL_CELL_ERROR:
+                                errors[cell_name(r, c)] = xlrd.error_text_from_code.get(
+                                    cell.value, f"#ERR{cell.value}"
+                                )
+                            row.append(_xls_value(cell, book.datemode))
+                        yield row
+
+                merged = [
+                    f"{cell_name(r0, c0)}:{cell_name(r1 - 1, c1 - 1)}"
+                    for r0, r1, c0, c1 in sheet.merged_cells
+                ]
+                out.append(_sheet_result(sheet.name, rows(), merged, errors, ctx, budget))
+                book.unload_sheet(index)
+                ctx.progress((index + 1) * 100 / book.nsheets)
+            return {"sheets": out, **budget.fields()}
+        finally:
+            book.release_resources()
+    except (OSError, MemoryError, ProcessorError):
+        raise
+    except Exception as exc:  # xlrd.XLRDError, CompDocError, struct errors ...
+        raise bad_content(ctx, "damaged workbook: the XLS file cannot be read", exc) from exc
+
+
+def _xls_value(cell: Any, datemode: int) -> Any:
+    import xlrd
+
+    if cell.ctype in (xlrd.XL_CELL_EMPTY, xlrd.XL_CELL_BLANK):
+        return None
+    if cell.ctype == xlrd.XL_CELL_DATE:
+        # A serial below 1 is a time of day, whatever the date system: xlrd
+        # would make it 1899-12-31 or 1904-01-01, a date nobody typed.
+        if 0 <= cell.value < 1:
+            *_, hh, mm, ss = xlrd.xldate_as_tuple(cell.value, datemode)
+            return dt.time(hh, mm, ss)
+        when = xlrd.xldate.xldate_as_datetime(cell.value, datemode)
+        return when.date() if when.time() == dt.time(0) and float(cell.value).is_integer() else when
+    if cell.ctype == xlrd.XL_CELL_BOOLEAN:
+        return bool(cell.value)
+    if cell.ctype == xlrd.XL_CELL_ERROR:
+        return xlrd.error_text_from_code.get(cell.value, f"#ERR{cell.value}")
+    return cell.value
