@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,14 +283,24 @@ def test_a_page_that_fails_ocr_is_a_page_error(tmp_path: Path, fake_path: Path) 
     ]
 
 
-def test_a_page_over_its_time_budget_is_stopped(tmp_path: Path, fake_path: Path) -> None:
-    """A page still in OCR after inspect.ocr_page_seconds is killed and becomes a page error."""
-    fake_tesseract(fake_path, "exec sleep 60")
+def test_a_page_over_its_time_budget_is_stopped(
+    tmp_path: Path, fake_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page OCRed past inspect.ocr_page_seconds is killed, a page error; nothing is left."""
+    pids = tmp_path / "pids"
+    fake_tesseract(fake_path, f"echo $$ >> {pids}; exec sleep 60")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     _, scan = page(17, lines=1)
-    result, _ = run(save_pdf(tmp_path / "s.pdf", [scan]), settings(ocr_page_seconds=0.5))
+    config = settings(ocr_page_seconds=0.5)
+    result, _ = run(save_pdf(tmp_path / "s.pdf", [scan, scan]), config)
     assert result["page_errors"] == [
-        {"page": 1, "error": "OCR stopped after 0.5 s (inspect.ocr_page_seconds)"}
+        {"page": n, "error": "OCR stopped after 0.5 s (inspect.ocr_page_seconds)"} for n in (1, 2)
     ]
+    for pid in pids.read_text().split():  # killed and reaped, not left running
+        assert not Path(f"/proc/{pid}").exists()
+    assert list(scratch.iterdir()) == []  # the page pictures are gone
 
 
 def test_without_tesseract_auto_says_unavailable(

@@ -25,8 +25,9 @@ import io
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -172,43 +173,75 @@ class PageText:
     confidence: float | None
 
 
-def recognize(image: Image.Image, settings: InspectSettings, dpi: int | None) -> PageText:
-    """The text Tesseract reads on ``image``; :class:`OcrError` when it cannot.
+@dataclass
+class Job:
+    """One page in Tesseract: started, not yet collected."""
 
-    ``dpi`` is the picture's resolution when known (Tesseract guesses otherwise).
-    """
+    index: int
+    proc: subprocess.Popen[bytes]
+    picture: Path
+    started: float
+
+
+def start(
+    image: Image.Image, settings: InspectSettings, dpi: int | None, scratch: Path, index: int
+) -> Job:
+    """Start Tesseract on ``image`` (written to ``scratch`` as PNM); collect it with
+    :func:`finish`. ``dpi`` is the picture's resolution when known (Tesseract
+    guesses otherwise). :class:`OcrError` when it cannot start."""
     engine = find_engine()
     if engine is None:
         raise OcrError(f"Tesseract is gone from PATH (install {TESSERACT_PACKAGE})")
-    picture = io.BytesIO()
-    _grey(image).save(picture, "PPM")  # PGM/PBM: no compression to spend time on
-    command = [engine.path, "stdin", "stdout", "-l", "+".join(settings.ocr_languages)]
+    picture = scratch / f"page-{index + 1}.pnm"
+    # PGM/PBM: no compression to spend time on. A file, not stdin, so that the
+    # next page renders while this one is read (see ocr_pages).
+    _grey(image).save(picture, "PPM")
+    command = [engine.path, str(picture), "stdout", "-l", "+".join(settings.ocr_languages)]
     if dpi is not None:
         command += ["--dpi", str(dpi)]
     command.append("tsv")
     # One thread: the pool already runs one worker per core, and OpenMP threads
-    # fighting over them made a page 7x slower (BENCHMARKS.md).
+    # fighting over them made a page 4x slower (BENCHMARKS.md).
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             command,
-            input=picture.getbuffer(),
-            capture_output=True,
-            timeout=settings.ocr_page_seconds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=env,
-            check=False,
         )
+    except OSError as exc:
+        picture.unlink(missing_ok=True)
+        raise OcrError(f"cannot run {engine.path}: {exc}") from exc
+    return Job(index=index, proc=proc, picture=picture, started=time.monotonic())
+
+
+def finish(job: Job, settings: InspectSettings) -> PageText:
+    """Wait for a page started by :func:`start` (until ``ocr_page_seconds`` after
+    its start, then kill it); its text, or :class:`OcrError` saying why not."""
+    left = settings.ocr_page_seconds - (time.monotonic() - job.started)
+    try:
+        out, err = job.proc.communicate(timeout=max(left, 0.001))
     except subprocess.TimeoutExpired as exc:
+        job.proc.kill()
+        job.proc.communicate()
         raise OcrError(
             f"OCR stopped after {settings.ocr_page_seconds:g} s (inspect.ocr_page_seconds)"
         ) from exc
-    except OSError as exc:
-        raise OcrError(f"cannot run {engine.path}: {exc}") from exc
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"exit status {done.returncode}"
+    finally:
+        job.picture.unlink(missing_ok=True)
+    if job.proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {job.proc.returncode}"
         raise OcrError(f"Tesseract failed: {why}")
-    return parse_tsv(done.stdout.decode("utf-8", errors="replace"))
+    return parse_tsv(out.decode("utf-8", errors="replace"))
+
+
+def recognize(image: Image.Image, settings: InspectSettings, dpi: int | None) -> PageText:
+    """The text Tesseract reads on ``image``; :class:`OcrError` when it cannot."""
+    with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
+        return finish(start(image, settings, dpi, Path(scratch), 0), settings)
 
 
 def _grey(image: Image.Image) -> Image.Image:
@@ -340,17 +373,18 @@ def ocr_pdf(path: Path, ctx: Context, result: Result, budget: Budget) -> None:
     if len(wanted) > settings.ocr_max_pages:
         wanted = wanted[: settings.ocr_max_pages]
         take.hit("inspect.ocr_max_pages")
-    for done, (index, image) in enumerate(_render_pdf(path, ctx, wanted, pages), start=1):
-        if image is not None:
-            _recognize_into(texts, index, image, settings, settings.ocr_dpi, pages, take)
-        span = 100 - TEXT_PASS_PERCENT
-        ctx.progress(TEXT_PASS_PERCENT + span * done / len(wanted))
+    done = 0
+
+    def on_page() -> None:
+        nonlocal done
+        done += 1
+        ctx.progress(TEXT_PASS_PERCENT + (100 - TEXT_PASS_PERCENT) * done / len(wanted))
+
+    ocr_pages(_render_pdf(path, ctx, wanted, pages), texts, settings, pages, take, on_page)
     _merge(result, pages, take)
 
 
-def _render_pdf(
-    path: Path, ctx: Context, indexes: list[int], pages: Pages
-) -> Iterator[tuple[int, Image.Image | None]]:
+def _render_pdf(path: Path, ctx: Context, indexes: list[int], pages: Pages) -> Iterator[Item]:
     """Each wanted page rendered in grey at ``inspect.ocr_dpi`` (smaller when
     that would pass ``ocr_max_page_megapixels``); None for a page PDFium fails on."""
     import pypdfium2 as pdfium
@@ -361,6 +395,7 @@ def _render_pdf(
     except pdfium.PdfiumError as exc:
         for index in indexes:
             pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
+            yield index, None, None
         return
     try:
         for index in indexes:
@@ -372,41 +407,78 @@ def _render_pdf(
                     limit = settings.ocr_max_page_megapixels * 1e6
                     if width * height * scale * scale > limit:
                         scale = (limit / (width * height)) ** 0.5
-                    bitmap = page.render(scale=scale, grayscale=True)
-                    image = bitmap.to_pil()
+                    image = page.render(scale=scale, grayscale=True).to_pil()
                 finally:
                     page.close()
             except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
                 pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
-                yield index, None
+                yield index, None, None
                 continue
-            yield index, image
+            yield index, image, round(scale * POINTS_PER_INCH)
     finally:
         document.close()
 
 
-def _recognize_into(
+#: one page to OCR: its index, its picture (None when it could not be made) and dpi.
+Item = tuple[int, "Image.Image | None", int | None]
+
+
+def ocr_pages(
+    items: Iterator[Item],
     texts: list[str],
-    index: int,
-    image: Image.Image,
     settings: InspectSettings,
-    dpi: int | None,
     pages: Pages,
     budget: Budget,
+    on_page: Callable[[], None],
 ) -> None:
-    started = time.monotonic()
+    """OCR each page of ``items`` into ``texts[index]``, in order, one
+    Tesseract at a time; ``on_page`` after each page, done or not.
+
+    The next page is rendered (``items`` advanced) while Tesseract reads the
+    current one: rendering is a tenth of a page's time, and so hidden.
+    """
+    with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
+        running: Job | None = None
+        try:
+            for index, image, dpi in items:  # renders the next page meanwhile
+                if running is not None:
+                    _collect(running, texts, settings, pages, budget)
+                    running = None
+                    on_page()
+                if image is None:
+                    on_page()
+                    continue
+                try:
+                    running = start(image, settings, dpi, Path(scratch), index)
+                except OcrError as exc:
+                    pages.page_failed(index + 1, str(exc))
+                    on_page()
+                del image  # a page's picture is tens of MB: keep one at a time
+            if running is not None:
+                _collect(running, texts, settings, pages, budget)
+                running = None
+                on_page()
+        finally:
+            if running is not None:  # an exception on the way: leave no Tesseract behind
+                running.proc.kill()
+                running.proc.communicate()
+
+
+def _collect(
+    job: Job, texts: list[str], settings: InspectSettings, pages: Pages, budget: Budget
+) -> None:
     try:
-        page = recognize(image, settings, dpi)
+        page = finish(job, settings)
     except OcrError as exc:
-        pages.page_failed(index + 1, str(exc))
+        pages.page_failed(job.index + 1, str(exc))
         return
     kept = budget.take_text(page.text)
     if kept is None:  # the text budget is spent: this page's text is not kept
         return
-    while len(texts) <= index:
+    while len(texts) <= job.index:
         texts.append("")
-    texts[index] = kept
-    pages.page_done(index + 1, page, time.monotonic() - started)
+    texts[job.index] = kept
+    pages.page_done(job.index + 1, page, time.monotonic() - job.started)
 
 
 def _merge(result: Result, pages: Pages, budget: Budget) -> None:
@@ -457,20 +529,30 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
         wanted = min(frames, settings.ocr_max_pages)
         if frames > wanted:
             budget.hit("inspect.ocr_max_pages")
-        for index in range(wanted):
-            try:
-                picture.seek(index)
-                frame_w, frame_h = picture.size
-                if frame_w * frame_h > limit:
-                    raise ValueError(f"the frame is {frame_w}x{frame_h} pixels, over the limit")
-                frame = ImageOps.exif_transpose(picture)
-                frame.load()
-            except (OSError, EOFError, ValueError, SyntaxError) as exc:
-                pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
-            else:
-                frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
-                _recognize_into(result["text"], index, frame, settings, frame_dpi, pages, budget)
-            ctx.progress((index + 1) * 100 / wanted)
+
+        def frames_of() -> Iterator[Item]:
+            for index in range(wanted):
+                try:
+                    picture.seek(index)
+                    frame_w, frame_h = picture.size
+                    if frame_w * frame_h > limit:
+                        raise ValueError(f"the frame is {frame_w}x{frame_h} pixels, over the limit")
+                    frame = ImageOps.exif_transpose(picture)
+                    frame.load()
+                except (OSError, EOFError, ValueError, SyntaxError) as exc:
+                    pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
+                    yield index, None, None
+                else:
+                    yield index, frame, _image_dpi(frame.info.get("dpi")) or dpi
+
+        done = 0
+
+        def on_page() -> None:
+            nonlocal done
+            done += 1
+            ctx.progress(done * 100 / wanted)
+
+        ocr_pages(frames_of(), result["text"], settings, pages, budget, on_page)
         _merge(result, pages, budget)
         return result
 

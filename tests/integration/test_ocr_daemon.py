@@ -33,7 +33,7 @@ def test_scans_dropped_in_the_inbox_are_ocred_in_the_worker_under_its_limit(
     limits = tmp_path / "limits.txt"
     wrapper = bin_dir / "tesseract"
     wrapper.write_text(
-        f'#!/bin/sh\n[ "$1" = stdin ] && ulimit -v >> {limits}\nexec {TESSERACT} "$@"\n'
+        f'#!/bin/sh\ncase "$1" in --*) ;; *) ulimit -v >> {limits} ;; esac\nexec {TESSERACT} "$@"\n'
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
 
