@@ -25,9 +25,20 @@ from pathlib import Path
 from typing import Any
 
 from bench import cluster, profile, scale, scenarios
+from bench import ocr as ocr_bench
 from bench.common import CORES
 
-SCENARIOS = ("overhead", "cpu", "latency", "http", "scale", "cluster", "profile", "processors")
+SCENARIOS = (
+    "overhead",
+    "cpu",
+    "latency",
+    "http",
+    "scale",
+    "cluster",
+    "profile",
+    "processors",
+    "ocr",
+)
 
 FULL = {
     "rounds": 3,
@@ -298,6 +309,8 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     "",
                 )
             )
+    if results.get("ocr"):
+        rows += ocr_bench.rows(results["ocr"])
     return rows
 
 
@@ -361,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["processors"] = done.stdout.splitlines()
         timings["processors"] = round(time.perf_counter() - t0, 1)
+    step("ocr", ocr_bench.run, rounds, args.quick)  # issue 18: s/page vs tesseract by hand
     results["seconds"] = timings
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -8,6 +8,7 @@ hangs or is missing a language; everything else runs the real one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -146,6 +147,33 @@ def test_mixed_pdf_keeps_the_text_layer_and_ocrs_only_the_scans(tmp_path: Path) 
     assert [p["page"] for p in result["ocr_pages"]] == [2, 4]
     # The text layer's pass takes the first 10 %, then progress moves per OCRed page.
     assert [p for p in progress if p > 10] == [55, 100]
+
+
+@needs_tesseract
+def test_a_page_that_is_one_scan_is_read_at_the_scans_resolution(tmp_path: Path) -> None:
+    """A page made of one picture is OCRed from that picture at its own dpi (no rendering)
+    when that is up to ocr_dpi; a coarser scan is rendered at ocr_dpi."""
+    text, _ = page(19)
+    lines = text.splitlines()
+    scans = [scanned_page(lines, width_in=5.5, height_in=2.5, dpi=d, seed=d) for d in (200, 100)]
+    first, second = scans
+    result, _ = run(save_pdf_per_dpi(tmp_path / "mixed-dpi.pdf", [(first, 200), (second, 100)]))
+    assert [(p["page"], p["dpi"]) for p in result["ocr_pages"]] == [(1, 200), (2, 300)]
+    assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY
+
+
+def save_pdf_per_dpi(path: Path, pages: list[tuple[Image.Image, int]]) -> Path:
+    """An image-only PDF whose pages are pictures of different resolutions."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for image, dpi in pages:
+        one = io.BytesIO()
+        image.save(one, "PDF", resolution=dpi)
+        writer.append(PdfReader(one))
+    with path.open("wb") as fh:
+        writer.write(fh)
+    return path
 
 
 def test_pdf_with_a_text_layer_everywhere_is_left_as_it_was(tmp_path: Path) -> None:

@@ -181,6 +181,8 @@ class Job:
     proc: subprocess.Popen[bytes]
     picture: Path
     started: float
+    #: the resolution Tesseract was told, None when it guesses.
+    dpi: int | None
 
 
 def start(
@@ -214,7 +216,7 @@ def start(
     except OSError as exc:
         picture.unlink(missing_ok=True)
         raise OcrError(f"cannot run {engine.path}: {exc}") from exc
-    return Job(index=index, proc=proc, picture=picture, started=time.monotonic())
+    return Job(index=index, proc=proc, picture=picture, started=time.monotonic(), dpi=dpi)
 
 
 def finish(job: Job, settings: InspectSettings) -> PageText:
@@ -302,9 +304,14 @@ class Pages:
     ocr_pages: list[Result]
     page_errors: list[Result]
 
-    def page_done(self, number: int, page: PageText, seconds: float) -> None:
+    def page_done(self, number: int, page: PageText, dpi: int | None, seconds: float) -> None:
         self.ocr_pages.append(
-            {"page": number, "confidence": page.confidence, "seconds": round(seconds, 3)}
+            {
+                "page": number,
+                "confidence": page.confidence,
+                "dpi": dpi,
+                "seconds": round(seconds, 3),
+            }
         )
 
     def page_failed(self, number: int, message: str) -> None:
@@ -402,21 +409,73 @@ def _render_pdf(path: Path, ctx: Context, indexes: list[int], pages: Pages) -> I
             try:
                 page = document[index]
                 try:
-                    width, height = page.get_size()
-                    scale = settings.ocr_dpi / POINTS_PER_INCH
-                    limit = settings.ocr_max_page_megapixels * 1e6
-                    if width * height * scale * scale > limit:
-                        scale = (limit / (width * height)) ** 0.5
-                    image = page.render(scale=scale, grayscale=True).to_pil()
+                    image, dpi = _own_scan(page, settings) or _render(page, settings)
                 finally:
                     page.close()
             except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
                 pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
                 yield index, None, None
                 continue
-            yield index, image, round(scale * POINTS_PER_INCH)
+            yield index, image, dpi
     finally:
         document.close()
+
+
+def _render(page: Any, settings: InspectSettings) -> tuple[Image.Image, int]:
+    """The page rendered in grey at ``ocr_dpi``, or less when that would pass
+    ``ocr_max_page_megapixels``; and the resolution used."""
+    width, height = page.get_size()
+    scale = settings.ocr_dpi / POINTS_PER_INCH
+    limit = settings.ocr_max_page_megapixels * 1e6
+    if width * height * scale * scale > limit:
+        scale = (limit / (width * height)) ** 0.5
+    return page.render(scale=scale, grayscale=True).to_pil(), round(scale * POINTS_PER_INCH)
+
+
+#: a page's own scan stands in for its rendering when a thumbnail of each
+#: differs by less than this on average (of 255 grey levels).
+OWN_SCAN_MAX_DIFFERENCE = 16
+#: ...and when its resolution is within this factor of ocr_dpi.
+OWN_SCAN_DPI_FACTOR = 2.0
+_THUMBNAIL_PX = 64
+
+
+def _own_scan(page: Any, settings: InspectSettings) -> tuple[Image.Image, int] | None:
+    """The picture a scanned page is made of, as the scanner gave it, when the
+    page is that one upright picture filling the page: no rendering needed
+    (a seventh of a page's CPU at 300 dpi, BENCHMARKS.md). None otherwise.
+
+    To be sure the picture looks like the page (no mask, inverted decode or
+    odd colour space), a small rendering of the page is compared with it.
+    """
+    import pypdfium2 as pdfium
+    from PIL import ImageChops, ImageStat
+
+    objects = list(page.get_objects(max_depth=1))
+    if len(objects) != 1 or objects[0].type != pdfium.raw.FPDF_PAGEOBJ_IMAGE:
+        return None
+    width, height = page.get_size()
+    matrix = objects[0].get_matrix()
+    upright = matrix.b == 0 and matrix.c == 0 and matrix.a > 0 and matrix.d > 0
+    left, bottom, right, top = objects[0].get_bounds()
+    fills = max(abs(left), abs(bottom), abs(right - width), abs(top - height)) < 1
+    px_width, px_height = objects[0].get_px_size()
+    dpi = round(px_width * POINTS_PER_INCH / width)
+    wanted = settings.ocr_dpi
+    if not (upright and fills and wanted / OWN_SCAN_DPI_FACTOR <= dpi <= wanted):
+        return None
+    if px_width * px_height > settings.ocr_max_page_megapixels * 1e6:
+        return None
+    try:
+        image = _grey(objects[0].get_bitmap(render=False).to_pil())
+    except (pdfium.PdfiumError, ValueError, OSError):
+        return None
+    scale = _THUMBNAIL_PX / width
+    thumbnail = page.render(scale=scale, grayscale=True).to_pil().convert("L")
+    difference = ImageChops.difference(thumbnail, image.convert("L").resize(thumbnail.size))
+    if ImageStat.Stat(difference).mean[0] > OWN_SCAN_MAX_DIFFERENCE:
+        return None
+    return image, dpi
 
 
 #: one page to OCR: its index, its picture (None when it could not be made) and dpi.
@@ -478,7 +537,7 @@ def _collect(
     while len(texts) <= job.index:
         texts.append("")
     texts[job.index] = kept
-    pages.page_done(job.index + 1, page, time.monotonic() - job.started)
+    pages.page_done(job.index + 1, page, job.dpi, time.monotonic() - job.started)
 
 
 def _merge(result: Result, pages: Pages, budget: Budget) -> None:
