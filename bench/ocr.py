@@ -8,7 +8,7 @@ image-only PDF. For each resolution:
   then ``tesseract page.png stdout -l eng --dpi N`` run on each, one at a time,
   with one OpenMP thread as batchd runs it (``OMP_THREAD_LIMIT=1``);
 * ``batchd``: ``inspect`` on the PDF in a spawned process (a worker), timed
-  inside it: the text pass, PDFium rendering, the PNM hand-over, Tesseract
+  inside it: the text pass, PDFium rendering, the BMP hand-over, Tesseract
   and parsing, all included.
 
 Rounds alternate the two. Reported: the median wall and CPU seconds per page
