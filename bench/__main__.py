@@ -38,6 +38,7 @@ SCENARIOS = (
     "profile",
     "processors",
     "ocr",
+    "documents",
 )
 
 FULL = {
@@ -375,6 +376,19 @@ def main(argv: list[str] | None = None) -> int:
         results["processors"] = done.stdout.splitlines()
         timings["processors"] = round(time.perf_counter() - t0, 1)
     step("ocr", ocr_bench.run, rounds, args.quick)  # issue 18: s/page vs tesseract by hand
+    if "documents" in wanted and not args.quick:
+        # inspect on the real-document corpus vs pdftotext and pandas (bench/corpus).
+        print(f"[{time.perf_counter() - started:6.0f} s] documents ...", flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.corpus.bench"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        results["documents"] = done.stdout.splitlines()
+        timings["documents"] = round(time.perf_counter() - t0, 1)
     results["seconds"] = timings
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -388,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     if "processors" in results:
         print("\nprocessors (inspect, one fresh worker each):")
         print("\n".join(results["processors"]))
+    if "documents" in results:
+        print("\ndocuments (inspect on the real-document corpus, BENCHMARKS.md):")
+        print("\n".join(results["documents"]))
     print(f"\n{results['total_seconds']} s in all; written {args.output}")
     return 1 if any(k.endswith("_error") for k in results) else 0
 

@@ -690,7 +690,7 @@ def test_xlsx_one_row_of_millions_of_cells_stays_bounded(tmp_path: Path) -> None
     result, _ = run(path, config)
     (sheet,) = result["sheets"]
     assert result["truncated"] is True
-    assert "inspect.max_columns" in result["truncated_reasons"]
+    assert result["truncated_reasons"] == ["inspect.max_columns"]
     assert sheet["max_column"] == 16_384
     assert len(json.dumps(result)) < 200_000
 
@@ -869,3 +869,83 @@ def test_csv_unique_keys_is_linear() -> None:
     assert keys[:3] == ["x", "x_2", "x_3"]
     assert keys[-2:] == ["x_100000", "x_5_2"]
     assert len(set(keys)) == len(keys)
+
+
+def _inspect_in_child(path: Path, queue: Any) -> None:
+    import resource
+
+    import pypdfium2  # noqa: F401  (loaded like in a worker, before the file)
+    import python_calamine  # noqa: F401
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, _ = run(path)
+    queue.put((len(json.dumps(result)), result["truncated_reasons"]))
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+
+
+def test_xlsx_row_of_5m_cells_stays_small_in_worker_memory(tmp_path: Path) -> None:
+    """Under the default caps, a 5 M-cell row bomb keeps a worker's peak RSS and result small."""
+    import multiprocessing as mp
+
+    path = tmp_path / "bomb.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append([1])  # type: ignore[union-attr]
+    book.save(path)
+    row = '<c r="A1"><v>1</v></c>' + "<c><v>7</v></c>" * 5_000_000
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>", f'<sheetData><row r="1">{row}</row></sheetData>', xml
+        ),
+    )
+    assert path.stat().st_size < 400_000
+    context = mp.get_context("spawn")  # a fresh worker, as batchd's pool starts them
+    queue = context.Queue()
+    child = context.Process(target=_inspect_in_child, args=(path, queue))
+    child.start()
+    size, reasons = queue.get(timeout=120)
+    peak_kib = queue.get(timeout=30)
+    child.join(30)
+    assert reasons == ["inspect.max_columns"]
+    assert size < 200_000
+    assert peak_kib < 64 * 1024, f"worker peak RSS grew by {peak_kib // 1024} MiB"
+
+
+def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path) -> None:
+    """A number cell calamine cannot parse ("2,5") does not fail the workbook: it reads as text."""
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [
+        ["item", "price", "since", "double"],
+        ["tea", "2,5", "2024-03-01", 5],
+        ["cake", 3, "2024-03-02T09:30:00"],
+    ]
+    assert result["truncated"] is False
+
+
+def form_pdf(value: bytes) -> bytes:
+    """A one-page PDF with a text field holding ``value`` (AcroForm, appearance stream)."""
+    data = raw_pdf([text_op("Name:")])
+    widget = (
+        b"<< /Type /Annot /Subtype /Widget /FT /Tx /T (name) /V (" + value + b") "
+        b"/Rect [100 600 300 620] /P 3 0 R >>"
+    )
+    data = data.replace(b"/Resources << /Font", b"/Annots [99 0 R] /Resources << /Font", 1)
+    data = data.replace(
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [99 0 R] >> >>",
+    )
+    return data.replace(b"xref\n", b"99 0 obj\n" + widget + b"\nendobj\nxref\n", 1)
+
+
+def test_pdf_form_field_values_follow_the_page_text(tmp_path: Path) -> None:
+    """A filled-in form field's value, shown on the page, is in that page's text."""
+    path = tmp_path / "form.pdf"
+    path.write_bytes(form_pdf(b"Ana Lima"))
+    result, _ = run(path)
+    assert result["text"] == ["Name:\nAna Lima"]

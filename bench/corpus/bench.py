@@ -1,0 +1,204 @@
+"""Benchmark ``inspect`` on the real-document corpus against the tools people
+would use instead: poppler's ``pdftotext`` for PDF text, pandas (``read_excel``
+with calamine, its fastest engine, and with its default openpyxl/xlrd;
+``read_csv`` with the C parser) for spreadsheets and CSV.
+
+    python -m bench.corpus.bench        # fetches the corpus first if needed
+
+Per type: files/s (and pages/s for PDF) of each reader over the same files,
+read one after another in one warm process (pdftotext: one process per file,
+as it is used); the worker's peak RSS per file (inspect in a forked child,
+minus the parent's RSS at the fork) and the largest result. Printed as lines
+and written to bench/corpus_results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.corpus.check import run_inspect
+from bench.corpus.fetch import SUFFIXES, documents
+from bench.corpus.fetch import main as fetch_main
+
+RESULTS = Path(__file__).resolve().parent.parent / "corpus_results.json"
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
+    """Peak RSS of a forked inspect worker per file, above the parent's RSS."""
+    rows = []
+    for path in docs:
+        base = _rss_kib()
+        status, payload, _, peak = run_inspect(path, settings)
+        size = len(json.dumps(payload)) if status == "ok" else 0
+        rows.append(
+            {
+                "file": f"{path.parent.name}/{path.name}",
+                "bytes": path.stat().st_size,
+                "status": status,
+                "peak_above_base_kib": max(0, peak - base),
+                "result_bytes": size,
+            }
+        )
+    worst = sorted(rows, key=lambda r: r["peak_above_base_kib"], reverse=True)[:5]
+    largest = max(rows, key=lambda r: r["result_bytes"])
+    return {
+        "base_rss_kib": _rss_kib(),
+        "max_peak_above_base_kib": worst[0]["peak_above_base_kib"] if worst else 0,
+        "worst": worst,
+        "largest_result": largest,
+    }
+
+
+def _timed(fn: Any, paths: list[Path]) -> tuple[float, int, int]:
+    """(seconds, files read, files failed) of ``fn`` over ``paths``."""
+    ok = failed = 0
+    start = time.perf_counter()
+    for path in paths:
+        try:
+            fn(path)
+            ok += 1
+        except Exception:
+            failed += 1
+    return time.perf_counter() - start, ok, failed
+
+
+def speed(by_type: dict[str, list[Path]], settings: Any) -> dict[str, Any]:
+    from batchd.errors import PermanentError
+    from batchd.processors import ProcessorContext
+    from batchd.processors.inspect import inspect
+
+    pages: dict[Path, int] = {}
+    seps: dict[Path, tuple[str, str]] = {}
+
+    def run(path: Path) -> None:
+        ctx = ProcessorContext(
+            batch_id="bench",
+            file_id="f",
+            relpath=path.name,
+            output_path=Path("/nonexistent"),
+            settings=settings,
+        )
+        try:
+            result = inspect(path, ctx)
+        except PermanentError:
+            return
+        pages[path] = int(result.get("pages", 0))
+        if "delimiter" in result:
+            seps[path] = (result["delimiter"], result["encoding"])
+
+    import pandas as pd
+
+    def pdftotext(path: Path) -> None:
+        subprocess.run(["pdftotext", "-q", str(path), "-"], stdout=subprocess.DEVNULL, check=True)
+
+    def excel(engine: str | None) -> Any:
+        return lambda path: pd.read_excel(path, sheet_name=None, header=None, engine=engine)
+
+    def read_csv(path: Path) -> None:
+        sep, encoding = seps.get(path, (",", "utf-8"))
+        pd.read_csv(path, sep=sep, encoding=encoding, header=None, dtype=str)
+
+    out: dict[str, Any] = {}
+    peers: dict[str, dict[str, Any]] = {
+        "pdf": {"pdftotext": pdftotext},
+        "xlsx": {"pandas calamine": excel("calamine"), "pandas openpyxl": excel("openpyxl")},
+        "xls": {"pandas calamine": excel("calamine"), "pandas xlrd": excel("xlrd")},
+        "csv": {"pandas read_csv (C)": read_csv},
+    }
+    for kind, paths in by_type.items():
+        if not paths:
+            continue
+        seconds, _, _ = _timed(run, paths)  # warm-up: first imports, page cache
+        seconds, _, _ = _timed(run, paths)
+        total_pages = sum(pages.get(p, 0) for p in paths)
+        entry: dict[str, Any] = {
+            "files": len(paths),
+            "mib": round(sum(p.stat().st_size for p in paths) / 2**20, 1),
+            "inspect": {
+                "seconds": round(seconds, 2),
+                "files_per_s": round(len(paths) / seconds, 1),
+            },
+        }
+        if kind == "pdf":
+            entry["pages"] = total_pages
+            entry["inspect"]["pages_per_s"] = round(total_pages / seconds, 1)
+        for name, fn in peers[kind].items():
+            peer_seconds, _, peer_failed = _timed(fn, paths)
+            peer: dict[str, Any] = {
+                "seconds": round(peer_seconds, 2),
+                "files_per_s": round(len(paths) / peer_seconds, 1),
+                "failed": peer_failed,
+                "inspect_speedup": round(peer_seconds / seconds, 2),
+            }
+            if kind == "pdf":
+                peer["pages_per_s"] = round(total_pages / peer_seconds, 1)
+            entry[name] = peer
+        out[kind] = entry
+    return out
+
+
+def main() -> int:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    if not documents():
+        fetch_main([])
+    docs = documents()
+    from batchd.config import load_settings
+
+    settings = load_settings(None, env={})
+    import pypdfium2  # noqa: F401  (loaded before forking, as in a warm worker)
+    import python_calamine  # noqa: F401
+    import xlrd  # noqa: F401
+
+    mem = memory(docs, settings)  # before pandas is loaded: a lean parent
+    by_type: dict[str, list[Path]] = {k: [] for k in ("pdf", "xlsx", "xls", "csv")}
+    for doc in docs:
+        by_type[SUFFIXES[doc.suffix.lower()]].append(doc)
+    results = {
+        "documents": len(docs),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "speed": speed(by_type, settings),
+        "memory": mem,
+        "bench_peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    for kind, entry in results["speed"].items():
+        line = f"{kind:5} {entry['files']:4} files {entry['mib']:7} MiB"
+        if kind == "pdf":
+            line += f" {entry['pages']} pages"
+        line += f" | inspect {entry['inspect']['files_per_s']} files/s"
+        if kind == "pdf":
+            line += f", {entry['inspect']['pages_per_s']} pages/s"
+        for name, peer in entry.items():
+            if isinstance(peer, dict) and name != "inspect":
+                line += f" | {name} {peer['files_per_s']} files/s"
+                if kind == "pdf":
+                    line += f", {peer['pages_per_s']} pages/s"
+                line += f" (inspect x{peer['inspect_speedup']}, peer failed {peer['failed']})"
+        print(line)
+    print(
+        f"worker peak RSS above base: max {mem['max_peak_above_base_kib'] / 1024:.1f} MiB "
+        f"({mem['worst'][0]['file'] if mem['worst'] else '-'}); largest result "
+        f"{mem['largest_result']['result_bytes'] / 1024:.0f} KiB ({mem['largest_result']['file']})"
+    )
+    print(f"written {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
