@@ -518,11 +518,35 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_processors(args: argparse.Namespace, settings: Settings) -> int:
     from batchd import processors
+    from batchd.processors import ocr
 
     names = processors.available()
     describe: Callable[[str], str] = getattr(processors, "describe", lambda name: names[name])
-    rows = [{"name": n, "target": names[n], "description": describe(n)} for n in sorted(names)]
-    _out(rows, args.json, lambda: "\n".join(f"{r['name']:12} {r['description']}" for r in rows))
+    rows: list[dict[str, Any]] = [
+        {"name": n, "target": names[n], "description": describe(n)} for n in sorted(names)
+    ]
+    # inspect's OCR depends on what is installed on this machine (issue 18).
+    engine = ocr.describe(settings)
+    for row in rows:
+        if row["name"] == "inspect":
+            row["ocr"] = engine
+
+    def text() -> str:
+        lines = []
+        for r in rows:
+            lines.append(f"{r['name']:12} {r['description']}")
+            if "ocr" in r:
+                lines.append(f"{'':12} OCR (inspect.ocr = {engine['mode']!r}): {ocr_state()}")
+        return "\n".join(lines)
+
+    def ocr_state() -> str:
+        if engine["available"]:
+            wanted = ", ".join(engine["wanted_languages"])
+            installed = ", ".join(engine["languages"])
+            return f"{engine['engine']}, languages {wanted} (installed: {installed})"
+        return f"unavailable: {engine['problem']}"
+
+    _out(rows, args.json, text)
     return EXIT_OK
 
 

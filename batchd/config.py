@@ -93,6 +93,10 @@ class WatchSettings(_Section):
         return value
 
 
+#: other spellings of a content type's name, as users name their files.
+_TYPE_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+
+
 class LimitsSettings(_Section):
     max_files_per_batch: int = Field(50, ge=1)
     max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -116,7 +120,8 @@ class LimitsSettings(_Section):
     def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError('must list at least one type (or "*" for all)')
-        return tuple(v.lower().lstrip(".") for v in value)
+        names = (v.lower().lstrip(".") for v in value)
+        return tuple(_TYPE_ALIASES.get(name, name) for name in names)
 
     def allows(self, kind: str) -> bool:
         """True when a file whose content is of type ``kind`` may be processed."""
@@ -150,7 +155,8 @@ class ProcessingSettings(_Section):
 
 class InspectSettings(_Section):
     """Caps of the ``inspect`` processor; a cap that stops reading sets
-    ``"truncated": true`` and names itself in ``truncated_reasons``."""
+    ``"truncated": true`` and names itself in ``truncated_reasons``. Then its
+    OCR of scanned pages and images (Tesseract, issue 18)."""
 
     #: spreadsheet cells read per file (every cell, empty or not, counts).
     max_cells: int = Field(2_000_000, ge=1)
@@ -164,6 +170,31 @@ class InspectSettings(_Section):
     max_pdf_stream_mb: int = Field(256, ge=1)
     #: the XML parts of an XLSX workbook may expand to at most this many MiB in total.
     max_xlsx_unpacked_mb: int = Field(1_024, ge=1)
+
+    #: auto: OCR pages without a text layer when Tesseract is installed;
+    #: always: OCR every page, Tesseract required at start; never: no OCR.
+    ocr: Literal["auto", "always", "never"] = "auto"
+    #: Tesseract language packs (Debian: tesseract-ocr-<lang>), tried together.
+    ocr_languages: tuple[str, ...] = ("eng",)
+    #: one page's OCR is stopped after this long and becomes a page_errors entry.
+    ocr_page_seconds: float = Field(60.0, gt=0)
+    #: pages OCRed per document at most; beyond, "truncated": true.
+    ocr_max_pages: int = Field(100, ge=1)
+    #: resolution PDF pages are rendered at for OCR (chosen by measurement: BENCHMARKS.md).
+    ocr_dpi: int = Field(300, ge=50, le=1200)
+    #: a page or image larger than this (after rendering) is refused, or rendered smaller.
+    ocr_max_page_megapixels: float = Field(50.0, gt=0)
+
+    @field_validator("ocr_languages")
+    @classmethod
+    def _language_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError('must list at least one language, e.g. ["eng"]')
+        for name in value:
+            # The names become a tesseract argument and a tessdata file name.
+            if not name.replace("_", "").isalnum() or not name.isascii():
+                raise ValueError(f"{name!r} is not a Tesseract language name like eng or chi_sim")
+        return value
 
 
 class ExecSettings(_Section):

@@ -37,7 +37,7 @@ from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
 from batchd.pool import WorkerPool
-from batchd.processors import resolve
+from batchd.processors import ocr, resolve
 from batchd.records import Status
 from batchd.scheduler import Scheduler
 from batchd.spool import Claimed, Spool, owner_name
@@ -277,6 +277,10 @@ class Daemon:
         resolve(settings.processing.processor)  # a bad processor name is a config error
         for route in settings.route:
             resolve(route.processor)
+        ocr.check_settings(settings)  # inspect.ocr = "always" needs Tesseract installed
+        if settings.inspect.ocr == "auto" and (why := ocr.unavailable_reason(settings.inspect)):
+            # Not an error: scans come back without text, saying ocr: "unavailable".
+            log.warning("ocr_unavailable", reason=why)
         # The lock first: a second daemon on this spool must not touch
         # anything (recovery would requeue the first one's running files).
         self.lock.acquire()
@@ -559,6 +563,7 @@ class Daemon:
             resolve(new.processing.processor)
             for route in new.route:
                 resolve(route.processor)
+            ocr.check_settings(new)
         except ConfigError as exc:
             log.error("reload_refused", error=exc.message)
             self._verdict(False, exc.message, [])

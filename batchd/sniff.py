@@ -40,6 +40,10 @@ _OLE2_STREAMS = (
     ("PowerPoint Document".encode("utf-16-le"), "ppt", "application/vnd.ms-powerpoint"),
 )
 
+#: filetype's extension names where batchd's type names differ (the image
+#: types inspect OCRs are named by format: ``jpeg``, ``tiff``).
+_KIND_NAMES = {"jpg": "jpeg", "tif": "tiff"}
+
 
 @dataclass(frozen=True, slots=True)
 class Sniffed:
@@ -172,7 +176,8 @@ def sniff(path: Path, name: str | None = None) -> Sniffed:
         return Sniffed("xls", "application/vnd.ms-excel")  # Excel 2.x to 5.0, no OLE2 wrapper
     guess = filetype.guess(head)
     if guess is not None:
-        return Sniffed(str(guess.extension), str(guess.mime))
+        kind = str(guess.extension)
+        return Sniffed(_KIND_NAMES.get(kind, kind), str(guess.mime))
     text = decode_head(head)
     if text is not None:
         suffix = PurePosixPath(name if name is not None else path.name).suffix.lower()

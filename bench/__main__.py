@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cluster, profile, scale, scenarios
+from bench import ocr as ocr_bench
 from bench.common import CORES
 
 SCENARIOS = (
@@ -36,6 +37,7 @@ SCENARIOS = (
     "cluster",
     "profile",
     "processors",
+    "ocr",
     "documents",
 )
 
@@ -308,6 +310,8 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     "",
                 )
             )
+    if results.get("ocr"):
+        rows += ocr_bench.rows(results["ocr"])
     return rows
 
 
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["processors"] = done.stdout.splitlines()
         timings["processors"] = round(time.perf_counter() - t0, 1)
+    step("ocr", ocr_bench.run, rounds, args.quick)  # issue 18: s/page vs tesseract by hand
     if "documents" in wanted and not args.quick:
         # inspect on the real-document corpus vs pdftotext and pandas (bench/corpus).
         print(f"[{time.perf_counter() - started:6.0f} s] documents ...", flush=True)

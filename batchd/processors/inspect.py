@@ -72,8 +72,17 @@ def inspect(path: Path, ctx: Context) -> Result:
         "sha256": scan.sha256,
     }
     budget = Budget(ctx.settings.processing.max_rows, ctx.settings.processing.max_text_chars)
+    # -- OCR (issue 18): scanned PDF pages and images, see batchd/processors/ocr.py --
     if sniffed.kind == "pdf":
-        result.update(read_pdf(path, ctx, budget))
+        from batchd.processors import ocr
+
+        result.update(read_pdf(path, ocr.text_pass(ctx), budget))
+        ocr.ocr_pdf(path, ctx, result, budget)
+    elif sniffed.kind in {"png", "jpeg", "tiff"}:
+        from batchd.processors import ocr
+
+        result.update(ocr.read_image(path, ctx, budget))
+    # -- end of OCR --
     elif sniffed.kind == "xlsx":
         result.update(read_xlsx(path, ctx, budget))
     elif sniffed.kind == "xls":

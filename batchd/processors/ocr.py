@@ -1,0 +1,626 @@
+"""OCR for ``inspect``: the text of scanned PDF pages and of images, by Tesseract.
+
+Tesseract runs as its command line (Debian's ``tesseract-ocr``), one process
+per page, handed the page as an uncompressed BMP file (the next page renders
+meanwhile) and read back as TSV (words with their confidence). Chosen over a
+binding (tesserocr) on purpose, see BENCHMARKS.md for the figures:
+
+* a page that hangs or runs long is killed at ``inspect.ocr_page_seconds``
+  and becomes a ``page_errors`` entry; the worker and the rest of the
+  document live on. A crash inside Tesseract is the same: one page lost.
+* the engine and its language data are Debian's, updated with the system;
+  "is OCR available" is "is ``tesseract`` on PATH, with these languages".
+* the process inherits the worker's limits (``RLIMIT_AS`` from
+  ``processing.worker_memory_mb``) and its process group, so the daemon's
+  kill of a timed-out worker kills it too.
+
+PDF pages are rendered by PDFium (pypdfium2) at ``inspect.ocr_dpi``, in grey.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchd.config import InspectSettings, Settings
+from batchd.errors import ConfigError, PermanentError
+from batchd.processors.content import Budget
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from batchd.processors import Context
+
+TESSERACT = "tesseract"
+#: the Debian package that has the ``tesseract`` command.
+TESSERACT_PACKAGE = "tesseract-ocr"
+#: ``tesseract --version`` and ``--list-langs`` answer at once; more means it is broken.
+PROBE_SECONDS = 10.0
+#: PDF points per inch: a page's size in points times dpi/72 is its size in pixels.
+POINTS_PER_INCH = 72
+#: images saying less than this (or nothing) about their resolution let Tesseract guess it.
+MIN_TRUSTED_DPI = 70
+#: Tesseract's TSV row level for one word.
+_TSV_WORD = 5
+#: the content types that are pictures, OCRed as documents when allowed.
+IMAGE_TYPES = frozenset({"png", "jpeg", "tiff"})
+
+Result = dict[str, Any]
+#: ``"done"``: the pages that needed OCR went through it (see ``ocr_pages`` and
+#: ``page_errors``); ``"unavailable"``: they needed it but Tesseract (or a
+#: language) is not installed; ``"off"``: ``inspect.ocr = "never"``.
+Status = Literal["done", "unavailable", "off"]
+
+
+class OcrError(Exception):
+    """One page could not be OCRed; the message says why."""
+
+
+# -- the engine ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """The Tesseract found on PATH."""
+
+    path: str
+    #: ``tesseract 5.3.0``
+    version: str
+    languages: tuple[str, ...]
+
+
+def find_engine() -> Engine | None:
+    """The ``tesseract`` on the current PATH, or None when there is none that runs."""
+    return _find_engine(os.environ.get("PATH", os.defpath))
+
+
+@functools.lru_cache(maxsize=4)
+def _find_engine(search_path: str) -> Engine | None:
+    # Cached per PATH: a worker asks once per document, the answer stays the same.
+    path = shutil.which(TESSERACT, path=search_path)
+    if path is None:
+        return None
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, timeout=PROBE_SECONDS, check=True
+        )
+        langs = subprocess.run(
+            [path, "--list-langs"], capture_output=True, timeout=PROBE_SECONDS, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = (version.stdout or version.stderr).decode(errors="replace").strip().splitlines()
+    # The first line says where the data is ("List of available languages in ...").
+    names = langs.stdout.decode(errors="replace").strip().splitlines()[1:]
+    return Engine(
+        path=path,
+        version=first[0].strip() if first else "tesseract",
+        languages=tuple(sorted(n.strip() for n in names if n.strip())),
+    )
+
+
+def language_package(language: str) -> str:
+    """The Debian package with a Tesseract language's data: ``chi_sim`` is in
+    ``tesseract-ocr-chi-sim``."""
+    return f"{TESSERACT_PACKAGE}-{language.lower().replace('_', '-')}"
+
+
+def unavailable_reason(settings: InspectSettings) -> str | None:
+    """Why OCR cannot run with these settings (what to install), or None when it can."""
+    engine = find_engine()
+    if engine is None:
+        return f"Tesseract is not installed (no {TESSERACT!r} on PATH; install {TESSERACT_PACKAGE})"
+    missing = [name for name in settings.ocr_languages if name not in engine.languages]
+    if missing:
+        packages = " ".join(language_package(name) for name in missing)
+        return f"Tesseract has no data for {', '.join(missing)} (install {packages})"
+    return None
+
+
+def check_settings(settings: Settings) -> None:
+    """Raise :class:`ConfigError` when ``inspect.ocr = "always"`` but OCR cannot run.
+
+    Called at start and on reload: a daemon told to always OCR must not start
+    and then quietly return scans without text.
+    """
+    if settings.inspect.ocr != "always":
+        return
+    reason = unavailable_reason(settings.inspect)
+    if reason is not None:
+        raise ConfigError(f'inspect.ocr = "always" but {reason}; or set inspect.ocr = "auto"')
+
+
+def describe(settings: Settings) -> Result:
+    """OCR's state for ``batchd processors``: mode, engine, languages installed."""
+    engine = find_engine()
+    reason = unavailable_reason(settings.inspect)
+    return {
+        "mode": settings.inspect.ocr,
+        "available": reason is None,
+        "engine": engine.version if engine else None,
+        "languages": list(engine.languages) if engine else [],
+        "wanted_languages": list(settings.inspect.ocr_languages),
+        "problem": reason,
+    }
+
+
+def status(settings: InspectSettings) -> Status | None:
+    """What OCR will do for a document: None means it will run."""
+    if settings.ocr == "never":
+        return "off"
+    if unavailable_reason(settings) is not None:
+        return "unavailable"
+    return None
+
+
+# -- one page --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageText:
+    text: str
+    #: Tesseract's mean word confidence (0-100), None when it found no words.
+    confidence: float | None
+
+
+@dataclass
+class Job:
+    """One page in Tesseract: started, not yet collected."""
+
+    index: int
+    proc: subprocess.Popen[bytes]
+    picture: Path
+    started: float
+    #: the resolution Tesseract was told, None when it guesses.
+    dpi: int | None
+
+
+def start(
+    image: Image.Image, settings: InspectSettings, dpi: int | None, scratch: Path, index: int
+) -> Job:
+    """Start Tesseract on ``image`` (written to ``scratch`` as BMP); collect it with
+    :func:`finish`. ``dpi`` is the picture's resolution when known (Tesseract
+    guesses otherwise). :class:`OcrError` when it cannot start."""
+    engine = find_engine()
+    if engine is None:
+        raise OcrError(f"Tesseract is gone from PATH (install {TESSERACT_PACKAGE})")
+    picture = scratch / f"page-{index + 1}.bmp"
+    # BMP: no compression to spend time on, and the format Tesseract (Leptonica)
+    # reads fastest, measurably faster than PNM or PNG (BENCHMARKS.md). A file,
+    # not stdin, so that the next page renders while this one is read (ocr_pages).
+    _grey(image).save(picture, "BMP")
+    command = [engine.path, str(picture), "stdout", "-l", "+".join(settings.ocr_languages)]
+    if dpi is not None:
+        command += ["--dpi", str(dpi)]
+    command.append("tsv")
+    # One thread: the pool already runs one worker per core, and OpenMP threads
+    # fighting over them made a page 4x slower (BENCHMARKS.md).
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    except OSError as exc:
+        picture.unlink(missing_ok=True)
+        raise OcrError(f"cannot run {engine.path}: {exc}") from exc
+    return Job(index=index, proc=proc, picture=picture, started=time.monotonic(), dpi=dpi)
+
+
+def finish(job: Job, settings: InspectSettings) -> PageText:
+    """Wait for a page started by :func:`start` (until ``ocr_page_seconds`` after
+    its start, then kill it); its text, or :class:`OcrError` saying why not."""
+    left = settings.ocr_page_seconds - (time.monotonic() - job.started)
+    try:
+        out, err = job.proc.communicate(timeout=max(left, 0.001))
+    except subprocess.TimeoutExpired as exc:
+        job.proc.kill()
+        job.proc.communicate()
+        raise OcrError(
+            f"OCR stopped after {settings.ocr_page_seconds:g} s (inspect.ocr_page_seconds)"
+        ) from exc
+    finally:
+        job.picture.unlink(missing_ok=True)
+    if job.proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {job.proc.returncode}"
+        raise OcrError(f"Tesseract failed: {why}")
+    return parse_tsv(out.decode("utf-8", errors="replace"))
+
+
+def recognize(image: Image.Image, settings: InspectSettings, dpi: int | None) -> PageText:
+    """The text Tesseract reads on ``image``; :class:`OcrError` when it cannot."""
+    with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
+        return finish(start(image, settings, dpi, Path(scratch), 0), settings)
+
+
+def _grey(image: Image.Image) -> Image.Image:
+    """The picture as 1-bit or 8-bit grey, transparency on white (Tesseract
+    binarises anyway; grey is a third of the bytes to pass)."""
+    from PIL import Image
+
+    if image.mode in ("1", "L"):
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return image.convert("L")
+
+
+def parse_tsv(tsv: str) -> PageText:
+    """Text and mean confidence from Tesseract's TSV: words joined by spaces,
+    lines by newlines, blocks by a blank line."""
+    rows = csv.reader(io.StringIO(tsv), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(rows, None)
+    if header is None or "conf" not in header or "text" not in header:
+        raise OcrError("Tesseract gave no TSV output")
+    col = {name: i for i, name in enumerate(header)}
+    blocks: list[list[list[str]]] = []
+    where: tuple[str, ...] | None = None
+    block: str | None = None
+    confidences: list[float] = []
+    for row in rows:
+        if len(row) < len(header) or row[col["level"]] != str(_TSV_WORD):
+            continue
+        word = row[col["text"]].strip()
+        if not word:
+            continue
+        line = (row[col["block_num"]], row[col["par_num"]], row[col["line_num"]])
+        if row[col["block_num"]] != block:
+            block = row[col["block_num"]]
+            blocks.append([])
+        if line != where:
+            where = line
+            blocks[-1].append([])
+        blocks[-1][-1].append(word)
+        confidence = float(row[col["conf"]])
+        if confidence >= 0:
+            confidences.append(confidence)
+    text = "\n\n".join("\n".join(" ".join(words) for words in lines) for lines in blocks)
+    mean = round(sum(confidences) / len(confidences), 1) if confidences else None
+    return PageText(text=text, confidence=mean)
+
+
+# -- documents -------------------------------------------------------------------
+
+
+@dataclass
+class Pages:
+    """What OCR adds to a result: which pages, their confidence, the failures."""
+
+    ocr_pages: list[Result]
+    page_errors: list[Result]
+
+    def page_done(self, number: int, page: PageText, dpi: int | None, seconds: float) -> None:
+        self.ocr_pages.append(
+            {
+                "page": number,
+                "confidence": page.confidence,
+                "dpi": dpi,
+                "seconds": round(seconds, 3),
+            }
+        )
+
+    def page_failed(self, number: int, message: str) -> None:
+        self.page_errors.append({"page": number, "error": message})
+
+
+class ScaledProgress:
+    """A :class:`Context` whose progress 0-100 lands in [start, end] of the real one:
+    the text layer's pass takes the first few percent, OCR the rest."""
+
+    def __init__(self, ctx: Context, start: float, end: float) -> None:
+        self._ctx = ctx
+        self._start = start
+        self._span = end - start
+        self.batch_id = ctx.batch_id
+        self.file_id = ctx.file_id
+        self.relpath = ctx.relpath
+        self.settings = ctx.settings
+
+    @property
+    def output_dir(self) -> Path:
+        return self._ctx.output_dir
+
+    def progress(self, percent: float) -> None:
+        self._ctx.progress(self._start + self._span * percent / 100)
+
+
+#: share of a PDF's progress bar given to its text-layer pass when OCR may follow.
+TEXT_PASS_PERCENT = 10.0
+
+
+def text_pass(ctx: Context) -> Context:
+    """The context for reading a PDF's text layer: its progress takes the first
+    TEXT_PASS_PERCENT when OCR may follow, all of it otherwise."""
+    if status(ctx.settings.inspect) is None:
+        return ScaledProgress(ctx, 0, TEXT_PASS_PERCENT)
+    return ctx
+
+
+def ocr_pdf(path: Path, ctx: Context, result: Result, budget: Budget) -> None:
+    """OCR the pages of an inspected PDF that need it, in place in ``result``.
+
+    ``auto``: the ``pages_without_text``; ``always``: every page read (the OCR
+    text replaces the text layer's, for PDFs whose text layer is wrong, and
+    has a budget of its own). ``budget`` is the document's text budget. A PDF
+    with nothing to OCR is left as it was; otherwise ``ocr`` says what
+    happened and ``ocr_pages`` lists the pages whose text came from OCR.
+    """
+    settings = ctx.settings.inspect
+    texts: list[str] = result["text"]
+    if settings.ocr == "always":
+        wanted = list(range(min(result["pages"], settings.max_pages)))
+        processing = ctx.settings.processing
+        take = Budget(processing.max_rows, processing.max_text_chars)
+        take.reasons = budget.reasons  # one list: the text pass's caps still count
+    else:
+        wanted = [number - 1 for number in result.get("pages_without_text", [])]
+        take = budget
+    if not wanted:
+        return
+    why_not = status(settings)
+    if why_not is not None:
+        result["ocr"] = why_not
+        return
+    pages = Pages(ocr_pages=[], page_errors=[])
+    if len(wanted) > settings.ocr_max_pages:
+        wanted = wanted[: settings.ocr_max_pages]
+        take.hit("inspect.ocr_max_pages")
+    done = 0
+
+    def on_page() -> None:
+        nonlocal done
+        done += 1
+        ctx.progress(TEXT_PASS_PERCENT + (100 - TEXT_PASS_PERCENT) * done / len(wanted))
+
+    ocr_pages(_render_pdf(path, ctx, wanted, pages), texts, settings, pages, take, on_page)
+    _merge(result, pages, take)
+
+
+def _render_pdf(path: Path, ctx: Context, indexes: list[int], pages: Pages) -> Iterator[Item]:
+    """Each wanted page rendered in grey at ``inspect.ocr_dpi`` (smaller when
+    that would pass ``ocr_max_page_megapixels``); None for a page PDFium fails on."""
+    import pypdfium2 as pdfium
+
+    settings = ctx.settings.inspect
+    try:
+        document = pdfium.PdfDocument(path)
+    except pdfium.PdfiumError as exc:
+        for index in indexes:
+            pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
+            yield index, None, None
+        return
+    try:
+        for index in indexes:
+            try:
+                page = document[index]
+                try:
+                    image, dpi = _own_scan(page, settings) or _render(page, settings)
+                finally:
+                    page.close()
+            except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
+                pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
+                yield index, None, None
+                continue
+            yield index, image, dpi
+    finally:
+        document.close()
+
+
+def _render(page: Any, settings: InspectSettings) -> tuple[Image.Image, int]:
+    """The page rendered in grey at ``ocr_dpi``, or less when that would pass
+    ``ocr_max_page_megapixels``; and the resolution used."""
+    width, height = page.get_size()
+    scale = settings.ocr_dpi / POINTS_PER_INCH
+    limit = settings.ocr_max_page_megapixels * 1e6
+    if width * height * scale * scale > limit:
+        scale = (limit / (width * height)) ** 0.5
+    return page.render(scale=scale, grayscale=True).to_pil(), round(scale * POINTS_PER_INCH)
+
+
+#: a page's own scan stands in for its rendering when its resolution is
+#: within this factor below ocr_dpi.
+OWN_SCAN_DPI_FACTOR = 2.0
+
+
+def _own_scan(page: Any, settings: InspectSettings) -> tuple[Image.Image, int] | None:
+    """The picture a scanned page is made of, as the scanner gave it, when the
+    page is that one upright picture filling the page: no rendering needed
+    (0.02 s of CPU against 0.11-0.17 s to render a page at 300 dpi,
+    BENCHMARKS.md). None otherwise.
+
+    Only 8-bit grey and RGB pictures are taken as they are: 1-bit ones
+    (fax scans) often carry a /Decode inversion or are masks, and other colour
+    spaces need PDFium's conversion, so those pages are rendered.
+    """
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    objects = list(page.get_objects(max_depth=1))
+    if len(objects) != 1 or objects[0].type != pdfium_c.FPDF_PAGEOBJ_IMAGE:
+        return None
+    picture = objects[0]
+    width, height = page.get_size()
+    matrix = picture.get_matrix()
+    upright = matrix.b == 0 and matrix.c == 0 and matrix.a > 0 and matrix.d > 0
+    left, bottom, right, top = picture.get_bounds()
+    fills = max(abs(left), abs(bottom), abs(right - width), abs(top - height)) < 1
+    px_width, px_height = picture.get_px_size()
+    dpi = round(px_width * POINTS_PER_INCH / width)
+    wanted = settings.ocr_dpi
+    if not (upright and fills and wanted / OWN_SCAN_DPI_FACTOR <= dpi <= wanted):
+        return None
+    if px_width * px_height > settings.ocr_max_page_megapixels * 1e6:
+        return None
+    try:
+        meta = picture.get_metadata()
+        plain = (meta.colorspace, meta.bits_per_pixel) in (
+            (pdfium_c.FPDF_COLORSPACE_DEVICEGRAY, 8),
+            (pdfium_c.FPDF_COLORSPACE_DEVICERGB, 24),
+        )
+        if not plain:
+            return None
+        return _grey(picture.get_bitmap(render=False).to_pil()), dpi
+    except (pdfium.PdfiumError, ValueError, OSError):
+        return None
+
+
+#: one page to OCR: its index, its picture (None when it could not be made) and dpi.
+Item = tuple[int, "Image.Image | None", int | None]
+
+
+def ocr_pages(
+    items: Iterator[Item],
+    texts: list[str],
+    settings: InspectSettings,
+    pages: Pages,
+    budget: Budget,
+    on_page: Callable[[], None],
+) -> None:
+    """OCR each page of ``items`` into ``texts[index]``, in order, one
+    Tesseract at a time; ``on_page`` after each page, done or not.
+
+    The next page is rendered (``items`` advanced) while Tesseract reads the
+    current one: rendering is a tenth of a page's time, and so hidden.
+    """
+    with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
+        running: Job | None = None
+        try:
+            for index, image, dpi in items:  # renders the next page meanwhile
+                if running is not None:
+                    _collect(running, texts, settings, pages, budget)
+                    running = None
+                    on_page()
+                if image is None:
+                    on_page()
+                    continue
+                try:
+                    running = start(image, settings, dpi, Path(scratch), index)
+                except OcrError as exc:
+                    pages.page_failed(index + 1, str(exc))
+                    on_page()
+                del image  # a page's picture is tens of MB: keep one at a time
+            if running is not None:
+                _collect(running, texts, settings, pages, budget)
+                running = None
+                on_page()
+        finally:
+            if running is not None:  # an exception on the way: leave no Tesseract behind
+                running.proc.kill()
+                running.proc.communicate()
+
+
+def _collect(
+    job: Job, texts: list[str], settings: InspectSettings, pages: Pages, budget: Budget
+) -> None:
+    try:
+        page = finish(job, settings)
+    except OcrError as exc:
+        pages.page_failed(job.index + 1, str(exc))
+        return
+    kept = budget.take_text(page.text)
+    if kept is None:  # the text budget is spent: this page's text is not kept
+        return
+    while len(texts) <= job.index:
+        texts.append("")
+    texts[job.index] = kept
+    pages.page_done(job.index + 1, page, job.dpi, time.monotonic() - job.started)
+
+
+def _merge(result: Result, pages: Pages, budget: Budget) -> None:
+    result["ocr"] = "done"
+    result["ocr_pages"] = pages.ocr_pages
+    errors: list[Result] = [*result.get("page_errors", []), *pages.page_errors]
+    result["page_errors"] = sorted(errors, key=lambda e: int(e["page"]))
+    result.update(budget.fields())
+
+
+def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
+    """An image as a document: its frames (pages; several in a TIFF), size and
+    resolution, and the text OCR reads on each frame."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    settings = ctx.settings.inspect
+    limit = int(settings.ocr_max_page_megapixels * 1e6)
+    try:
+        picture = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+        raise PermanentError(
+            f"{ctx.relpath}: the image is damaged and cannot be read ({exc}); scan it again"
+        ) from exc
+    with picture:
+        width, height = picture.size
+        if width * height > limit:
+            raise PermanentError(
+                f"{ctx.relpath}: the image is {width}x{height} pixels, more than "
+                f"inspect.ocr_max_page_megapixels ({settings.ocr_max_page_megapixels:g} "
+                "million); scan it at a lower resolution or raise the limit"
+            )
+        frames = int(getattr(picture, "n_frames", 1))
+        dpi = _image_dpi(picture.info.get("dpi"))
+        result: Result = {
+            "pages": frames,
+            "width": width,
+            "height": height,
+            "dpi": dpi,
+            "text": [""] * frames,
+            "page_errors": [],
+            **budget.fields(),
+        }
+        why_not = status(settings)
+        if why_not is not None:
+            result["ocr"] = why_not
+            return result
+        pages = Pages(ocr_pages=[], page_errors=[])
+        wanted = min(frames, settings.ocr_max_pages)
+        if frames > wanted:
+            budget.hit("inspect.ocr_max_pages")
+
+        def frames_of() -> Iterator[Item]:
+            for index in range(wanted):
+                try:
+                    picture.seek(index)
+                    frame_w, frame_h = picture.size
+                    if frame_w * frame_h > limit:
+                        raise ValueError(f"the frame is {frame_w}x{frame_h} pixels, over the limit")
+                    frame = ImageOps.exif_transpose(picture)
+                    frame.load()
+                except (OSError, EOFError, ValueError, SyntaxError) as exc:
+                    pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
+                    yield index, None, None
+                else:
+                    yield index, frame, _image_dpi(frame.info.get("dpi")) or dpi
+
+        done = 0
+
+        def on_page() -> None:
+            nonlocal done
+            done += 1
+            ctx.progress(done * 100 / wanted)
+
+        ocr_pages(frames_of(), result["text"], settings, pages, budget, on_page)
+        _merge(result, pages, budget)
+        return result
+
+
+def _image_dpi(value: Any) -> int | None:
+    try:
+        dpi = round(float(value[0]))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return dpi if dpi >= MIN_TRUSTED_DPI else None

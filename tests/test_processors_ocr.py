@@ -1,0 +1,417 @@
+"""OCR in ``inspect``: scanned PDF pages and images read by the real Tesseract.
+
+The scans are made here (tests/scans.py): Pillow draws known words with a
+DejaVu font, the picture becomes an image-only PDF, a PNG or a TIFF. A
+stand-in ``tesseract`` on PATH (a shell script) plays an engine that fails,
+hangs or is missing a language; everything else runs the real one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from scans import (
+    menu_lines,
+    save_mixed_pdf,
+    save_pdf,
+    save_tiff,
+    scanned_page,
+    word_accuracy,
+    words,
+)
+
+from batchd.config import LimitsSettings, Settings, load_settings
+from batchd.errors import ConfigError
+from batchd.processors import ProcessorContext, ocr
+from batchd.processors.inspect import inspect
+from batchd.sniff import sniff
+
+REPO = Path(__file__).resolve().parents[1]
+TESSERACT = shutil.which("tesseract")
+
+needs_tesseract = pytest.mark.skipif(
+    TESSERACT is None, reason="needs Tesseract: apt-get install tesseract-ocr tesseract-ocr-eng"
+)
+#: how many of the drawn words OCR must find on these clean small scans.
+MIN_ACCURACY = 0.9
+
+
+def settings(**inspect_keys: Any) -> Settings:
+    env = {f"BATCHD_INSPECT__{k.upper()}": json.dumps(v) for k, v in inspect_keys.items()}
+    return load_settings(None, env={k: v.strip('"') for k, v in env.items()})
+
+
+def run(path: Path, config: Settings | None = None) -> tuple[dict[str, Any], list[int]]:
+    """Inspect ``path``; the result (checked to be JSON) and the progress reported."""
+    progress: list[int] = []
+    out = path.parent / "out"
+    ctx = ProcessorContext(
+        batch_id="b1",
+        file_id="f1",
+        relpath=path.name,
+        output_path=out,
+        settings=config or settings(),
+        report=progress.append,
+    )
+    result = inspect(path, ctx)
+    assert json.loads(json.dumps(result, allow_nan=False)) == result
+    return result, progress
+
+
+def page(seed: int, lines: int = 5) -> tuple[str, Image.Image]:
+    """A small scanned page of menu text and the text drawn on it."""
+    text = menu_lines(seed, lines)
+    return "\n".join(text), scanned_page(text, width_in=5.5, height_in=2.5, seed=seed)
+
+
+@pytest.fixture
+def fake_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder put first on PATH, for a stand-in ``tesseract``."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    yield folder
+
+
+def fake_tesseract(folder: Path, body: str, languages: str = "eng") -> Path:
+    """A ``tesseract`` that answers --version/--list-langs and runs ``body`` otherwise."""
+    script = folder / "tesseract"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  --version) echo 'tesseract 0.0-test'; exit 0 ;;\n"
+        f"  --list-langs) printf 'List of available languages (1):\\n{languages}\\n'; exit 0 ;;\n"
+        "esac\n"
+        f"{body}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def no_tesseract_path(tmp_path: Path) -> str:
+    """A PATH with every folder of the current one except those holding ``tesseract``."""
+    kept = [
+        folder
+        for folder in os.environ["PATH"].split(os.pathsep)
+        if folder and not (Path(folder) / "tesseract").exists()
+    ]
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    return os.pathsep.join([str(empty), *kept])
+
+
+# -- scanned PDFs ----------------------------------------------------------------
+
+
+@needs_tesseract
+def test_image_only_pdf_gives_the_words_drawn_on_it(tmp_path: Path) -> None:
+    """An image-only PDF of known text gives those words, marked as OCR, with a confidence."""
+    text, image = page(1)
+    path = save_pdf(tmp_path / "menu.pdf", [image])
+    result, progress = run(path)
+    assert result["pages"] == 1
+    assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY, result["text"][0]
+    assert result["ocr"] == "done"
+    [entry] = result["ocr_pages"]
+    assert entry["page"] == 1
+    assert 50 < entry["confidence"] <= 100
+    assert (result["truncated"], result["page_errors"]) == (False, [])
+    assert result["pages_without_text"] == [1]  # the text layer's story, OCR or not
+    assert progress[-1] == 100
+
+
+@needs_tesseract
+def test_mixed_pdf_keeps_the_text_layer_and_ocrs_only_the_scans(tmp_path: Path) -> None:
+    """In a mixed PDF, text pages keep their text layer and only scanned pages are OCRed."""
+    text2, scan2 = page(2)
+    text4, scan4 = page(4)
+    path = save_mixed_pdf(tmp_path / "mixed.pdf", ["Soup 4.50", scan2, "Tea 2.00", scan4])
+    result, progress = run(path)
+    assert result["pages"] == 4
+    assert result["text"][0] == "Soup 4.50"
+    assert result["text"][2] == "Tea 2.00"
+    assert word_accuracy(text2, result["text"][1]) >= MIN_ACCURACY
+    assert word_accuracy(text4, result["text"][3]) >= MIN_ACCURACY
+    assert [p["page"] for p in result["ocr_pages"]] == [2, 4]
+    # The text layer's pass takes the first 10 %, then progress moves per OCRed page.
+    assert [p for p in progress if p > 10] == [55, 100]
+
+
+@needs_tesseract
+def test_a_page_that_is_one_scan_is_read_at_the_scans_resolution(tmp_path: Path) -> None:
+    """A page made of one picture is OCRed from that picture at its own dpi (no rendering)
+    when that is up to ocr_dpi; a coarser scan is rendered at ocr_dpi."""
+    text, _ = page(19)
+    lines = text.splitlines()
+    scans = [scanned_page(lines, width_in=5.5, height_in=2.5, dpi=d, seed=d) for d in (200, 100)]
+    first, second = scans
+    result, _ = run(save_pdf_per_dpi(tmp_path / "mixed-dpi.pdf", [(first, 200), (second, 100)]))
+    assert [(p["page"], p["dpi"]) for p in result["ocr_pages"]] == [(1, 200), (2, 300)]
+    assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY
+
+
+def save_pdf_per_dpi(path: Path, pages: list[tuple[Image.Image, int]]) -> Path:
+    """An image-only PDF whose pages are pictures of different resolutions."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for image, dpi in pages:
+        one = io.BytesIO()
+        image.save(one, "PDF", resolution=dpi)
+        writer.append(PdfReader(one))
+    with path.open("wb") as fh:
+        writer.write(fh)
+    return path
+
+
+def test_pdf_with_a_text_layer_everywhere_is_left_as_it_was(tmp_path: Path) -> None:
+    """With ocr = "auto", a PDF whose every page has text gains no OCR fields."""
+    path = save_mixed_pdf(tmp_path / "text.pdf", ["Soup 4.50", "Tea 2.00"])
+    result, _ = run(path)
+    assert result["text"] == ["Soup 4.50", "Tea 2.00"]
+    assert not {"ocr", "ocr_pages"} & set(result)
+
+
+@needs_tesseract
+def test_ocr_always_reads_every_page_even_with_a_text_layer(tmp_path: Path) -> None:
+    """ocr = "always" OCRs pages that have a text layer too, and its text replaces the layer's."""
+    text, scan = page(5, lines=3)
+    path = save_mixed_pdf(tmp_path / "mixed.pdf", ["Grilled salmon with lemon 19.50", scan])
+    result, _ = run(path, settings(ocr="always"))
+    assert [p["page"] for p in result["ocr_pages"]] == [1, 2]
+    assert words(result["text"][0]) == ["grilled", "salmon", "with", "lemon", "19.50"]
+    assert word_accuracy(text, result["text"][1]) >= MIN_ACCURACY
+
+
+def test_ocr_never_leaves_scans_without_text_and_says_so(tmp_path: Path) -> None:
+    """ocr = "never": scanned pages stay empty and the result says "off"."""
+    _, scan = page(6)
+    result, _ = run(save_pdf(tmp_path / "scan.pdf", [scan]), settings(ocr="never"))
+    assert (result["text"], result["ocr"]) == ([""], "off")
+    assert "ocr_pages" not in result
+
+
+@needs_tesseract
+def test_cap_on_ocred_pages_sets_truncated(tmp_path: Path) -> None:
+    """At most inspect.ocr_max_pages pages are OCRed; the result says truncated."""
+    scans = [page(seed)[1] for seed in (7, 8, 9)]
+    result, _ = run(save_pdf(tmp_path / "long.pdf", scans), settings(ocr_max_pages=1))
+    assert [p["page"] for p in result["ocr_pages"]] == [1]
+    assert result["text"][0] and result["text"][1:] == ["", ""]
+    assert result["truncated"] is True
+    assert result["truncated_reasons"] == ["inspect.ocr_max_pages"]
+
+
+@needs_tesseract
+def test_text_cap_applies_to_ocr_text(tmp_path: Path) -> None:
+    """OCR text counts against processing.max_text_chars like a text layer's."""
+    _, scan = page(10)
+    config = load_settings(None, env={"BATCHD_PROCESSING__MAX_TEXT_CHARS": "12"})
+    result, _ = run(save_pdf(tmp_path / "scan.pdf", [scan]), config)
+    assert len(result["text"][0]) == 12
+    assert result["truncated_reasons"] == ["processing.max_text_chars"]
+
+
+# -- images ----------------------------------------------------------------------
+
+
+def test_images_are_sniffed_by_content_and_not_allowed_by_default(tmp_path: Path) -> None:
+    """PNG, JPEG, TIFF are told by content, refused by default, allowed by name (jpg/tif too)."""
+    _, scan = page(11, lines=1)
+    kinds = {}
+    for name, fmt in (("a.bin", "PNG"), ("b.dat", "JPEG"), ("c", "TIFF")):
+        scan.save(tmp_path / name, fmt)
+        kinds[name] = sniff(tmp_path / name).kind
+    assert kinds == {"a.bin": "png", "b.dat": "jpeg", "c": "tiff"}
+    assert not any(LimitsSettings().allows(kind) for kind in kinds.values())
+    allowed = LimitsSettings(allowed_types=("png", "JPG", ".tif"))
+    assert all(allowed.allows(kind) for kind in kinds.values())
+
+
+@needs_tesseract
+def test_png_is_read_like_a_scanned_page(tmp_path: Path) -> None:
+    """A PNG comes back with the same shape as a scanned PDF page: text, ocr_pages, confidence."""
+    text, scan = page(12)
+    scan.save(tmp_path / "photo.png", dpi=(300, 300))
+    result, progress = run(tmp_path / "photo.png")
+    assert (result["type"], result["pages"], result["dpi"]) == ("png", 1, 300)
+    assert (result["width"], result["height"]) == scan.size
+    assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY
+    assert [p["page"] for p in result["ocr_pages"]] == [1]
+    assert (result["ocr"], result["truncated"]) == ("done", False)
+    assert progress == [100]
+
+
+@needs_tesseract
+def test_two_page_tiff_gives_one_text_per_page(tmp_path: Path) -> None:
+    """A 2-page (fax-compressed) TIFF gives the text of each page, progress per page."""
+    text1, scan1 = page(13)
+    text2, scan2 = page(14)
+    result, progress = run(save_tiff(tmp_path / "fax.tiff", [scan1, scan2]))
+    assert (result["type"], result["pages"]) == ("tiff", 2)
+    assert word_accuracy(text1, result["text"][0]) >= MIN_ACCURACY
+    assert word_accuracy(text2, result["text"][1]) >= MIN_ACCURACY
+    assert [p["page"] for p in result["ocr_pages"]] == [1, 2]
+    assert progress == [50, 100]
+
+
+@needs_tesseract
+def test_rgba_jpeg_and_palette_images_are_read(tmp_path: Path) -> None:
+    """Colour, palette and transparent pictures are turned grey (on white) before OCR."""
+    text, scan = page(15, lines=3)
+    rgba = scan.convert("RGBA")
+    rgba.putalpha(Image.new("L", scan.size, 255))
+    cases = {"t.png": rgba, "p.png": scan.convert("P"), "c.jpeg": scan.convert("RGB")}
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        result, _ = run(tmp_path / name)
+        assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY, name
+
+
+def test_damaged_or_huge_image_fails_permanently_saying_why(tmp_path: Path) -> None:
+    """A cut PNG is "damaged"; one over ocr_max_page_megapixels is refused naming the setting."""
+    from batchd.errors import PermanentError
+
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(PermanentError, match=r"cut.png: the image is damaged"):
+        run(cut)
+    big = tmp_path / "big.png"
+    Image.new("1", (4000, 3000), 1).save(big)
+    with pytest.raises(PermanentError, match=r"big.png: .*4000x3000.*ocr_max_page_megapixels"):
+        run(big, settings(ocr_max_page_megapixels=10))
+
+
+# -- failures and missing pieces -------------------------------------------------
+
+
+def test_a_page_that_fails_ocr_is_a_page_error(tmp_path: Path, fake_path: Path) -> None:
+    """Tesseract failing on a page is a page_errors entry saying why; the document completes."""
+    fake_tesseract(fake_path, "echo 'Error: cannot allocate pix' >&2; exit 3")
+    _, scan = page(16, lines=1)
+    path = save_mixed_pdf(tmp_path / "m.pdf", ["Soup 4.50", scan])
+    result, _ = run(path)
+    assert result["text"] == ["Soup 4.50", ""]
+    assert result["ocr"] == "done"
+    assert result["ocr_pages"] == []
+    assert result["page_errors"] == [
+        {"page": 2, "error": "Tesseract failed: Error: cannot allocate pix"}
+    ]
+
+
+def test_a_page_over_its_time_budget_is_stopped(
+    tmp_path: Path, fake_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page OCRed past inspect.ocr_page_seconds is killed, a page error; nothing is left."""
+    pids = tmp_path / "pids"
+    fake_tesseract(fake_path, f"echo $$ >> {pids}; exec sleep 60")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    _, scan = page(17, lines=1)
+    config = settings(ocr_page_seconds=0.5)
+    result, _ = run(save_pdf(tmp_path / "s.pdf", [scan, scan]), config)
+    assert result["page_errors"] == [
+        {"page": n, "error": "OCR stopped after 0.5 s (inspect.ocr_page_seconds)"} for n in (1, 2)
+    ]
+    for pid in pids.read_text().split():  # killed and reaped, not left running
+        assert not Path(f"/proc/{pid}").exists()
+    assert list(scratch.iterdir()) == []  # the page pictures are gone
+
+
+def test_without_tesseract_auto_says_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no tesseract on PATH, ocr = "auto" leaves scans empty and says "unavailable"."""
+    monkeypatch.setenv("PATH", no_tesseract_path(tmp_path))
+    _, scan = page(18, lines=1)
+    result, _ = run(save_pdf(tmp_path / "s.pdf", [scan]))
+    assert (result["text"], result["ocr"]) == ([""], "unavailable")
+    scan.save(tmp_path / "s.png")
+    result, _ = run(tmp_path / "s.png")
+    assert (result["text"], result["ocr"]) == ([""], "unavailable")
+
+
+def test_missing_language_is_unavailable_naming_the_package(fake_path: Path) -> None:
+    """A language Tesseract has no data for makes OCR unavailable, naming the Debian package."""
+    fake_tesseract(fake_path, "exit 1", languages="eng")
+    config = settings(ocr="always", ocr_languages=["eng", "chi_sim"])
+    assert ocr.status(config.inspect) == "unavailable"
+    with pytest.raises(ConfigError, match=r"no data for chi_sim \(install tesseract-ocr-chi-sim\)"):
+        ocr.check_settings(config)
+
+
+def test_ocr_always_without_tesseract_exits_78_naming_the_package(tmp_path: Path) -> None:
+    """`batchd run` with ocr = "always" and no tesseract exits 78, one line naming the package."""
+    config = tmp_path / "batchd.toml"
+    config.write_text(f'[spool]\nroot = "{tmp_path / "spool"}"\n[inspect]\nocr = "always"\n')
+    env = {**os.environ, "PATH": no_tesseract_path(tmp_path), "PYTHONPATH": str(REPO)}
+    env["BATCHD_CONFIG"] = str(config)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchd", "run"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 78, done.stderr
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "install tesseract-ocr" in lines[0] and 'inspect.ocr = "always"' in lines[0]
+    assert not (tmp_path / "spool").exists()  # refused before touching anything
+
+
+def test_processors_command_shows_ocr_state(tmp_path: Path) -> None:
+    """`batchd processors --json` says whether OCR is available, its engine and languages."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BATCHD_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+
+    def ocr_row(path: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-m", "batchd", "processors", "--json"],
+            env={**env, "PATH": path},
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        [row] = [r for r in json.loads(done.stdout) if r["name"] == "inspect"]
+        return row["ocr"]  # type: ignore[no-any-return]
+
+    missing = ocr_row(no_tesseract_path(tmp_path))
+    assert missing["available"] is False
+    assert "install tesseract-ocr" in missing["problem"]
+    if TESSERACT is not None:
+        found = ocr_row(os.environ["PATH"])
+        assert found["available"] is True
+        assert found["engine"].startswith("tesseract ")
+        assert "eng" in found["languages"]
+
+
+def test_language_names_are_checked(tmp_path: Path) -> None:
+    """inspect.ocr_languages refuses names that are not Tesseract language names."""
+    with pytest.raises(ConfigError, match=r"inspect.ocr_languages"):
+        settings(ocr_languages=["eng", "../../etc/passwd"])
+
+
+def test_parse_tsv_joins_words_lines_and_blocks() -> None:
+    """Tesseract's TSV becomes words joined by spaces, lines by newlines, blocks by a blank line."""
+    head = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\t"
+    head += "left\ttop\twidth\theight\tconf\ttext"
+    rows = [
+        "1\t1\t0\t0\t0\t0\t0\t0\t10\t10\t-1\t",
+        "5\t1\t1\t1\t1\t1\t0\t0\t1\t1\t90\tSoup",
+        "5\t1\t1\t1\t1\t2\t0\t0\t1\t1\t80\t4.50",
+        "5\t1\t1\t1\t2\t1\t0\t0\t1\t1\t70\tTea",
+        "5\t1\t2\t1\t1\t1\t0\t0\t1\t1\t60\tCake",
+        "5\t1\t2\t1\t1\t2\t0\t0\t1\t1\t-1\t ",
+    ]
+    parsed = ocr.parse_tsv("\n".join([head, *rows]))
+    assert parsed == ocr.PageText(text="Soup 4.50\nTea\n\nCake", confidence=75.0)
