@@ -109,7 +109,12 @@ def _step(fd: int, part: str, create: bool, mode: int, root: Path, rel: str) -> 
             if not create:
                 raise
             with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o700, dir_fd=fd)
+                # Made with the permission bits wanted (the umask can only take
+                # some away): in a setgid parent the kernel adds the setgid bit
+                # itself, so no chmod is needed. Under systemd's
+                # RestrictSUIDSGID= (deploy/batchd.service) any chmod naming
+                # the setgid bit fails with EPERM.
+                os.mkdir(part, mode & 0o777, dir_fd=fd)
             new = os.open(part, _DIR_FLAGS, dir_fd=fd)
             # Explicit, not left to the umask: a group-writable folder here
             # would let a group member plant links in what batchd writes.
@@ -283,8 +288,10 @@ def restrict_to(fd: int, reader_uid: int | None) -> None:
     process is started per batch. ``None``: nobody but batchd and root.
     """
     # setgid kept: what batchd writes below still gets the drop group, which
-    # only those let through this folder (the reader) can use.
-    os.fchmod(fd, 0o2700)
+    # only those let through this folder (the reader) can use. A folder made
+    # 2700 already is left alone: under RestrictSUIDSGID= this chmod fails.
+    if stat.S_IMODE(os.fstat(fd).st_mode) != 0o2700:
+        os.fchmod(fd, 0o2700)
     entries = [(_ACL_USER_OBJ, 0o7, _ACL_UNDEFINED_ID)]
     if reader_uid is not None and reader_uid != os.geteuid():
         entries.append((_ACL_USER, 0o5, reader_uid))

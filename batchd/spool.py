@@ -558,7 +558,9 @@ class Spool:
         except KeyError:
             reader = None  # an HTTP user name that is no local user: batchd and root only
         for top in ("outbox",) if refused else ("outbox", "archive", "failed"):
-            fd = safefs.open_dir(self.root, f"{top}/{name}", create=True)
+            # Made 2700 at once (setgid from the parent), so restrict_to() needs
+            # no chmod, which RestrictSUIDSGID= refuses for a setgid folder.
+            fd = safefs.open_dir(self.root, f"{top}/{name}", create=True, mode=0o2700)
             try:
                 safefs.restrict_to(fd, reader)
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import suidsgid
 
 from batchd import safefs
 from batchd.spool import write_json_atomic
@@ -165,3 +167,31 @@ def test_remove_tree_removes_a_very_deep_folder(tmp_path: Path) -> None:
     safefs.remove_tree(top)
     assert not top.exists()
     assert secret.read_bytes() == DATA
+
+
+@pytest.mark.skipif(not suidsgid.SUPPORTED, reason="the seccomp filter is written for x86-64")
+def test_outbox_folders_are_made_under_restrict_suid_sgid(tmp_path: Path) -> None:
+    """Under the unit's RestrictSUIDSGID= and UMask=0007, status and result folders
+    are made 2750 in a setgid outbox (inherited, no chmod), and owner mode's 2700 too."""
+    root = tmp_path / "spool"
+    (root / "outbox").mkdir(parents=True)
+    os.chmod(root / "outbox", 0o2750)  # as deploy/batchd.tmpfiles makes it
+
+    def body() -> None:
+        # The filter is in force: naming the setgid bit fails as under systemd.
+        with pytest.raises(PermissionError):
+            os.chmod(root / "outbox", 0o2750)
+        write_json_atomic(root / "outbox" / "b" / "status.json", {"a": 1}, root=root)
+        os.close(safefs.open_dir(root, "outbox/b/results/sub", create=True))
+        fd = safefs.open_dir(root, "outbox/c", create=True, mode=0o2700)
+        try:
+            with contextlib.suppress(OSError):  # no ACLs on this filesystem: the mode still counts
+                safefs.restrict_to(fd, 12345)
+        finally:
+            os.close(fd)
+
+    suidsgid.run_restricted(body)
+    for folder in ("b", "b/results", "b/results/sub"):
+        assert stat.S_IMODE((root / "outbox" / folder).stat().st_mode) == 0o2750, folder
+    assert stat.S_IMODE((root / "outbox" / "b" / "status.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((root / "outbox" / "c").stat().st_mode) & 0o2007 == 0o2000
