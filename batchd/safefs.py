@@ -244,12 +244,19 @@ def write_new(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> Non
         os.close(fd)
 
 
-def fix_modes(root: Path) -> None:
-    """Give a tree batchd made itself (a processor's outputs) :data:`DIR_MODE`
-    folders and :data:`FILE_MODE` files, without following links; iterative."""
+def fix_modes(root: Path, gid: int = -1) -> None:
+    """Give a tree batchd made itself (a processor's outputs) folders 0750 and
+    :data:`FILE_MODE` files, and group ``gid`` (the outbox's; -1 keeps it),
+    without following links; iterative.
+
+    No setgid bit: the unit's ``RestrictSUIDSGID=`` refuses every chmod that
+    names it (EPERM), and these folders are made in work/ (no setgid there),
+    so the group that lets the drop group read them is given by chown instead,
+    which batchd, a member of that group, may do.
+    """
     stack = [os.open(root, _DIR_FLAGS)]
     try:
-        os.fchmod(stack[0], DIR_MODE)
+        _own(stack[0], None, gid, DIR_MODE & 0o777)
         while stack:
             fd = stack.pop()
             try:
@@ -258,17 +265,32 @@ def fix_modes(root: Path) -> None:
                         continue
                     if entry.is_dir(follow_symlinks=False):
                         sub = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
-                        os.fchmod(sub, DIR_MODE)
                         stack.append(sub)
+                        _own(sub, None, gid, DIR_MODE & 0o777)
                     elif entry.is_file(follow_symlinks=False):
                         # A processor's own scratch tree: nobody else can swap a name here.
-                        os.chmod(entry.name, FILE_MODE, dir_fd=fd)
+                        _own(fd, entry.name, gid, FILE_MODE)
             finally:
                 os.close(fd)
     finally:
         for fd in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _own(fd: int, name: str | None, gid: int, mode: int) -> None:
+    """chown to group ``gid`` (first: a chown clears set-id bits), then chmod ``mode``;
+    ``fd`` itself, or ``name`` inside folder ``fd``."""
+    if gid != -1:
+        with contextlib.suppress(PermissionError):  # not a member: the group stays
+            if name is None:
+                os.fchown(fd, -1, gid)
+            else:
+                os.chown(name, -1, gid, dir_fd=fd, follow_symlinks=False)
+    if name is None:
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(name, mode, dir_fd=fd)
 
 
 # POSIX ACL xattr format (linux/posix_acl_xattr.h): a version word, then

@@ -195,7 +195,8 @@ def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
     its result); an empty or missing folder is simply removed.
 
     With ``root`` (the spool root) the outputs get batchd's modes (folders
-    2750, files 0640) and move through folder descriptors, no link followed.
+    0750, files 0640, the outbox's group) and move through folder
+    descriptors, no link followed.
     """
     try:
         empty = not any(scratch.iterdir())
@@ -205,7 +206,7 @@ def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
         scratch.rmdir()
         return
     if root is not None:
-        safefs.fix_modes(scratch)
+        safefs.fix_modes(scratch, gid=os.stat(root / "outbox").st_gid)
         safefs.move(root, _rel_to(scratch, root), _rel_to(target, root))
         return
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -195,3 +195,24 @@ def test_outbox_folders_are_made_under_restrict_suid_sgid(tmp_path: Path) -> Non
         assert stat.S_IMODE((root / "outbox" / folder).stat().st_mode) == 0o2750, folder
     assert stat.S_IMODE((root / "outbox" / "b" / "status.json").stat().st_mode) == 0o640
     assert stat.S_IMODE((root / "outbox" / "c").stat().st_mode) & 0o2007 == 0o2000
+
+
+@pytest.mark.skipif(not suidsgid.SUPPORTED, reason="the seccomp filter is written for x86-64")
+def test_processor_outputs_get_their_modes_under_restrict_suid_sgid(tmp_path: Path) -> None:
+    """Under RestrictSUIDSGID= a processor's output tree still gets folders 0750, files
+    0640 and the outbox's group (no chmod naming the setgid bit, which would fail)."""
+    outputs = tmp_path / "outputs"
+    (outputs / "sub").mkdir(parents=True)
+    (outputs / "sub" / "page1.png").write_bytes(DATA)
+    os.chmod(outputs / "sub", 0o777)
+    gid = os.getgid() if os.getgid() != 0 else 1  # any group root may give
+
+    def body() -> None:
+        safefs.fix_modes(outputs, gid=gid)
+
+    suidsgid.run_restricted(body)
+    for folder in (outputs, outputs / "sub"):
+        st = folder.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o750, gid), folder
+    st = (outputs / "sub" / "page1.png").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
