@@ -57,7 +57,10 @@ def test_permanent_error_skips_retries(tmp_path: Path) -> None:
 def test_hanging_file_is_killed_at_timeout(tmp_path: Path) -> None:
     """A hung processor is killed at the timeout, fails without retry, and others go on."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:by_name", "timeout_seconds": 1.5}
+        # 5 s, not less: a fresh worker's first file (imports included) can take
+        # over a second on a loaded 2-core machine, and ok.csv must not time out.
+        tmp_path,
+        processing={"processor": "iprocs:by_name", "timeout_seconds": 5.0},
     ).start()
     try:
         drop_folder(
