@@ -324,7 +324,7 @@ class Daemon:
             outbox,
             self.clock,
             on_registered=lambda batch: scheduler.wake(),
-            write_status=lambda batch: scheduler.settler.refresh(batch.id),
+            write_status=lambda batch: scheduler.archiver.refresh(batch.id),
         )
         if settings.http.enabled:
             # Bind before recovery: a taken port ends start-up before it has

@@ -35,22 +35,22 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from batchd.archiver import ArchiveFile, Archiver
 from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
 from batchd.faults import crash_point, hang_point
 from batchd.members import batch_limit_error
+from batchd.messages import Delivery, Done, Event, Failed, Job, Lost, Progress, TimedOut
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
-from batchd.pool import Lost, TimedOut, WorkerPool
+from batchd.pool import WorkerPool
 from batchd.processors import choose
 from batchd.records import FileRow, FileTask, Outcome, Status
 from batchd.safefs import UnsafePath
-from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
 from batchd.store import Store
-from batchd.worker import Delivery, Done, Failed, Job, Progress
 
 log = structlog.get_logger("batchd.scheduler")
 
@@ -120,7 +120,7 @@ class Scheduler:
         self.on_tick = on_tick
         self._running: dict[str, _Running] = {}
         self.syncer = ResultSyncer()
-        self.settler = Settler(spool, outbox, syncer=self.syncer)
+        self.archiver = Archiver(spool, outbox, syncer=self.syncer)
         self._pending: list[_Final] = []
         self._retries: list[_Retry] = []
         #: where this node's HTTP API listens (``nodes.address``); set by the daemon.
@@ -190,13 +190,13 @@ class Scheduler:
 
     def run(self) -> None:
         """Run until :meth:`request_stop`, then drain within the shutdown grace."""
-        self.settler.start()
+        self.archiver.start()
         try:
             while not self.stopping:
                 self._turn()
             self._drain()
         finally:
-            self.settler.stop()
+            self.archiver.stop()
             self.syncer.close()
 
     def _turn(self) -> None:
@@ -335,8 +335,8 @@ class Scheduler:
     def _start(self, task: FileTask) -> None:
         file = task.file
         bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
-        if self.settler.touches(file.id, file.batch_id):
-            self.settler.wait_idle()
+        if self.archiver.touches(file.id, file.batch_id):
+            self.archiver.wait_idle()
         old = self._running.get(file.id)
         if old is not None and old.task.file.lease_gen != file.lease_gen:
             # Claimed again while we still run it (an operator re-queued the
@@ -417,7 +417,7 @@ class Scheduler:
 
     # -- outcomes ----------------------------------------------------------------
 
-    def _handle(self, event: Progress | Done | Failed | Lost | TimedOut) -> None:
+    def _handle(self, event: Event) -> None:
         running = self._running.get(event.file_id)
         if running is None or running.task.file.lease_gen != event.lease:
             return  # an attempt already dropped as superseded
@@ -525,12 +525,12 @@ class Scheduler:
     def _commit(self) -> None:
         """Make the queued results durable, record every queued outcome in one
         transaction, refill the workers, then hand input moves and batch ends
-        to the settler.
+        to the archiver.
 
         Outcomes that arrive together share one durability barrier and one
         commit, so a busy daemon pays for one disk flush and one transaction
         per turn rather than one per file. The slower file moves happen on the
-        settler's thread, so freed workers do not wait for them.
+        archiver's thread, so freed workers do not wait for them.
         """
         while self._retries:
             retry = self._retries[0]
@@ -582,8 +582,8 @@ class Scheduler:
             self._guarded(self._dispatch)
             for final in pending:
                 task = final.running.task
-                self.settler.settle_file(
-                    SettleFile(
+                self.archiver.archive_file(
+                    ArchiveFile(
                         task.file.id,
                         task.file.batch_id,
                         task.work_path,
@@ -595,7 +595,7 @@ class Scheduler:
             for batch in {b.id: b for b in batches}.values():
                 if batch.status.done:
                     self._dirty.discard(batch.id)
-                    self.settler.end_batch(batch)
+                    self.archiver.end_batch(batch)
                 else:
                     self._dirty.add(batch.id)
 
@@ -671,7 +671,7 @@ class Scheduler:
             self.store.set_progress(progress, self._leases())
         dirty, self._dirty = self._dirty, set()
         for batch_id in dirty:
-            self.settler.refresh(batch_id)
+            self.archiver.refresh(batch_id)
 
     # -- shutdown ----------------------------------------------------------------
 
