@@ -156,13 +156,14 @@ class Scheduler:
         self.archiver.start()
         try:
             while not self.stopping:
-                self._turn()
+                self.turn()
             self._drain()
         finally:
             self.archiver.stop()
             self.syncer.close()
 
-    def _turn(self) -> None:
+    def turn(self) -> None:
+        """One turn of the loop (``run`` repeats it; unit tests drive it directly)."""
         hang_point("scheduler_turn")
         if self._reload is not None:
             apply, self._reload = self._reload, None
