@@ -1,4 +1,4 @@
-"""The daemon: wires spool, store, watcher, scheduler, pool and HTTP together.
+"""The daemon, and batchd's composition root: :func:`build` makes every part once.
 
 Start-up order matters: the spool exists, the database is migrated, a crash's
 leftovers are reconciled (recovery) and the workers are up *before* the
@@ -11,14 +11,17 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from batchd import control
 from batchd import log as logsetup
+from batchd.archiver import Archiver
 from batchd.chores import Chores
 from batchd.clock import Clock, SystemClock
 from batchd.config import Priority, Settings, load_settings
@@ -31,30 +34,127 @@ from batchd.errors import (
 )
 from batchd.intake import Intake
 from batchd.metrics import Metrics
-from batchd.outbox import Outbox
+from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import WorkerPool
-from batchd.processors import ocr, resolve
+from batchd.processors import ocr
+from batchd.records import BatchRow
 from batchd.recovery import check_node_id, recover
+from batchd.reloading import check_processors, keep_restart_keys
 from batchd.scheduler import Scheduler
 from batchd.spool import Spool
 from batchd.store import Store, open_store
 from batchd.watcher import Watcher
 
+if TYPE_CHECKING:
+    from batchd.http import HttpServer
+
 log = structlog.get_logger("batchd.daemon")
 
-#: Keys whose change needs a restart; a reload logs them and keeps the old value.
-RESTART_KEYS = (
-    "spool.root",
-    "database.path",
-    "database.url",
-    "http.enabled",
-    "http.host",
-    "http.port",
-    "watch.observer",
-    "cluster.node_id",
-    "cluster.lease_seconds",
-    "cluster.heartbeat_seconds",
-)
+
+@dataclass
+class Parts:
+    """Every part of one batchd, made once by :func:`build` and connected; none started."""
+
+    settings: Settings
+    clock: Clock
+    spool: Spool
+    store: Store
+    outbox: Outbox
+    metrics: Metrics
+    pool: WorkerPool
+    scheduler: Scheduler
+    intake: Intake
+    chores: Chores
+    watcher: Watcher
+    http: HttpServer | None
+    #: what /healthz reports as wrong ({} when healthy); the daemon sets its own.
+    health: Callable[[], dict[str, str]] = dict
+
+    @property
+    def archiver(self) -> Archiver:
+        return self.scheduler.archiver
+
+    @property
+    def syncer(self) -> ResultSyncer:
+        """The fsync pool the archiver and the outcomes' barrier share."""
+        return self.scheduler.syncer
+
+
+def build(
+    settings: Settings,
+    clock: Clock,
+    *,
+    spool: Spool | None = None,
+    metrics: Metrics | None = None,
+) -> Parts:
+    """Make every part of a batchd once and wire them together.
+
+    Opens (and migrates) the store, so the spool must exist (``Spool.init``);
+    starts nothing: no worker, no thread, no socket. The daemon, tests and
+    bench/ all assemble batchd here.
+    """
+    spool = spool or Spool(settings)
+    metrics = metrics or Metrics()
+    store = open_store(settings)
+    outbox = Outbox(spool, store)
+    pool = WorkerPool(settings, clock)
+    scheduler = Scheduler(settings, store, spool, outbox, pool, clock, metrics)
+    intake = Intake(
+        settings,
+        spool,
+        store,
+        outbox,
+        clock,
+        on_registered=lambda batch: scheduler.wake(),
+        write_status=lambda batch: scheduler.archiver.refresh(batch.id),
+    )
+    chores = Chores(settings, clock, spool, store, intake, scheduler, pool)
+    scheduler.on_tick = chores.tick
+    watcher = Watcher(
+        spool,
+        settings.watch,
+        clock,
+        lambda path, priority: take_if_room(
+            intake, path, priority, intake.settings.limits.min_free_bytes
+        ),
+        on_rescan=metrics.rescanned,
+        on_restart=metrics.watcher_restarted,
+    )
+    chores.watcher_alive = watcher.is_alive
+    parts = Parts(
+        settings,
+        clock,
+        spool,
+        store,
+        outbox,
+        metrics,
+        pool,
+        scheduler,
+        intake,
+        chores,
+        watcher,
+        None,
+    )
+    if settings.http.enabled:
+        from batchd.http import HttpServer
+
+        parts.http = HttpServer(
+            settings, store, spool, intake, metrics, lambda: parts.health(), clock
+        )
+        parts.http.inbox = watcher.inbox
+    return parts
+
+
+def take_if_room(
+    intake: Intake, path: Path, priority: Priority, min_free_bytes: int
+) -> BatchRow | None:
+    """The watcher's claim: a ready drop is taken unless the disk is under its floor."""
+    disk = free_space_problem(intake.spool.root, min_free_bytes)
+    if disk is not None:
+        # Left in the inbox: the next rescan offers it again.
+        log.warning("claim_postponed", path=str(path), reason=disk)
+        return None
+    return intake.take_drop(path, priority)
 
 
 def _stop_resource_tracker() -> None:
@@ -133,10 +233,7 @@ class Daemon:
 
     def run(self) -> int:
         settings = self.settings
-        resolve(settings.processing.processor)  # a bad processor name is a config error
-        for route in settings.route:
-            resolve(route.processor)
-        ocr.check_settings(settings)  # inspect.ocr = "always" needs Tesseract installed
+        check_processors(settings)
         if settings.inspect.ocr == "auto" and (why := ocr.unavailable_reason(settings.inspect)):
             # Not an error: scans come back without text, saying ocr: "unavailable".
             log.warning("ocr_unavailable", reason=why)
@@ -162,49 +259,30 @@ class Daemon:
             raise StartupError(exc.message) from None
         for warning in warnings:
             log.warning("spool_warning", detail=warning)
-        self.store = store = open_store(settings)
+        parts = build(settings, self.clock, spool=self.spool, metrics=self.metrics)
+        parts.health = self.problems
+        self.store = store = parts.store
         if settings.database.url:
             check_node_id(store, settings.cluster.lease_seconds)
         self._reload_generation = int(control.read_reload(self.reload_file).get("generation", 0))
-        outbox = Outbox(self.spool, store)
-        self.pool = pool = WorkerPool(settings, self.clock)
-        self.scheduler = scheduler = Scheduler(
-            settings, store, self.spool, outbox, pool, self.clock, self.metrics
-        )
+        self.pool = pool = parts.pool
+        self.intake = intake = parts.intake
+        self.chores = chores = parts.chores
+        self.scheduler = scheduler = parts.scheduler
         scheduler.on_stop = self._stopping
         if self._stop_signals:
             scheduler.signal_stop(force=self._stop_signals > 1)
         if self._reload_pending:
             scheduler.request_reload(self.reload)
-        self.intake = intake = Intake(
-            settings,
-            self.spool,
-            store,
-            outbox,
-            self.clock,
-            on_registered=lambda batch: scheduler.wake(),
-            write_status=lambda batch: scheduler.archiver.refresh(batch.id),
-        )
-        if settings.http.enabled:
+        if parts.http is not None:
             # Bind before recovery: a taken port ends start-up before it has
             # changed anything, and the port is ours from here on.
-            self._bind_http(store, intake)
-        self.chores = chores = Chores(
-            settings, self.clock, self.spool, store, intake, scheduler, pool
-        )
-        scheduler.on_tick = chores.tick
-        recover(self.spool, store, outbox, intake)
+            self.http = parts.http
+            self._bind_http()
+        recover(self.spool, store, parts.outbox, intake)
         pool.start()
-        self.watcher = watcher = Watcher(
-            self.spool,
-            settings.watch,
-            self.clock,
-            self._take,
-            on_rescan=self.metrics.rescanned,
-            on_restart=self.metrics.watcher_restarted,
-        )
+        self.watcher = watcher = parts.watcher
         watcher.start()
-        chores.watcher_alive = watcher.is_alive
         if self.http is not None:
             self.http.serve()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
@@ -229,25 +307,12 @@ class Daemon:
         log.info("daemon_stopped")
         return 0
 
-    def _take(self, path: Path, priority: Priority) -> object:
+    def _take(self, path: Path, priority: Priority) -> BatchRow | None:
         assert self.intake is not None
-        disk = free_space_problem(self.spool.root, self.settings.limits.min_free_bytes)
-        if disk is not None:
-            # Left in the inbox: the next rescan offers it again.
-            log.warning("claim_postponed", path=str(path), reason=disk)
-            return None
-        return self.intake.take_drop(path, priority)
+        return take_if_room(self.intake, path, priority, self.settings.limits.min_free_bytes)
 
-    def _inbox(self) -> list[dict[str, str | None]]:
-        return self.watcher.inbox() if self.watcher is not None else []
-
-    def _bind_http(self, store: Store, intake: Intake) -> None:
-        from batchd.http import HttpServer
-
-        self.http = HttpServer(
-            self.settings, store, self.spool, intake, self.metrics, self.problems, self.clock
-        )
-        self.http.inbox = self._inbox
+    def _bind_http(self) -> None:
+        assert self.http is not None
         self.http.bind()
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here
@@ -338,41 +403,14 @@ class Daemon:
             self.notifier.reloading()
         try:
             new = load_settings(self.config_path)
-            resolve(new.processing.processor)
-            for route in new.route:
-                resolve(route.processor)
-            ocr.check_settings(new)
+            check_processors(new)
         except ConfigError as exc:
             log.error("reload_refused", error=exc.message)
             self._verdict(False, exc.message, [])
             if self.notifier is not None:
                 self.notifier.ready()
             return
-        old = self.settings
-        needs_restart = []
-        for key in RESTART_KEYS:
-            section, name = key.split(".")
-            before = getattr(getattr(old, section), name)
-            after = getattr(getattr(new, section), name)
-            if before != after:
-                needs_restart.append(key)
-                log.warning("reload_needs_restart", key=key, running=str(before), new=str(after))
-        # Keep what needs a restart as it runs now.
-        new = new.model_copy(
-            update={
-                "spool": old.spool,
-                "database": old.database,
-                "cluster": old.cluster,
-                "watch": new.watch.model_copy(update={"observer": old.watch.observer}),
-                "http": new.http.model_copy(
-                    update={
-                        "enabled": old.http.enabled,
-                        "host": old.http.host,
-                        "port": old.http.port,
-                    }
-                ),
-            }
-        )
+        new, needs_restart = keep_restart_keys(self.settings, new)
         self.settings = new
         logsetup.configure(new.log)
         assert self.scheduler is not None and self.intake is not None
