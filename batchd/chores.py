@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -111,7 +111,7 @@ class Chores:
         )
         self._purger.start()
 
-    def _purge(self, cutoff: Any) -> None:
+    def _purge(self, cutoff: datetime) -> None:
         from batchd.retention import purge
 
         try:
