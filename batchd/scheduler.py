@@ -290,7 +290,7 @@ class Scheduler:
             started_at=running.started_at,
             result_path=running.result_path,
             outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
-            # The scheduler makes results durable a group at a time (_commit).
+            # Results are made durable a group at a time (Outcomes.commit).
             fsync=False,
             spool_root=str(self.spool.root),
         )
