@@ -52,7 +52,7 @@ class Intake:
         self.clock = clock
         self.on_registered = on_registered
         #: writes a new batch's first status.json; the daemon hands it to the
-        #: settler thread, so a claim never waits for a disk flush.
+        #: archiver thread, so a claim never waits for a disk flush.
         self.write_status = write_status or outbox.write_status
         #: serialises claims and registrations of this node's threads.
         self.lock = threading.Lock()

@@ -87,7 +87,7 @@ class Outbox:
     def _install(self, path: Path, tmp: str, version: int) -> bool:
         """Rename a staged status.json into place unless the one there is newer.
 
-        Several nodes (and the settler and recovery on one node) rewrite a
+        Several nodes (and the archiver and recovery on one node) rewrite a
         batch's document; each builds it from its own snapshot, and without
         this check the slowest writer wins, even when its snapshot predates
         the batch's end (issue 16). The check and the rename happen under an

@@ -27,36 +27,14 @@ import structlog
 
 from batchd.clock import Clock
 from batchd.config import Settings
-from batchd.worker import Done, Failed, Job, Progress, memory_limit_error, worker_main
+from batchd.messages import Done, Event, Failed, Job, Lost, Progress, TimedOut
+from batchd.worker import memory_limit_error, worker_main
 
 log = structlog.get_logger("batchd.pool")
 
 # spawn, not fork: the daemon runs threads (watcher, HTTP), and forking a
 # threaded process can copy a lock another thread held into the child.
 _ctx = multiprocessing.get_context("spawn")
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    """The worker running a file died; the attempt is spent."""
-
-    file_id: str
-    error: str
-    lease: int = 0
-    #: the worker ended over the memory limit (a permanent failure).
-    out_of_memory: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class TimedOut:
-    """A file ran past ``processing.timeout_seconds``; its worker was killed."""
-
-    file_id: str
-    error: str = "Processing timeout exceeded"
-    lease: int = 0
-
-
-Event = Progress | Done | Failed | Lost | TimedOut
 
 
 @dataclass

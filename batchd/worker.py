@@ -24,7 +24,7 @@ import resource
 import signal
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,78 +34,14 @@ from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
 from batchd.members import check
-from batchd.records import FileRow, Status
+from batchd.messages import Delivery, Done, Failed, Job, Progress
+from batchd.records import Status
 from batchd.safefs import UnsafePath, named_view, open_member
 from batchd.spool import move_outputs, write_json_atomic
 from batchd.views import result_document
 
 _PR_SET_PDEATHSIG = 1
 HASH_CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Where a successful attempt's result goes, and the row it describes."""
-
-    file: FileRow
-    started_at: str
-    result_path: str
-    outputs_path: str
-    #: fsync the result before reporting Done. False when the daemon makes
-    #: each group of results durable itself before committing them (one
-    #: barrier for many files instead of a disk flush per file in the worker).
-    fsync: bool = True
-    #: the spool root: the result and outputs are written below it through
-    #: folder descriptors, no link followed, with batchd's modes.
-    spool_root: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One attempt at one file. Without ``delivery`` the worker only reports
-    the result (the pool's own tests); with it, it also writes the result."""
-
-    file_id: str
-    batch_id: str
-    relpath: str
-    path: str
-    processor: str
-    output_dir: str
-    delivery: Delivery | None = None
-    #: the claim's fencing token (``FileRow.lease_gen``); the pool stamps it on
-    #: this job's events, so a superseded attempt's reports are told apart.
-    lease: int = 0
-    #: the device and inode the scan recorded for the input (None: not known).
-    file_dev: int | None = None
-    file_ino: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    file_id: str
-    percent: int
-    lease: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    file_id: str
-    result: dict[str, Any]
-    file_hash: str
-    file_size: int
-    seconds: float
-    #: when the attempt ended, as written into the result file.
-    completed_at: str = ""
-    lease: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    file_id: str
-    error: str
-    permanent: bool
-    seconds: float
-    lease: int = 0
 
 
 def _die_with_parent(parent_pid: int) -> None:

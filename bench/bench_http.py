@@ -28,11 +28,8 @@ from typing import Any
 
 from batchd.clock import SystemClock
 from batchd.config import LogSettings, Priority, Settings
-from batchd.http import HttpServer
-from batchd.intake import Intake
+from batchd.daemon import build
 from batchd.log import configure as configure_logging
-from batchd.metrics import Metrics
-from batchd.outbox import Outbox
 from batchd.records import NewBatch, NewFile, Outcome, Status
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
@@ -120,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     spool = Spool(settings)
     spool.init()
-    store = SQLiteStore(settings.db_path)
     clock = SystemClock()
-    intake = Intake(settings, spool, store, Outbox(spool, store), clock)
+    # The daemon's own assembly; only the HTTP server is started.
+    parts = build(settings, clock, spool=spool)
+    store, intake = parts.store, parts.intake
 
     def drop(name: str, n: int, priority: Priority) -> str:
         folder = spool.inbox_for(priority) / name
@@ -143,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         NewBatch("busy", Priority.HIGH, "bench", "work/high/busy", "bench", busy), clock.now()
     )
 
-    server = HttpServer(settings, store, spool, intake, Metrics(), dict, clock)
+    server = parts.http
+    assert server is not None
     server.start()
     paths = ["/api/batch/jobs?limit=50", f"/api/batch/jobs/{detail_id}"]
 

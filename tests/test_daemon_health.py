@@ -14,13 +14,11 @@ from structlog.testing import capture_logs
 
 from batchd.clock import SystemClock
 from batchd.config import Priority, Settings
-from batchd.daemon import Daemon
+from batchd.daemon import Daemon, build
 from batchd.http import HttpServer
 from batchd.intake import Intake
 from batchd.outbox import Outbox
-from batchd.pool import WorkerPool
 from batchd.store import SQLiteStore
-from batchd.watcher import Watcher
 
 
 def healthz(port: int) -> tuple[int, dict[str, object]]:
@@ -41,17 +39,15 @@ def test_healthz_503_when_watcher_and_workers_die(tmp_path: Path) -> None:
         }
     )
     daemon = Daemon(settings)
-    clock = SystemClock()
     daemon.spool.init()
-    store = daemon.store = SQLiteStore(settings.db_path)
-    intake = Intake(settings, daemon.spool, store, Outbox(daemon.spool, store), clock)
-    daemon.pool = WorkerPool(settings, clock)
+    parts = build(settings, SystemClock(), spool=daemon.spool, metrics=daemon.metrics)
+    parts.health = daemon.problems
+    store = daemon.store = parts.store
+    daemon.pool, daemon.watcher = parts.pool, parts.watcher
     daemon.pool.start()
-    daemon.watcher = Watcher(daemon.spool, settings.watch, clock, lambda p, q: None)
     daemon.watcher.start()
-    server = HttpServer(
-        settings, store, daemon.spool, intake, daemon.metrics, daemon.problems, clock
-    )
+    server = parts.http
+    assert server is not None
     server.start()
     try:
         assert healthz(server.port)[0] == 200

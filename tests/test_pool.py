@@ -19,9 +19,10 @@ import pytest
 
 from batchd.clock import Clock, SystemClock
 from batchd.config import Settings, load_settings
-from batchd.pool import Event, Lost, TimedOut, WorkerPool, describe_exit
+from batchd.messages import Delivery, Done, Event, Failed, Job, Lost, Progress, TimedOut
+from batchd.pool import WorkerPool, describe_exit
 from batchd.records import FileRow, Status
-from batchd.worker import Delivery, Done, Failed, Job, Progress, memory_limit_error
+from batchd.worker import memory_limit_error
 
 # Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
 TESTS_DIR = str(Path(__file__).resolve().parent)

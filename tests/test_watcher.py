@@ -13,8 +13,9 @@ import pytest
 from batchd import safefs
 from batchd.clock import SystemClock
 from batchd.config import Priority, Settings, load_settings
+from batchd.readiness import Readiness
 from batchd.spool import Spool
-from batchd.watcher import Readiness, Watcher
+from batchd.watcher import Watcher
 
 CSV = b"name,qty\napple,3\n"
 from fakes import FakeClock  # noqa: E402

@@ -91,7 +91,7 @@ def test_operator_sql_and_manual_requeue(tmp_path: Path) -> None:
             what="re-queued file to run again",
         )
         # The result file is written first; the input moves and status.json
-        # follow the database commit on the settler thread: wait for them.
+        # follow the database commit on the archiver thread: wait for them.
         wait_until(
             lambda: (d.spool / "failed" / "f.csv" / "f.csv").exists(),
             10,

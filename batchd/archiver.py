@@ -1,4 +1,4 @@
-"""The settler: the spool work that follows a database commit, off the scheduler's loop.
+"""The archiver: the spool work that follows a database commit, off the scheduler's loop.
 
 Once the store has recorded a file as finished, three slow filesystem steps
 remain: move its input to ``archive/`` or ``failed/``, clear a finished batch
@@ -34,6 +34,8 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.records import BatchRow
 from batchd.spool import Spool
 
+# Logger, thread and event names keep the old "settle" wording: operators
+# filter logs by them.
 log = structlog.get_logger("batchd.settle")
 
 #: A move that failed (archive full, read-only) is tried again after this
@@ -46,7 +48,7 @@ GROUP_MAX_TASKS = 512
 
 
 @dataclass(frozen=True, slots=True)
-class SettleFile:
+class ArchiveFile:
     """Move one finished file's input out of ``work/``."""
 
     file_id: str
@@ -71,10 +73,10 @@ class RefreshStatus:
     batch_id: str
 
 
-Task = SettleFile | EndBatch | RefreshStatus
+Task = ArchiveFile | EndBatch | RefreshStatus
 
 
-class Settler:
+class Archiver:
     """One background thread running :data:`Task` items in order."""
 
     def __init__(
@@ -88,7 +90,7 @@ class Settler:
         self.outbox = outbox
         self.retry_first_seconds = retry_first_seconds
         #: the scheduler lends its own syncer (one pool of fsync threads per
-        #: daemon); a settler made without one owns and closes its own.
+        #: daemon); an archiver made without one owns and closes its own.
         self._owns_syncer = syncer is None
         self.syncer = syncer or ResultSyncer()
         #: parked moves dropped because their file was re-queued meanwhile.
@@ -101,9 +103,9 @@ class Settler:
         self._refresh_queued: set[str] = set()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
-        #: failed moves waiting to be tried again (settler thread only):
+        #: failed moves waiting to be tried again (archiver thread only):
         #: (monotonic due time, delay used, task).
-        self._later: list[tuple[float, float, SettleFile | EndBatch]] = []
+        self._later: list[tuple[float, float, ArchiveFile | EndBatch]] = []
 
     # -- asking (scheduler thread) -------------------------------------------------
 
@@ -111,7 +113,7 @@ class Settler:
         self._thread = threading.Thread(target=self._run, name="batchd-settler", daemon=True)
         self._thread.start()
 
-    def settle_file(self, task: SettleFile) -> None:
+    def archive_file(self, task: ArchiveFile) -> None:
         with self._lock:
             self._unsettled.add(task.file_id)
         self._put(task)
@@ -168,7 +170,7 @@ class Settler:
             self._outstanding += 1
         self._queue.put(task)
 
-    # -- doing (settler thread) ----------------------------------------------------
+    # -- doing (archiver thread) ----------------------------------------------------
 
     def _next(self) -> Task | None:
         """The next queued task, running parked retries that fall due meanwhile."""
@@ -190,13 +192,13 @@ class Settler:
                 # Re-queued by an operator meanwhile: the scheduler owns it again.
                 self.retries_dropped += 1
                 continue
-            done = self._settle(task) if isinstance(task, SettleFile) else self._end_again(task)
+            done = self._archive(task) if isinstance(task, ArchiveFile) else self._end_again(task)
             if not done:
                 self._park(task, min(delay * 2, RETRY_MAX_SECONDS))
 
-    def _still_finished(self, task: SettleFile | EndBatch) -> bool:
+    def _still_finished(self, task: ArchiveFile | EndBatch) -> bool:
         try:
-            if isinstance(task, SettleFile):
+            if isinstance(task, ArchiveFile):
                 file = self.outbox.store.get_file(task.file_id)
                 return file is not None and file.status.done
             batch = self.outbox.store.get_batch(task.batch.id)
@@ -204,7 +206,7 @@ class Settler:
         except BatchdError:
             return False
 
-    def _park(self, task: SettleFile | EndBatch, delay: float) -> None:
+    def _park(self, task: ArchiveFile | EndBatch, delay: float) -> None:
         self._later.append((time.monotonic() + delay, delay, task))
 
     def _run(self) -> None:
@@ -232,7 +234,7 @@ class Settler:
                     with self._idle:
                         self._outstanding -= len(group)
                         for done in group:
-                            if isinstance(done, SettleFile):
+                            if isinstance(done, ArchiveFile):
                                 self._unsettled.discard(done.file_id)
                             elif isinstance(done, EndBatch):
                                 self._ending.discard(done.batch.id)
@@ -247,8 +249,8 @@ class Settler:
         ends: dict[str, EndBatch] = {}
         finalized: set[str] = set()
         for task in group:
-            if isinstance(task, SettleFile):
-                if not self._settle(task):
+            if isinstance(task, ArchiveFile):
+                if not self._archive(task):
                     self._park(task, self.retry_first_seconds)
             elif isinstance(task, EndBatch):
                 ends[task.batch.id] = task
@@ -294,7 +296,7 @@ class Settler:
                 failed=row.failed_files,
             )
 
-    def _settle(self, task: SettleFile) -> bool:
+    def _archive(self, task: ArchiveFile) -> bool:
         """Move the input on; False when it must be tried again later."""
         try:
             self.spool.settle_input(task.work_path, task.batch_name, task.relpath, ok=task.ok)

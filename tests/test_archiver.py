@@ -1,6 +1,6 @@
-"""Tests for batchd.settle: the moves and status writes that follow a commit, on their thread.
+"""Tests for batchd.archiver: the moves and status writes that follow a commit, on their thread.
 
-Real spool folders under tmp_path, a real SQLite store, the real Settler thread.
+Real spool folders under tmp_path, a real SQLite store, the real Archiver thread.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from batchd.archiver import ArchiveFile, Archiver
 from batchd.config import Priority, load_settings
 from batchd.outbox import Outbox
 from batchd.records import BatchRow, NewBatch, NewFile, Outcome, Status
-from batchd.settle import SettleFile, Settler
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
 
@@ -30,7 +30,7 @@ class World:
     spool: Spool
     store: SQLiteStore
     outbox: Outbox
-    settler: Settler
+    archiver: Archiver
 
     def batch(self, name: str, relpaths: tuple[str, ...] = ("a.csv", "b.csv")) -> BatchRow:
         """A registered batch whose inputs lie in work/normal/<name>/."""
@@ -57,10 +57,10 @@ class World:
             last = self.store.finish(task.file.id, Outcome(status, error="x"), T0)
         return last
 
-    def settle(self, batch: BatchRow, relpath: str, ok: bool = True) -> SettleFile:
+    def settle(self, batch: BatchRow, relpath: str, ok: bool = True) -> ArchiveFile:
         file = next(f for f in self.store.list_files(batch.id) if f.relpath == relpath)
-        task = SettleFile(file.id, batch.id, batch.work_path, batch.name, relpath, ok)
-        self.settler.settle_file(task)
+        task = ArchiveFile(file.id, batch.id, batch.work_path, batch.name, relpath, ok)
+        self.archiver.archive_file(task)
         return task
 
 
@@ -73,9 +73,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     spool.init()
     store = SQLiteStore(spool.state / "batchd.db")
     outbox = Outbox(spool, store)
-    world = World(spool, store, outbox, Settler(spool, outbox, retry_first_seconds=0.05))
+    world = World(spool, store, outbox, Archiver(spool, outbox, retry_first_seconds=0.05))
     yield world
-    world.settler.stop()
+    world.archiver.stop()
     store.close()
 
 
@@ -83,10 +83,10 @@ def test_settled_inputs_go_to_archive_or_failed(world: World) -> None:
     """A completed file's input moves to archive/<batch>/, a failed one's to failed/<batch>/."""
     batch = world.batch("b1")
     world.finish_all(batch)
-    world.settler.start()
+    world.archiver.start()
     world.settle(batch, "a.csv", ok=True)
     world.settle(batch, "b.csv", ok=False)
-    assert world.settler.wait_idle(WAIT_SECONDS)
+    assert world.archiver.wait_idle(WAIT_SECONDS)
     assert (world.spool.archive / "b1" / "a.csv").is_file()
     assert (world.spool.failed / "b1" / "b.csv").is_file()
     assert not (world.spool.work / "normal" / "b1" / "a.csv").exists()
@@ -97,10 +97,10 @@ def test_end_batch_clears_work_and_writes_final_status(world: World) -> None:
     batch = world.batch("b2", ("a.csv",))
     final = world.finish_all(batch)
     assert final.status == Status.COMPLETED
-    world.settler.start()
+    world.archiver.start()
     world.settle(batch, "a.csv")
-    world.settler.end_batch(final)
-    assert world.settler.wait_idle(WAIT_SECONDS)
+    world.archiver.end_batch(final)
+    assert world.archiver.wait_idle(WAIT_SECONDS)
     assert not (world.spool.work / "normal" / "b2").exists()
     doc = json.loads(world.spool.status_path("b2").read_text())
     assert doc["batch"]["status"] == "completed"
@@ -113,23 +113,23 @@ def test_touches_holds_until_the_move_is_done(world: World) -> None:
     batch = world.batch("b3", ("a.csv",))
     final = world.finish_all(batch)
     task = world.settle(batch, "a.csv")
-    world.settler.end_batch(final)
-    assert world.settler.touches(task.file_id, "some-other-batch")
-    assert world.settler.touches("some-other-file", batch.id)
-    assert not world.settler.touches("some-other-file", "some-other-batch")
-    world.settler.start()
-    assert world.settler.wait_idle(WAIT_SECONDS)
-    assert not world.settler.touches(task.file_id, batch.id)
+    world.archiver.end_batch(final)
+    assert world.archiver.touches(task.file_id, "some-other-batch")
+    assert world.archiver.touches("some-other-file", batch.id)
+    assert not world.archiver.touches("some-other-file", "some-other-batch")
+    world.archiver.start()
+    assert world.archiver.wait_idle(WAIT_SECONDS)
+    assert not world.archiver.touches(task.file_id, batch.id)
 
 
 def test_refresh_requests_for_one_batch_coalesce(world: World) -> None:
     """Refreshing a batch already queued for a refresh queues nothing more."""
     batch = world.batch("b4")
     for _ in range(5):
-        world.settler.refresh(batch.id)
-    assert world.settler.backlog == 1
-    world.settler.start()
-    assert world.settler.wait_idle(WAIT_SECONDS)
+        world.archiver.refresh(batch.id)
+    assert world.archiver.backlog == 1
+    world.archiver.start()
+    assert world.archiver.wait_idle(WAIT_SECONDS)
     doc = json.loads(world.spool.status_path("b4").read_text())
     assert doc["batch"]["status"] == "pending"
 
@@ -141,11 +141,11 @@ def test_a_failing_task_does_not_stop_the_thread(world: World) -> None:
     world.spool.batch_outbox("b5").write_text("not a folder")
     other = world.batch("b6", ("a.csv",))
     world.finish_all(other)
-    world.settler.start()
-    world.settler.refresh(blocked.id)
+    world.archiver.start()
+    world.archiver.refresh(blocked.id)
     world.settle(other, "a.csv")
-    assert world.settler.wait_idle(WAIT_SECONDS)
-    assert world.settler.alive()
+    assert world.archiver.wait_idle(WAIT_SECONDS)
+    assert world.archiver.alive()
     assert (world.spool.archive / "b6" / "a.csv").is_file()
 
 
@@ -155,9 +155,9 @@ def test_stop_finishes_queued_work(world: World) -> None:
     world.finish_all(batch)
     for rel in ("a.csv", "b.csv", "c.csv"):
         world.settle(batch, rel)
-    world.settler.start()
-    world.settler.stop()
-    assert not world.settler.alive()
+    world.archiver.start()
+    world.archiver.stop()
+    assert not world.archiver.alive()
     assert sorted(p.name for p in (world.spool.archive / "b7").iterdir()) == [
         "a.csv",
         "b.csv",
@@ -171,12 +171,12 @@ def test_a_failed_move_is_retried_until_it_succeeds(world: World) -> None:
     world.finish_all(batch)
     blocker = world.spool.archive / "b8"
     blocker.write_text("a file where the batch's archive folder should be")
-    world.settler.start()
+    world.archiver.start()
     world.settle(batch, "a.csv")
-    assert world.settler.wait_idle(WAIT_SECONDS)
+    assert world.archiver.wait_idle(WAIT_SECONDS)
     source = world.spool.work / "normal" / "b8" / "a.csv"
     assert source.is_file()
-    assert not world.settler.touches("x", batch.id)
+    assert not world.archiver.touches("x", batch.id)
     blocker.unlink()
     deadline = time.monotonic() + WAIT_SECONDS
     while not (world.spool.archive / "b8" / "a.csv").is_file():
@@ -191,13 +191,13 @@ def test_a_parked_move_is_dropped_when_the_file_runs_again(world: World) -> None
     world.finish_all(batch, Status.FAILED)
     blocker = world.spool.failed / "b9"
     blocker.write_text("blocks the move to failed/")
-    world.settler.start()
+    world.archiver.start()
     world.settle(batch, "a.csv", ok=False)
-    assert world.settler.wait_idle(WAIT_SECONDS)
+    assert world.archiver.wait_idle(WAIT_SECONDS)
     assert world.store.retry_failed(batch.id) == 1
     blocker.unlink()
     deadline = time.monotonic() + WAIT_SECONDS
-    while world.settler.retries_dropped == 0:
+    while world.archiver.retries_dropped == 0:
         assert time.monotonic() < deadline, "the parked move was never looked at again"
         time.sleep(0.02)
     assert (world.spool.work / "normal" / "b9" / "a.csv").is_file()

@@ -1,0 +1,262 @@
+"""Deciding when a drop in the inbox is ready to claim.
+
+Readiness is always judged by looking, never by events alone: a drop is
+ready once its signature (size and mtime of a file, or of every entry in a
+folder's tree) has held still for ``watch.settle_seconds``, or at once when
+a folder shows its marker file. The clock is passed in, so the settle rules
+are tested without sleeping. :class:`batchd.watcher.Watcher` feeds
+:class:`Readiness` the paths that events and rescans name.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from batchd.clock import Clock
+from batchd.config import Priority, WatchSettings
+from batchd.spool import Spool
+
+# The watcher's logger: operators know these events by it.
+log = structlog.get_logger("batchd.watcher")
+
+Signature = tuple[object, ...]
+#: How often a folder that waits (for its marker, or for content) is looked at
+#: without an event; events bring the look forward.
+WAITING_RELOOK_SECONDS = 1.0
+
+
+@dataclass
+class _Candidate:
+    priority: Priority
+    signature: Signature | None
+    since: float
+    look_now: bool = True
+    #: settled but not ready (empty folder, or waiting for its marker).
+    waiting: bool = False
+    #: a drop_unreadable warning was logged for it (once per drop).
+    reported: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One look at a drop."""
+
+    signature: Signature
+    is_folder: bool
+    has_marker: bool
+    members: int
+    #: why the folder itself cannot be read (None: it can).
+    problem: str | None = None
+
+
+def look(path: Path, spool: Spool, marker: str) -> Seen | None:
+    """Look at drop ``path`` (``None`` when it is gone).
+
+    A folder's signature covers every entry of its tree, so a file added,
+    grown or touched anywhere inside resets the settle timer. ``members``
+    counts the files that would be processed (not the marker, not names
+    matched by ``watch.ignore``); a subfolder that cannot be read counts as
+    one (it will be a failed member). ``problem`` says why the folder itself
+    cannot be read: batchd can then neither see nor move what is inside.
+
+    Iterative, never following links, and bounded by the scan's caps
+    (``limits.max_depth``, ``limits.max_entries_per_drop``): a drop over a
+    cap stops being looked into and counts as one member, so it settles,
+    is claimed and is refused by the scan with the reason.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return Seen((st.st_size, st.st_mtime_ns, st.st_ino), False, False, 1)
+    limits = spool.settings.limits
+    entries: list[tuple[str, int, int]] = []
+    members = 0
+    problem = None
+    over_cap = False
+    stack: list[tuple[str, int]] = [(str(path), 0)]
+    while stack:
+        dirpath, depth = stack.pop()
+        try:
+            names = os.listdir(dirpath)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if dirpath == str(path):
+                problem = f"cannot read folder: {exc.strerror}"
+            else:
+                members += 1  # it will be a failed member
+            continue
+        for name in names:
+            full = os.path.join(dirpath, name)
+            try:
+                est = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            entries.append((full, est.st_size, est.st_mtime_ns))
+            if stat.S_ISDIR(est.st_mode):
+                if depth + 1 > limits.max_depth:
+                    over_cap = True
+                else:
+                    stack.append((full, depth + 1))
+                continue
+            if spool.ignored(name) or (depth == 0 and name == marker):
+                continue
+            members += 1
+        if over_cap or len(entries) > limits.max_entries_per_drop:
+            over_cap = True
+            break
+    entries.sort()
+    has_marker = os.path.lexists(path / marker)
+    # The mode too: a chmod (the fix for a refused folder) changes no mtime.
+    signature = (st.st_mtime_ns, st.st_mode, tuple(entries))
+    return Seen(signature, True, has_marker, max(members, int(over_cap)), problem)
+
+
+class Readiness:
+    """Tracks candidate drops and says which are ready. Pure logic; the clock
+    is passed in so settle rules are tested without sleeping."""
+
+    def __init__(self, spool: Spool, settings: WatchSettings, clock: Clock) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.clock = clock
+        self._candidates: dict[Path, _Candidate] = {}
+        #: drops batchd cannot claim, with the reason (see :meth:`refuse`).
+        self.refused: dict[Path, str] = {}
+
+    def touch(self, path: Path, priority: Priority) -> None:
+        """Something happened at or under drop ``path``: look at it at the next poll.
+
+        An event alone never resets the settle timer (a reader opening a file
+        makes events too); only a changed signature does.
+        """
+        cand = self._candidates.get(path)
+        if cand is None:
+            self._candidates[path] = _Candidate(priority, None, self.clock.monotonic())
+        else:
+            cand.look_now = True
+
+    def pending(self) -> int:
+        return len(self._candidates)
+
+    def next_check(self) -> float | None:
+        """Seconds until :meth:`poll` may find something ready (None: nothing to wait for)."""
+        if not self._candidates:
+            return None
+        now = self.clock.monotonic()
+        settle = self.settings.settle_seconds
+        soonest = min(
+            0.0 if c.look_now else WAITING_RELOOK_SECONDS if c.waiting else c.since + settle - now
+            for c in self._candidates.values()
+        )
+        # Re-look at least this often: a slow writer's change shows in the
+        # signature even when no event reached us (network shares).
+        return max(0.0, min(soonest, max(settle / 2, 0.05)))
+
+    def poll(self) -> list[tuple[Path, Priority]]:
+        """Drops that are ready now (they are forgotten: the caller claims them)."""
+        ready = []
+        now = self.clock.monotonic()
+        settle = self.settings.settle_seconds
+        for path, cand in list(self._candidates.items()):
+            cand.look_now = False
+            try:
+                seen = (
+                    None
+                    if self.spool.ignored(path.name)
+                    else look(path, self.spool, self.settings.marker)
+                )
+            except Exception as exc:
+                # One drop that cannot be looked at must not stop the others.
+                seen = None
+                if not cand.reported:
+                    log.error("drop_look_failed", path=str(path), error=repr(exc))
+                cand.reported = cand.waiting = True
+                continue
+            if seen is None:
+                del self._candidates[path]
+                self.refused.pop(path, None)
+                continue
+            if seen.problem is not None:
+                # Claiming needs to rename it, which needs write permission on
+                # it; and what is inside cannot be seen. Say so once; it waits.
+                if not cand.reported:
+                    log.warning(
+                        "drop_unreadable",
+                        path=str(path),
+                        error=seen.problem,
+                        detail="it stays in the inbox until batchd may read and move it",
+                    )
+                    cand.reported = True
+                cand.waiting = True
+                continue
+            cand.reported = False
+            if path in self.refused:
+                if seen.signature == cand.signature:
+                    cand.waiting = True  # refused as it is: tried again when it changes
+                    continue
+                del self.refused[path]  # changed (a chmod, say): settles and is tried again
+            if seen.has_marker:
+                del self._candidates[path]
+                ready.append((path, cand.priority))
+                continue
+            if seen.signature != cand.signature:
+                cand.signature = seen.signature
+                cand.since = now
+            cand.waiting = False
+            if seen.is_folder and (self.settings.folder_ready == "marker" or seen.members == 0):
+                # Wait for the marker, or for something to process; events
+                # bring the next look forward, a slow re-look catches the rest.
+                cand.waiting = now - cand.since >= settle
+                continue
+            if now - cand.since >= settle:
+                del self._candidates[path]
+                ready.append((path, cand.priority))
+        return ready
+
+    def refuse(self, path: Path, priority: Priority, reason: str) -> bool:
+        """Remember that ready drop ``path`` cannot be claimed, and why; it is
+        looked at again when it changes. True the first time (log it once)."""
+        first = self.refused.get(path) != reason
+        self.refused[path] = reason
+        seen = look(path, self.spool, self.settings.marker)
+        self._candidates[path] = _Candidate(
+            priority, seen.signature if seen else None, self.clock.monotonic(), False, True
+        )
+        return first
+
+    def states(self) -> list[dict[str, str | None]]:
+        """Every drop waiting in the inbox: priority, name, state and reason."""
+        out: list[dict[str, str | None]] = []
+        for path, cand in sorted(self._candidates.items()):
+            reason = self.refused.get(path)
+            if reason is not None:
+                state = "refused"
+            elif cand.reported:
+                state, reason = "refused", "batchd cannot read this folder: give the group read"
+            elif cand.waiting and cand.signature is not None:
+                state = "waiting_marker"
+                reason = (
+                    f"waiting for its marker file {self.settings.marker!r}"
+                    if self.settings.folder_ready == "marker"
+                    else "settled, but holds no file to process yet"
+                )
+            else:
+                state = "settling"
+                reason = f"waiting until nothing changed for {self.settings.settle_seconds} s"
+            out.append(
+                {
+                    "priority": str(cand.priority),
+                    "name": path.name,
+                    "state": state,
+                    "reason": reason,
+                }
+            )
+        return out

@@ -1,0 +1,162 @@
+"""Unit tests for batchd.outcomes: how each attempt's end is recorded.
+
+A fake clock and a fake pool (tests/schedworld.py) over a real spool and a
+real SQLite store: timeouts, retries and their back-off, permanent errors,
+the fsync barrier, and attempts whose claim was superseded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from schedworld import DEFAULTS, WAIT_SECONDS, World, make_world
+from structlog.testing import capture_logs
+
+from batchd.messages import Progress
+from batchd.records import Status
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path, **DEFAULTS)
+
+
+def test_timeout_fails_the_file_without_a_retry(world: World) -> None:
+    """A TimedOut attempt fails the file with "Processing timeout exceeded", retries unspent."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    w.pool.timed_out("a.csv")
+    w.turn(2)
+    file = w.file(batch, "a.csv")
+    assert file.status == Status.FAILED
+    assert file.error == "Processing timeout exceeded"
+    assert file.retry_count == 0
+    assert w.pool.jobs == {}  # not started again
+    assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
+    document = json.loads(w.spool.result_path(batch.name, "a.csv").read_text())
+    assert document["error"] == "Processing timeout exceeded"
+
+
+def test_retries_back_off_doubling_then_fail(world: World) -> None:
+    """A retryable failure requeues the file at now + 2 s, then now + 4 s; with
+    processing.max_retries = 2 spent, the third failure is final."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    for retry, delay in ((1, 2.0), (2, 4.0)):
+        w.turn()
+        w.pool.failed("a.csv", error=f"try {retry}")
+        failed_at = w.clock.now()
+        w.turn()
+        file = w.file(batch, "a.csv")
+        assert (file.status, file.retry_count, file.error) == (
+            Status.PENDING,
+            retry,
+            f"try {retry}",
+        )
+        assert w.store.next_due() == failed_at + timedelta(seconds=delay)
+        w.clock.advance(delay)
+    w.turn()
+    w.pool.failed("a.csv", error="try 3")
+    w.turn()
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.retry_count, file.error) == (Status.FAILED, 2, "try 3")
+    assert file.attempts == 3
+
+
+def test_permanent_error_fails_at_once(world: World) -> None:
+    """A Failed(permanent=True) fails the file at its first attempt, retries unspent."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    w.pool.failed("a.csv", permanent=True, error="not a CSV file")
+    w.turn()
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.retry_count, file.error) == (Status.FAILED, 0, "not a CSV file")
+
+
+def test_a_lost_worker_spends_an_attempt_and_retries(world: World) -> None:
+    """A worker that died (Lost) puts its file back for a retry, naming the death."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    w.pool.lost("a.csv")
+    w.turn()
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.retry_count) == (Status.PENDING, 1)
+    assert file.error == "worker died (SIGKILL)"
+
+
+def test_completed_outcomes_commit_together_and_finish_the_batch(world: World) -> None:
+    """Two Done events in one turn are recorded completed, the batch ends, and the
+    archiver moves both inputs to archive/."""
+    w = world
+    batch = w.batch("b", ("a.csv", "b.csv"))
+    w.turn()
+    w.pool.done("a.csv")
+    w.pool.done("b.csv")
+    w.turn()
+    assert [f.status for f in w.store.list_files(batch.id)] == [Status.COMPLETED] * 2
+    final = w.store.get_batch(batch.id)
+    assert final is not None and final.status == Status.COMPLETED
+    assert w.scheduler.finished_count == 2
+    assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
+    assert sorted(p.name for p in (w.spool.archive / batch.name).iterdir()) == ["a.csv", "b.csv"]
+
+
+def test_a_result_that_cannot_be_made_durable_is_retried_not_completed(world: World) -> None:
+    """The fsync barrier: a Done whose result file is missing is never recorded completed."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    job = w.pool.done("a.csv")
+    assert job.delivery is not None
+    Path(job.delivery.result_path).unlink()
+    w.turn(2)  # the barrier queues the retry; the next commit records it
+    file = w.file(batch, "a.csv")
+    assert file.status == Status.PENDING
+    assert file.retry_count == 1
+    assert file.error is not None and file.error.startswith("cannot write the result file")
+
+
+def test_superseded_outcome_is_dropped(world: World) -> None:
+    """An attempt whose claim was taken over (requeued and claimed again elsewhere)
+    records nothing: the file stays with its new owner, outcome_superseded is logged."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    old = w.pool.job("a.csv")
+    # An operator requeues the running file and another node claims it.
+    w.store.requeue([old.file_id])
+    other = w.store.claim_next(w.clock.now())
+    assert other is not None and other.file.lease_gen == old.lease + 1
+    w.pool.done("a.csv")
+    with capture_logs() as logs:
+        w.turn()
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.lease_gen) == (Status.PROCESSING, other.file.lease_gen)
+    assert w.scheduler.finished_count == 0
+    superseded = [e for e in logs if e["event"] == "outcome_superseded"]
+    assert [(e["file_id"], e["reason"]) for e in superseded] == [(old.file_id, "lease_lost")]
+
+
+def test_reports_of_an_unknown_lease_are_ignored(world: World) -> None:
+    """Progress stamped with another lease than the running attempt's is dropped."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    job = w.pool.job("a.csv")
+    w.pool.events.append(Progress(job.file_id, 50, lease=job.lease + 7))
+    w.turn()
+    w.clock.advance(w.settings.processing.status_interval_seconds)
+    w.turn()
+    assert w.file(batch, "a.csv").progress == 0
+    w.pool.events.append(Progress(job.file_id, 50, lease=job.lease))
+    w.turn()
+    w.clock.advance(w.settings.processing.status_interval_seconds)
+    w.turn()
+    assert w.file(batch, "a.csv").progress == 50
