@@ -38,8 +38,9 @@ from batchd.config import (
     load_settings,
 )
 from batchd.errors import BatchdError, ConfigError, StartupError
+from batchd.fsutil import fsync_dir
 from batchd.records import Status
-from batchd.spool import Spool, fsync_dir
+from batchd.spool import Spool
 from batchd.store import Store, open_store
 from batchd.views import batch_detail
 

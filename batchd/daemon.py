@@ -33,6 +33,7 @@ from batchd.errors import (
     StartupError,
     StoreError,
 )
+from batchd.fsutil import owner_name
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
@@ -40,7 +41,7 @@ from batchd.pool import WorkerPool
 from batchd.processors import ocr, resolve
 from batchd.records import Status
 from batchd.scheduler import Scheduler
-from batchd.spool import Claimed, Spool, owner_name
+from batchd.spool import Claimed, Spool
 from batchd.store import Store, open_store
 from batchd.watcher import Watcher
 

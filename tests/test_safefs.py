@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchd import safefs
-from batchd.spool import write_json_atomic
+from batchd.fsutil import write_json_atomic
 
 DATA = b"id,value\n1,2\n"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from batchd.config import Priority, Settings, load_settings
+from batchd.fsutil import owner_name, write_json_atomic
 from batchd.records import NewFile
-from batchd.spool import XDEV_SUFFIX, Spool, owner_name, write_json_atomic
+from batchd.spool import XDEV_SUFFIX, Spool
 
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
 CSV = b"name,qty\napple,3\npear,5\n"
