@@ -46,9 +46,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from batchd.clock import Clock, parse_iso
 from batchd.config import LimitsSettings, Priority, Settings
 from batchd.diskspace import free_space_problem
+from batchd.errors import ClientGone, Refusal
 from batchd.fsutil import fsync_dir
 from batchd.httpguard import Identity, parse_user_id
-from batchd.httpserver import READ_CHUNK_BYTES, ClientGone, DeadlineReader, Refusal
+from batchd.httpserver import READ_CHUNK_BYTES, DeadlineReader
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.spool import Spool
