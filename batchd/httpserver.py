@@ -1,7 +1,7 @@
 """The HTTP server's plumbing: connection threads, deadlines, room for new clients.
 
 A :class:`ThreadingHTTPServer` with one thread per client connection, capped
-at ``http.max_threads``. What the requests mean lives in :mod:`batchd.http`;
+at ``http.max_threads``. What the requests mean lives in :mod:`batchd.httproutes`;
 this module only keeps connections from holding threads forever:
 
 * :class:`DeadlineReader` gives every socket read a timeout
