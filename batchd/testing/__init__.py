@@ -1,0 +1,6 @@
+"""Helpers for testing batchd, shipped with it (like ``structlog.testing``).
+
+Nothing here runs in production unless a test arms it: the product modules
+call the cheap hooks of :mod:`batchd.faults`, which stay no-ops until
+:func:`batchd.testing.faults.arm` (or its environment variables) names a step.
+"""
