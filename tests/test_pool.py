@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from batchd.clock import Clock, SystemClock
-from batchd.config import Settings, load_settings
+from batchd.config import Settings
 from batchd.pool import Event, Lost, TimedOut, WorkerPool, describe_exit
 from batchd.records import FileRow, Status
+from batchd.testing.settings import make_settings as settings_factory
 from batchd.worker import Delivery, Done, Failed, Job, Progress, memory_limit_error
 
 # Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
@@ -35,16 +36,9 @@ CONTENT = b"name,qty\napple,3\npear,5\n"
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
-    config = tmp_path / "config.toml"
-    config.write_text("")
     # Any content: these jobs' inputs are named freely (the worker checks
     # content against the name again before each attempt).
-    environ = {
-        "BATCHD_SPOOL__ROOT": str(tmp_path / "spool"),
-        "BATCHD_LIMITS__ALLOWED_TYPES": '["*"]',
-    }
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
+    return settings_factory(tmp_path, **{"limits__allowed_types": '["*"]', **env})
 
 
 def process_gone(pid: int) -> bool:

@@ -10,23 +10,16 @@ import pytest
 
 from batchd import safefs
 from batchd.clock import SystemClock
-from batchd.config import Priority, Settings, load_settings
+from batchd.config import Priority
 from batchd.spool import Spool
 from batchd.testing import wait_until
+from batchd.testing.settings import make_settings
 from batchd.watcher import Readiness, Watcher
 
 CSV = b"name,qty\napple,3\n"
 from fakes import FakeClock  # noqa: E402
 
 WAIT_SECONDS = 15.0
-
-
-def make_settings(tmp_path: Path, **env: str) -> Settings:
-    config = tmp_path / "config.toml"
-    config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
 
 
 def write(path: Path, data: bytes = CSV) -> Path:
