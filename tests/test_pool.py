@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -17,19 +16,16 @@ from pathlib import Path
 
 import pytest
 
+# Spawned workers get the parent's sys.path (tests/ is on it: pyproject's
+# pytest pythonpath), so "procs:ok" resolves in them.
+from fakes import FakeClock
+
 from batchd.clock import Clock, SystemClock
 from batchd.config import Settings
 from batchd.pool import Event, Lost, TimedOut, WorkerPool, describe_exit
 from batchd.records import FileRow, Status
 from batchd.testing.settings import make_settings as settings_factory
 from batchd.worker import Delivery, Done, Failed, Job, Progress, memory_limit_error
-
-# Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
-TESTS_DIR = str(Path(__file__).resolve().parent)
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-
-from fakes import FakeClock  # noqa: E402
 
 WAIT_SECONDS = 60.0
 CONTENT = b"name,qty\napple,3\npear,5\n"
