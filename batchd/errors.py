@@ -55,10 +55,6 @@ class NameTaken(StoreError):
         self.name = name
 
 
-class NotFoundError(BatchdError):
-    """No such batch or file."""
-
-
 class ProcessorError(BatchdError):
     """The processor failed on this file; the attempt may be retried."""
 
@@ -72,10 +68,14 @@ class PermanentError(ProcessorError):
     """
 
 
-class RejectedError(BatchdError):
-    """The input was refused before processing (limits, type, not a regular file)."""
+class Refusal(BatchdError):
+    """A request refused with an HTTP status and a message for the client."""
 
-    def __init__(self, message: str | None = None, *, status: int = 400) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        #: the HTTP status code that fits the refusal (413 size, 415 type, ...).
         self.status = status
+        self.headers = headers or {}
+
+
+class ClientGone(BatchdError):
+    """The client closed the connection before sending its whole request."""

@@ -25,8 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from batchd.config import HttpSettings
-from batchd.errors import ConfigError
-from batchd.httpserver import Refusal
+from batchd.errors import ConfigError, Refusal
 
 #: Always accepted as Host: the loopback names a local client uses.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")

@@ -1,7 +1,7 @@
 """The HTTP server's plumbing: connection threads, deadlines, room for new clients.
 
 A :class:`ThreadingHTTPServer` with one thread per client connection, capped
-at ``http.max_threads``. What the requests mean lives in :mod:`batchd.http`;
+at ``http.max_threads``. What the requests mean lives in :mod:`batchd.httproutes`;
 this module only keeps connections from holding threads forever:
 
 * :class:`DeadlineReader` gives every socket read a timeout
@@ -33,12 +33,12 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-if TYPE_CHECKING:
-    from batchd.http import HttpServer
+from batchd.config import Settings
+from batchd.errors import Refusal
 
 log = structlog.get_logger("batchd.httpserver")
 
@@ -63,18 +63,24 @@ LINGER_SECONDS = 1.0
 LINGER_MAX_BYTES = 4 * 1024 * 1024
 
 
-class Refusal(Exception):
-    """A request refused with an HTTP status and a message for the client."""
+class ServerHooks(Protocol):
+    """What the transport needs from the application behind it (batchd.http's
+    HttpServer): its settings and a word when a connection comes or goes."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
+    @property
+    def settings(self) -> Settings: ...
 
+    def http_busy(self) -> None:
+        """A connection was refused 503 (every thread busy, or its address at its cap)."""
 
-class ClientGone(Exception):
-    """The client closed the connection before sending its whole request."""
+    def connections_changed(self, open_now: int) -> None:
+        """The number of connections being served changed."""
+
+    def thread_done(self) -> None:
+        """A connection's thread is about to end (release what it held)."""
+
+    def answered(self, route: str, code: int) -> None:
+        """A request on ``route`` was answered with status ``code``."""
 
 
 class DeadlineReader(io.RawIOBase):
@@ -179,7 +185,11 @@ def _readable(conn: socket.socket) -> bool:
         return True  # closed meanwhile: nothing to make room from
 
 
-class Server(ThreadingHTTPServer):
+#: The application behind a :class:`Server` (what its request handlers reach as ``server.hooks``).
+HooksT = TypeVar("HooksT", bound=ServerHooks, covariant=True)
+
+
+class Server(ThreadingHTTPServer, Generic[HooksT]):
     """ThreadingHTTPServer with a cap on concurrent connection threads."""
 
     daemon_threads = True
@@ -190,11 +200,11 @@ class Server(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        owner: HttpServer,
+        hooks: HooksT,
         handler: type[BaseHTTPRequestHandler],
     ) -> None:
-        self.owner = owner
-        self._slots = threading.BoundedSemaphore(owner.settings.http.max_threads)
+        self.hooks = hooks
+        self._slots = threading.BoundedSemaphore(hooks.settings.http.max_threads)
         self._refusers = threading.BoundedSemaphore(BUSY_REFUSER_THREADS)
         self.changed = threading.Condition()
         self.connections: set[socket.socket] = set()
@@ -294,7 +304,7 @@ class Server(ThreadingHTTPServer):
 
     def _over_client_cap(self, client: str) -> bool:
         """True when ``client`` holds its quota of connections and none could be freed."""
-        cap = self.owner.settings.http.max_connections_per_client
+        cap = self.hooks.settings.http.max_connections_per_client
         with self.changed:
             if self.per_client[client] < cap:
                 return False
@@ -311,7 +321,7 @@ class Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         client = str(client_address[0])
         if self._over_client_cap(client):
-            self.owner.metrics.http_busy()
+            self.hooks.http_busy()
             log.warning("http_client_capped", client=client)
             self._refuse_later(request, CLIENT_CAP_ANSWER)
             return
@@ -326,7 +336,7 @@ class Server(ThreadingHTTPServer):
                 break
             slot = self._slots.acquire(timeout=min(left, IDLE_POLL_SECONDS))
         if not slot:
-            self.owner.metrics.http_busy()
+            self.hooks.http_busy()
             log.warning("http_busy", client=client)
             self._refuse_later(request, BUSY_ANSWER)
             return
@@ -358,7 +368,7 @@ class Server(ThreadingHTTPServer):
     def upload_slot(self, client: str, length: int) -> Iterator[None]:
         """Hold one of the threads uploads may use and ``length`` bytes of the
         in-flight budget while an upload body is received; 503 when none is left."""
-        settings = self.owner.settings
+        settings = self.hooks.settings
         http = settings.http
         most = max(1, http.max_threads - http.reserved_threads)
         budget = settings.limits.max_upload_bytes_in_flight
@@ -403,17 +413,17 @@ class Server(ThreadingHTTPServer):
         with self.changed:
             self.connections.add(request)
             self.peak_connections = max(self.peak_connections, len(self.connections))
-            self.owner.metrics.http_in_flight.set(len(self.connections))
+            self.hooks.connections_changed(len(self.connections))
         try:
             super().process_request_thread(request, client_address)
         finally:
             try:
-                self.owner.store.release_thread()
+                self.hooks.thread_done()
             finally:
                 self._forget(request)
                 with self.changed:
                     self.connections.discard(request)
-                    self.owner.metrics.http_in_flight.set(len(self.connections))
+                    self.hooks.connections_changed(len(self.connections))
                     self.changed.notify_all()
                 self._slots.release()
 

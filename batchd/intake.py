@@ -20,10 +20,11 @@ from batchd.clock import Clock
 from batchd.config import Priority, Settings
 from batchd.errors import AlreadyRegistered, BatchdError, NameTaken, StoreError
 from batchd.faults import crash_point
+from batchd.fsutil import printable
 from batchd.members import DropRefused, batch_limit_error
 from batchd.outbox import Outbox
 from batchd.records import BatchRow, NewBatch, Status
-from batchd.spool import Claimed, ClaimRefused, Spool, printable
+from batchd.spool import Claimed, ClaimRefused, Spool
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.intake")

@@ -23,6 +23,7 @@ from pathlib import Path
 from batchd import safefs
 from batchd.config import LimitsSettings, Settings
 from batchd.errors import BatchdError
+from batchd.fsutil import fit_name, printable
 from batchd.records import NewFile
 
 # A file whose name promises one of these types must have that content: a
@@ -220,8 +221,6 @@ def repair_names(folder: Path, settings: Settings) -> list[str]:
     :func:`scan`; links are renamed, never followed. Iterative, and it stops
     at the scan's caps (the scan then refuses the drop).
     """
-    from batchd.spool import fit_name, printable
-
     limits = settings.limits
     renamed: list[str] = []
     stack: list[tuple[str, int]] = [("", 0)]

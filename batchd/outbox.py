@@ -1,6 +1,6 @@
 """Everything batchd writes for users to read: status.json and result files.
 
-Every write is atomic (see :func:`batchd.spool.write_json_atomic`), so a
+Every write is atomic (see :func:`batchd.fsutil.write_json_atomic`), so a
 script polling the outbox never parses half a file.
 """
 
@@ -20,8 +20,9 @@ import structlog
 from batchd import safefs
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
+from batchd.fsutil import fsync_file, stage_json, write_json_atomic
 from batchd.records import BatchRow, BatchSnapshot, FileRow, Status
-from batchd.spool import STATUS_FILE, Spool, fsync_file, stage_json, write_json_atomic
+from batchd.spool import STATUS_FILE, Spool
 from batchd.store import Store
 from batchd.views import Json, detail_of, result_document
 

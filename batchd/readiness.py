@@ -19,6 +19,7 @@ import structlog
 
 from batchd.clock import Clock
 from batchd.config import Priority, WatchSettings
+from batchd.members import is_member
 from batchd.spool import Spool
 
 # The watcher's logger: operators know these events by it.
@@ -106,7 +107,7 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
                 else:
                     stack.append((full, depth + 1))
                 continue
-            if spool.ignored(name) or (depth == 0 and name == marker):
+            if not is_member(name, depth == 0, spool.settings):
                 continue
             members += 1
         if over_cap or len(entries) > limits.max_entries_per_drop:

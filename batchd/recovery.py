@@ -20,10 +20,11 @@ import structlog
 from batchd.clock import parse_iso
 from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, ConfigError, StoreError
+from batchd.fsutil import owner_name
 from batchd.intake import Intake
 from batchd.outbox import Outbox
 from batchd.records import Status
-from batchd.spool import Claimed, Spool, owner_name
+from batchd.spool import Claimed, Spool
 from batchd.store import Store
 
 # The daemon's logger: recovery's events were always the daemon's.

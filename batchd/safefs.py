@@ -180,9 +180,9 @@ def move(root: Path, source: str, target: str) -> None:
     The source's parent and the target's parent are each reached without
     following a link; rename(2) itself never follows the last component.
     Across filesystems (an archive on another mount) it copies through the
-    same descriptors (see :func:`batchd.spool.replace_across`).
+    same descriptors (see :func:`batchd.fsutil.replace_across`).
     """
-    from batchd.spool import replace_across  # spool imports this module
+    from batchd.fsutil import replace_across  # fsutil imports this module
 
     src_parent, _, src_leaf = source.rpartition("/")
     dst_parent, _, dst_leaf = target.rpartition("/")

@@ -15,24 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import os
 import pwd
 import shutil
 import stat
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from batchd import members, safefs
 from batchd.config import PRIORITY_ORDER, Priority, Settings
 from batchd.errors import SpoolError
+from batchd.fsutil import (
+    clear_folder,
+    copy_across,
+    finish_copies,
+    fit_name,
+    move_contents,
+    move_locked_folder,
+    owner_name,
+    printable,
+)
 from batchd.records import NewFile
 
 log = structlog.get_logger("batchd.spool")
@@ -47,12 +53,6 @@ STATUS_FILE = "status.json"
 UPLOADS = ".uploads"
 SCRATCH = ".scratch"
 XDEV_SUFFIX = ".xdev-source"
-#: A cross-filesystem move in progress (see :func:`replace_across`).
-XDEV_PARTIAL_SUFFIX = ".xdev-partial"
-#: The longest file name the filesystem allows (NAME_MAX), in bytes.
-NAME_MAX_BYTES = 255
-#: How much of a target's name a temporary file next to it carries.
-TEMP_NAME_BYTES = 100
 
 
 class ClaimRefused(SpoolError):
@@ -68,236 +68,6 @@ class Claimed:
     priority: Priority
     source: str
     user_id: str | None
-
-
-def fsync_file(path: str) -> None:
-    """Flush one file's data and size to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(
-    path: Path, data: Any, durable: bool = True, root: Path | None = None
-) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half.
-
-    Temporary file in the same folder, then rename over the target. With
-    ``durable`` (the default) the file is fsynced before the rename, so the
-    rename never exposes a file whose blocks are not on disk yet. A worker
-    passes ``durable=False`` when the daemon fsyncs a group of results
-    itself before recording them (see :class:`batchd.outbox.ResultSyncer`).
-
-    With ``root`` (the spool root; always, for the outbox), the folder is
-    reached from ``root`` without following a link at any component and
-    missing folders are made 2750; the file is 0640 whatever the umask.
-    """
-    if root is None:
-        tmp = stage_json(path, data)
-        try:
-            if durable:
-                fsync_file(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return
-    dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
-    try:
-        tmp = _stage_in(dir_fd, path.name, data)
-        try:
-            if durable:
-                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-    finally:
-        os.close(dir_fd)
-
-
-def _rel_to(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        raise SpoolError(f"{path} is not inside the spool {root}: not written") from None
-
-
-def _stage_in(dir_fd: int, name: str, data: Any) -> str:
-    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
-    body = (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-    while True:
-        tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            safefs.write_new(dir_fd, tmp, body)
-        except FileExistsError:
-            continue
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        return tmp
-
-
-def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
-    """Write ``data`` to a temporary file beside ``path`` (not synced, not yet
-    visible under its name); returns the temporary file's path.
-
-    The first half of an atomic write: fsync it, then ``os.replace`` it onto
-    ``path``. Split so that a group of documents can share one disk flush.
-    With ``root``, the folder is reached and made as in :func:`write_json_atomic`
-    (it is then batchd's own, 2750, so the later rename by name stays inside it).
-    """
-    if root is not None:
-        dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
-        try:
-            return str(path.parent / _stage_in(dir_fd, path.name, data))
-        finally:
-            os.close(dir_fd)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600: give it the mode every file batchd
-        # writes has (0640: the group reads, only batchd writes), whatever the umask.
-        os.fchmod(fd, safefs.FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, ensure_ascii=False, indent=1))
-            fh.write("\n")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
-    """Move what a processor left in its output folder to ``target`` (next to
-    its result); an empty or missing folder is simply removed.
-
-    With ``root`` (the spool root) the outputs get batchd's modes (folders
-    0750, files 0640, the outbox's group) and move through folder
-    descriptors, no link followed.
-    """
-    try:
-        empty = not any(scratch.iterdir())
-    except FileNotFoundError:
-        return
-    if empty:
-        scratch.rmdir()
-        return
-    if root is not None:
-        safefs.fix_modes(scratch, gid=os.stat(root / "outbox").st_gid)
-        safefs.move(root, _rel_to(scratch, root), _rel_to(target, root))
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        _remove(target)  # an earlier attempt's outputs; this attempt wins
-    replace_across(scratch, target)  # the outbox may be a mount of its own
-
-
-def replace_across(source: Path, target: Path) -> None:
-    """``os.replace`` that still works when ``target`` is on another filesystem.
-
-    The spool is meant to be one filesystem, but an operator may mount
-    ``archive/`` or ``failed/`` elsewhere (a bigger disk), and rename(2) then
-    fails with EXDEV. Copy to a hidden name beside the target, fsync it,
-    rename it into place, and only then delete the source: a crash in between
-    leaves the input in both places (the next settle replaces the copy),
-    never in neither. A failed copy (disk full) leaves the source untouched.
-    """
-    try:
-        os.replace(source, target)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    partial = target.with_name(fit_name(f".{target.name}", XDEV_PARTIAL_SUFFIX))
-    try:
-        if os.path.lexists(partial):
-            _remove(partial)  # left by a crash mid-copy
-        if source.is_dir() and not source.is_symlink():
-            shutil.copytree(source, partial, symlinks=True)
-        else:
-            shutil.copy2(source, partial, follow_symlinks=False)
-        if not partial.is_symlink():
-            _fsync_tree(partial)
-        os.replace(partial, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _remove(partial)
-        raise
-    fsync_dir(target.parent)
-    _remove(source)
-
-
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; done once, at import, before
-    # any thread could create a file under the temporary value.
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _temp_prefix(path: Path) -> str:
-    # Only the start of the name: a 255-byte target must still get a temporary file.
-    head = os.fsencode(path.name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
-    return f".{head}."
-
-
-def printable(name: str) -> str:
-    """``name`` with every byte that is not UTF-8 written as ``\\xNN``.
-
-    Python hands such names over with lone surrogates, which neither SQLite
-    nor a UTF-8 JSON file can hold; the escaped form is plain text that still
-    shows the bytes.
-    """
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def fit_name(name: str, suffix: str = "") -> str:
-    """``name + suffix`` as one file name, shortened when over NAME_MAX_BYTES.
-
-    A name too long keeps its first bytes and gains ``~`` and 8 hex digits of
-    its sha256, so long names sharing a beginning stay apart and the same name
-    always maps to the same file name.
-    """
-    full = name + suffix
-    if len(os.fsencode(full)) <= NAME_MAX_BYTES:
-        return full
-    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
-    budget = NAME_MAX_BYTES - len(os.fsencode(tag + suffix))
-    return os.fsencode(name)[:budget].decode("utf-8", "ignore") + tag + suffix
-
-
-def owner_name(st: os.stat_result) -> str:
-    """The user name owning a file (its numeric id when no such user exists)."""
-    try:
-        return pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        return str(st.st_uid)
 
 
 class Spool:
@@ -448,7 +218,7 @@ class Spool:
                         " changes)"
                     ) from exc
                 raise
-            self._copy_claim(source, target, is_dir)
+            copy_across(source, target, is_dir, XDEV_SUFFIX)
         return Claimed(target, name, priority, printable(str(source)), user)
 
     def rename_claim(self, claimed: Claimed, name: str) -> Claimed:
@@ -473,47 +243,10 @@ class Spool:
         os.rename(folder, target)
         return target
 
-    def _copy_claim(self, source: Path, target: Path, is_dir: bool) -> None:
-        """Claim across filesystems (an inbox on a bind mount, say).
-
-        Build the batch folder under a hidden name, make it durable, record
-        that the source is now redundant, rename the folder into place, then
-        delete the source. Recovery (:meth:`finish_cross_device`) completes an
-        interrupted delete, so the drop is never registered twice.
-        """
-        partial = target.with_name(f".{target.name}.incoming")
-        with contextlib.suppress(FileNotFoundError):
-            _remove(partial)
-        if is_dir:
-            shutil.copytree(source, partial, symlinks=True)
-        else:
-            partial.mkdir()
-            shutil.copy2(source, partial / source.name, follow_symlinks=False)
-        _fsync_tree(partial)
-        st = source.lstat()
-        marker = target.with_name(target.name + XDEV_SUFFIX)
-        write_json_atomic(marker, {"source": str(source), "ino": st.st_ino, "dev": st.st_dev})
-        os.rename(partial, target)
-        fsync_dir(target.parent)
-        _remove(source)
-        marker.unlink()
-
     def finish_cross_device(self) -> None:
         """Complete cross-filesystem claims a crash interrupted (run at start-up)."""
         for priority in PRIORITY_ORDER:
-            folder = self.work / priority.value
-            for entry in list(folder.iterdir()) if folder.exists() else []:
-                if entry.name.endswith(".incoming") and entry.name.startswith("."):
-                    _remove(entry)  # the copy never completed; the source is still in the inbox
-                elif entry.name.endswith(XDEV_SUFFIX):
-                    target = entry.with_name(entry.name[: -len(XDEV_SUFFIX)])
-                    info = json.loads(entry.read_text())
-                    src = Path(info["source"])
-                    with contextlib.suppress(FileNotFoundError):
-                        st = src.lstat()
-                        if target.exists() and (st.st_ino, st.st_dev) == (info["ino"], info["dev"]):
-                            _remove(src)
-                    entry.unlink()
+            finish_copies(self.work / priority.value, XDEV_SUFFIX)
 
     def work_entries(self) -> Iterator[tuple[Priority, Path]]:
         """Every claimed batch folder in ``work/``."""
@@ -665,7 +398,7 @@ class Spool:
                 dst_parent = target.rpartition("/")[0]
                 dst_fd = safefs.open_dir(self.root, dst_parent, create=True)
                 try:
-                    _move_locked_folder(safefs.fd_path(dir_fd, leaf), safefs.fd_path(dst_fd, leaf))
+                    move_locked_folder(safefs.fd_path(dir_fd, leaf), safefs.fd_path(dst_fd, leaf))
                 finally:
                     os.close(dst_fd)
         finally:
@@ -698,40 +431,7 @@ class Spool:
                     os.unlink(marker, dir_fd=top)
         finally:
             os.close(top)
-        folder = self.root / work_path
-        max_depth = self.settings.limits.max_depth
-        dirs = [""]
-        for rel in dirs:  # grows while it is walked: breadth first, no recursion
-            depth = rel.count("/") + 1 if rel else 0
-            try:
-                fd = safefs.open_dir(folder, rel)
-            except (OSError, safefs.UnsafePath):
-                continue  # swapped or unreadable: left where it is
-            try:
-                entries = os.listdir(fd)
-                for entry in entries:
-                    sub = f"{rel}/{entry}" if rel else entry
-                    try:
-                        st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode) and depth < max_depth:
-                            dirs.append(sub)
-                            continue
-                        safefs.move(self.root, f"{work_path}/{sub}", f"archive/{name}/{sub}")
-                    except FileNotFoundError:
-                        continue
-                    except safefs.UnsafePath as exc:
-                        log.error("leftover_not_moved", work_path=work_path, relpath=sub,
-                                  error=exc.message)  # fmt: skip
-            finally:
-                os.close(fd)
-        for rel in reversed(dirs[1:]):
-            parent, _, leaf = rel.rpartition("/")
-            with contextlib.suppress(OSError, safefs.UnsafePath):
-                fd = safefs.open_dir(folder, parent)
-                try:
-                    os.rmdir(leaf, dir_fd=fd)
-                finally:
-                    os.close(fd)
+        move_contents(self.root, work_path, f"archive/{name}", self.settings.limits.max_depth)
         # No fsync of work/<prio>/ here: the database already says the batch
         # is finished, so if a power cut undoes these moves, start-up recovery
         # simply finalizes the batch again. Durability is not needed, only the
@@ -758,11 +458,11 @@ class Spool:
     def clear_uploads(self, keep: Callable[[Path], bool] = lambda entry: False) -> None:
         """Remove uploads a crash left half-received (they were never registered),
         except those ``keep`` says may still be in use (another node's)."""
-        _clear(self.uploads, keep)
+        clear_folder(self.uploads, keep)
 
     def clear_scratch(self, keep: Callable[[Path], bool] = lambda entry: False) -> None:
         """Remove processors' output folders a crash left, except those ``keep`` names."""
-        _clear(self.scratch, keep)
+        clear_folder(self.scratch, keep)
 
 
 def _init_mode(parts: tuple[str, ...]) -> int:
@@ -782,50 +482,3 @@ def _visible(path: Path) -> bool:
         return path.exists()
     except PermissionError:
         return False
-
-
-def _clear(folder: Path, keep: Callable[[Path], bool]) -> None:
-    if folder.exists():
-        for entry in folder.iterdir():
-            if not keep(entry):
-                _remove(entry)
-
-
-def _move_locked_folder(source: Path, target: Path) -> None:
-    """Move a folder its owner may not write (an unreadable member, mode 000).
-
-    Moving a folder to a new parent rewrites its ``..`` entry, which needs
-    write permission on it. batchd lends that permission for the move only,
-    so the folder arrives in ``failed/`` with the mode its user gave it.
-    Raises PermissionError when batchd does not own the folder.
-    """
-    mode = stat.S_IMODE(source.lstat().st_mode)
-    os.chmod(source, mode | stat.S_IWUSR)
-    try:
-        os.replace(source, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.chmod(source, mode)
-        raise
-    os.chmod(target, mode)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _fsync_tree(path: Path) -> None:
-    if path.is_file() and not path.is_symlink():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
-        return
-    for dirpath, _dirs, files in os.walk(path):
-        for fname in files:
-            p = Path(dirpath) / fname
-            if p.is_file() and not p.is_symlink():
-                with p.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(Path(dirpath))

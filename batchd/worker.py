@@ -33,11 +33,11 @@ from typing import Any
 from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
+from batchd.fsutil import move_outputs, write_json_atomic
 from batchd.members import check
 from batchd.messages import Delivery, Done, Failed, Job, Progress
 from batchd.records import Status
 from batchd.safefs import UnsafePath, named_view, open_member
-from batchd.spool import move_outputs, write_json_atomic
 from batchd.views import result_document
 
 _PR_SET_PDEATHSIG = 1

@@ -111,7 +111,9 @@ def throughput(
             t0 = time.perf_counter()
             drop_all(staged, nodes[0].inbox())
             db = None if pg else tmp / "spool" / "state" / "batchd.db"
-            wait_until(lambda: _count_done(url, db) >= total, 600, f"{total} files", 0.05)
+            wait_until(
+                lambda: _count_done(url, db) >= total, 600, what=f"{total} files", interval=0.05
+            )
             return total / (time.perf_counter() - t0)
         finally:
             for node in nodes:
@@ -183,7 +185,7 @@ def latency(server: PgServer, samples: int, pg: bool) -> dict[str, float]:
                 result = node.spool / "outbox" / src.name / "results" / f"{src.name}.json"
                 t0 = time.perf_counter()
                 src.rename(node.inbox() / src.name)
-                wait_until(result.exists, 60, "one result", 0.001)
+                wait_until(result.exists, 60, what="one result", interval=0.001)
                 took.append(time.perf_counter() - t0)
                 time.sleep(0.2)  # not synchronisation: each sample starts from an idle node
         finally:

@@ -17,25 +17,18 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from batchd.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``cond`` until it is truthy; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+#: How often the benchmarks look whether what they wait for happened
+#: (the resolution of their timings).
+POLL_SECONDS = 0.01
 
 
 def median(values: Iterable[float]) -> float:
@@ -131,7 +124,8 @@ class Daemon:
         wait_until(
             lambda: self.events("daemon_started") or self.proc.poll() is not None,  # type: ignore[union-attr]
             timeout,
-            "daemon start",
+            what="daemon start",
+            interval=POLL_SECONDS,
         )
         self.started_in = time.perf_counter() - t0
         if self.proc.poll() is not None:
@@ -204,7 +198,8 @@ class Daemon:
                     >= total
                 ),
                 timeout,
-                f"{total} files done",
+                what=f"{total} files done",
+                interval=POLL_SECONDS,
             )
         finally:
             conn.close()

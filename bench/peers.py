@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH, REPO, wait_until
+from bench.common import BENCH, POLL_SECONDS, REPO, wait_until
 
 HUEY_CONSUMER = Path(sys.executable).with_name("huey_consumer")
 # huey's consumer defaults (huey/consumer.py): an idle worker polls after
@@ -64,7 +64,9 @@ class HueyPeer:
         self.app = importlib.reload(hueyapp)  # bind to this round's database file
         # Ready when a first task has gone through (workers started, tables made).
         res = self.app.noop()
-        wait_until(lambda: res.get() is not None, 60, "huey consumer start")
+        wait_until(
+            lambda: res.get() is not None, 60, what="huey consumer start", interval=POLL_SECONDS
+        )
         self.app.huey.storage.flush_results()
 
     def results(self) -> int:
@@ -87,7 +89,12 @@ def huey_overhead(tmp: Path, tasks: int, workers: int = 2, sync: str = "default"
         t0 = time.perf_counter()
         for _ in range(tasks):
             peer.app.noop()
-        wait_until(lambda: peer.results() >= tasks, 600, f"{tasks} huey results")
+        wait_until(
+            lambda: peer.results() >= tasks,
+            600,
+            what=f"{tasks} huey results",
+            interval=POLL_SECONDS,
+        )
         elapsed = time.perf_counter() - t0
     finally:
         peer.stop()
@@ -144,7 +151,12 @@ def inotify_latency(tmp: Path, samples: int, gap: float) -> list[float]:
         proc = subprocess.Popen(["bash", "-c", script], stderr=errf, start_new_session=True)
     times = []
     try:
-        wait_until(lambda: b"Watches established" in err.read_bytes(), 30, "inotifywait ready")
+        wait_until(
+            lambda: b"Watches established" in err.read_bytes(),
+            30,
+            what="inotifywait ready",
+            interval=POLL_SECONDS,
+        )
         for i in range(samples):
             src = staging / f"f{i}.csv"
             src.write_bytes(b"a,b\n1,2\n")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers
-from bench.common import Daemon, children, median, vm_hwm_kib, wait_until, write_small
+from bench.common import POLL_SECONDS, Daemon, children, median, vm_hwm_kib, wait_until, write_small
 from bench.httpload import timed_get
 
 PER_FOLDER = 50
@@ -141,7 +141,12 @@ def _watch_status(outbox: Path, tmp: Path) -> subprocess.Popen[bytes] | None:
         stdout=(tmp / "status-watch.out").open("wb"),
         stderr=err.open("wb"),
     )
-    wait_until(lambda: b"Watches established" in err.read_bytes(), 60, "inotifywait -r ready")
+    wait_until(
+        lambda: b"Watches established" in err.read_bytes(),
+        60,
+        what="inotifywait -r ready",
+        interval=POLL_SECONDS,
+    )
     return proc
 
 

@@ -13,7 +13,6 @@ import os
 import socket
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from batchd.outbox import Outbox
 from batchd.records import BatchRow, Outcome, Status
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
+from batchd.testing import wait_until
 from batchd.views import batch_detail
 
 CSV = b"name,qty\nmenu,1\nsoup,2\n"
@@ -51,15 +51,6 @@ BATCH_COLUMNS = {
     "completed_at",
     "error",
 }
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``cond`` until it holds, failing the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        threading.Event().wait(0.02)
 
 
 @dataclass

@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 
 from batchd import members, safefs
-from batchd.config import Settings, load_settings
+from batchd.testing.settings import make_settings
 
 CSV = b"id,value\n1,2\n"
-
-
-def settings(tmp_path: Path, **env: str) -> Settings:
-    config = tmp_path / "config.toml"
-    config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
 
 
 def deep(top: Path, levels: int) -> None:
@@ -41,8 +33,8 @@ def test_scan_refuses_a_drop_deeper_than_max_depth(tmp_path: Path) -> None:
     folder = tmp_path / "work" / "deep"
     deep(folder, 1500)
     with pytest.raises(members.DropRefused, match=r"limits.max_depth \(32\)"):
-        members.scan(folder, settings(tmp_path))
-    assert members.repair_names(folder, settings(tmp_path)) == []
+        members.scan(folder, make_settings(tmp_path))
+    assert members.repair_names(folder, make_settings(tmp_path)) == []
     safefs.remove_tree(folder)  # pytest's own clean-up of tmp_path recurses per level
 
 
@@ -50,10 +42,10 @@ def test_scan_takes_a_drop_at_max_depth(tmp_path: Path) -> None:
     """A file exactly max_depth folders down is a member."""
     folder = tmp_path / "work" / "ok"
     deep(folder, 3)
-    found = members.scan(folder, settings(tmp_path, limits__max_depth="3"))
+    found = members.scan(folder, make_settings(tmp_path, limits__max_depth="3"))
     assert [m.relpath for m in found] == ["d/d/d/x.csv"]
     with pytest.raises(members.DropRefused):
-        members.scan(folder, settings(tmp_path, limits__max_depth="2"))
+        members.scan(folder, make_settings(tmp_path, limits__max_depth="2"))
 
 
 def test_scan_refuses_a_drop_over_max_entries(tmp_path: Path) -> None:
@@ -63,7 +55,7 @@ def test_scan_refuses_a_drop_over_max_entries(tmp_path: Path) -> None:
     for i in range(12):
         (folder / f"f{i}.csv").write_bytes(CSV)
     with pytest.raises(members.DropRefused, match=r"limits.max_entries_per_drop \(10\)"):
-        members.scan(folder, settings(tmp_path, limits__max_entries_per_drop="10"))
+        members.scan(folder, make_settings(tmp_path, limits__max_entries_per_drop="10"))
 
 
 def test_check_reads_content_through_the_descriptor(tmp_path: Path) -> None:
@@ -72,7 +64,7 @@ def test_check_reads_content_through_the_descriptor(tmp_path: Path) -> None:
     path.write_bytes(b"just words\n")
     fd = os.open(path, os.O_RDONLY)
     try:
-        problem = members.check(fd, os.fstat(fd), "fake.pdf", settings(tmp_path).limits)
+        problem = members.check(fd, os.fstat(fd), "fake.pdf", make_settings(tmp_path).limits)
     finally:
         os.close(fd)
     assert problem is not None and "not an allowed type for a .pdf file" in problem
@@ -80,7 +72,7 @@ def test_check_reads_content_through_the_descriptor(tmp_path: Path) -> None:
 
 def test_batch_limit_error_names_the_limit(tmp_path: Path) -> None:
     """A batch over max_files_per_batch gets the refusal the scan gives it."""
-    limits = settings(tmp_path).limits
+    limits = make_settings(tmp_path).limits
     assert members.batch_limit_error(50, limits) is None
     error = members.batch_limit_error(51, limits)
     assert error is not None and "limits.max_files_per_batch (50)" in error

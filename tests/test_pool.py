@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -17,35 +16,26 @@ from pathlib import Path
 
 import pytest
 
+# Spawned workers get the parent's sys.path (tests/ is on it: pyproject's
+# pytest pythonpath), so "procs:ok" resolves in them.
+from fakes import FakeClock
+
 from batchd.clock import Clock, SystemClock
-from batchd.config import Settings, load_settings
+from batchd.config import Settings
 from batchd.messages import Delivery, Done, Event, Failed, Job, Lost, Progress, TimedOut
 from batchd.pool import WorkerPool, describe_exit
 from batchd.records import FileRow, Status
+from batchd.testing.settings import make_settings as settings_factory
 from batchd.worker import memory_limit_error
-
-# Spawned workers get the parent's sys.path, so "procs:ok" resolves in them.
-TESTS_DIR = str(Path(__file__).resolve().parent)
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-
-from fakes import FakeClock  # noqa: E402
 
 WAIT_SECONDS = 60.0
 CONTENT = b"name,qty\napple,3\npear,5\n"
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
-    config = tmp_path / "config.toml"
-    config.write_text("")
     # Any content: these jobs' inputs are named freely (the worker checks
     # content against the name again before each attempt).
-    environ = {
-        "BATCHD_SPOOL__ROOT": str(tmp_path / "spool"),
-        "BATCHD_LIMITS__ALLOWED_TYPES": '["*"]',
-    }
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
+    return settings_factory(tmp_path, **{"limits__allowed_types": '["*"]', **env})
 
 
 def process_gone(pid: int) -> bool:

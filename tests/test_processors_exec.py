@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +16,7 @@ from batchd.config import ExecSettings, ProcessingSettings, Settings
 from batchd.errors import PermanentError, ProcessorError
 from batchd.processors import ProcessorContext
 from batchd.processors.exec import run_command
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+from batchd.testing import wait_until
 
 
 def script(tmp_path: Path, body: str) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import suidsgid
 
 from batchd import safefs
-from batchd.spool import write_json_atomic
+from batchd.fsutil import write_json_atomic
 
 DATA = b"id,value\n1,2\n"
 

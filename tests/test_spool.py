@@ -13,22 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import Priority, Settings, load_settings
+from batchd.config import Priority
+from batchd.fsutil import owner_name, write_json_atomic
 from batchd.records import NewFile
-from batchd.spool import XDEV_SUFFIX, Spool, owner_name, write_json_atomic
+from batchd.spool import XDEV_SUFFIX, Spool
+from batchd.testing.settings import make_settings
 
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
 CSV = b"name,qty\napple,3\npear,5\n"
 IS_ROOT = os.geteuid() == 0
-
-
-def make_settings(tmp_path: Path, **env: str) -> Settings:
-    """Settings with the spool at ``tmp_path/spool`` and ``BATCHD_<KEY>`` overrides."""
-    config = tmp_path / "config.toml"
-    config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
 
 
 @pytest.fixture

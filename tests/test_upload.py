@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.upload import safe_filename
+from batchd.uploadform import safe_filename
 
 
 @pytest.mark.parametrize(

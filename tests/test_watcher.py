@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,33 +10,17 @@ import pytest
 
 from batchd import safefs
 from batchd.clock import SystemClock
-from batchd.config import Priority, Settings, load_settings
+from batchd.config import Priority
 from batchd.readiness import Readiness
 from batchd.spool import Spool
+from batchd.testing import wait_until
+from batchd.testing.settings import make_settings
 from batchd.watcher import Watcher
 
 CSV = b"name,qty\napple,3\n"
 from fakes import FakeClock  # noqa: E402
 
 WAIT_SECONDS = 15.0
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
-    """Poll ``cond`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return cond()
-        threading.Event().wait(0.02)
-    return True
-
-
-def make_settings(tmp_path: Path, **env: str) -> Settings:
-    config = tmp_path / "config.toml"
-    config.write_text("")
-    environ = {"BATCHD_SPOOL__ROOT": str(tmp_path / "spool")}
-    environ.update({f"BATCHD_{k.upper()}": v for k, v in env.items()})
-    return load_settings(config, environ)
 
 
 def write(path: Path, data: bytes = CSV) -> Path:

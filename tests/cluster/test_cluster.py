@@ -20,13 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-for extra in (TESTS, TESTS / "integration"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-from support import DaemonProcess, csv_bytes, drop_folder, wait_until  # noqa: E402
+from support import DaemonProcess, csv_bytes, drop_folder, wait_until
 
 if TYPE_CHECKING:
     from pgserver import PgServer

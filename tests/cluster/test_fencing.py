@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,14 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-for extra in (TESTS, TESTS / "integration", TESTS / "cluster"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-from support import wait_until  # noqa: E402
-from test_cluster import (  # noqa: E402
+from support import wait_until
+from test_cluster import (
     DEADLINE,
     LEASE_SECONDS,
     Node,

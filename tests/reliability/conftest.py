@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
-for _path in (INTEGRATION, HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
 _SEED: int | None = None
 
 

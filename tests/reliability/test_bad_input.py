@@ -27,9 +27,10 @@ from support import DaemonProcess, wait_until
 
 from batchd.clock import SystemClock
 from batchd.config import Priority, Settings
+from batchd.fsutil import fit_name
 from batchd.intake import Intake
 from batchd.outbox import Outbox
-from batchd.spool import Spool, fit_name
+from batchd.spool import Spool
 from batchd.store import SQLiteStore
 
 MAX_BYTES = 1024

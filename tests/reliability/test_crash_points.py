@@ -1,6 +1,6 @@
 """A crash right after any step of the pipeline loses nothing and doubles nothing.
 
-For every crash point of :mod:`batchd.faults` the daemon runs with
+For every crash point of :mod:`batchd.testing.faults` the daemon runs with
 ``BATCHD_CRASH_AT=<step>`` (and ``BATCHD_CRASH_AFTER=N`` to crash mid-batch,
 not only on the first pass), exits 86 there like a power cut, is restarted
 without the fault, and must finish every drop exactly once.
@@ -17,7 +17,7 @@ import pytest
 from invariants import ExpectedDrop, check_spool, daemon_processes
 from support import DaemonProcess, csv_bytes, wait_until
 
-from batchd.faults import CRASH_EXIT_CODE, STEPS
+from batchd.testing.faults import CRASH_EXIT_CODE, STEPS
 
 #: How many passes of each step to let through before the mid-batch crash:
 #: steps run once per batch (3 batches here) or once per processed file (8: fake.pdf is refused).

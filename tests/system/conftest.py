@@ -17,11 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import nspawn
+import pytest
 from nspawn import Container, Unavailable
 from unitctl import (
     CHECKOUT,
