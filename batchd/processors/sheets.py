@@ -70,6 +70,8 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
 
 
 _A1 = re.compile(r"^([A-Z]{1,3})([0-9]+)$")
+#: floats below this in magnitude are exact integers when whole (2**53).
+_EXACT = float(2**53)
 #: number formats 14-22 and 45-47 are dates and times whatever the file says.
 _BUILTIN_DATE_FORMATS = frozenset({*range(14, 23), 45, 46, 47})
 
@@ -313,9 +315,18 @@ def sheet_result(
         if len(row) > max_columns:
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
-        # str and None (most cells) need no conversion; "" is calamine's empty cell
+        # str, float and None (most cells) are converted inline, as json_value
+        # would (a whole float becomes an int, NaN and infinities null: v - v
+        # is 0 only for a finite v); "" is calamine's empty cell.
         values = [
-            (v or None) if type(v) is str else None if v is None else json_value(v) for v in row
+            (v or None)
+            if (t := type(v)) is str
+            else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
+            if t is float
+            else None
+            if v is None
+            else json_value(v)
+            for v in row
         ]
         for col, text in by_row.get(number, ()):
             if col <= len(values):
