@@ -951,6 +951,31 @@ def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path
     assert result["truncated"] is False
 
 
+def test_xlsx_sheet_calamine_fails_on_is_streamed_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the sheet calamine cannot parse goes to the streaming reader; the others stay."""
+    from batchd.processors import sheets
+
+    streamed: list[str] = []
+    real = sheets._streamed_sheet
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        streamed.append(args[3].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sheets, "_streamed_sheet", spy)
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    result, _ = run(path)
+    assert streamed == ["Prices"]
+    assert result["sheets"][0]["rows"][1] == ["tea", "2,5", "2024-03-01", 5]
+    assert result["sheets"][1]["rows"] == [["open daily", True]]
+
+
 def form_pdf(value: bytes) -> bytes:
     """A one-page PDF with a text field holding ``value`` (AcroForm, appearance stream)."""
     data = raw_pdf([text_op("Name:")])

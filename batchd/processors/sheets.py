@@ -127,7 +127,7 @@ def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
             )
             out: list[Result] | None = None
             if fits and sum(s.area for s in scans) <= caps.max_cells:
-                out = _calamine_sheets(path, ctx, budget, scans)
+                out = _calamine_sheets(zf, path, ctx, budget, scans, date1904)
             if out is None:
                 out = _streamed_sheets(zf, ctx, budget, scans, date1904)
     except (OSError, MemoryError, ProcessorError):
@@ -265,9 +265,19 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
 
 
 def _calamine_sheets(
-    path: Path, ctx: Context, budget: Budget, scans: list[_SheetScan]
+    zf: zipfile.ZipFile,
+    path: Path,
+    ctx: Context,
+    budget: Budget,
+    scans: list[_SheetScan],
+    date1904: bool,
 ) -> list[Result] | None:
-    """The sheets read by calamine, or None when calamine cannot read the file."""
+    """The sheets read by calamine, or None when calamine cannot open the file.
+
+    A sheet calamine fails on (a number it cannot parse, "2,5") is read by the
+    streaming reader alone: the other sheets stay on calamine. It fails before
+    the sheet's rows are taken, so nothing is counted twice.
+    """
     import python_calamine
 
     try:
@@ -275,14 +285,22 @@ def _calamine_sheets(
     except Exception:  # calamine's own errors: the streaming reader tries
         return None
     out: list[Result] = []
+    styles: tuple[list[str], list[str]] | None = None
     try:
         for index, scan in enumerate(scans):
             try:
                 grid = book.get_sheet_by_name(scan.name).to_python(skip_empty_area=False)
             except Exception:
-                return None
-            rows = enumerate(grid, start=1)
-            out.append(sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
+                if styles is None:
+                    styles = (_shared_strings(zf, ctx), _date_styles(zf))
+                # the sheets fit max_cells together (checked before), so this one does
+                result, _ = _streamed_sheet(
+                    zf, ctx, budget, scan, *styles, date1904, ctx.settings.inspect.max_cells
+                )
+                out.append(result)
+            else:
+                rows = enumerate(grid, start=1)
+                out.append(sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
             ctx.progress((index + 1) * 100 / len(scans))
     finally:
         book.close()
@@ -365,31 +383,48 @@ def _streamed_sheets(
     out: list[Result] = []
     cells_left = ctx.settings.inspect.max_cells
     for index, scan in enumerate(scans):
-        reader = _StreamedSheet(
-            zf,
-            scan.part,
-            strings,
-            date_styles,
-            date1904,
-            ctx.settings.inspect.max_columns,
-            cells_left,
+        result, cells = _streamed_sheet(
+            zf, ctx, budget, scan, strings, date_styles, date1904, cells_left
         )
-        try:
-            result = sheet_result(
-                scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
-            )
-        except (expat.ExpatError, ValueError) as exc:
-            raise bad_content(
-                ctx, f"damaged workbook: {scan.part} (sheet {scan.name!r}) is not valid XML", exc
-            ) from exc
-        if reader.wide:
-            budget.hit("inspect.max_columns")
-        if reader.capped:
-            budget.hit("inspect.max_cells")
         out.append(result)
-        cells_left = max(0, cells_left - reader.cells)
+        cells_left = max(0, cells_left - cells)
         ctx.progress((index + 1) * 100 / len(scans))
     return out
+
+
+def _streamed_sheet(
+    zf: zipfile.ZipFile,
+    ctx: Context,
+    budget: Budget,
+    scan: _SheetScan,
+    strings: list[str],
+    date_styles: list[str],
+    date1904: bool,
+    cells_left: int,
+) -> tuple[Result, int]:
+    """One sheet read by the streaming reader, and the cells it read."""
+    reader = _StreamedSheet(
+        zf,
+        scan.part,
+        strings,
+        date_styles,
+        date1904,
+        ctx.settings.inspect.max_columns,
+        cells_left,
+    )
+    try:
+        result = sheet_result(
+            scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
+        )
+    except (expat.ExpatError, ValueError) as exc:
+        raise bad_content(
+            ctx, f"damaged workbook: {scan.part} (sheet {scan.name!r}) is not valid XML", exc
+        ) from exc
+    if reader.wide:
+        budget.hit("inspect.max_columns")
+    if reader.capped:
+        budget.hit("inspect.max_cells")
+    return result, reader.cells
 
 
 def _shared_strings(zf: zipfile.ZipFile, ctx: Context) -> list[str]:
