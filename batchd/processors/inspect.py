@@ -268,6 +268,8 @@ def _unique_keys(header: list[str]) -> list[str]:
 
 
 def _record(keys: list[str], row: list[str]) -> dict[str, Any]:
+    if len(row) == len(keys):  # the common case, in one C call
+        return dict(zip(keys, row, strict=True))
     record: dict[str, Any] = dict.fromkeys(keys)
     record.update(zip(keys, row, strict=False))
     for number in range(len(keys) + 1, len(row) + 1):

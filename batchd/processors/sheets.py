@@ -66,6 +66,8 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
             rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
         ),
         "cell_end": re.compile(rb"</" + p + rb"c>|<" + p + rb"c\s[^>]*/>"),
+        "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
+        "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
     }
 
 
@@ -242,7 +244,7 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
         return
     patterns = _patterns(prefix)
     cell, row = b"<" + prefix + b"c", b"<" + prefix + b"row"
-    cells = sum(block.count(cell + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    cells = _count_tags(block, cell, patterns["cell_ws"])
     placed = patterns["cell_column"].findall(block)
     scan.cells += cells
     scan.unplaced += cells - len(placed)
@@ -250,7 +252,7 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
     rows = patterns["row_number"].findall(block)
     if rows:
         scan.max_row = max(scan.max_row, max(map(int, rows)))
-    tags = sum(block.count(row + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    tags = _count_tags(block, row, patterns["row_ws"])
     if tags > len(rows):
         scan.unplaced += 1  # a row without its number: only counting can place it
     # error cells and merged ranges are rare: a literal search skips the regex
@@ -262,6 +264,16 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
             scan.errors[ref.group(1).decode()] = value.group(1).decode("utf-8", "replace")
     if b"mergeCell" in block:
         scan.merged.extend(m.decode() for m in patterns["merge"].findall(block))
+
+
+def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
+    """How many elements open with ``tag`` (``b"<c"``) in ``block``. Writers put
+    a space, ">" or "/" after the name; a tab or newline there is rare, so one
+    search tells whether those need counting too."""
+    ends = (
+        (b" ", b">", b"/", b"\t", b"\r", b"\n") if whitespace.search(block) else (b" ", b">", b"/")
+    )
+    return sum(block.count(tag + end) for end in ends)
 
 
 def _calamine_sheets(
