@@ -9,11 +9,13 @@ Engines, chosen by measurement (BENCHMARKS.md, "Real-world documents"):
   cells, its bounding box (never the declared ``<dimension>``, which lies in
   both directions), merged ranges and error cells. When the sheet fits the
   caps, calamine (Rust) reads the values, many times faster than openpyxl.
-  When it does not, or calamine fails on the file, a streaming expat reader
-  takes over: it keeps at most ``max_columns`` cells of a row and stops at
-  ``max_cells``, so memory stays near the data kept whatever the XML holds.
-- XLS (Excel 2.x to 2003, BIFF2 to BIFF8): xlrd, in :mod:`.xls`, which
-  reads every BIFF version and knows error cells and merged ranges.
+  When it does not, or calamine cannot open the file, a streaming expat
+  reader takes over: it keeps at most ``max_columns`` cells of a row and
+  stops at ``max_cells``, so memory stays near the data kept whatever the
+  XML holds. A single sheet calamine fails on goes to that reader alone.
+- XLS (Excel 2.x to 2003, BIFF2 to BIFF8), in :mod:`.xls`: calamine when no
+  record of the workbook may be an error cell, else xlrd, which reads every
+  BIFF version and knows error cells and merged ranges.
 
 Values have one representation in every format (see
 :func:`batchd.processors.content.json_value`); trailing empty cells of a

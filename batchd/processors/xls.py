@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import mmap
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,16 +92,19 @@ def _may_hold_error_cells(path: Path) -> bool:
     cell (or the file is no OLE2 workbook, which calamine does not read)."""
     from xlrd import compdoc
 
-    data = path.read_bytes()
-    if not data.startswith(_OLE2_MAGIC):
-        return True
+    # mapped, not read: the pages are the page cache's, not the worker's heap
     try:
-        doc = compdoc.CompDoc(data, logfile=io.StringIO())
-        for name in ("Workbook", "Book"):
-            mem, base, size = doc.locate_named_stream(name)
-            if mem is not None:
-                return _MAYBE_ERROR_CELL.search(mem, base, base + size) is not None
-    except Exception:  # a damaged container: xlrd says what is wrong
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[: len(_OLE2_MAGIC)] != _OLE2_MAGIC:
+                return True
+            doc = compdoc.CompDoc(data, logfile=io.StringIO())
+            for name in ("Workbook", "Book"):
+                mem, base, size = doc.locate_named_stream(name)
+                if mem is not None:
+                    return _MAYBE_ERROR_CELL.search(mem, base, base + size) is not None
+    except OSError:
+        raise
+    except Exception:  # a damaged container (or an empty file): xlrd says what is wrong
         return True
     return True
 
