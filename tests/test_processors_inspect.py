@@ -783,6 +783,29 @@ def test_xls_merged_ranges_and_error_cells(tmp_path: Path) -> None:
     assert only["errors"] == []
 
 
+def test_xls_error_cell_is_reported_and_sends_the_file_to_xlrd(tmp_path: Path) -> None:
+    """An XLS error cell is listed in errors (calamine shows it as empty: xlrd reads it)."""
+    from batchd.processors.xls import _may_hold_error_cells
+
+    plain, broken = tmp_path / "plain.xls", tmp_path / "broken.xls"
+    for path, error in ((plain, False), (broken, True)):
+        book = xlwt.Workbook()
+        sheet = book.add_sheet("R")
+        sheet.write_merge(0, 0, 0, 1, "Total")
+        sheet.write(1, 1, 7)
+        if error:
+            sheet.row(1).set_cell_error(0, "#DIV/0!")
+        book.save(str(path))
+    assert not _may_hold_error_cells(plain)
+    assert _may_hold_error_cells(broken)
+    for path, errors in ((plain, []), (broken, [{"cell": "A2", "error": "#DIV/0!"}])):
+        result, _ = run(path)
+        (only,) = result["sheets"]
+        assert only["merged"] == ["A1:B1"]
+        assert only["errors"] == errors
+        assert only["rows"][1] == (["#DIV/0!", 7] if errors else [None, 7])
+
+
 def biff2(cells: list[tuple[int, int, float | str]]) -> bytes:
     """An Excel 2.x worksheet (BIFF2, no OLE2 wrapper) with these cells."""
     out = struct.pack("<HHHH", 0x0009, 4, 0x0002, 0x0010)  # BOF: BIFF2 worksheet
@@ -926,6 +949,31 @@ def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path
         ["cake", 3, "2024-03-02T09:30:00"],
     ]
     assert result["truncated"] is False
+
+
+def test_xlsx_sheet_calamine_fails_on_is_streamed_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the sheet calamine cannot parse goes to the streaming reader; the others stay."""
+    from batchd.processors import sheets
+
+    streamed: list[str] = []
+    real = sheets._streamed_sheet
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        streamed.append(args[3].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sheets, "_streamed_sheet", spy)
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    result, _ = run(path)
+    assert streamed == ["Prices"]
+    assert result["sheets"][0]["rows"][1] == ["tea", "2,5", "2024-03-01", 5]
+    assert result["sheets"][1]["rows"] == [["open daily", True]]
 
 
 def form_pdf(value: bytes) -> bytes:

@@ -9,11 +9,13 @@ Engines, chosen by measurement (BENCHMARKS.md, "Real-world documents"):
   cells, its bounding box (never the declared ``<dimension>``, which lies in
   both directions), merged ranges and error cells. When the sheet fits the
   caps, calamine (Rust) reads the values, many times faster than openpyxl.
-  When it does not, or calamine fails on the file, a streaming expat reader
-  takes over: it keeps at most ``max_columns`` cells of a row and stops at
-  ``max_cells``, so memory stays near the data kept whatever the XML holds.
-- XLS (Excel 2.x to 2003, BIFF2 to BIFF8): xlrd, in :mod:`.xls`, which
-  reads every BIFF version and knows error cells and merged ranges.
+  When it does not, or calamine cannot open the file, a streaming expat
+  reader takes over: it keeps at most ``max_columns`` cells of a row and
+  stops at ``max_cells``, so memory stays near the data kept whatever the
+  XML holds. A single sheet calamine fails on goes to that reader alone.
+- XLS (Excel 2.x to 2003, BIFF2 to BIFF8), in :mod:`.xls`: calamine when no
+  record of the workbook may be an error cell, else xlrd, which reads every
+  BIFF version and knows error cells and merged ranges.
 
 Values have one representation in every format (see
 :func:`batchd.processors.content.json_value`); trailing empty cells of a
@@ -66,10 +68,14 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
             rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
         ),
         "cell_end": re.compile(rb"</" + p + rb"c>|<" + p + rb"c\s[^>]*/>"),
+        "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
+        "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
     }
 
 
 _A1 = re.compile(r"^([A-Z]{1,3})([0-9]+)$")
+#: floats below this in magnitude are exact integers when whole (2**53).
+_EXACT = float(2**53)
 #: number formats 14-22 and 45-47 are dates and times whatever the file says.
 _BUILTIN_DATE_FORMATS = frozenset({*range(14, 23), 45, 46, 47})
 
@@ -125,7 +131,7 @@ def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
             )
             out: list[Result] | None = None
             if fits and sum(s.area for s in scans) <= caps.max_cells:
-                out = _calamine_sheets(path, ctx, budget, scans)
+                out = _calamine_sheets(zf, path, ctx, budget, scans, date1904)
             if out is None:
                 out = _streamed_sheets(zf, ctx, budget, scans, date1904)
     except (OSError, MemoryError, ProcessorError):
@@ -240,7 +246,7 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
         return
     patterns = _patterns(prefix)
     cell, row = b"<" + prefix + b"c", b"<" + prefix + b"row"
-    cells = sum(block.count(cell + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    cells = _count_tags(block, cell, patterns["cell_ws"])
     placed = patterns["cell_column"].findall(block)
     scan.cells += cells
     scan.unplaced += cells - len(placed)
@@ -248,7 +254,7 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
     rows = patterns["row_number"].findall(block)
     if rows:
         scan.max_row = max(scan.max_row, max(map(int, rows)))
-    tags = sum(block.count(row + end) for end in (b" ", b">", b"/", b"\t", b"\r", b"\n"))
+    tags = _count_tags(block, row, patterns["row_ws"])
     if tags > len(rows):
         scan.unplaced += 1  # a row without its number: only counting can place it
     # error cells and merged ranges are rare: a literal search skips the regex
@@ -262,10 +268,30 @@ def _scan_block(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: byt
         scan.merged.extend(m.decode() for m in patterns["merge"].findall(block))
 
 
+def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
+    """How many elements open with ``tag`` (``b"<c"``) in ``block``. Writers put
+    a space, ">" or "/" after the name; a tab or newline there is rare, so one
+    search tells whether those need counting too."""
+    ends = (
+        (b" ", b">", b"/", b"\t", b"\r", b"\n") if whitespace.search(block) else (b" ", b">", b"/")
+    )
+    return sum(block.count(tag + end) for end in ends)
+
+
 def _calamine_sheets(
-    path: Path, ctx: Context, budget: Budget, scans: list[_SheetScan]
+    zf: zipfile.ZipFile,
+    path: Path,
+    ctx: Context,
+    budget: Budget,
+    scans: list[_SheetScan],
+    date1904: bool,
 ) -> list[Result] | None:
-    """The sheets read by calamine, or None when calamine cannot read the file."""
+    """The sheets read by calamine, or None when calamine cannot open the file.
+
+    A sheet calamine fails on (a number it cannot parse, "2,5") is read by the
+    streaming reader alone: the other sheets stay on calamine. It fails before
+    the sheet's rows are taken, so nothing is counted twice.
+    """
     import python_calamine
 
     try:
@@ -273,14 +299,22 @@ def _calamine_sheets(
     except Exception:  # calamine's own errors: the streaming reader tries
         return None
     out: list[Result] = []
+    styles: tuple[list[str], list[str]] | None = None
     try:
         for index, scan in enumerate(scans):
             try:
                 grid = book.get_sheet_by_name(scan.name).to_python(skip_empty_area=False)
             except Exception:
-                return None
-            rows = enumerate(grid, start=1)
-            out.append(sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
+                if styles is None:
+                    styles = (_shared_strings(zf, ctx), _date_styles(zf))
+                # the sheets fit max_cells together (checked before), so this one does
+                result, _ = _streamed_sheet(
+                    zf, ctx, budget, scan, *styles, date1904, ctx.settings.inspect.max_cells
+                )
+                out.append(result)
+            else:
+                rows = enumerate(grid, start=1)
+                out.append(sheet_result(scan.name, rows, scan.merged, scan.errors, ctx, budget))
             ctx.progress((index + 1) * 100 / len(scans))
     finally:
         book.close()
@@ -313,9 +347,18 @@ def sheet_result(
         if len(row) > max_columns:
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
-        # str and None (most cells) need no conversion; "" is calamine's empty cell
+        # str, float and None (most cells) are converted inline, as json_value
+        # would (a whole float becomes an int, NaN and infinities null: v - v
+        # is 0 only for a finite v); "" is calamine's empty cell.
         values = [
-            (v or None) if type(v) is str else None if v is None else json_value(v) for v in row
+            (v or None)
+            if (t := type(v)) is str
+            else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
+            if t is float
+            else None
+            if v is None
+            else json_value(v)
+            for v in row
         ]
         for col, text in by_row.get(number, ()):
             if col <= len(values):
@@ -354,31 +397,48 @@ def _streamed_sheets(
     out: list[Result] = []
     cells_left = ctx.settings.inspect.max_cells
     for index, scan in enumerate(scans):
-        reader = _StreamedSheet(
-            zf,
-            scan.part,
-            strings,
-            date_styles,
-            date1904,
-            ctx.settings.inspect.max_columns,
-            cells_left,
+        result, cells = _streamed_sheet(
+            zf, ctx, budget, scan, strings, date_styles, date1904, cells_left
         )
-        try:
-            result = sheet_result(
-                scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
-            )
-        except (expat.ExpatError, ValueError) as exc:
-            raise bad_content(
-                ctx, f"damaged workbook: {scan.part} (sheet {scan.name!r}) is not valid XML", exc
-            ) from exc
-        if reader.wide:
-            budget.hit("inspect.max_columns")
-        if reader.capped:
-            budget.hit("inspect.max_cells")
         out.append(result)
-        cells_left = max(0, cells_left - reader.cells)
+        cells_left = max(0, cells_left - cells)
         ctx.progress((index + 1) * 100 / len(scans))
     return out
+
+
+def _streamed_sheet(
+    zf: zipfile.ZipFile,
+    ctx: Context,
+    budget: Budget,
+    scan: _SheetScan,
+    strings: list[str],
+    date_styles: list[str],
+    date1904: bool,
+    cells_left: int,
+) -> tuple[Result, int]:
+    """One sheet read by the streaming reader, and the cells it read."""
+    reader = _StreamedSheet(
+        zf,
+        scan.part,
+        strings,
+        date_styles,
+        date1904,
+        ctx.settings.inspect.max_columns,
+        cells_left,
+    )
+    try:
+        result = sheet_result(
+            scan.name, reader.rows(), scan.merged, reader.errors, ctx, budget, patch=False
+        )
+    except (expat.ExpatError, ValueError) as exc:
+        raise bad_content(
+            ctx, f"damaged workbook: {scan.part} (sheet {scan.name!r}) is not valid XML", exc
+        ) from exc
+    if reader.wide:
+        budget.hit("inspect.max_columns")
+    if reader.capped:
+        budget.hit("inspect.max_cells")
+    return result, reader.cells
 
 
 def _shared_strings(zf: zipfile.ZipFile, ctx: Context) -> list[str]:
