@@ -42,7 +42,7 @@ pytest_plugins = ["pgserver"]
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
 
 from batchd.store import SQLiteStore, open_store  # noqa: E402
-from batchd.store_pg import (  # noqa: E402
+from batchd.store.postgres import (  # noqa: E402
     SCHEMA_VERSION,
     AlreadyRegistered,
     NameTaken,
