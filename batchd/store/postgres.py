@@ -42,7 +42,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
 import psycopg
@@ -52,7 +51,7 @@ from psycopg.rows import DictRow, dict_row
 
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import BatchRow, NewBatch
-from batchd.store.sql import Params, Row, SqlStore, Tx
+from batchd.store.sql import Params, Row, SqlStore, Tx, load_migrations
 
 Conn = psycopg.Connection[DictRow]
 
@@ -62,16 +61,9 @@ CHANNEL = "batchd_work"
 MIGRATION_LOCK = 0x62617463_68640001  # "batchd" + 1
 CONNECT_TIMEOUT_SECONDS = 10
 
-# Forward-only migrations: MIGRATIONS[i] takes the schema from version i to i+1,
-# one file each in migrations/postgres/, run whole in the migrating transaction.
-MIGRATIONS: tuple[str, ...] = tuple(
-    f.read_text(encoding="utf-8")
-    for f in sorted(
-        resources.files("batchd.store").joinpath("migrations", "postgres").iterdir(),
-        key=lambda f: f.name,
-    )
-    if f.name.endswith(".sql")
-)
+# Forward-only: MIGRATIONS[i] takes the schema from version i to i+1
+# (each runs whole, in the migrating transaction, under MIGRATION_LOCK).
+MIGRATIONS = load_migrations("postgres")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 __all__ = ["SCHEMA_VERSION", "AlreadyRegistered", "NameTaken", "PostgresStore", "describe_url"]

@@ -12,6 +12,7 @@ its database compares; :func:`_text` turns what comes back into text).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any, Protocol
 
 from batchd.clock import iso, parse_iso
@@ -40,6 +42,14 @@ from batchd.store import queries
 #: A result row: column name -> value (both connectors hand out dicts).
 Row = dict[str, Any]
 Params = Sequence[Any] | Mapping[str, Any]
+
+
+def load_migrations(dialect: str) -> tuple[str, ...]:
+    """The forward-only migrations of ``dialect``: item i takes the schema from version
+    i to i+1; one file each in ``migrations/<dialect>/NNNN_*.sql``, in name order."""
+    folder = resources.files("batchd.store").joinpath("migrations", dialect)
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return tuple(f.read_text(encoding="utf-8") for f in files)
 
 
 class Tx:
@@ -613,45 +623,24 @@ def _text(value: str | datetime | None) -> str | None:
     return iso(value)
 
 
+def _columns(record: type, row: Row) -> dict[str, Any]:
+    """The row's columns named like ``record``'s fields: ids as text, times as iso text."""
+    out = {f.name: row[f.name] for f in dataclasses.fields(record)}
+    for name in ("id", "batch_id"):
+        if name in out:
+            out[name] = str(out[name])  # PostgreSQL hands out uuid.UUID
+    for name in ("created_at", "started_at", "completed_at"):
+        out[name] = _text(out[name])
+    out["status"] = Status(out["status"])
+    return out
+
+
 def _batch(row: Row) -> BatchRow:
+    columns = _columns(BatchRow, row)
     return BatchRow(
-        id=str(row["id"]),
-        user_id=row["user_id"],
-        status=Status(row["status"]),
-        total_files=row["total_files"],
-        processed_files=row["processed_files"],
-        failed_files=row["failed_files"],
-        priority=Priority(row["priority"]),
-        created_at=_text(row["created_at"]) or "",
-        started_at=_text(row["started_at"]),
-        completed_at=_text(row["completed_at"]),
-        error=row["error"],
-        name=row["name"],
-        source=row["source"],
-        work_path=row["work_path"],
-        version=int(row["version"]),
+        **{**columns, "priority": Priority(row["priority"]), "version": int(row["version"])}
     )
 
 
 def _file(row: Row) -> FileRow:
-    return FileRow(
-        id=str(row["id"]),
-        batch_id=str(row["batch_id"]),
-        filename=row["filename"],
-        relpath=row["relpath"],
-        file_size=row["file_size"],
-        file_hash=row["file_hash"],
-        status=Status(row["status"]),
-        progress=row["progress"],
-        result=row["result"],
-        error=row["error"],
-        retry_count=row["retry_count"],
-        attempts=row["attempts"],
-        created_at=_text(row["created_at"]) or "",
-        started_at=_text(row["started_at"]),
-        completed_at=_text(row["completed_at"]),
-        processor=row["processor"],
-        lease_gen=row["lease_gen"],
-        file_dev=row["file_dev"],
-        file_ino=row["file_ino"],
-    )
+    return FileRow(**_columns(FileRow, row))

@@ -21,27 +21,18 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from batchd.clock import iso
 from batchd.errors import StoreError
-from batchd.store.sql import Params, Row, SqlStore, Tx
+from batchd.store.sql import Params, Row, SqlStore, Tx, load_migrations
 
 BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_SECONDS = 10
 
-# Forward-only migrations: MIGRATIONS[i] takes the schema from version i to i+1
-# (PRAGMA user_version), one file each in migrations/sqlite/, in name order.
-MIGRATIONS: tuple[str, ...] = tuple(
-    f.read_text(encoding="utf-8")
-    for f in sorted(
-        resources.files("batchd.store").joinpath("migrations", "sqlite").iterdir(),
-        key=lambda f: f.name,
-    )
-    if f.name.endswith(".sql")
-)
+# Forward-only: MIGRATIONS[i] takes the schema from version i to i+1 (PRAGMA user_version).
+MIGRATIONS = load_migrations("sqlite")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -76,17 +67,20 @@ class SQLiteConnector:
 
     # -- connections ---------------------------------------------------------
 
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        return sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-                conn = sqlite3.connect(
-                    self.path,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    timeout=CONNECT_TIMEOUT_SECONDS,
-                )
+                conn = self._open()
                 conn.row_factory = _dict_row
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -132,13 +126,7 @@ class SQLiteConnector:
             conn = self._version_conn
             try:
                 if conn is None or conn not in self.connections:  # first use, or after close()
-                    conn = sqlite3.connect(
-                        self.path,
-                        isolation_level=None,
-                        check_same_thread=False,
-                        timeout=CONNECT_TIMEOUT_SECONDS,
-                    )
-                    self._version_conn = conn
+                    conn = self._version_conn = self._open()
                     self.connections.append(conn)
                 return int(conn.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.Error as exc:
