@@ -51,7 +51,7 @@ from psycopg.rows import DictRow, dict_row
 
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import BatchRow, NewBatch
-from batchd.store.sql import Params, Row, SqlStore, Tx, load_migrations
+from batchd.store.sql import Params, Row, SqlStore, ThreadConnections, Tx, load_migrations
 
 Conn = psycopg.Connection[DictRow]
 
@@ -114,9 +114,9 @@ class PostgresConnector:
         self.url = url
         self.node_id = node_id
         self.where = describe_url(url)
-        self.connections: list[Any] = []
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self.threads: ThreadConnections[Conn] = ThreadConnections()
+        self.connections = self.threads.all
+        self._lock = threading.Lock()  # guards the LISTEN connection
         self._listener: psycopg.Connection[Any] | None = None
         self._migrate()
 
@@ -137,41 +137,25 @@ class PostgresConnector:
             raise StoreError(f"cannot connect to {self.where}: {_why(exc)}") from exc
 
     def _conn(self) -> Conn:
-        conn: Conn | None = getattr(self._local, "conn", None)
+        conn = self.threads.mine()
         if conn is not None and (conn.closed or conn.broken):
             # The server restarted or the network dropped: start afresh.
-            self._forget(conn)
+            self.threads.forget(conn)
             conn = None
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self.connections.append(conn)
-        return conn
-
-    def _forget(self, conn: Conn) -> None:
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
-        with self._lock:
-            if conn in self.connections:
-                self.connections.remove(conn)
-        conn.close()
+        return conn if conn is not None else self.threads.adopt(self._connect())
 
     def close(self) -> None:
+        self.threads.close_all()
         with self._lock:
-            for conn in self.connections:
-                conn.close()
-            self.connections.clear()
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
-        self._local = threading.local()
 
     def release_thread(self) -> None:
         """Close the calling thread's connection, if it opened one."""
-        conn: Conn | None = getattr(self._local, "conn", None)
+        conn = self.threads.mine()
         if conn is not None:
-            self._forget(conn)
+            self.threads.forget(conn)
 
     # -- transactions ----------------------------------------------------------
 
@@ -196,7 +180,7 @@ class PostgresConnector:
         except psycopg.Error as exc:
             if not conn.broken:
                 raise StoreError(f"{self.where} is unavailable: {_why(exc)}") from exc
-            self._forget(conn)
+            self.threads.forget(conn)
             conn = self._conn()
             try:
                 conn.execute(begin)
@@ -221,7 +205,7 @@ class PostgresConnector:
             conn.execute("ROLLBACK")
         except psycopg.Error:
             # The connection is gone, and the server rolled back with it.
-            self._forget(conn)
+            self.threads.forget(conn)
 
     def read(self, sql: str, params: Params = ()) -> list[Row]:
         """One query outside a transaction; retried once on a fresh connection
@@ -232,7 +216,7 @@ class PostgresConnector:
         except psycopg.Error as exc:
             if not conn.broken:
                 raise StoreError(f"query on {self.where} failed: {_why(exc)}") from exc
-            self._forget(conn)
+            self.threads.forget(conn)
         try:
             return self._conn().execute(sql, params).fetchall()
         except psycopg.Error as exc:

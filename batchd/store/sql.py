@@ -16,12 +16,13 @@ import dataclasses
 import json
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from batchd.clock import iso, parse_iso
 from batchd.config import Priority
@@ -50,6 +51,51 @@ def load_migrations(dialect: str) -> tuple[str, ...]:
     folder = resources.files("batchd.store").joinpath("migrations", dialect)
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return tuple(f.read_text(encoding="utf-8") for f in files)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+class ThreadConnections(Generic[C]):
+    """One connection per thread (a transaction must not be shared), and every one
+    open, so :meth:`close_all` can close them."""
+
+    def __init__(self) -> None:
+        self.all: list[C] = []
+        self.lock = threading.Lock()
+        self._local = threading.local()
+
+    def mine(self) -> C | None:
+        """The calling thread's connection, if it opened one."""
+        conn: C | None = getattr(self._local, "conn", None)
+        return conn
+
+    def adopt(self, conn: C) -> C:
+        """Make ``conn`` the calling thread's connection."""
+        self._local.conn = conn
+        with self.lock:
+            self.all.append(conn)
+        return conn
+
+    def forget(self, conn: C) -> None:
+        """Close ``conn`` and drop it (a thread about to end, a broken connection)."""
+        if self.mine() is conn:
+            self._local.conn = None
+        with self.lock:
+            if conn in self.all:
+                self.all.remove(conn)
+        conn.close()
+
+    def close_all(self) -> None:
+        with self.lock:
+            for conn in self.all:
+                conn.close()
+            self.all.clear()
+        self._local = threading.local()
 
 
 class Tx:

@@ -26,7 +26,7 @@ from typing import Any
 
 from batchd.clock import iso
 from batchd.errors import StoreError
-from batchd.store.sql import Params, Row, SqlStore, Tx, load_migrations
+from batchd.store.sql import Params, Row, SqlStore, ThreadConnections, Tx, load_migrations
 
 BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_SECONDS = 10
@@ -54,9 +54,8 @@ class SQLiteConnector:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = f"database {path}"
-        self.connections: list[Any] = []
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self.threads: ThreadConnections[sqlite3.Connection] = ThreadConnections()
+        self.connections = self.threads.all
         self._write_lock = _FairLock()
         self._version_conn: sqlite3.Connection | None = None
         try:
@@ -77,7 +76,7 @@ class SQLiteConnector:
         )
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        conn = self.threads.mine()
         if conn is None:
             try:
                 conn = self._open()
@@ -88,17 +87,11 @@ class SQLiteConnector:
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open database {self.path}: {exc}") from exc
-            self._local.conn = conn
-            with self._lock:
-                self.connections.append(conn)
+            self.threads.adopt(conn)
         return conn
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self.connections:
-                conn.close()
-            self.connections.clear()
-        self._local = threading.local()
+        self.threads.close_all()
 
     def release_thread(self) -> None:
         """Close the calling thread's connection, if it opened one.
@@ -106,14 +99,9 @@ class SQLiteConnector:
         A thread about to end calls this (the HTTP server runs a thread per
         client connection), so connections do not pile up until :meth:`close`.
         """
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            return
-        self._local.conn = None
-        with self._lock:
-            if conn in self.connections:
-                self.connections.remove(conn)
-        conn.close()
+        conn = self.threads.mine()
+        if conn is not None:
+            self.threads.forget(conn)
 
     def change_version(self) -> int:
         """A number that changes after every commit by any connection of any process.
@@ -122,12 +110,12 @@ class SQLiteConnector:
         the asking connection's own commits, so it is read on a connection of
         its own that never writes, shared by all threads under the lock.
         """
-        with self._lock:
+        with self.threads.lock:
             conn = self._version_conn
             try:
                 if conn is None or conn not in self.connections:  # first use, or after close()
                     conn = self._version_conn = self._open()
-                    self.connections.append(conn)
+                    self.threads.all.append(conn)
                 return int(conn.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.Error as exc:
                 raise StoreError(f"query on {self.path} failed: {exc}") from exc
