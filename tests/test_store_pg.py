@@ -1,4 +1,4 @@
-"""Tests for batchd.store_pg: the store contract and the cluster API on a real PostgreSQL.
+"""Tests for batchd.store.postgres: the store contract and the cluster API on a real PostgreSQL.
 
 Every :class:`StoreContract` test runs against :class:`PostgresStore` on a
 server started by tests/pgserver.py (skipped with the reason when PostgreSQL

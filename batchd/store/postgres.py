@@ -51,7 +51,8 @@ from psycopg.rows import DictRow, dict_row
 
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import BatchRow, NewBatch
-from batchd.store.sql import Params, Row, SqlStore, ThreadConnections, Tx, load_migrations
+from batchd.store.connector import Params, Row, ThreadConnections, Tx, load_migrations
+from batchd.store.sql import SqlStore
 
 Conn = psycopg.Connection[DictRow]
 

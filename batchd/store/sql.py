@@ -7,25 +7,20 @@ them. Statements come by name from :mod:`batchd.store.queries`.
 
 Callers get the very same records from both databases: ids as strings, times
 as :func:`batchd.clock.iso` text (the connector's ``ts`` turns a time into what
-its database compares; :func:`_text` turns what comes back into text).
+its database compares; :mod:`batchd.store.rows` turns what comes back into records).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from importlib import resources
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any
 
-from batchd.clock import iso, parse_iso
-from batchd.config import Priority
+from batchd.clock import parse_iso
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
@@ -39,141 +34,8 @@ from batchd.records import (
     batch_status,
 )
 from batchd.store import queries
-
-#: A result row: column name -> value (both connectors hand out dicts).
-Row = dict[str, Any]
-Params = Sequence[Any] | Mapping[str, Any]
-
-
-def load_migrations(dialect: str) -> tuple[str, ...]:
-    """The forward-only migrations of ``dialect``: item i takes the schema from version
-    i to i+1; one file each in ``migrations/<dialect>/NNNN_*.sql``, in name order."""
-    folder = resources.files("batchd.store").joinpath("migrations", dialect)
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return tuple(f.read_text(encoding="utf-8") for f in files)
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-C = TypeVar("C", bound=_Closable)
-
-
-class ThreadConnections(Generic[C]):
-    """One connection per thread (a transaction must not be shared), and every one
-    open, so :meth:`close_all` can close them."""
-
-    def __init__(self) -> None:
-        self.all: list[C] = []
-        self.lock = threading.Lock()
-        self._local = threading.local()
-
-    def mine(self) -> C | None:
-        """The calling thread's connection, if it opened one."""
-        conn: C | None = getattr(self._local, "conn", None)
-        return conn
-
-    def adopt(self, conn: C) -> C:
-        """Make ``conn`` the calling thread's connection."""
-        self._local.conn = conn
-        with self.lock:
-            self.all.append(conn)
-        return conn
-
-    def forget(self, conn: C) -> None:
-        """Close ``conn`` and drop it (a thread about to end, a broken connection)."""
-        if self.mine() is conn:
-            self._local.conn = None
-        with self.lock:
-            if conn in self.all:
-                self.all.remove(conn)
-        conn.close()
-
-    def close_all(self) -> None:
-        with self.lock:
-            for conn in self.all:
-                conn.close()
-            self.all.clear()
-        self._local = threading.local()
-
-
-class Tx:
-    """Statements inside one transaction, on a DB-API connection (sqlite3 or psycopg).
-
-    Driver errors propagate: the connector's transaction turns them into
-    :class:`StoreError` after rolling back.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def _execute(self, sql: str, params: Params | None) -> Any:
-        # No parameters: psycopg then sends the text as is (a migration script
-        # of several statements runs only that way).
-        return self.conn.execute(sql) if params is None else self.conn.execute(sql, params)
-
-    def one(self, sql: str, params: Params | None = None) -> Row | None:
-        row: Row | None = self._execute(sql, params).fetchone()
-        return row
-
-    def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        rows: list[Row] = self._execute(sql, params).fetchall()
-        return rows
-
-    def run(self, sql: str, params: Params | None = None) -> int:
-        """Run one statement; how many rows it changed."""
-        return int(self._execute(sql, params).rowcount)
-
-    def many(self, sql: str, rows: Sequence[Params]) -> None:
-        cur = self.conn.cursor()
-        try:
-            cur.executemany(sql, rows)
-        finally:
-            cur.close()
-
-
-class Connector(Protocol):
-    """What :class:`SqlStore` needs from a database: the dialect's half of the store."""
-
-    #: ``sqlite`` or ``postgres``: which statements of :mod:`queries` to run.
-    dialect: str
-    #: where the database is, for messages (never a password).
-    where: str
-    #: the positional placeholder (``?`` or ``%s``), for clauses built per call.
-    mark: str
-    #: every connection open now (the HTTP server's tests watch it shrink).
-    connections: list[Any]
-
-    def read(self, sql: str, params: Params = ()) -> list[Row]:
-        """One query outside a transaction."""
-
-    def transaction(self) -> AbstractContextManager[Tx]:
-        """A write transaction: committed at the end, rolled back on any error."""
-
-    def snapshot(self) -> AbstractContextManager[Tx]:
-        """A read transaction whose queries all see one consistent state."""
-
-    def ts(self, dt: datetime) -> Any:
-        """``dt`` as this database stores and compares times."""
-
-    def key(self, text: str) -> str | None:
-        """``text`` as an id this database can match; None when no row can have it."""
-
-    def id_prefix(self, prefix: str) -> str | None:
-        """``prefix`` as the start of an id this database can hold; None when none can."""
-
-    def close(self) -> None: ...
-
-    def release_thread(self) -> None: ...
-
-    def change_version(self) -> int: ...
-
-    def schema_version(self) -> int: ...
-
-    def listen_fileno(self) -> int | None: ...
-
-    def drain_notifications(self) -> int: ...
+from batchd.store.connector import Connector, Params, Row, Tx
+from batchd.store.rows import batch_row, file_row, text_time
 
 
 class SqlStore:
@@ -264,7 +126,7 @@ class SqlStore:
 
     def batch_by_work_path(self, work_path: str) -> BatchRow | None:
         rows = self.db.read(self.q["batch_by_work_path"], (work_path,))
-        return _batch(rows[0]) if rows else None
+        return batch_row(rows[0]) if rows else None
 
     # -- the queue -----------------------------------------------------------
 
@@ -282,7 +144,7 @@ class SqlStore:
             row = tx.one(self.q["claim"], params)
             if row is None:
                 return None
-            file = _file(row)
+            file = file_row(row)
             batch = self._batch_for_claim(tx, file.batch_id, now)
             return FileTask(
                 file=file, batch_name=batch.name, work_path=batch.work_path, priority=batch.priority
@@ -426,7 +288,7 @@ class SqlStore:
                 "id": batch_id,
             },
         )
-        return _batch(row)
+        return batch_row(row)
 
     def _batch_for_claim(self, tx: Tx, batch_id: str, now: datetime) -> BatchRow:
         """The batch of a file just claimed, re-derived only when the claim changes it.
@@ -436,7 +298,7 @@ class SqlStore:
         """
         row = _one(tx, self.q["get_batch"], (batch_id,))
         if row["status"] == Status.PROCESSING:
-            return _batch(row)
+            return batch_row(row)
         return self._refresh_batch(tx, batch_id, now)
 
     # -- queries -------------------------------------------------------------
@@ -445,12 +307,12 @@ class SqlStore:
         if self.db.key(batch_id) is None:
             return None
         rows = self.db.read(self.q["get_batch"], (batch_id,))
-        return _batch(rows[0]) if rows else None
+        return batch_row(rows[0]) if rows else None
 
     def find_batch(self, id_or_name: str) -> BatchRow | None:
         key = self.db.key(id_or_name)
         rows = self.db.read(self.q["find_batch"], (key, id_or_name, key))
-        return _batch(rows[0]) if rows else None
+        return batch_row(rows[0]) if rows else None
 
     def snapshot(self, batch_id: str) -> BatchSnapshot | None:
         """The batch, its files, their counts and progress, all from one read.
@@ -464,8 +326,8 @@ class SqlStore:
             row = tx.one(self.q["get_batch"], (batch_id,))
             if row is None:
                 return None
-            files = tuple(_file(r) for r in tx.all(self.q["snapshot_files"], (batch_id,)))
-        return BatchSnapshot.of(_batch(row), files)
+            files = tuple(file_row(r) for r in tx.all(self.q["snapshot_files"], (batch_id,)))
+        return BatchSnapshot.of(batch_row(row), files)
 
     def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
         pattern = self.db.id_prefix(prefix)
@@ -479,7 +341,7 @@ class SqlStore:
         if self.db.key(file_id) is None:
             return None
         rows = self.db.read(self.q["get_file"], (file_id,))
-        return _file(rows[0]) if rows else None
+        return file_row(rows[0]) if rows else None
 
     def list_batches(
         self,
@@ -497,7 +359,7 @@ class SqlStore:
             params.append(user_id)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         sql = self.q["list_batches"].format(where=clause)
-        return [_batch(r) for r in self.db.read(sql, (*params, limit, offset))]
+        return [batch_row(r) for r in self.db.read(sql, (*params, limit, offset))]
 
     def list_files(self, batch_id: str, limit: int | None = None, offset: int = 0) -> list[FileRow]:
         if self.db.key(batch_id) is None:
@@ -507,7 +369,7 @@ class SqlStore:
         rows = self.db.read(
             self.q["list_files"], (batch_id, no_limit if limit is None else limit, offset)
         )
-        return [_file(r) for r in rows]
+        return [file_row(r) for r in rows]
 
     def file_summary(self, batch_id: str) -> dict[str, int]:
         summary = {"total": 0, **{str(s): 0 for s in Status}}
@@ -524,7 +386,7 @@ class SqlStore:
         return int(self.db.read(self.q["progress_sum"], (batch_id,))[0]["n"])
 
     def unfinished_batches(self) -> list[BatchRow]:
-        return [_batch(r) for r in self.db.read(self.q["unfinished_batches"])]
+        return [batch_row(r) for r in self.db.read(self.q["unfinished_batches"])]
 
     def batches_with_files_in(self, statuses: Sequence[Status]) -> list[str]:
         if not statuses:
@@ -564,7 +426,7 @@ class SqlStore:
     def uploads_since(self, user_id: str, since: datetime) -> list[str]:
         """Times of ``user_id``'s uploads at or after ``since``, oldest first."""
         rows = self.db.read(self.q["uploads_since"], (user_id, self.db.ts(since)))
-        return [_text(r["created_at"]) or "" for r in rows]
+        return [text_time(r["created_at"]) or "" for r in rows]
 
     def record_upload(self, user_id: str, now: datetime, limit: int, window: timedelta) -> bool:
         """Atomically count an upload for ``user_id`` unless ``limit`` are already in
@@ -587,7 +449,9 @@ class SqlStore:
 
     def finished_before(self, cutoff: datetime) -> list[BatchRow]:
         """Completed or failed batches that ended before ``cutoff``."""
-        return [_batch(r) for r in self.db.read(self.q["finished_before"], (self.db.ts(cutoff),))]
+        return [
+            batch_row(r) for r in self.db.read(self.q["finished_before"], (self.db.ts(cutoff),))
+        ]
 
     def delete_batch(self, batch_id: str) -> None:
         """Delete a finished batch and its files (refuses unfinished ones)."""
@@ -643,8 +507,8 @@ class SqlStore:
                 node_id=r["node_id"],
                 host=r["host"],
                 pid=r["pid"],
-                started_at=_text(r["started_at"]) or "",
-                last_heartbeat=_text(r["last_heartbeat"]) or "",
+                started_at=text_time(r["started_at"]) or "",
+                last_heartbeat=text_time(r["last_heartbeat"]) or "",
                 address=r["address"],
                 processing=int(r["processing"]),
             )
@@ -652,41 +516,8 @@ class SqlStore:
         ]
 
 
-# -- rows to records ---------------------------------------------------------------
-
-
 def _one(tx: Tx, sql: str, params: Params | None = None) -> Row:
     row = tx.one(sql, params)
     if row is None:  # pragma: no cover - every caller's statement returns a row
         raise StoreError(f"no row from {sql.split()[0]}")
     return row
-
-
-def _text(value: str | datetime | None) -> str | None:
-    """A stored time as :func:`iso` text (SQLite stores the text, PostgreSQL a timestamptz)."""
-    if value is None or isinstance(value, str):
-        return value
-    return iso(value)
-
-
-def _columns(record: type, row: Row) -> dict[str, Any]:
-    """The row's columns named like ``record``'s fields: ids as text, times as iso text."""
-    out = {f.name: row[f.name] for f in dataclasses.fields(record)}
-    for name in ("id", "batch_id"):
-        if name in out:
-            out[name] = str(out[name])  # PostgreSQL hands out uuid.UUID
-    for name in ("created_at", "started_at", "completed_at"):
-        out[name] = _text(out[name])
-    out["status"] = Status(out["status"])
-    return out
-
-
-def _batch(row: Row) -> BatchRow:
-    columns = _columns(BatchRow, row)
-    return BatchRow(
-        **{**columns, "priority": Priority(row["priority"]), "version": int(row["version"])}
-    )
-
-
-def _file(row: Row) -> FileRow:
-    return FileRow(**_columns(FileRow, row))

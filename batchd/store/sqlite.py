@@ -26,7 +26,8 @@ from typing import Any
 
 from batchd.clock import iso
 from batchd.errors import StoreError
-from batchd.store.sql import Params, Row, SqlStore, ThreadConnections, Tx, load_migrations
+from batchd.store.connector import Params, Row, ThreadConnections, Tx, load_migrations
+from batchd.store.sql import SqlStore
 
 BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_SECONDS = 10
