@@ -4,11 +4,15 @@ The rest of the daemon talks to the :class:`Store` protocol; :func:`open_store`
 picks the database. The package:
 
 * ``sql.py``: :class:`~batchd.store.sql.SqlStore`, every contract method once,
-  written against a small connector (execute, query, transaction, listen);
+  written against a small connector (read, transaction, snapshot, listen);
+* ``connector.py``: that connector's contract, and what both connectors share
+  (per-thread connections, the transaction handle, the migration loader);
 * ``queries.py``: every SQL statement, by name, with the few that differ per
-  dialect overridden for PostgreSQL;
+  dialect written out for each;
+* ``rows.py``: result rows to :mod:`batchd.records` (ids and times as text);
 * ``sqlite.py`` and ``postgres.py``: the connectors (connections, pragmas,
-  transactions, migrations, wake-ups, driver errors as :class:`StoreError`);
+  transactions, migrations, wake-ups, driver errors as :class:`StoreError`)
+  and the :class:`SQLiteStore` / ``PostgresStore`` that pair each with SqlStore;
 * ``migrations/<dialect>/NNNN_*.sql``: forward-only schema migrations.
 """
 
