@@ -41,7 +41,7 @@ def store_for(settings: Settings) -> Store:
 def where(settings: Settings) -> str:
     """The database, for messages: the SQLite file, or the PostgreSQL server (no password)."""
     if settings.database.url:
-        from batchd.store_pg import describe_url
+        from batchd.store.postgres import describe_url
 
         return describe_url(settings.database.url)
     return str(settings.db_path)

@@ -126,7 +126,7 @@ def claim_rate(server: PgServer, files: int, connections: int) -> float:
     """Claims per second of ``PostgresStore.claim_next`` alone, from ``connections`` threads."""
     from batchd.config import Priority
     from batchd.records import NewBatch, NewFile
-    from batchd.store_pg import PostgresStore
+    from batchd.store.postgres import PostgresStore
 
     dbname = server.create_database()
     url = server.url(dbname)

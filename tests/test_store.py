@@ -24,7 +24,7 @@ import pytest
 from batchd.config import Priority
 from batchd.errors import StoreError
 from batchd.records import BatchRow, FileTask, NewBatch, NewFile, Outcome, Status
-from batchd.store import SCHEMA_VERSION, SQLiteStore
+from batchd.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -956,15 +956,6 @@ class TestSQLiteStore(StoreContract):
         task = store.claim_next(at(1))
         assert task is not None and task.file.id == file_id
 
-    def test_data_version_changes_on_foreign_commit(
-        self, store: SQLiteStore, raw: Callable[[], sqlite3.Connection]
-    ) -> None:
-        """data_version moves when another connection commits (the daemon's wake-up hint)."""
-        store.register_batch(new_batch("b1"), T0)
-        before = store.data_version()
-        raw().execute("UPDATE batch_files SET progress = 5")
-        assert store.data_version() != before
-
     def test_store_works_from_another_thread(self, store: SQLiteStore) -> None:
         """Each thread gets its own connection; writes from one are read by another."""
         errors: list[BaseException] = []
@@ -985,7 +976,7 @@ class TestSQLiteStore(StoreContract):
 
 def test_write_lock_serves_writers_in_arrival_order() -> None:
     """This process's writers get the write lock first come, first served."""
-    from batchd.store import _FairLock
+    from batchd.store.sqlite import _FairLock
 
     lock = _FairLock()
     entered: list[int] = []

@@ -1,4 +1,4 @@
-"""Tests for batchd.store_pg: the store contract and the cluster API on a real PostgreSQL.
+"""Tests for batchd.store.postgres: the store contract and the cluster API on a real PostgreSQL.
 
 Every :class:`StoreContract` test runs against :class:`PostgresStore` on a
 server started by tests/pgserver.py (skipped with the reason when PostgreSQL
@@ -42,7 +42,7 @@ pytest_plugins = ["pgserver"]
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
 
 from batchd.store import SQLiteStore, open_store  # noqa: E402
-from batchd.store_pg import (  # noqa: E402
+from batchd.store.postgres import (  # noqa: E402
     SCHEMA_VERSION,
     AlreadyRegistered,
     NameTaken,

@@ -1,0 +1,2 @@
+-- The device and inode each member had when scanned (issue 12).
+ALTER TABLE batch_files ADD COLUMN file_dev bigint, ADD COLUMN file_ino bigint;
