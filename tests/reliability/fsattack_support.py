@@ -14,11 +14,10 @@ import json
 import os
 import pwd
 import subprocess
-import sysconfig
 from pathlib import Path
 from typing import Any
 
-from badinput_support import pythonpath
+from badinput_support import nobody_pythonpath
 from support import DaemonProcess
 
 DAEMON_USER = "bdsecfs"
@@ -91,7 +90,9 @@ def as_user(user: str) -> list[str]:
 def runs_as(user: str, python: str) -> bool:
     done = subprocess.run(
         [*as_user(user), python, "-c", "import batchd, watchdog"],
-        env={"PYTHONPATH": pythonpath(sysconfig.get_paths()["purelib"]), "PATH": "/usr/bin:/bin"},
+        # The checkout's own path, or a world-readable copy when the checkout is
+        # private (a clone in a 0700 home or `mktemp -d`, as CI may make).
+        env={"PYTHONPATH": nobody_pythonpath(python), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         timeout=30,
     )
@@ -139,7 +140,7 @@ class SpoolDaemon(DaemonProcess):
 
     def env(self, **extra: str) -> dict[str, str]:
         env = super().env(**extra)
-        env["PYTHONPATH"] = pythonpath(sysconfig.get_paths()["purelib"])
+        env["PYTHONPATH"] = nobody_pythonpath(self.python)
         return env
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
