@@ -16,13 +16,12 @@ from typing import Any
 import openpyxl
 import pytest
 import xlwt  # type: ignore[import-untyped]
+from inspecting import inspect_file
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
 from batchd.config import Settings, load_settings
 from batchd.errors import PermanentError
-from batchd.processors import ProcessorContext
-from batchd.processors.inspect import inspect
 
 
 def settings(**processing: int) -> Settings:
@@ -32,20 +31,7 @@ def settings(**processing: int) -> Settings:
 
 def run(path: Path, config: Settings | None = None) -> tuple[dict[str, Any], list[int]]:
     """Inspect ``path``; the result (checked to be JSON) and the progress reported."""
-    progress: list[int] = []
-    out = path.parent / "out"
-    out.mkdir(exist_ok=True)
-    ctx = ProcessorContext(
-        batch_id="b1",
-        file_id="f1",
-        relpath=path.name,
-        output_path=out,
-        settings=config or settings(),
-        report=progress.append,
-    )
-    result = inspect(path, ctx)
-    assert json.loads(json.dumps(result, allow_nan=False)) == result
-    return result, progress
+    return inspect_file(path, config or settings())
 
 
 def identity(path: Path) -> dict[str, Any]:

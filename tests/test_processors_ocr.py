@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inspecting import inspect_file
 from PIL import Image
 from scans import (
     menu_lines,
@@ -34,8 +35,7 @@ from scans import (
 
 from batchd.config import LimitsSettings, Settings, load_settings
 from batchd.errors import ConfigError
-from batchd.processors import ProcessorContext, ocr
-from batchd.processors.inspect import inspect
+from batchd.processors import ocr
 from batchd.sniff import sniff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,19 +55,7 @@ def settings(**inspect_keys: Any) -> Settings:
 
 def run(path: Path, config: Settings | None = None) -> tuple[dict[str, Any], list[int]]:
     """Inspect ``path``; the result (checked to be JSON) and the progress reported."""
-    progress: list[int] = []
-    out = path.parent / "out"
-    ctx = ProcessorContext(
-        batch_id="b1",
-        file_id="f1",
-        relpath=path.name,
-        output_path=out,
-        settings=config or settings(),
-        report=progress.append,
-    )
-    result = inspect(path, ctx)
-    assert json.loads(json.dumps(result, allow_nan=False)) == result
-    return result, progress
+    return inspect_file(path, config or settings())
 
 
 def page(seed: int, lines: int = 5) -> tuple[str, Image.Image]:
