@@ -47,6 +47,18 @@ RETRY_MAX_SECONDS = 60.0
 GROUP_MAX_TASKS = 512
 
 
+def log_batch_finished(row: BatchRow) -> None:
+    """The ``batch_finished`` event, wherever the batch ended (here or in a worker)."""
+    log.info(
+        "batch_finished",
+        batch_id=row.id,
+        batch=row.name,
+        status=str(row.status),
+        completed=row.processed_files,
+        failed=row.failed_files,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ArchiveFile:
     """Move one finished file's input out of ``work/``."""
@@ -287,14 +299,7 @@ class Archiver:
                     self.spool.release(end.batch.work_path)
             else:
                 self._park(end, self.retry_first_seconds)
-            log.info(
-                "batch_finished",
-                batch_id=row.id,
-                batch=row.name,
-                status=str(row.status),
-                completed=row.processed_files,
-                failed=row.failed_files,
-            )
+            log_batch_finished(row)
 
     def _archive(self, task: ArchiveFile) -> bool:
         """Move the input on; False when it must be tried again later."""

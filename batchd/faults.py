@@ -24,6 +24,19 @@ def install(armed: Armed | None) -> None:
     _armed = armed
 
 
+def armed() -> Armed | None:
+    """What a test armed in this process (None: nothing)."""
+    return _armed
+
+
+def arm_worker(daemon_pid: int) -> None:
+    """Called by a worker at start: see :func:`batchd.testing.faults.arm_worker`."""
+    if _armed is not None:
+        from batchd.testing.faults import arm_worker as arm
+
+        arm(daemon_pid)
+
+
 def crash_point(step: str) -> None:
     """Exit at once if a test armed a crash at ``step``; otherwise nothing."""
     if _armed is not None:

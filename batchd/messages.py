@@ -5,9 +5,11 @@ the worker writes the result itself); a worker answers with
 :class:`Progress` and then exactly one :class:`Done` or :class:`Failed`; the
 pool adds :class:`Lost` (the worker died) and :class:`TimedOut` (it ran past
 ``processing.timeout_seconds`` and was killed). Every message crosses a
-process boundary by pickle, so each is a frozen, slotted dataclass of plain
-values, and each carries the claim's fencing token (``lease``) so that the
-reports of a superseded attempt are told apart.
+process boundary by pickle, so each is a frozen dataclass of plain values
+(not slotted: a slotted dataclass pickles through ``dataclasses.fields()``,
+which cost the daemon's loop more than the rest of the message; issue 15),
+and each carries the claim's fencing token (``lease``) so that the reports
+of a superseded attempt are told apart.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.records import FileRow
+from batchd.records import BatchRow, FileRow
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Delivery:
     """Where a successful attempt's result goes, and the row it describes."""
 
@@ -33,9 +35,20 @@ class Delivery:
     #: the spool root: the result and outputs are written below it through
     #: folder descriptors, no link followed, with batchd's modes.
     spool_root: str = ""
+    #: the worker records a success itself (issue 15): it commits the outcome
+    #: to the store, moves the input to archive/ and ends the batch when its
+    #: file was the last, so the daemon's loop only hears that it happened.
+    #: Needs ``fsync``: the result is durable before the commit says so.
+    record: bool = False
+    #: where the batch lives (``FileTask.work_path`` and ``batch_name``), for
+    #: the input move and the batch end.
+    work_path: str = ""
+    batch_name: str = ""
+    #: ``limits.max_inline_result_bytes``: the store keeps a bounded copy.
+    max_inline_result_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Job:
     """One attempt at one file. Without ``delivery`` the worker only reports
     the result (the pool's own tests); with it, it also writes the result."""
@@ -55,14 +68,14 @@ class Job:
     file_ino: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Progress:
     file_id: str
     percent: int
     lease: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Done:
     file_id: str
     result: dict[str, Any]
@@ -72,18 +85,41 @@ class Done:
     #: when the attempt ended, as written into the result file.
     completed_at: str = ""
     lease: int = 0
+    #: what the worker did itself (``Delivery.record``); None when it left
+    #: the recording to the daemon (no ``record``, or the store failed).
+    recorded: Recorded | None = None
+    #: the worker's resident size after the job, measured by the worker
+    #: (the pool replaces a worker grown past worker_recycle_rss_mb).
+    rss_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
+class Recorded:
+    """What a worker that recorded its own success did after the commit."""
+
+    #: the batch as the commit left it; None: the commit found the attempt
+    #: superseded (re-queued or claimed again), and nothing else was done.
+    batch: BatchRow | None
+    #: the input was moved to archive/ (False: the daemon's archiver retries).
+    archived: bool = False
+    #: the batch was done and its end (work/ cleared, final status.json)
+    #: was carried out here (False while the batch goes on, or on an error).
+    ended: bool = False
+    #: the inline copy of the result the store now holds.
+    result: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Failed:
     file_id: str
     error: str
     permanent: bool
     seconds: float
     lease: int = 0
+    rss_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Lost:
     """The worker running a file died; the attempt is spent."""
 
@@ -94,7 +130,7 @@ class Lost:
     out_of_memory: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TimedOut:
     """A file ran past ``processing.timeout_seconds``; its worker was killed."""
 

@@ -31,7 +31,7 @@ from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
 from batchd.faults import crash_point
-from batchd.messages import Done, Event, Failed, Lost, Progress, TimedOut
+from batchd.messages import Done, Event, Failed, Lost, Progress, Recorded, TimedOut
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.records import FileRow, FileTask, Outcome, Status
@@ -194,7 +194,9 @@ class Outcomes:
             return
         self.progress.pop(event.file_id, None)
         self.metrics.attempt_took(self.clock.monotonic() - running.started_mono)
-        if isinstance(event, Done):
+        if isinstance(event, Done) and event.recorded is not None:
+            self._recorded(running, event, event.recorded)
+        elif isinstance(event, Done):
             self._complete(running, event)
         elif (
             isinstance(event, TimedOut)
@@ -204,6 +206,37 @@ class Outcomes:
             self.fail(running, event.error)
         else:
             self._retry_or_fail(running, event.error)
+
+    def _recorded(self, running: Running, done: Done, recorded: Recorded) -> None:
+        """A success its worker has committed, and maybe archived and ended."""
+        task = running.task
+        batch = recorded.batch
+        if batch is None:
+            self.superseded(running, "lease_lost")
+            return
+        outcome = Outcome(Status.COMPLETED, processor=running.processor)
+        # The worker logged file_completed (and batch_finished) itself.
+        self._finished(Final(running, outcome, self.clock.now()), logged=True)
+        # The worker is free and the database says so: refill it now.
+        self.guarded(self.refill)
+        if not recorded.archived:
+            self.archiver.archive_file(
+                ArchiveFile(
+                    task.file.id,
+                    task.file.batch_id,
+                    task.work_path,
+                    task.batch_name,
+                    task.file.relpath,
+                    ok=True,
+                )
+            )
+        if not batch.status.done:
+            self.dirty.add(batch.id)
+        elif recorded.ended:
+            self.dirty.discard(batch.id)
+        else:
+            self.dirty.discard(batch.id)
+            self.archiver.end_batch(batch)
 
     def _complete(self, running: Running, done: Done) -> None:
         """The worker has already written the result file (see batchd.worker)."""
@@ -387,7 +420,8 @@ class Outcomes:
                 )
         return durable
 
-    def _finished(self, final: Final) -> None:
+    def _finished(self, final: Final, logged: bool = False) -> None:
+        """Forget a recorded attempt, count it, and log it (unless its worker did)."""
         task, outcome = final.running.task, final.outcome
         file = task.file
         if self.running.get(file.id) is final.running:
@@ -407,6 +441,8 @@ class Outcomes:
             crash_point("after_result_write")
         self.finished_count += 1
         self.metrics.file_finished(str(outcome.status), str(task.priority))
+        if logged:
+            return
         if outcome.status == Status.COMPLETED:
             log.info(
                 "file_completed",

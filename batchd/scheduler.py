@@ -55,6 +55,8 @@ log = structlog.get_logger("batchd.scheduler")
 
 #: batches whose file count the scheduler remembers (a dictionary cleared when full).
 BATCH_SIZE_CACHE = 4096
+#: How often the loop refreshes the live-workers gauge.
+GAUGE_SECONDS = 0.5
 
 
 class Scheduler:
@@ -105,6 +107,7 @@ class Scheduler:
         #: monotonic time by which an idle loop must turn anyway, so that
         #: ``on_tick`` runs on time (the daemon's next systemd watchdog ping).
         self.tick_by: float | None = None
+        self._next_gauge = 0.0
         #: files per batch (fixed at registration), for the batch limit re-check.
         self._batch_sizes: dict[str, int] = {}
 
@@ -187,7 +190,11 @@ class Scheduler:
         self.outcomes.guarded(self.outcomes.commit)
         self.outcomes.guarded(self.outcomes.flush)
         self.heartbeat = self.clock.monotonic()
-        self.metrics.set_workers(self.pool.alive())
+        if self.heartbeat >= self._next_gauge:
+            # Asking each worker process whether it lives is a system call
+            # apiece: a gauge need not be fresher than this.
+            self._next_gauge = self.heartbeat + GAUGE_SECONDS
+            self.metrics.set_workers(self.pool.alive())
         self.on_tick()
 
     def _timeout(self) -> float:
@@ -243,7 +250,6 @@ class Scheduler:
 
     def _start(self, task: FileTask) -> None:
         file = task.file
-        bound = log.bind(batch_id=file.batch_id, file_id=file.id, relpath=file.relpath)
         if self.archiver.touches(file.id, file.batch_id):
             self.archiver.wait_idle()
         old = self.outcomes.running.get(file.id)
@@ -260,7 +266,13 @@ class Scheduler:
             path = self.spool.locate_input(task.work_path, task.batch_name, file.relpath)
         except OSError as exc:
             path = None
-            bound.error("input_unavailable", error=str(exc))
+            log.error(
+                "input_unavailable",
+                batch_id=file.batch_id,
+                file_id=file.id,
+                relpath=file.relpath,
+                error=str(exc),
+            )
         except UnsafePath as exc:
             # A re-queued input whose way back from archive/failed is a link now.
             path, unsafe = None, exc.message
@@ -290,9 +302,14 @@ class Scheduler:
             started_at=running.started_at,
             result_path=running.result_path,
             outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
-            # Results are made durable a group at a time (Outcomes.commit).
-            fsync=False,
+            # The worker makes the result durable, commits the success and
+            # moves the input itself (batchd.recorder); failures come here.
+            fsync=True,
             spool_root=str(self.spool.root),
+            record=True,
+            work_path=task.work_path,
+            batch_name=task.batch_name,
+            max_inline_result_bytes=self.settings.limits.max_inline_result_bytes,
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
@@ -314,7 +331,14 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 wait = parse_iso(file.started_at or "") - parse_iso(file.created_at)
                 self.metrics.waited(max(0.0, wait.total_seconds()))
-        bound.debug("file_started", processor=processor, attempt=file.attempts)
+        log.debug(
+            "file_started",
+            batch_id=file.batch_id,
+            file_id=file.id,
+            relpath=file.relpath,
+            processor=processor,
+            attempt=file.attempts,
+        )
 
     def _batch_size(self, batch_id: str) -> int:
         size = self._batch_sizes.get(batch_id)

@@ -328,7 +328,15 @@ class Spool:
 
     def _beside_result(self, name: str, relpath: str, suffix: str) -> Path:
         parent, _, leaf = relpath.rpartition("/")
-        return self.outbox / name / RESULTS / parent / fit_name(leaf, suffix)
+        # One string and one Path, not four joins: this runs twice per file
+        # dispatched (issue 15). ``name`` and ``relpath`` are single names
+        # and a relative path of names, as every join here assumed.
+        where = (
+            f"{self.outbox}/{name}/{RESULTS}/{parent}/"
+            if parent
+            else f"{self.outbox}/{name}/{RESULTS}/"
+        )
+        return Path(where + fit_name(leaf, suffix))
 
     def scratch_for(self, file_id: str) -> Path:
         return self.scratch / file_id

@@ -9,8 +9,11 @@ next to the result and the result file is written and fsynced before
 :class:`Done` is sent. The daemon records the file as completed only after
 that, so "completed in the database" always means "result on disk", and the
 costly part of the write (the fsync) runs in parallel across workers instead
-of in the daemon's single loop. Nothing here touches the database: a worker
-that crashes can only ever lose its own attempt.
+of in the daemon's single loop. With ``Delivery.record`` the worker then
+records the success itself (:mod:`batchd.recorder`: commit, input move,
+batch end), so the daemon only hears that it happened; failures are still
+recorded by the daemon. A worker that crashes can only ever lose its own
+attempt.
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from batchd import faults
+from batchd import log as logsetup
 from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
+from batchd.faults import crash_point
 from batchd.fsutil import move_outputs, write_json_atomic
 from batchd.members import check
 from batchd.messages import Delivery, Done, Failed, Job, Progress
+from batchd.recorder import Recorder
 from batchd.records import Status
 from batchd.safefs import UnsafePath, named_view, open_member
 from batchd.views import result_document
@@ -58,6 +65,18 @@ def _limit_memory(megabytes: int) -> None:
     if megabytes > 0:
         limit = megabytes * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def own_rss() -> int:
+    """This process's resident size in bytes (0 if /proc cannot say)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def memory_limit_error(megabytes: int) -> str:
@@ -168,7 +187,9 @@ def _spool_root(delivery: Delivery) -> Path | None:
     return root if Path(delivery.result_path).is_relative_to(root) else None
 
 
-def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
+def run_job(
+    job: Job, settings: Settings, conn: Connection, recorder: Recorder | None = None
+) -> Done | Failed:
     """Hash the input, run the processor, deliver its result, and describe how it ended."""
     from batchd.processors import ProcessorContext, resolve
 
@@ -228,7 +249,20 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
                 # (the disk may have room again on the next attempt).
                 error = f"cannot write the result file: {exc.strerror or exc}"
                 return Failed(job.file_id, error, False, time.monotonic() - started)
-        return Done(job.file_id, result, file_hash, size, time.monotonic() - started, ended)
+        recorded = None
+        if job.delivery is not None and job.delivery.record and recorder is not None:
+            crash_point("after_result_write")
+            recorded = recorder.record(job, job.delivery, result, file_hash, size, ended)
+        return Done(
+            job.file_id,
+            # The daemon needs the result only when it records it itself.
+            {} if recorded is not None else result,
+            file_hash,
+            size,
+            time.monotonic() - started,
+            ended,
+            recorded=recorded,
+        )
     except PermanentError as exc:
         return Failed(job.file_id, _describe(exc), True, time.monotonic() - started)
     except MemoryError:
@@ -246,8 +280,15 @@ def run_job(job: Job, settings: Settings, conn: Connection) -> Done | Failed:
 SECRET_ENV_PREFIXES = ("BATCHD_HTTP__", "BATCHD_DATABASE__", "PGPASSWORD")
 
 
-def worker_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
-    """Entry point of a worker process: serve jobs until the pipe closes."""
+def worker_main(
+    conn: Connection, settings: Settings, parent_pid: int, database_url: str | None = None
+) -> None:
+    """Entry point of a worker process: serve jobs until the pipe closes.
+
+    ``database_url`` is the store's (PostgreSQL) address for the
+    :class:`~batchd.recorder.Recorder`; ``settings`` never carry it, so a
+    processor is not handed the password with its settings.
+    """
     # Our own process group: the daemon kills the whole group on a timeout, so
     # commands a processor started die with it.
     os.setpgid(0, 0)
@@ -263,17 +304,22 @@ def worker_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     for name in [n for n in os.environ if n.startswith(SECRET_ENV_PREFIXES)]:
         del os.environ[name]
     _limit_memory(settings.processing.worker_memory_mb)
+    logsetup.configure(settings.log)
+    faults.arm_worker(parent_pid)
+    recorder = Recorder(settings, database_url)
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
         if message is None:
+            recorder.close()
             return
         if isinstance(message, Settings):
             settings = message
+            recorder.configure(settings)
             continue
-        outcome = run_job(message, settings, conn)
+        outcome = replace(run_job(message, settings, conn, recorder), rss_bytes=own_rss())
         try:
             conn.send(outcome)
         except (BrokenPipeError, OSError):

@@ -8,6 +8,7 @@ records from both databases.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -24,9 +25,15 @@ def text_time(value: str | datetime | None) -> str | None:
     return iso(value)
 
 
+@functools.cache
+def _field_names(record: type) -> tuple[str, ...]:
+    # dataclasses.fields() builds a tuple per call: a claim or a finish ran it per row.
+    return tuple(f.name for f in dataclasses.fields(record))
+
+
 def _columns(record: type, row: Row) -> dict[str, Any]:
     """The row's columns named like ``record``'s fields: ids as text, times as iso text."""
-    out = {f.name: row[f.name] for f in dataclasses.fields(record)}
+    out = {name: row[name] for name in _field_names(record)}
     for name in ("id", "batch_id"):
         if name in out:
             out[name] = str(out[name])  # PostgreSQL hands out uuid.UUID

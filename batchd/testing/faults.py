@@ -19,7 +19,11 @@ calling a hook with an unknown step raises too, once anything is armed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +31,10 @@ from dataclasses import dataclass
 from batchd.errors import ConfigError
 
 CRASH_EXIT_CODE = 86
+#: What a worker's crash point sends the daemon (see :meth:`Armed.crash_point`).
+CRASH_SIGNAL = signal.SIGUSR2
+#: The environment variable naming the shared pass counter.
+COUNTER_ENV = "BATCHD_CRASH_COUNTER"
 #: Where the daemon may be made to crash (:func:`batchd.faults.crash_point`).
 STEPS = (
     "after_claim",
@@ -50,15 +58,28 @@ class Armed:
     hang_at: str = ""
     hang_after_seconds: float = 0.0
     hang_armed_at: float | None = None
+    #: a file counting the passes of ``crash_at`` across the daemon and its
+    #: workers (some steps run in a worker: batchd.recorder); None: in memory.
+    counter_path: str | None = None
+    #: in a worker, the daemon's pid: the crash takes the daemon down too.
+    daemon_pid: int | None = None
 
     def crash_point(self, step: str) -> None:
         """Exit at once if armed to crash at ``step`` (after its passes are used up)."""
         _known(step, STEPS, "crash")
         if step != self.crash_at:
             return
-        if self.crash_after > 0:
+        if self.counter_path is not None:
+            if _count_pass(self.counter_path) <= self.crash_after:
+                return
+        elif self.crash_after > 0:
             self.crash_after -= 1
             return
+        if self.daemon_pid is not None:
+            # A power cut stops the whole node, not one worker: the daemon
+            # exits at once too (its handler, installed by arm_from_env).
+            with contextlib.suppress(OSError):
+                os.kill(self.daemon_pid, CRASH_SIGNAL)
         os._exit(CRASH_EXIT_CODE)
 
     def hang_point(self, step: str) -> None:
@@ -73,6 +94,27 @@ class Armed:
         if now - self.hang_armed_at >= self.hang_after_seconds:
             while True:
                 time.sleep(3600)
+
+
+def _count_pass(path: str) -> int:
+    """Add one to the pass count in ``path`` (under a lock); the new count."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        count = int(os.pread(fd, 32, 0) or b"0") + 1
+        os.pwrite(fd, str(count).encode().ljust(32), 0)
+        return count
+    finally:
+        os.close(fd)
+
+
+def arm_worker(daemon_pid: int) -> None:
+    """In a worker process: an armed crash point takes the daemon down with it."""
+    from batchd import faults
+
+    armed = faults.armed()
+    if armed is not None:
+        armed.daemon_pid = daemon_pid
 
 
 def _known(step: str, steps: tuple[str, ...], kind: str) -> None:
@@ -113,7 +155,21 @@ def arm_from_env(env: Mapping[str, str]) -> Armed | None:
         raise ConfigError(
             f"BATCHD_CRASH_AFTER / BATCHD_HANG_AFTER_SECONDS must be numbers: {exc}"
         ) from None
-    return arm(crash_at, crash_after, hang_at, hang_after)
+    armed = arm(crash_at, crash_after, hang_at, hang_after)
+    if crash_at:
+        # Passes are counted in a file the workers share: they inherit this
+        # environment when they are spawned, after this import.
+        counter = env.get(COUNTER_ENV)
+        if not counter:
+            fd, counter = tempfile.mkstemp(prefix="batchd-crash-passes-")
+            os.close(fd)
+            os.environ[COUNTER_ENV] = counter
+            # A worker's crash point signals the daemon, which exits as if
+            # it had crashed itself (the main thread runs this handler).
+            with contextlib.suppress(ValueError):
+                signal.signal(CRASH_SIGNAL, lambda signum, frame: os._exit(CRASH_EXIT_CODE))
+        armed.counter_path = counter
+    return armed
 
 
 def disarm() -> None:

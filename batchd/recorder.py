@@ -1,0 +1,153 @@
+"""A worker's own record of a success: commit, input move, batch end (issue 15).
+
+The daemon's loop used to do this for every file: take the worker's Done,
+fsync the result, commit it, queue the input move and the batch end for its
+archiver thread. That put about 3 ms of the daemon's CPU on every file, in
+one process whose threads share one interpreter lock, and capped batchd near
+300 files/s whatever the worker count (BENCHMARKS.md, issue 15). The common
+case, a success, now ends in the worker that produced it, in the order crash
+recovery relies on:
+
+1. the result file is written and fsynced (:func:`batchd.worker.deliver`);
+2. the outcome is committed, fenced by the claim's token (``lease_gen``): an
+   attempt that lost its file (re-queued, claimed again) changes nothing;
+3. the input moves to ``archive/``;
+4. when that commit finished the batch, the batch ends here too: the rest
+   of its folder leaves ``work/``, the final status.json is written and the
+   empty folder released.
+
+A crash between any two steps leaves what start-up recovery already repairs
+(a result with a processing row is run again; a finished row with its input
+still in ``work/`` is moved on). Whatever cannot be done here is left to the
+daemon, which knows how to wait for it: a :class:`StoreError` (the database
+is away) hands the whole outcome back unrecorded, and the daemon queues and
+retries it as before; a failed move or batch end is retried by the daemon's
+archiver. The daemon still claims every file, so ``processing.concurrency``
+still bounds what is processing; it hears of a success after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime
+
+import structlog
+
+from batchd.archiver import log_batch_finished
+from batchd.caps import inline_result
+from batchd.clock import parse_iso
+from batchd.config import Settings
+from batchd.errors import BatchdError, StoreError
+from batchd.faults import crash_point
+from batchd.messages import Delivery, Job, Recorded
+from batchd.outbox import Outbox
+from batchd.records import Outcome, Status
+from batchd.spool import Spool
+from batchd.store import Store, open_store
+
+log = structlog.get_logger("batchd.worker")
+# Operators know file_completed by the scheduler's logger name.
+scheduler_log = structlog.get_logger("batchd.scheduler")
+
+
+class Recorder:
+    """The store, spool and outbox of one worker process, opened on first use."""
+
+    def __init__(self, settings: Settings, database_url: str | None) -> None:
+        self._database_url = database_url
+        self._store: Store | None = None
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Take the daemon's new settings (a reload); the store stays open."""
+        # The worker's settings carry no database URL (processors must not
+        # see its password): the recorder keeps its own.
+        self.settings = settings.model_copy(
+            update={"database": settings.database.model_copy(update={"url": self._database_url})}
+        )
+        self.spool = Spool(self.settings)
+
+    def _opened(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+            self._store = None
+
+    def record(
+        self,
+        job: Job,
+        delivery: Delivery,
+        result: dict[str, object],
+        file_hash: str,
+        file_size: int,
+        completed_at: str,
+    ) -> Recorded | None:
+        """Commit a delivered success and carry out what follows it.
+
+        Returns None when the store could not take it (the daemon records it).
+        """
+        inline = inline_result(result, delivery.max_inline_result_bytes, delivery.result_path)
+        outcome = Outcome(
+            Status.COMPLETED,
+            result=inline,
+            file_hash=file_hash,
+            file_size=file_size,
+            processor=job.processor,
+            started_at=delivery.started_at,
+            lease=job.lease,
+        )
+        try:
+            ended_at: datetime = parse_iso(completed_at)
+            store = self._opened()
+            (batch,) = store.finish_many([(job.file_id, outcome, ended_at)])
+        except StoreError as exc:
+            log.warning("worker_record_deferred", file_id=job.file_id, error=exc.message)
+            self.close()  # a fresh connection next time
+            return None
+        crash_point("after_finish")
+        if batch is None:
+            return Recorded(None)
+        # Logged here, not by the daemon: under the daemon's logger name and
+        # into the same stream, without costing its loop a rendering per file.
+        scheduler_log.info(
+            "file_completed",
+            batch_id=job.batch_id,
+            file_id=job.file_id,
+            relpath=job.relpath,
+            attempts=delivery.file.attempts,
+            processor=job.processor,
+        )
+        archived = self._archive(job, delivery)
+        ended = batch.status.done and self._end_batch(store, batch.id, delivery)
+        return Recorded(batch, archived=archived, ended=ended, result=inline)
+
+    def _archive(self, job: Job, delivery: Delivery) -> bool:
+        try:
+            self.spool.settle_input(delivery.work_path, delivery.batch_name, job.relpath, ok=True)
+        except OSError as exc:
+            log.error(
+                "input_move_failed", batch_id=job.batch_id, file_id=job.file_id, error=str(exc)
+            )
+            return False
+        crash_point("after_archive")
+        return True
+
+    def _end_batch(self, store: Store, batch_id: str, delivery: Delivery) -> bool:
+        """The batch end the daemon's archiver would do; False leaves it to the daemon."""
+        try:
+            self.spool.finalize(delivery.work_path, delivery.batch_name)
+            fresh = Outbox(self.spool, store).refresh_status(batch_id)
+        except (OSError, BatchdError) as exc:
+            log.error("batch_finalize_failed", batch_id=batch_id, error=str(exc))
+            return False
+        if fresh is None or not fresh.status.done:
+            # Re-queued by an operator since the commit: the batch goes on.
+            return False
+        self.spool.release(delivery.work_path)
+        log_batch_finished(fresh)
+        return True
