@@ -21,10 +21,11 @@ from fakes import FakeClock
 
 from batchd.clock import iso
 from batchd.config import Priority, Settings, load_settings
-from batchd.messages import Done, Event, Failed, Job, Lost, TimedOut
+from batchd.messages import Done, Event, Failed, Job, Lost, Recorded, TimedOut
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox
 from batchd.pool import WorkerPool
+from batchd.recorder import Recorder
 from batchd.records import BatchRow, FileRow, NewBatch, NewFile
 from batchd.scheduler import Scheduler
 from batchd.spool import Spool
@@ -108,6 +109,32 @@ class FakePool:
             )
         )
         return job
+
+    def done_recorded(self, relpath: str, recorder: Recorder) -> tuple[Job, Recorded | None]:
+        """The attempt succeeded and its worker recorded it (batchd.recorder), as
+        a real worker does: result file, commit, input move, batch end."""
+        job = self.jobs.pop(self.job(relpath).file_id)
+        assert job.delivery is not None
+        result = Path(job.delivery.result_path)
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps({"relpath": relpath, "status": "completed"}))
+        data = Path(job.path).read_bytes()
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        ended = iso(self.clock.now())
+        recorded = recorder.record(job, job.delivery, {"rows": 1}, digest, len(data), ended)
+        self.events.append(
+            Done(
+                job.file_id,
+                {} if recorded is not None else {"rows": 1},
+                digest,
+                len(data),
+                0.1,
+                completed_at=ended,
+                lease=job.lease,
+                recorded=recorded,
+            )
+        )
+        return job, recorded
 
     def failed(self, relpath: str, permanent: bool = False, error: str = "boom") -> Job:
         job = self.jobs.pop(self.job(relpath).file_id)

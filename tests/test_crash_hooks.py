@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,41 @@ def test_the_environment_arms_a_daemon_process() -> None:
     proc = _python(code, BATCHD_CRASH_AT="after_register")
     assert proc.returncode == faults.CRASH_EXIT_CODE
     assert "alive" not in proc.stdout
+
+
+def test_a_workers_crash_point_takes_the_daemon_down_and_counts_shared_passes(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 moved steps into workers: their passes count with the daemon's (one
+    file shared through the environment), and a worker crashing there makes the
+    daemon exit 86 too, as a power cut would."""
+    code = (
+        "import multiprocessing, os, time\n"
+        "from batchd import faults\n"
+        "def worker(parent):\n"
+        "    faults.arm_worker(parent)\n"
+        "    faults.crash_point('after_finish')\n"
+        "    print('worker not reached', flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    faults.crash_point('after_finish'); print('daemon passed', flush=True)\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    child = ctx.Process(target=worker, args=(os.getpid(),)); child.start()\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    print('daemon not stopped', flush=True)\n"
+    )
+    script = tmp_path / "crash.py"
+    script.write_text(code)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env={**clean, "BATCHD_CRASH_AT": "after_finish", "BATCHD_CRASH_AFTER": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == faults.CRASH_EXIT_CODE, proc.stderr
+    assert proc.stdout.split("\n")[:1] == ["daemon passed"]
+    assert "not" not in proc.stdout

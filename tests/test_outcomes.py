@@ -17,6 +17,7 @@ from schedworld import DEFAULTS, WAIT_SECONDS, World, make_world
 from structlog.testing import capture_logs
 
 from batchd.messages import Progress
+from batchd.recorder import Recorder
 from batchd.records import Status
 
 
@@ -106,6 +107,37 @@ def test_completed_outcomes_commit_together_and_finish_the_batch(world: World) -
     assert w.scheduler.finished_count == 2
     assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
     assert sorted(p.name for p in (w.spool.archive / batch.name).iterdir()) == ["a.csv", "b.csv"]
+
+
+def test_a_success_its_worker_recorded_is_only_counted_by_the_loop(world: World) -> None:
+    """Issue 15: a Done the worker committed (and archived, and whose batch it
+    ended) is not committed again; the loop frees the worker, refills it at once,
+    and leaves the input and status.json as the worker left them."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("b", ("a.csv", "b.csv", "c.csv"))
+    w.turn()
+    assert sorted(j.relpath for j in w.pool.jobs.values()) == ["a.csv", "b.csv"]
+    _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is not None and recorded.archived and not recorded.ended
+    assert w.file(batch, "a.csv").status == Status.COMPLETED  # before the loop hears of it
+    w.turn()
+    assert w.scheduler.finished_count == 1
+    assert sorted(j.relpath for j in w.pool.jobs.values()) == ["b.csv", "c.csv"]  # refilled
+    w.pool.done_recorded("b.csv", recorder)
+    _job, recorded = w.pool.done_recorded("c.csv", recorder)
+    assert recorded is not None and recorded.ended
+    w.turn()
+    assert w.scheduler.finished_count == 3
+    assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
+    final = w.store.get_batch(batch.id)
+    assert final is not None and final.status == Status.COMPLETED
+    status = json.loads(w.spool.status_path(batch.name).read_text())
+    assert status["batch"]["status"] == "completed" and status["version"] == final.version
+    archived = sorted(p.name for p in (w.spool.archive / batch.name).iterdir())
+    assert archived == ["a.csv", "b.csv", "c.csv"]
+    assert not (w.spool.root / batch.work_path).exists()
+    recorder.close()
 
 
 def test_a_result_that_cannot_be_made_durable_is_retried_not_completed(world: World) -> None:

@@ -1,0 +1,110 @@
+"""Unit tests for batchd.recorder: a worker recording its own success (issue 15).
+
+A real spool and a real SQLite store, the scheduler's dispatch on a fake
+clock and a fake pool (tests/schedworld.py) to make real claims; the
+recorder runs in-process, as it does in a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from schedworld import DEFAULTS, World, make_world
+from structlog.testing import capture_logs
+
+from batchd.recorder import Recorder
+from batchd.records import Status
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path, **DEFAULTS)
+
+
+def test_a_recorded_success_is_committed_archived_and_ends_its_batch(world: World) -> None:
+    """The commit, the input move to archive/, the batch end (work/ cleared, final
+    status.json) and the two log events, all done by the recorder."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("one", ("a.csv",))
+    w.turn()
+    with capture_logs() as logs:
+        _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is not None and recorded.batch is not None
+    assert (recorded.archived, recorded.ended) == (True, True)
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.progress) == (Status.COMPLETED, 100)
+    assert file.file_hash is not None and file.file_hash.startswith("sha256:")
+    assert json.loads(file.result or "null") == {"rows": 1}
+    assert (w.spool.archive / batch.name / "a.csv").is_file()
+    assert not (w.spool.root / batch.work_path).exists()
+    status = json.loads(w.spool.status_path(batch.name).read_text())
+    assert status["batch"]["status"] == "completed"
+    events = [e["event"] for e in logs]
+    assert events == ["file_completed", "batch_finished"]
+    recorder.close()
+
+
+def test_a_superseded_attempt_changes_nothing(world: World) -> None:
+    """Re-queued and claimed again while it ran: the commit is refused by the fence,
+    the input is not moved, the row stays with its new owner."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    old = w.pool.job("a.csv")
+    w.store.requeue([old.file_id])
+    again = w.store.claim_next(w.clock.now())
+    assert again is not None
+    _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is not None and recorded.batch is None
+    file = w.file(batch, "a.csv")
+    assert (file.status, file.lease_gen) == (Status.PROCESSING, again.file.lease_gen)
+    assert (w.spool.root / batch.work_path / "a.csv").is_file()
+    assert not (w.spool.archive / batch.name).exists()
+    recorder.close()
+
+
+def test_an_unreachable_store_hands_the_outcome_back(world: World) -> None:
+    """The database is away: nothing is recorded or moved, and the worker says so
+    (None), so the daemon queues the outcome and retries it."""
+    w = world
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://batchd@127.0.0.1:{port}/batchd?connect_timeout=2"
+    recorder = Recorder(w.settings, url)
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    with capture_logs() as logs:
+        _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is None
+    assert [e["event"] for e in logs] == ["worker_record_deferred"]
+    assert w.file(batch, "a.csv").status == Status.PROCESSING
+    assert (w.spool.root / batch.work_path / "a.csv").is_file()
+    w.turn()  # the loop records it itself
+    assert w.file(batch, "a.csv").status == Status.COMPLETED
+
+
+def test_a_failed_input_move_is_left_to_the_daemon(world: World) -> None:
+    """Committed, but the input cannot go to archive/ (a file stands where its folder
+    goes): archived is False, the input stays safe in work/, the daemon's archiver
+    retries it later."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("b", ("a.csv", "b.csv"))
+    w.spool.archive.mkdir(parents=True, exist_ok=True)
+    (w.spool.archive / batch.name).write_text("in the way")
+    w.turn()
+    with capture_logs() as logs:
+        _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is not None and recorded.batch is not None
+    assert not recorded.archived and not recorded.ended
+    assert w.file(batch, "a.csv").status == Status.COMPLETED
+    assert (w.spool.root / batch.work_path / "a.csv").is_file()
+    assert "input_move_failed" in [e["event"] for e in logs]
+    recorder.close()
