@@ -51,16 +51,19 @@ def io_bound(path: Path, ctx: Any) -> dict[str, Any]:
     """100 ms of waiting per file (cores are not the limit), each run written to a ledger.
 
     With ``$BENCH_LEDGER`` set, one ``start`` and one ``end`` line per run
-    (node id, file) are appended to it, each with a single ``O_APPEND`` write,
-    so the kill scenario can count which node ran which file how often.
+    (node id, file id, relpath) are appended to it, each with a single
+    ``O_APPEND`` write, so the kill scenario can count which node ran which
+    file how often. (``path`` may be a worker's private copy: the file id
+    names the file.)
     """
     ledger = os.environ.get("BENCH_LEDGER")
     node = os.environ.get("BATCHD_CLUSTER__NODE_ID", "")
+    line = f"{node}\t{getattr(ctx, 'file_id', '')}\t{getattr(ctx, 'relpath', path.name)}\n"
     if ledger:
-        _append(ledger, f"start\t{node}\t{path.name}\t{path.parent.name}\n")
+        _append(ledger, "start\t" + line)
     time.sleep(IO_SLEEP_SECONDS)
     if ledger:
-        _append(ledger, f"end\t{node}\t{path.name}\t{path.parent.name}\n")
+        _append(ledger, "end\t" + line)
     return {"size": path.stat().st_size}
 
 
