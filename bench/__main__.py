@@ -8,7 +8,11 @@ Scenarios (issue 7): overhead (no-op, vs huey), cpu (~50 ms CPU per file, vs
 ``xargs -P`` and the ideal), latency (idle pick-up, vs huey, inotifywait and
 the original 5 s poll), http (list/detail under load, vs a static
 ``http.server``), scale (100,000 files), plus a py-spy profile of the daemon
-and the processors' own benchmark.
+and the processors' own benchmark. Issue 15: peer15 (vs a watchdog + huey
+stack doing the file work), daemon_cpu (daemon CPU ms per file from /proc),
+floor (the physical work alone, bench/floor.py), scaleout (1, 2, 4 PostgreSQL
+nodes, I/O-bound, and a node SIGKILLed), and http's ``flow`` part (list and
+detail while no-op files flow at full speed).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, profile, scale, scenarios
+from bench import cluster, issue15, profile, scale, scenarios
 from bench import ocr as ocr_bench
 from bench.common import CORES
 
@@ -39,6 +43,10 @@ SCENARIOS = (
     "processors",
     "ocr",
     "documents",
+    "peer15",
+    "daemon_cpu",
+    "floor",
+    "scaleout",
 )
 
 FULL = {
@@ -49,6 +57,10 @@ FULL = {
     "http": (6000, 40),
     "scale": (2000, 60.0, 10.0),
     "profile": (40, 50),
+    "peer15": (40, 50),
+    "daemon_cpu": (40, 50),
+    "floor": 2000,
+    "http_flow_folders": 40,
 }
 QUICK = {
     "rounds": 1,
@@ -58,6 +70,10 @@ QUICK = {
     "http": (1000, 6),
     "scale": (40, 3.0, 3.0),
     "profile": (10, 50),
+    "peer15": (4, 50),
+    "daemon_cpu": (4, 50),
+    "floor": 200,
+    "http_flow_folders": 8,
 }
 
 
@@ -310,8 +326,54 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     "",
                 )
             )
+        fl = h.get("flow")
+        if fl:
+            rows.append(
+                (
+                    f"http while {fl['files']:,} no-op files flow: req/s",
+                    _fmt(fl["requests_per_second"]),
+                    _fmt(fl["generator_ceiling_rps"], " generator ceiling"),
+                    _fmt(fl["files_per_second_meanwhile"], " files/s meanwhile"),
+                    ">= 2,000" + met(fl["requests_per_second"] >= scenarios.FLOW_TARGET_RPS),
+                )
+            )
+            for label in ("list", "detail"):
+                rows.append(
+                    (
+                        f"  {label} p50 / p99 (flowing)",
+                        f"{_fmt(fl[label]['p50_ms'])} / {_fmt(fl[label]['p99_ms'])} ms",
+                        "",
+                        "",
+                        "p99 <= 20 ms" + met(fl[label]["p99_ms"] <= scenarios.FLOW_TARGET_P99_MS),
+                    )
+                )
     if results.get("ocr"):
         rows += ocr_bench.rows(results["ocr"])
+    rows += issue15.rows(results)
+    so = results.get("scaleout")
+    if so and "skipped" not in so:
+        fps, ratio = so["files_per_second"], so["ratio_to_n_x_one"]
+        rows.append(
+            (
+                f"issue 15: PG nodes {' / '.join(fps)}, 100 ms I/O, conc. 3",
+                " / ".join(_fmt(fps[n]) for n in fps) + " files/s",
+                f"ideal {so['ideal_files_per_s_per_node']} files/s per node",
+                " / ".join(_fmt(ratio[n]) for n in ratio if n != "1") + " of N x 1 node",
+                f">= {cluster.SCALE_TARGET}"
+                + met(all(r >= cluster.SCALE_TARGET for r in ratio.values())),
+            )
+        )
+        k = so["kill"]
+        rows.append(
+            (
+                f"  one of {k['nodes']} nodes SIGKILLed, {k['files']} files",
+                f"lost {k['lost']}, {k['in_flight_finished_elsewhere']}/"
+                f"{k['in_flight_on_victim']} in flight done elsewhere",
+                f"{k['result_files']} results, {k['duplicate_rows']} doubled rows",
+                f"{_fmt(k['kill_to_all_done_s'], ' s')} kill to done",
+                "lose nothing" + met(k["ok"]),
+            )
+        )
     return rows
 
 
@@ -360,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     step("overhead", scenarios.overhead, rounds, *size["overhead"])  # type: ignore[misc]
     step("cpu", scenarios.cpu_bound, rounds, size["cpu_files"])
     step("latency", scenarios.latency, rounds, size["latency_samples"])
-    step("http", scenarios.http, rounds, *size["http"])  # type: ignore[misc]
+    step("http", scenarios.http, rounds, *size["http"], size["http_flow_folders"])  # type: ignore[misc]
     step("scale", scale.run, *size["scale"])  # type: ignore[misc]
     step("cluster", cluster.run, args.quick)
     step("profile", profile.run, *size["profile"])  # type: ignore[misc]
@@ -376,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         results["processors"] = done.stdout.splitlines()
         timings["processors"] = round(time.perf_counter() - t0, 1)
     step("ocr", ocr_bench.run, rounds, args.quick)  # issue 18: s/page vs tesseract by hand
+    # Issue 15: is the daemon the bottleneck?
+    step("peer15", issue15.peer15, rounds, *size["peer15"])  # type: ignore[misc]
+    step("daemon_cpu", issue15.daemon_cpu, rounds, *size["daemon_cpu"])  # type: ignore[misc]
+    step("floor", issue15.floor, rounds, size["floor"])
+    step("scaleout", cluster.scaleout, rounds, args.quick)
     if "documents" in wanted and not args.quick:
         # inspect on the real-document corpus vs pdftotext and pandas (bench/corpus).
         print(f"[{time.perf_counter() - started:6.0f} s] documents ...", flush=True)

@@ -1,6 +1,7 @@
 """The huey peer: a ``SqliteHuey`` in ``$BENCH_HUEY_DB`` with the tasks the scenarios run.
 
-Run by ``huey_consumer bench.hueyapp.huey -w 2 -k process``. Two set-ups,
+Run by ``huey_consumer bench.hueyapp.huey -w 2 -k process``; ``process_file``
+is the task of issue 15's watchdog + huey stack (bench/peerstack.py). Two set-ups,
 chosen by ``$BENCH_HUEY_SYNC``:
 
 * ``default``: ``SqliteHuey`` as it comes (WAL, SQLite's default
@@ -45,6 +46,16 @@ def noop() -> int:
 def copy(src: str, dst: str) -> int:
     shutil.copyfile(src, dst)
     return 1
+
+
+@huey.task()  # type: ignore[untyped-decorator]
+def process_file(path: str, root: str) -> int:
+    """Issue 15's peer stack (bench/peerstack.py): batchd's file work on one file."""
+    from pathlib import Path
+
+    from bench.peerstack import file_work
+
+    return file_work(Path(path), Path(root))
 
 
 def result_count() -> Any:

@@ -8,6 +8,7 @@ against the peer and the target where the issue sets one.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from bench import daemon as bd
 from bench import peers
 from bench.common import CORES, Daemon, drop_all, make_drops, median, percentile
-from bench.httpload import get_body, load
+from bench.httpload import CannedServer, get_body, load
 from bench.procs import burn_work, loops_for
 
 BURN_SECONDS = 0.05
@@ -173,12 +174,62 @@ def latency(rounds: int, samples: int, gap: float = 0.05) -> dict[str, Any]:
     return out
 
 
-def http(rounds: int, requests: int, folders: int) -> dict[str, Any]:
-    """List and detail under keep-alive load while the daemon processes; the static floor."""
+#: Issue 15: HTTP while files flow at full speed (no-op processor, 2 workers).
+FLOW_TARGET_RPS = 2000
+FLOW_TARGET_P99_MS = 20.0
+#: The load stops when the files are done; this only bounds it.
+FLOW_MAX_REQUESTS = 400_000
+
+
+def http_flow(tmp: Path, folders: int) -> dict[str, Any]:
+    """Issue 15: list and 50-file detail under keep-alive load while ``folders x 50`` no-op
+    files are processed at full speed; the load runs from the drop to the last file done."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(
+        tmp,
+        BATCHD_HTTP__ENABLED="true",
+        BATCHD_HTTP__PORT="0",
+        BATCHD_HTTP__MAX_THREADS="64",
+        BATCHD_PROCESSING__CONCURRENCY="2",
+    ).start()
+    try:
+        port = daemon.http_port()
+        drops = make_drops(tmp / "flow-staging", folders + 1, 50)
+        drop_all(drops[:1], daemon.inbox("high"))
+        daemon.wait_done(50, 120)
+        with daemon.db() as conn:
+            (detail_id,) = conn.execute("SELECT id FROM batch_jobs LIMIT 1").fetchone()
+        conn.close()
+        paths = {"list": "/api/batch/jobs?limit=50", "detail": f"/api/batch/jobs/{detail_id}"}
+        total = 50 * (folders + 1)
+        # Polled from load()'s watcher thread, then read here once more.
+        conn = sqlite3.connect(daemon.db_path, timeout=30, check_same_thread=False)
+        done_sql = "SELECT COUNT(*) FROM batch_files WHERE status IN ('completed', 'failed')"
+        try:
+            out = load(
+                port,
+                paths,
+                FLOW_MAX_REQUESTS,
+                start=lambda: drop_all(drops[1:], daemon.inbox("normal")),
+                until=lambda: conn.execute(done_sql).fetchone()[0] >= total,
+            )
+            out["files_done"] = conn.execute(done_sql).fetchone()[0] - 50
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+    out["files_per_second_meanwhile"] = round(out["files_done"] / out["seconds"], 1)
+    return out
+
+
+def http(rounds: int, requests: int, folders: int, flow_folders: int = 40) -> dict[str, Any]:
+    """List and detail under keep-alive load while the daemon processes; the static floor;
+    and (issue 15) the same while no-op files flow at full speed."""
     per_round = []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="batchd-bench-") as t:
             tmp = Path(t)
+            flow = http_flow(tmp / "flow", flow_folders) if flow_folders else None
             daemon = Daemon(
                 tmp,
                 BATCHD_HTTP__ENABLED="true",
@@ -214,13 +265,20 @@ def http(rounds: int, requests: int, folders: int) -> dict[str, Any]:
                 floor = load(static.port, paths, requests)
             finally:
                 static.stop()
-            per_round.append({"batchd": batchd, "static": floor})
+            canned = CannedServer(bodies)
+            try:
+                ceiling = load(canned.port, paths, requests)
+            finally:
+                canned.stop()
+            per_round.append({"batchd": batchd, "static": floor, "generator": ceiling})
+            if flow is not None:
+                per_round[-1]["flow"] = flow
     out: dict[str, Any] = {
         "requests_per_round": requests,
         "rounds": per_round,
         "processing": f"{folders - 1} batches x 50 files, 5 ms sleep each, 2 workers",
     }
-    for who in ("batchd", "static"):
+    for who in ("batchd", "static", "generator"):
         out[who] = {
             "requests_per_second": round(
                 median(r[who]["requests_per_second"] for r in per_round), 1
@@ -236,6 +294,30 @@ def http(rounds: int, requests: int, folders: int) -> dict[str, Any]:
     out["ratio_vs_static"] = round(
         out["batchd"]["requests_per_second"] / out["static"]["requests_per_second"], 2
     )
+    if all("flow" in r for r in per_round):
+        flows = [r["flow"] for r in per_round]
+        out["flow"] = {
+            "files": flow_folders * 50,
+            "processing": "no-op processor, 2 workers, as fast as it goes",
+            "target": f">= {FLOW_TARGET_RPS} req/s, p99 <= {FLOW_TARGET_P99_MS} ms (list, detail)",
+            "requests_per_second": round(median(f["requests_per_second"] for f in flows), 1),
+            "files_per_second_meanwhile": round(
+                median(f["files_per_second_meanwhile"] for f in flows), 1
+            ),
+            **{
+                label: {
+                    k: round(median(f[label][k] for f in flows), 2) for k in ("p50_ms", "p99_ms")
+                }
+                for label in ("list", "detail")
+            },
+            # The same client against canned bytes (bench.httpload.CannedServer):
+            # what the load generator itself can send, so it is not the limit.
+            "generator_ceiling_rps": out["generator"]["requests_per_second"],
+        }
+        fl = out["flow"]
+        out["flow"]["met"] = fl["requests_per_second"] >= FLOW_TARGET_RPS and all(
+            fl[label]["p99_ms"] <= FLOW_TARGET_P99_MS for label in ("list", "detail")
+        )
     return out
 
 
