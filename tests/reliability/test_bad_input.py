@@ -407,7 +407,7 @@ def test_drop_deleted_or_truncated_between_readiness_and_claim(tmp_path: Path) -
 def held_daemon(tmp_path: Path) -> DaemonProcess:
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "badinput_support:gated", "concurrency": 1},
+        processing={"processor": "batchd.testing.procs:held", "concurrency": 1},
     )
     return d
 
