@@ -23,7 +23,15 @@ from typing import Any
 from batchd import __version__, control
 from batchd import log as logsetup
 from batchd.cli_batches import cmd_jobs, cmd_purge, cmd_retry, cmd_show, parse_age
-from batchd.cli_common import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, out, store_for, where
+from batchd.cli_common import (
+    EXIT_CANNOT_START,
+    EXIT_FAILED,
+    EXIT_OK,
+    out,
+    out_table,
+    store_for,
+    where,
+)
 from batchd.cli_submit import cmd_submit, cmd_watch
 from batchd.config import EXIT_CONFIG, PRIORITY_ORDER, Settings, config_path, load_settings
 from batchd.errors import BatchdError, ConfigError, StartupError
@@ -111,18 +119,15 @@ def _reload_text(verdict: dict[str, Any]) -> str:
 def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
     store = store_for(settings)
     rows = [n.public() for n in store.nodes()]
+    head = f"{'NODE':40} {'PID':>7} {'RUNNING':>7}  {'LAST HEARTBEAT':24}  ADDRESS"
+    return out_table(rows, args.json, [head], rows, _node_line)
 
-    def text() -> str:
-        lines = [f"{'NODE':40} {'PID':>7} {'RUNNING':>7}  {'LAST HEARTBEAT':24}  ADDRESS"]
-        for n in rows:
-            lines.append(
-                f"{n['node_id'][:40]:40} {n['pid']:>7} {n['processing']:>7}  "
-                f"{n['last_heartbeat']:24}  {n['address'] or '-'}"
-            )
-        return "\n".join(lines)
 
-    out(rows, args.json, text)
-    return EXIT_OK
+def _node_line(n: dict[str, Any]) -> str:
+    return (
+        f"{n['node_id'][:40]:40} {n['pid']:>7} {n['processing']:>7}  "
+        f"{n['last_heartbeat']:24}  {n['address'] or '-'}"
+    )
 
 
 def cmd_processors(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import re
 from datetime import timedelta
+from typing import Any
 
-from batchd.cli_common import EXIT_FAILED, EXIT_OK, counts, find, lookup, out, store_for
+from batchd.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    counts,
+    find,
+    lookup,
+    out,
+    out_table,
+    store_for,
+)
 from batchd.clock import SystemClock
 from batchd.config import Settings
 from batchd.records import Status
@@ -18,49 +28,41 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     store = store_for(settings)
     status = Status(args.status) if args.status else None
     rows = [b.public() for b in store.list_batches(args.limit, 0, status, args.user)]
+    # DONE counts completed files only; failed ones have their own column.
+    head = f"{'ID':36}  {'NAME':24} {'PRIO':6} {'STATUS':10} {'DONE':>9} {'FAILED':>6}  CREATED"
+    return out_table(rows, args.json, [head], rows, _batch_line)
 
-    def text() -> str:
-        # DONE counts completed files only; failed ones have their own column.
-        lines = [
-            f"{'ID':36}  {'NAME':24} {'PRIO':6} {'STATUS':10} {'DONE':>9} {'FAILED':>6}  CREATED"
-        ]
-        for b in rows:
-            done = f"{b['processed_files']}/{b['total_files']}"
-            lines.append(
-                f"{b['id']:36}  {b['name'][:24]:24} {b['priority']:6} "
-                f"{b['status']:10} {done:>9} {b['failed_files']:>6}  {b['created_at']}"
-            )
-        return "\n".join(lines)
 
-    out(rows, args.json, text)
-    return EXIT_OK
+def _batch_line(b: dict[str, Any]) -> str:
+    done = f"{b['processed_files']}/{b['total_files']}"
+    return (
+        f"{b['id']:36}  {b['name'][:24]:24} {b['priority']:6} "
+        f"{b['status']:10} {done:>9} {b['failed_files']:>6}  {b['created_at']}"
+    )
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     store = store_for(settings)
     batch = find(store, args.id)
     detail = batch_detail(store, batch)
+    b = detail["batch"]
+    head = [
+        f"batch {b['id']} ({b['name']})",
+        f"  status {b['status']}, priority {b['priority']}, user {b['user_id']}",
+        f"  files: {counts(detail['summary'])} ({b['progressPercent']}% through)",
+        f"  created {b['created_at']}, completed {b['completed_at'] or '-'}",
+    ]
+    if b["error"]:
+        head.append(f"  error: {b['error']}")
+    return out_table(detail, args.json, head, detail["files"], _file_line)
 
-    def text() -> str:
-        b = detail["batch"]
-        lines = [
-            f"batch {b['id']} ({b['name']})",
-            f"  status {b['status']}, priority {b['priority']}, user {b['user_id']}",
-            f"  files: {counts(detail['summary'])} ({b['progressPercent']}% through)",
-            f"  created {b['created_at']}, completed {b['completed_at'] or '-'}",
-        ]
-        if b["error"]:
-            lines.append(f"  error: {b['error']}")
-        for f in detail["files"]:
-            err = f"  {f['error']}" if f["error"] else ""
-            lines.append(
-                f"  {f['id']}  {f['status']:10} {f['progress']:3}%  "
-                f"retries {f['retry_count']}  {f['relpath']}{err}"
-            )
-        return "\n".join(lines)
 
-    out(detail, args.json, text)
-    return EXIT_OK
+def _file_line(f: dict[str, Any]) -> str:
+    err = f"  {f['error']}" if f["error"] else ""
+    return (
+        f"  {f['id']}  {f['status']:10} {f['progress']:3}%  "
+        f"retries {f['retry_count']}  {f['relpath']}{err}"
+    )
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:

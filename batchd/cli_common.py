@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from batchd.config import Settings
@@ -28,6 +28,19 @@ def out(data: Any, as_json: bool, text: Callable[[], str]) -> None:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(text() + "\n")
+
+
+def out_table(
+    data: Any,
+    as_json: bool,
+    head: Sequence[str],
+    rows: Iterable[dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+) -> int:
+    """Print ``data`` as JSON, or as text: the ``head`` lines, then ``line(row)`` for
+    each of ``rows``. Returns the exit status (0)."""
+    out(data, as_json, lambda: "\n".join([*head, *(line(row) for row in rows)]))
+    return EXIT_OK
 
 
 def store_for(settings: Settings) -> Store:

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -34,6 +33,10 @@ from pydantic_settings import (
 )
 
 from batchd.errors import ConfigError
+from batchd.processor_settings import ExecSettings as ExecSettings
+from batchd.processor_settings import InspectSettings as InspectSettings
+from batchd.processor_settings import RouteSettings as RouteSettings
+from batchd.processor_settings import Section as _Section
 
 DEFAULT_CONFIG_PATH = Path("/etc/batchd/config.toml")
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatus uses it.
@@ -53,11 +56,6 @@ class Priority(StrEnum):
 
 
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
-
-
-class _Section(BaseModel):
-    # Unknown keys are typos; refusing them beats silently ignoring a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SpoolSettings(_Section):
@@ -151,63 +149,6 @@ class ProcessingSettings(_Section):
         """Delay before retry ``retry_number`` (1-based): doubles each time, capped."""
         delay = self.retry_backoff_seconds * (2 ** max(retry_number - 1, 0))
         return float(min(delay, self.retry_backoff_max_seconds))
-
-
-class InspectSettings(_Section):
-    """Caps of the ``inspect`` processor; a cap that stops reading sets
-    ``"truncated": true`` and names itself in ``truncated_reasons``. Then its
-    OCR of scanned pages and images (Tesseract, issue 18)."""
-
-    #: spreadsheet cells read per file (every cell, empty or not, counts).
-    max_cells: int = Field(2_000_000, ge=1)
-    #: cells kept per spreadsheet row; a wider row stops being read there.
-    max_columns: int = Field(16_384, ge=1)
-    #: CSV header fields kept (the rest of the header and of each record is dropped).
-    max_header_columns: int = Field(4_096, ge=1)
-    #: PDF pages whose text is read; later pages count but give no text.
-    max_pages: int = Field(10_000, ge=1)
-    #: one compressed PDF stream may expand to at most this many MiB (flate bombs).
-    max_pdf_stream_mb: int = Field(256, ge=1)
-    #: the XML parts of an XLSX workbook may expand to at most this many MiB in total.
-    max_xlsx_unpacked_mb: int = Field(1_024, ge=1)
-
-    #: auto: OCR pages without a text layer when Tesseract is installed;
-    #: always: OCR every page, Tesseract required at start; never: no OCR.
-    ocr: Literal["auto", "always", "never"] = "auto"
-    #: Tesseract language packs (Debian: tesseract-ocr-<lang>), tried together.
-    ocr_languages: tuple[str, ...] = ("eng",)
-    #: one page's OCR is stopped after this long and becomes a page_errors entry.
-    ocr_page_seconds: float = Field(60.0, gt=0)
-    #: pages OCRed per document at most; beyond, "truncated": true.
-    ocr_max_pages: int = Field(100, ge=1)
-    #: resolution PDF pages are rendered at for OCR (chosen by measurement: BENCHMARKS.md).
-    ocr_dpi: int = Field(300, ge=50, le=1200)
-    #: a page or image larger than this (after rendering) is refused, or rendered smaller.
-    ocr_max_page_megapixels: float = Field(50.0, gt=0)
-
-    @field_validator("ocr_languages")
-    @classmethod
-    def _language_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError('must list at least one language, e.g. ["eng"]')
-        for name in value:
-            # The names become a tesseract argument and a tessdata file name.
-            if not name.replace("_", "").isalnum() or not name.isascii():
-                raise ValueError(f"{name!r} is not a Tesseract language name like eng or chi_sim")
-        return value
-
-
-class ExecSettings(_Section):
-    command: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: Path | None = None
-    permanent_exit_codes: tuple[int, ...] = (65,)
-    max_stdout_bytes: int = Field(1024 * 1024, ge=1)
-
-
-class RouteSettings(_Section):
-    match: str
-    processor: str
 
 
 class DatabaseSettings(_Section):

@@ -18,6 +18,8 @@ import contextlib
 import fnmatch
 import os
 import stat
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchd import safefs
@@ -87,44 +89,79 @@ def scan(folder: Path, settings: Settings) -> list[NewFile]:
     """
     limits = settings.limits
     out: list[NewFile] = []
-    # Folders still to list, as (relpath, depth). Each is reopened from the
-    # top when its turn comes (at most max_depth steps, none following a
-    # link), so a folder with thousands of subfolders never holds thousands
-    # of descriptors open.
-    stack: list[tuple[str, int]] = [("", 0)]
     examined = 0
+
+    def unreadable(rel: str, error: str) -> None:
+        out.append(NewFile(rel, None, error))
+
+    with contextlib.closing(_walk(folder, unreadable)) as folders:
+        for here in folders:
+            examined += len(here.names)
+            _caps(limits, here.depth, examined, here.rel or ".")
+            for name in here.names:
+                if not is_member(name, here.depth == 0, settings):
+                    continue
+                relpath = here.path(name)
+                member = _member(here.fd, name, relpath, settings)
+                if member is None:
+                    _caps(limits, here.depth + 1, examined, relpath)
+                    here.descend.append(name)
+                else:
+                    out.append(member)
+    out.sort(key=lambda m: m.relpath)
+    return out
+
+
+@dataclass
+class _Listing:
+    """One folder of a walk: its entry names, and its descriptor, open while the
+    walk's caller looks at them."""
+
+    rel: str
+    depth: int
+    fd: int
+    names: list[str]
+    #: filled by the caller: the entries that are folders to walk next.
+    descend: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> str:
+        """The relative path of entry ``name``."""
+        return f"{self.rel}/{name}" if self.rel else name
+
+
+def _walk(folder: Path, unreadable: Callable[[str, str], None]) -> Generator[_Listing, None, None]:
+    """Every folder of the tree under ``folder`` that the caller descends into,
+    the top first; a folder that cannot be opened or listed goes to
+    ``unreadable(relpath, error)`` instead. Close the generator when done
+    (``contextlib.closing``): it holds the current folder's descriptor.
+
+    Folders still to list wait as (relpath, depth); each is reopened from
+    the top when its turn comes (at most max_depth steps, none following a
+    link), so a folder with thousands of subfolders never holds thousands of
+    descriptors open.
+    """
+    stack: list[tuple[str, int]] = [("", 0)]
     while stack:
         rel, depth = stack.pop()
         try:
             fd = safefs.open_dir(folder, rel)
         except safefs.UnsafePath:
-            out.append(NewFile(rel, None, safefs.LINK_REFUSED))
+            unreadable(rel, safefs.LINK_REFUSED)
             continue
         except OSError as exc:
-            out.append(NewFile(rel or ".", None, f"cannot read folder: {exc.strerror}"))
+            unreadable(rel or ".", f"cannot read folder: {exc.strerror}")
             continue
         try:
             try:
-                entries = os.listdir(fd)
+                names = os.listdir(fd)
             except OSError as exc:
-                out.append(NewFile(rel or ".", None, f"cannot read folder: {exc.strerror}"))
+                unreadable(rel or ".", f"cannot read folder: {exc.strerror}")
                 continue
-            examined += len(entries)
-            _caps(limits, depth, examined, rel or ".")
-            for name in entries:
-                if not is_member(name, depth == 0, settings):
-                    continue
-                relpath = f"{rel}/{name}" if rel else name
-                member = _member(fd, name, relpath, settings)
-                if member is None:
-                    _caps(limits, depth + 1, examined, relpath)
-                    stack.append((relpath, depth + 1))
-                else:
-                    out.append(member)
+            here = _Listing(rel, depth, fd, names)
+            yield here
+            stack.extend((here.path(name), depth + 1) for name in here.descend)
         finally:
             os.close(fd)
-    out.sort(key=lambda m: m.relpath)
-    return out
 
 
 def _member(dir_fd: int, name: str, relpath: str, settings: Settings) -> NewFile | None:
@@ -223,36 +260,26 @@ def repair_names(folder: Path, settings: Settings) -> list[str]:
     """
     limits = settings.limits
     renamed: list[str] = []
-    stack: list[tuple[str, int]] = [("", 0)]
     examined = 0
-    while stack:
-        rel, depth = stack.pop()
-        try:
-            fd = safefs.open_dir(folder, rel)
-        except (OSError, safefs.UnsafePath):
-            continue  # the scan reports it (a link, or unreadable)
-        try:
-            try:
-                names = os.listdir(fd)
-            except OSError:
-                continue
-            examined += len(names)
-            if depth > limits.max_depth or examined > limits.max_entries_per_drop:
+    # A folder that cannot be opened or listed: the scan reports it.
+    with contextlib.closing(_walk(folder, lambda rel, error: None)) as folders:
+        for here in folders:
+            examined += len(here.names)
+            if here.depth > limits.max_depth or examined > limits.max_entries_per_drop:
                 return renamed  # the scan refuses the drop
-            taken = set(names)
-            for name in names:
+            taken = set(here.names)
+            for name in here.names:
                 fixed = printable(name)
                 if fixed != name:
                     fixed, n = fit_name(fixed), 1
                     while fixed in taken:
                         n += 1
                         fixed = fit_name(printable(name), f"~{n}")
-                    os.rename(name, fixed, src_dir_fd=fd, dst_dir_fd=fd)
+                    os.rename(name, fixed, src_dir_fd=here.fd, dst_dir_fd=here.fd)
                     taken.add(fixed)
-                    renamed.append(f"{rel}/{fixed}" if rel else fixed)
+                    renamed.append(here.path(fixed))
                 with contextlib.suppress(OSError):
-                    if stat.S_ISDIR(os.stat(fixed, dir_fd=fd, follow_symlinks=False).st_mode):
-                        stack.append((f"{rel}/{fixed}" if rel else fixed, depth + 1))
-        finally:
-            os.close(fd)
+                    st = os.stat(fixed, dir_fd=here.fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        here.descend.append(fixed)
     return renamed

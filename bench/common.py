@@ -7,21 +7,19 @@ variables) and measures it from outside the process.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from batchd.testing import wait_until
+from batchd.testing.launcher import DaemonLauncher
+from batchd.testing.launcher import children as children  # bench/scale.py's workers
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -57,24 +55,16 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the daemon's workers)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
+class Daemon(DaemonLauncher):
+    """``batchd run`` as a child process on ``tmp/spool``, logging JSON to ``tmp/daemon-N.log``.
 
-
-class Daemon:
-    """``batchd run`` as a child process on ``tmp/spool``, logging JSON to ``tmp/daemon-N.log``."""
+    Configured by ``BATCHD_*`` variables only (no config file), the defaults
+    below first and then ``env``; ``self.env`` is what every start gets.
+    """
 
     def __init__(self, tmp: Path, **env: str) -> None:
-        self.tmp = tmp
-        self.spool = tmp / "spool"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        super().__init__(tmp)
+        self.env = self.base_env
         self.env.update(
             {
                 "PYTHONPATH": str(REPO),
@@ -89,70 +79,23 @@ class Daemon:
             }
         )
         self.env.update(env)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self.started_in = 0.0
 
-    @property
-    def log_path(self) -> Path:
-        return self.tmp / f"daemon-{self.runs}.log"
+    def environment(self, **extra: str) -> dict[str, str]:
+        # Exactly ``self.env`` (a scenario may have changed it since __init__),
+        # which already holds the inherited environment.
+        return {**self.env, **extra}
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def db_path(self) -> Path:
-        return self.spool / "state" / "batchd.db"
-
-    def inbox(self, priority: str = "normal") -> Path:
-        return self.spool / "inbox" / priority
-
-    def start(self, idle_seconds: float = 1.0, timeout: float = 120) -> Daemon:
+    def start(self, idle_seconds: float = 1.0, timeout: float = 120) -> Daemon:  # type: ignore[override]
         """Start and wait for ``daemon_started``; then let it idle (workers spawned)."""
-        self.runs += 1
-        with self.log_path.open("wb") as log:
-            t0 = time.perf_counter()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "batchd", "run"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp,
-            )
-        wait_until(
-            lambda: self.events("daemon_started") or self.proc.poll() is not None,  # type: ignore[union-attr]
-            timeout,
-            what="daemon start",
-            interval=POLL_SECONDS,
-        )
-        self.started_in = time.perf_counter() - t0
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited at start:\n{self.log_path.read_text()[-3000:]}")
+        super().start(timeout=timeout, interval=POLL_SECONDS)
         time.sleep(idle_seconds)  # not synchronisation: an idle daemon is the scenario
         return self
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if not self.log_path.exists():
-            return out
-        with self.log_path.open("rb") as fh:
-            for line in fh:
-                if name.encode() not in line:
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    out.append(event)
-        return out
 
     def http_port(self) -> int:
         return int(self.events("daemon_started")[-1]["http_port"])
 
-    def stop(self, timeout: float = 60) -> None:
+    def stop(self, timeout: float = 60) -> None:  # type: ignore[override]
+        """SIGTERM; a daemon that does not stop within ``timeout`` is killed, workers too."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -161,16 +104,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def kill(self) -> None:
+    def kill(self) -> None:  # type: ignore[override]
         """SIGKILL the daemon, then its orphaned workers (they exit on their own too)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        workers = children(self.proc.pid)
-        self.proc.kill()
-        self.proc.wait()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        super().kill(workers=True)
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db_path, timeout=30)

@@ -1,8 +1,7 @@
-"""Processors for the benchmarks (``bench.procs:<fn>``; the repo root is on PYTHONPATH).
+"""The benchmarks' processors, by the names scenarios use (``"bench.procs:burn"``).
 
-``burn`` costs a fixed amount of CPU per file: the file holds the number of
-loop iterations, so batchd, the ``xargs`` peer (bench/burn_one.py) and the
-serial calibration all do exactly the same work.
+They live with every other test processor in :mod:`batchd.testing.procs`;
+this module keeps the ``bench.procs:<fn>`` names working.
 """
 
 from __future__ import annotations
@@ -12,36 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchd.testing.procs import burn as burn
+from batchd.testing.procs import burn_work as burn_work
+from batchd.testing.procs import loops_for as loops_for
+from batchd.testing.procs import pause as sleepy
 
-def burn_work(loops: int) -> int:
-    """Pure-Python integer work: ``loops`` iterations, no I/O, no allocation to speak of."""
-    x = 0
-    for i in range(loops):
-        x = (x * 31 + i) & 0xFFFFFFFF
-    return x
-
-
-def loops_for(cpu_seconds: float) -> int:
-    """Iterations that cost about ``cpu_seconds`` of CPU on this machine (measured here)."""
-    probe = 200_000
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.process_time()
-        burn_work(probe)
-        best = min(best, time.process_time() - t0)
-    return max(1, int(probe * cpu_seconds / best))
-
-
-def burn(path: Path, ctx: Any) -> dict[str, Any]:
-    loops = int(path.read_text().split()[0])
-    return {"loops": loops, "x": burn_work(loops)}
-
-
-def sleepy(path: Path, ctx: Any) -> dict[str, Any]:
-    """5 ms of waiting per file: keeps the daemon processing without eating the CPU."""
-    time.sleep(0.005)
-    return {"size": path.stat().st_size}
-
+__all__ = ["burn", "burn_work", "io_bound", "loops_for", "sleepy"]
 
 #: Issue 15's scale-out: the I/O-bound processor sleeps this long per file.
 IO_SLEEP_SECONDS = 0.1

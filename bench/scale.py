@@ -88,7 +88,9 @@ def _slices(conn: sqlite3.Connection, total: int, parts: int = 10) -> list[dict[
 
 def _claim_probe(db: Path, total: int, per_step: int = 200) -> list[dict[str, Any]]:
     """``claim_next`` latency at 100 %, 90 %, ... 10 % of ``total`` pending (a copy of the DB)."""
-    from batchd.store import SQLiteStore
+    from batchd.clock import SystemClock
+    from batchd.daemon import build
+    from batchd.testing.settings import make_settings
 
     conn = sqlite3.connect(db, timeout=30)
     conn.execute("UPDATE batch_files SET status='pending' WHERE status='processing'")
@@ -100,7 +102,10 @@ def _claim_probe(db: Path, total: int, per_step: int = 200) -> list[dict[str, An
         (max(0, total - pending),),
     )
     conn.commit()
-    store = SQLiteStore(db)
+    # The daemon's own assembly over the copy (nothing started); only its store is used.
+    probe = db.parent / "probe"
+    probe.mkdir(exist_ok=True)
+    store = build(make_settings(probe, database__path=str(db)), SystemClock()).store
     out = []
     try:
         for tenth in range(10, 0, -1):

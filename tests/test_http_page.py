@@ -6,6 +6,7 @@ against the JSON API for a few seconds of virtual time and dumps the DOM.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import threading
@@ -26,6 +27,16 @@ from batchd.spool import Spool
 from batchd.store import SQLiteStore
 
 CHROMIUM = Path("/usr/bin/chromium")
+#: How every test runs Chromium: headless, quiet, nothing fetched of its own accord.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
 CSV = b"name,qty\nmenu,1\n"
 
 pytestmark = pytest.mark.skipif(
@@ -52,13 +63,18 @@ class Site:
         )
         self.server.start()
 
-    def finished_batch(self, name: str) -> BatchRow:
-        folder = self.spool.inbox_for(Priority.HIGH) / name
+    def drop(self, name: str, priority: Priority) -> BatchRow:
+        """A folder of three CSV files, claimed and registered at once."""
+        folder = self.spool.inbox_for(priority) / name
         folder.mkdir()
         for i in range(3):
             (folder / f"menu{i}.csv").write_bytes(CSV)
-        batch = self.intake.take_drop(folder, Priority.HIGH)
+        batch = self.intake.take_drop(folder, priority)
         assert batch is not None
+        return batch
+
+    def finished_batch(self, name: str) -> BatchRow:
+        batch = self.drop(name, Priority.HIGH)
         now = SystemClock().now()
         while (task := self.store.claim_next(now)) is not None:
             self.store.finish(task.file.id, Outcome(Status.COMPLETED, result={"rows": 1}), now)
@@ -89,13 +105,7 @@ def dump_dom(url: str, profile: Path, *flags: str) -> str:
         [
             str(CHROMIUM),
             *flags,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             "--virtual-time-budget=5000",
             "--dump-dom",
@@ -179,18 +189,38 @@ document.getElementById("f").submit();
 </script></body></html>"""
 
 
-class _AttackPage(BaseHTTPRequestHandler):
-    page = b""
+class _Quiet(BaseHTTPRequestHandler):
+    """A stand-in web server's handler: answers with :meth:`reply`, logs nothing."""
 
-    def do_GET(self) -> None:
+    def reply(self, body: bytes, kind: str) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(self.page)))
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(self.page)
+        self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class _AttackPage(_Quiet):
+    page = b""
+
+    def do_GET(self) -> None:
+        self.reply(self.page, "text/html; charset=utf-8")
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """Another web server on 127.0.0.1, on a thread, for as long as the block runs; its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_page_on_another_origin_cannot_upload(
@@ -203,15 +233,9 @@ def test_a_page_on_another_origin_cannot_upload(
     class Handler(_AttackPage):
         page = ATTACK.format(target=target).encode()
 
-    attacker = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=attacker.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Handler) as port:
         # localhost:<other port> is another site than 127.0.0.1:<batchd's port>.
-        dump_dom(f"http://localhost:{attacker.server_address[1]}/", tmp_path / "profile")
-    finally:
-        attacker.shutdown()
-        attacker.server_close()
+        dump_dom(f"http://localhost:{port}/", tmp_path / "profile")
     assert site.store.list_batches() == []
     assert list(site.spool.uploads.iterdir()) == []
 
@@ -243,12 +267,7 @@ def test_list_and_detail_show_the_same_percentage(
 ) -> None:
     """The list's bar uses SPEC section 6's progressPercent, as the detail does."""
     site = make_site("")
-    folder = site.spool.inbox_for(Priority.NORMAL) / "partial"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"menu{i}.csv").write_bytes(CSV)
-    batch = site.intake.take_drop(folder, Priority.NORMAL)
-    assert batch is not None
+    batch = site.drop("partial", Priority.NORMAL)
     now = SystemClock().now()
     first = site.store.claim_next(now)
     second = site.store.claim_next(now)
@@ -266,12 +285,7 @@ def test_failed_batch_shows_counts_and_times(
     """A batch with a failed file shows completed and failed apart, not a red 100 %,
     with its created time and how long it took."""
     site = make_site("")
-    folder = site.spool.inbox_for(Priority.NORMAL) / "mixed"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"menu{i}.csv").write_bytes(CSV)
-    batch = site.intake.take_drop(folder, Priority.NORMAL)
-    assert batch is not None
+    batch = site.drop("mixed", Priority.NORMAL)
     now = SystemClock().now()
     for n in range(3):
         task = site.store.claim_next(now)
@@ -315,8 +329,6 @@ def test_inbox_panel_is_hidden_without_the_endpoint(
 def test_inbox_panel_shows_waiting_and_refused_drops(tmp_path: Path) -> None:
     """The page renders GET /api/inbox's drops with their state and reason."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from importlib import resources
 
     page = resources.files("batchd").joinpath("static/status.html").read_bytes()
@@ -331,34 +343,19 @@ def test_inbox_panel_shows_waiting_and_refused_drops(tmp_path: Path) -> None:
     ]
     answers = {"/api/batch/jobs": [], "/api/inbox": drops}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_Quiet):
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == "/":
-                body, kind = page, "text/html"
+                self.reply(page, "text/html")
             elif path in answers:
                 body = json.dumps({"success": True, "data": answers[path]}).encode()
-                kind = "application/json"
+                self.reply(body, "application/json")
             else:
                 self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        dom = dump_dom(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "profile")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as port:
+        dom = dump_dom(f"http://127.0.0.1:{port}/", tmp_path / "profile")
     assert re.search(r'<section id="inbox">', dom), dom[:3000]
     assert '<tr class="drop" data-state="refused">' in dom
     assert "chmod -R g+w inbox/high/reports-2026-11" in dom
@@ -382,13 +379,7 @@ class Cdp:
         self.proc = subprocess.Popen(
             [
                 str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
+                *CHROMIUM_FLAGS,
                 f"--user-data-dir={profile}",
                 f"--window-size={width},{height}",
                 "--remote-debugging-pipe",

@@ -1,4 +1,4 @@
-"""Tests for batchd.pool and batchd.worker: real spawned workers running tests/procs.py."""
+"""Tests for batchd.pool and batchd.worker: real spawned workers running batchd.testing.procs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-# Spawned workers get the parent's sys.path (tests/ is on it: pyproject's
-# pytest pythonpath), so "procs:ok" resolves in them.
 from fakes import FakeClock
 
 from batchd.clock import Clock, SystemClock
@@ -85,7 +82,8 @@ class Runner:
             batch_id="batch-1",
             relpath=name,
             path=str(path),
-            processor=f"procs:{processor}",
+            # batchd.testing.procs: importable in every spawned worker.
+            processor=f"batchd.testing.procs:{processor}",
             output_dir=str(self.tmp_path / "scratch" / file_id),
         )
 
@@ -463,7 +461,7 @@ def test_stop_ends_every_worker(make_runner: Callable[..., Runner]) -> None:
 def test_memory_limit_fails_the_attempt(make_runner: Callable[..., Runner]) -> None:
     """With worker_memory_mb set, a processor that allocates too much fails for good, saying so."""
     runner = make_runner(processing__worker_memory_mb="1024")
-    event = runner.final(runner.submit("hog"))
+    event = runner.final(runner.submit("hog_at_once"))
     assert isinstance(event, Failed)
     assert event.error == memory_limit_error(1024)
     assert "exceeded the worker memory limit of 1024 MiB" in event.error
@@ -500,7 +498,7 @@ def test_worker_writes_result_before_done(
         "attempts": 1,
         "file_size": len(CONTENT),
         "file_hash": "sha256:" + hashlib.sha256(CONTENT).hexdigest(),
-        "processor": "procs:ok",
+        "processor": "batchd.testing.procs:ok",
         "started_at": "2026-11-28T10:00:01.000Z",
         "completed_at": event.completed_at,
         "duration_ms": doc["duration_ms"],

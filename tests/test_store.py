@@ -75,6 +75,19 @@ def failed_by(task: FileTask) -> Outcome:
     return Outcome(Status.FAILED, error="boom", processor="noop", lease=task.file.lease_gen)
 
 
+def operator_queue(store: Any) -> None:
+    """What the SPEC §5 operator SELECTs are run against: batch b1 (one file
+    failed after a retry, two pending) and b2 (refused whole)."""
+    store.register_batch(new_batch("b1", ("a", "b", "c")), at(0))
+    store.register_batch(new_batch("b2", ("a",), batch_error="too many"), at(1))
+    task = store.claim_next(at(2))
+    assert task is not None
+    store.retry_later(task.file.id, "boom", at(2))
+    task = store.claim_next(at(2))
+    assert task is not None
+    store.finish(task.file.id, FAILED, at(3))
+
+
 class StoreContract:
     """Behaviour every store must have. Subclasses provide the ``store`` fixture."""
 
@@ -891,14 +904,7 @@ class TestSQLiteStore(StoreContract):
         self, store: SQLiteStore, raw: Callable[[], sqlite3.Connection]
     ) -> None:
         """The SPEC §5 SELECTs run verbatim from a second connection while the store is open."""
-        store.register_batch(new_batch("b1", ("a", "b", "c")), at(0))
-        store.register_batch(new_batch("b2", ("a",), batch_error="too many"), at(1))
-        task = store.claim_next(at(2))
-        assert task is not None
-        store.retry_later(task.file.id, "boom", at(2))
-        task = store.claim_next(at(2))
-        assert task is not None
-        store.finish(task.file.id, FAILED, at(3))
+        operator_queue(store)
         conn = raw()
         assert (
             conn.execute("SELECT COUNT(*) FROM batch_files WHERE status='pending';").fetchone()[0]

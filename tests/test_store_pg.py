@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from test_store import (
-    FAILED,
     SPEC_BATCH_COLUMNS,
     SPEC_FILE_COLUMNS,
     T0,
@@ -28,6 +27,7 @@ from test_store import (
     at,
     completed,
     new_batch,
+    operator_queue,
 )
 
 from batchd.config import Priority, Settings
@@ -132,14 +132,7 @@ def test_operator_select_statements_run_in_psql(
 ) -> None:
     """The SPEC §5 SELECTs run verbatim in psql against a live store."""
     store = stores()
-    store.register_batch(new_batch("b1", ("a", "b", "c")), at(0))
-    store.register_batch(new_batch("b2", ("a",), batch_error="too many"), at(1))
-    task = store.claim_next(at(2))
-    assert task is not None
-    store.retry_later(task.file.id, "boom", at(2))
-    task = store.claim_next(at(2))
-    assert task is not None
-    store.finish(task.file.id, FAILED, at(3))
+    operator_queue(store)
     assert sql(pg_server, pg_url, "SELECT COUNT(*) FROM batch_files WHERE status='pending';") == [
         ["2"]
     ]

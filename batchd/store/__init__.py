@@ -5,6 +5,8 @@ picks the database. The package:
 
 * ``sql.py``: :class:`~batchd.store.sql.SqlStore`, every contract method once,
   written against a small connector (read, transaction, snapshot, listen);
+  it holds the batch and file lifecycle, and takes the reads from ``reads.py``
+  and uploads, retention and nodes from ``upkeep.py`` (mixins);
 * ``connector.py``: that connector's contract, and what both connectors share
   (per-thread connections, the transaction handle, the migration loader);
 * ``queries.py``: every SQL statement, by name, with the few that differ per

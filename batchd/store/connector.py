@@ -15,6 +15,8 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, Generic, Protocol, TypeVar
 
+from batchd.errors import StoreError
+
 #: A result row: column name -> value (both connectors hand out dicts).
 Row = dict[str, Any]
 Params = Sequence[Any] | Mapping[str, Any]
@@ -90,6 +92,13 @@ class Tx:
 
     def one(self, sql: str, params: Params | None = None) -> Row | None:
         row: Row | None = self._execute(sql, params).fetchone()
+        return row
+
+    def row(self, sql: str, params: Params | None = None) -> Row:
+        """The one row of a statement that always returns one (a count, a RETURNING)."""
+        row = self.one(sql, params)
+        if row is None:  # pragma: no cover - every caller's statement returns a row
+            raise StoreError(f"no row from {sql.split()[0]}")
         return row
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:

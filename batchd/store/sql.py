@@ -5,6 +5,14 @@ connections, transactions, migrations, wake-ups and the translation of driver
 errors into :class:`StoreError`; this module owns what the queue does with
 them. Statements come by name from :mod:`batchd.store.queries`.
 
+:class:`SqlStore` is the one class every contract method is on. This module
+holds the batch and file lifecycle (registration, claim, finish, retry,
+requeue, progress); the reads come from :class:`batchd.store.reads.SqlReads`
+and uploads, retention and nodes from :class:`batchd.store.upkeep.SqlUpkeep`.
+A new contract method goes beside its kind (a write in a file's life here, a
+read in ``reads.py``, anything else in ``upkeep.py``), its statement into
+``queries.py`` and its signature into the :class:`batchd.store.Store` protocol.
+
 Callers get the very same records from both databases: ids as strings, times
 as :func:`batchd.clock.iso` text (the connector's ``ts`` turns a time into what
 its database compares; :mod:`batchd.store.rows` turns what comes back into records).
@@ -13,32 +21,28 @@ its database compares; :mod:`batchd.store.rows` turns what comes back into recor
 from __future__ import annotations
 
 import json
-import os
-import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from batchd.clock import parse_iso
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
-    BatchSnapshot,
-    FileRow,
     FileTask,
     NewBatch,
-    NodeRow,
     Outcome,
     Status,
     batch_status,
 )
 from batchd.store import queries
-from batchd.store.connector import Connector, Params, Row, Tx
-from batchd.store.rows import batch_row, file_row, text_time
+from batchd.store.connector import Connector, Tx
+from batchd.store.reads import SqlReads
+from batchd.store.rows import batch_row, file_row
+from batchd.store.upkeep import SqlUpkeep
 
 
-class SqlStore:
+class SqlStore(SqlReads, SqlUpkeep):
     """The queue store, written once against a :class:`Connector`."""
 
     def __init__(self, db: Connector, node_id: str, lease_seconds: float = 30.0) -> None:
@@ -91,7 +95,7 @@ class SqlStore:
         stamp = self.db.ts(now)
         n = len(batch.files)
         with self.db.transaction() as tx:
-            seq = int(_one(tx, self.q["counter_take"], (n,))["value"]) - n
+            seq = int(tx.row(self.q["counter_take"], (n,))["value"]) - n
             if tx.one(self.q["work_path_taken"], (batch.work_path,)):
                 raise AlreadyRegistered(batch.work_path)
             if tx.one(self.q["name_taken"], (batch.name,)):
@@ -276,8 +280,7 @@ class SqlStore:
         if self.q["lock_batch"]:
             tx.one(self.q["lock_batch"], (batch_id,))
         counts = {r["status"]: int(r["n"]) for r in tx.all(self.q["count_files"], (batch_id,))}
-        row = _one(
-            tx,
+        row = tx.row(
             self.q["refresh_batch"],
             {
                 "status": str(batch_status(counts)),
@@ -296,228 +299,7 @@ class SqlStore:
         A batch already ``processing`` keeps its status and counters when one
         more file starts, so the hot path neither counts nor locks the batch.
         """
-        row = _one(tx, self.q["get_batch"], (batch_id,))
+        row = tx.row(self.q["get_batch"], (batch_id,))
         if row["status"] == Status.PROCESSING:
             return batch_row(row)
         return self._refresh_batch(tx, batch_id, now)
-
-    # -- queries -------------------------------------------------------------
-
-    def get_batch(self, batch_id: str) -> BatchRow | None:
-        if self.db.key(batch_id) is None:
-            return None
-        rows = self.db.read(self.q["get_batch"], (batch_id,))
-        return batch_row(rows[0]) if rows else None
-
-    def find_batch(self, id_or_name: str) -> BatchRow | None:
-        key = self.db.key(id_or_name)
-        rows = self.db.read(self.q["find_batch"], (key, id_or_name, key))
-        return batch_row(rows[0]) if rows else None
-
-    def snapshot(self, batch_id: str) -> BatchSnapshot | None:
-        """The batch, its files, their counts and progress, all from one read.
-
-        Read apart, the batch row could predate a commit its file rows show
-        (issue 16: a status.json saying 'processing' with every file done).
-        """
-        if self.db.key(batch_id) is None:
-            return None
-        with self.db.snapshot() as tx:
-            row = tx.one(self.q["get_batch"], (batch_id,))
-            if row is None:
-                return None
-            files = tuple(file_row(r) for r in tx.all(self.q["snapshot_files"], (batch_id,)))
-        return BatchSnapshot.of(batch_row(row), files)
-
-    def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
-        pattern = self.db.id_prefix(prefix)
-        if pattern is None:
-            return []
-        escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self.db.read(self.q["ids_with_prefix"], (escaped + "%", limit))
-        return [str(r["id"]) for r in rows]
-
-    def get_file(self, file_id: str) -> FileRow | None:
-        if self.db.key(file_id) is None:
-            return None
-        rows = self.db.read(self.q["get_file"], (file_id,))
-        return file_row(rows[0]) if rows else None
-
-    def list_batches(
-        self,
-        limit: int = 50,
-        offset: int = 0,
-        status: Status | None = None,
-        user_id: str | None = None,
-    ) -> list[BatchRow]:
-        where, params = [], []
-        if status is not None:
-            where.append(f"status = {self.db.mark}")
-            params.append(str(status))
-        if user_id is not None:
-            where.append(f"user_id = {self.db.mark}")
-            params.append(user_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = self.q["list_batches"].format(where=clause)
-        return [batch_row(r) for r in self.db.read(sql, (*params, limit, offset))]
-
-    def list_files(self, batch_id: str, limit: int | None = None, offset: int = 0) -> list[FileRow]:
-        if self.db.key(batch_id) is None:
-            return []
-        # LIMIT -1 is SQLite's "no limit"; PostgreSQL says it with LIMIT NULL.
-        no_limit = -1 if self.db.dialect == "sqlite" else None
-        rows = self.db.read(
-            self.q["list_files"], (batch_id, no_limit if limit is None else limit, offset)
-        )
-        return [file_row(r) for r in rows]
-
-    def file_summary(self, batch_id: str) -> dict[str, int]:
-        summary = {"total": 0, **{str(s): 0 for s in Status}}
-        if self.db.key(batch_id) is None:
-            return summary
-        for r in self.db.read(self.q["count_files"], (batch_id,)):
-            summary[r["status"]] = int(r["n"])
-            summary["total"] += int(r["n"])
-        return summary
-
-    def progress_sum(self, batch_id: str) -> int:
-        if self.db.key(batch_id) is None:
-            return 0
-        return int(self.db.read(self.q["progress_sum"], (batch_id,))[0]["n"])
-
-    def unfinished_batches(self) -> list[BatchRow]:
-        return [batch_row(r) for r in self.db.read(self.q["unfinished_batches"])]
-
-    def batches_with_files_in(self, statuses: Sequence[Status]) -> list[str]:
-        if not statuses:
-            return []
-        sql = self.q["batches_with_files_in"].format(
-            marks=", ".join(self.db.mark for _ in statuses)
-        )
-        return [str(r["batch_id"]) for r in self.db.read(sql, [str(s) for s in statuses])]
-
-    def next_due(self) -> datetime | None:
-        value = self.db.read(self.q["next_due"])[0]["due"]
-        if value is None:
-            return None
-        return parse_iso(value) if isinstance(value, str) else value.astimezone(UTC)
-
-    def queue_counts(self) -> dict[str, int]:
-        counts = {str(s): 0 for s in Status}
-        for r in self.db.read(self.q["queue_counts"]):
-            counts[r["status"]] = int(r["n"])
-        return counts
-
-    def counts_by_status_priority(self) -> dict[str, dict[tuple[str, str], int]]:
-        """Files and batches by (status, priority), for the metrics scrape.
-
-        ``{"files": {(status, priority): n}, "batches": {...}}``; pairs with no
-        rows are absent. Both counts come from one read, so they agree.
-        """
-        out: dict[str, dict[tuple[str, str], int]] = {"files": {}, "batches": {}}
-        with self.db.snapshot() as tx:
-            for key in ("files", "batches"):
-                for r in tx.all(self.q[f"counts_{key}"]):
-                    out[key][(r["status"], r["priority"])] = int(r["n"])
-        return out
-
-    # -- uploads (rate limiting) ----------------------------------------------
-
-    def uploads_since(self, user_id: str, since: datetime) -> list[str]:
-        """Times of ``user_id``'s uploads at or after ``since``, oldest first."""
-        rows = self.db.read(self.q["uploads_since"], (user_id, self.db.ts(since)))
-        return [text_time(r["created_at"]) or "" for r in rows]
-
-    def record_upload(self, user_id: str, now: datetime, limit: int, window: timedelta) -> bool:
-        """Atomically count an upload for ``user_id`` unless ``limit`` are already in
-        the window; True when it was counted (the upload may go ahead).
-
-        PostgreSQL takes a per-user advisory lock, so two nodes taking uploads
-        from one user at once cannot both squeeze in.
-        """
-        with self.db.transaction() as tx:
-            if self.q["lock_uploads"]:
-                tx.one(self.q["lock_uploads"], (user_id,))
-            n = _one(tx, self.q["count_uploads"], (user_id, self.db.ts(now - window)))["n"]
-            if n >= limit:
-                return False
-            tx.run(self.q["insert_upload"], (user_id, self.db.ts(now)))
-            tx.run(self.q["prune_uploads"], (self.db.ts(now - 2 * window),))
-            return True
-
-    # -- retention -----------------------------------------------------------
-
-    def finished_before(self, cutoff: datetime) -> list[BatchRow]:
-        """Completed or failed batches that ended before ``cutoff``."""
-        return [
-            batch_row(r) for r in self.db.read(self.q["finished_before"], (self.db.ts(cutoff),))
-        ]
-
-    def delete_batch(self, batch_id: str) -> None:
-        """Delete a finished batch and its files (refuses unfinished ones)."""
-        if self.db.key(batch_id) is None:
-            return
-        with self.db.transaction() as tx:
-            busy = _one(tx, self.q["count_unfinished_files"], (batch_id,))["n"]
-            if busy:
-                raise StoreError(f"batch {batch_id} still has {busy} unfinished files")
-            tx.run(self.q["delete_files"], (batch_id,))
-            tx.run(self.q["delete_batch"], (batch_id,))
-
-    # -- nodes ----------------------------------------------------------------
-
-    def heartbeat(
-        self,
-        now: datetime,
-        address: str | None = None,
-        running: Sequence[str] | None = None,
-        leases: Mapping[str, int] | None = None,
-    ) -> None:
-        """Atomically record that this node is alive and extend its files' leases.
-
-        ``address`` is where this node's HTTP API listens, if it serves one.
-        ``running``: the files this node really runs; only their leases are
-        extended, so a file leased to this node that it lost track of expires
-        and is requeued. ``None`` extends every file leased to this node. A
-        file in ``leases`` is extended only while it still carries that
-        token. SQLite keeps no leases: there only the node row is written.
-        """
-        stamp = self.db.ts(now)
-        if self._started is None:
-            self._started = stamp
-        host, pid = socket.gethostname(), os.getpid()
-        with self.db.transaction() as tx:
-            tx.run(
-                self.q["upsert_node"],
-                (self.node_id, host, pid, self._started, stamp, address),
-            )
-            if not self.q["extend_leases"]:
-                return
-            until = self.db.ts(now + self.lease)
-            if running is None:
-                tx.run(self.q["extend_all_leases"], (until, self.node_id))
-            elif ids := [fid for fid in running if self.db.key(fid) is not None]:
-                gens = [(leases or {}).get(fid) for fid in ids]
-                tx.run(self.q["extend_leases"], (until, ids, gens, self.node_id))
-
-    def nodes(self) -> list[NodeRow]:
-        """Every node that heart-beat, with how many files it runs, by node id."""
-        return [
-            NodeRow(
-                node_id=r["node_id"],
-                host=r["host"],
-                pid=r["pid"],
-                started_at=text_time(r["started_at"]) or "",
-                last_heartbeat=text_time(r["last_heartbeat"]) or "",
-                address=r["address"],
-                processing=int(r["processing"]),
-            )
-            for r in self.db.read(self.q["nodes"], {"node_id": self.node_id})
-        ]
-
-
-def _one(tx: Tx, sql: str, params: Params | None = None) -> Row:
-    row = tx.one(sql, params)
-    if row is None:  # pragma: no cover - every caller's statement returns a row
-        raise StoreError(f"no row from {sql.split()[0]}")
-    return row

@@ -196,7 +196,7 @@ def test_sigkilled_node_files_finish_on_the_others_after_the_lease(
     cluster: Callable[..., list[Node]], pg_url: str, tmp_path: Path
 ) -> None:
     """A SIGKILLed node's running files are requeued by the others after the lease, once each."""
-    nodes = cluster(processing={"processor": "iprocs:sleepy"})
+    nodes = cluster(processing={"processor": "batchd.testing.procs:sleepy"})
     start_all(nodes, BATCHD_TEST_DELAY="0.1")
     drop(nodes, folders=4, per_folder=40, tmp=tmp_path)
     victim = nodes[1]
@@ -231,7 +231,7 @@ def test_database_restart_mid_run_loses_nothing(
     cluster: Callable[..., list[Node]], pg_url: str, pg_server: PgServer, tmp_path: Path
 ) -> None:
     """With PostgreSQL stopped mid-run, /healthz says 503; restarted, every file completes once."""
-    nodes = cluster(processing={"processor": "iprocs:sleepy"})
+    nodes = cluster(processing={"processor": "batchd.testing.procs:sleepy"})
     start_all(nodes, BATCHD_TEST_DELAY="0.05")
     drop(nodes, folders=4, per_folder=40, tmp=tmp_path)
     wait_until(

@@ -51,7 +51,7 @@ def test_outcome_of_a_node_whose_lease_was_taken_over_is_rejected(
     cluster: Callable[..., list[Node]], pg_url: str, tmp_path: Path
 ) -> None:
     """A node frozen past its lease reports after another node took the file: it is dropped."""
-    nodes = cluster(processing={"processor": "iprocs:gated", "concurrency": 1})
+    nodes = cluster(processing={"processor": "batchd.testing.procs:gated", "concurrency": 1})
     gates = tmp_path / "gates"
     gates.mkdir()
     start_all(nodes, BATCHD_TEST_STATE=str(gates))
@@ -93,7 +93,7 @@ def test_outage_longer_than_the_lease_without_kept_inputs_completes_every_file_o
     cluster: Callable[..., list[Node]], pg_url: str, pg_server: PgServer, tmp_path: Path
 ) -> None:
     """PostgreSQL away past the lease, keep_inputs=false: each file completed once, result whole."""
-    nodes = cluster(processing={"processor": "iprocs:sleepy"})
+    nodes = cluster(processing={"processor": "batchd.testing.procs:sleepy"})
     # Node's own ``spool`` argument is the folder: the setting goes by environment.
     # A second a file: a re-run of a taken-back file is still running when the
     # node that lost it reconnects and reports its old outcome.

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from batchd.testing import wait_until
+from batchd.testing.launcher import DaemonLauncher
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -30,12 +28,11 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-class DaemonProcess:
+class DaemonProcess(DaemonLauncher):
     """``batchd run`` as a real child process, with a config file it reads."""
 
     def __init__(self, tmp: Path, **sections: dict[str, Any]) -> None:
-        self.tmp = tmp
-        self.spool = tmp / "spool"
+        super().__init__(tmp)
         self.config = tmp / "batchd.toml"
         self.state = tmp / "teststate"
         self.state.mkdir(exist_ok=True)
@@ -54,78 +51,25 @@ class DaemonProcess:
         for name, keys in sections.items():
             self.sections.setdefault(name, {}).update(keys)
         write_config(self.config, self.sections)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.tmp / f"daemon-{self.runs}.log"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        """The daemon's environment (also what tests give ``batchd`` CLI runs)."""
+        env = super().environment()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)])
         env["BATCHD_CONFIG"] = str(self.config)
         env["BATCHD_TEST_STATE"] = str(self.state)
         env.update(extra)
         return env
 
-    def command(self) -> list[str]:
-        """The command line that starts the daemon."""
-        return [sys.executable, "-m", "batchd", "run"]
+    def environment(self, **extra: str) -> dict[str, str]:
+        return self.env(**extra)
 
-    def start(self, wait: bool = True, **extra_env: str) -> DaemonProcess:
-        self.runs += 1
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            self.command(),
-            env=self.env(**extra_env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.tmp,
-        )
-        log.close()
+    def start(self, wait: bool = True, **extra_env: str) -> Self:  # type: ignore[override]
+        """Start; with ``wait``, wait for ``daemon_started`` (it must not exit first)."""
         if wait:
-            wait_until(
-                lambda: "daemon_started" in self.log() or self.proc.poll() is not None,
-                30,
-                what="daemon start",
-            )
-            assert self.proc.poll() is None, f"daemon exited at start:\n{self.log()}"
+            return super().start(**extra_env)
+        self.spawn(**extra_env)
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == name:
-                out.append(event)
-        return out
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
 
     # -- reading what it wrote --------------------------------------------------
 

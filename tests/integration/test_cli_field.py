@@ -61,7 +61,7 @@ def test_config_given_before_the_subcommand_counts(tmp_path: Path) -> None:
 def test_second_daemon_on_the_spool_exits_73_naming_the_pid(tmp_path: Path) -> None:
     """A second `batchd run` on a spool in use exits 73 at once with the holder's PID,
     and the first daemon's running file is not put back to pending."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:by_name"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:by_name"}).start()
     try:
         assert d.proc is not None
         drop_folder(d.inbox() / "held", {"victim.csv": csv_bytes(1)}, tmp_path / "stage")
@@ -198,7 +198,7 @@ def test_show_watch_retry_take_a_name_or_id_prefix_and_count_failed_apart(
     """show/watch/retry accept a unique id prefix and a name; DONE and show count
     completed and failed files apart."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:by_name", "max_retries": 0}
+        tmp_path, processing={"processor": "batchd.testing.procs:by_name", "max_retries": 0}
     ).start()
     try:
         drop_folder(
@@ -268,7 +268,7 @@ def test_second_interrupt_ends_the_drain(tmp_path: Path) -> None:
     """The first Ctrl-C says a second one stops at once; the second ends the drain."""
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "iprocs:by_name", "shutdown_grace_seconds": 120},
+        processing={"processor": "batchd.testing.procs:by_name", "shutdown_grace_seconds": 120},
     ).start()
     assert d.proc is not None
     drop_folder(d.inbox() / "long", {"hang.csv": csv_bytes(1)}, tmp_path / "stage")

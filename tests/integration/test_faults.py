@@ -12,7 +12,7 @@ from support import DaemonProcess, csv_bytes, drop_folder, files_under, wait_unt
 
 def test_flaky_processor_completes_on_third_attempt(tmp_path: Path) -> None:
     """A processor failing twice then succeeding ends completed with 3 attempts."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:flaky"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:flaky"}).start()
     try:
         (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
         status = d.wait_batch("f.csv")
@@ -27,7 +27,9 @@ def test_flaky_processor_completes_on_third_attempt(tmp_path: Path) -> None:
 
 def test_always_failing_processor_fails_after_retries(tmp_path: Path) -> None:
     """A processor that always raises ends failed with retry_count 3 (4 attempts)."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:always_fail"}).start()
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:always_fail"}
+    ).start()
     try:
         (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
         status = d.wait_batch("f.csv")
@@ -44,7 +46,9 @@ def test_always_failing_processor_fails_after_retries(tmp_path: Path) -> None:
 
 def test_permanent_error_skips_retries(tmp_path: Path) -> None:
     """PermanentError fails the file at once, without retry."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:permanent"}).start()
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:bad_content"}
+    ).start()
     try:
         (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
         file = d.wait_batch("f.csv")["files"][0]
@@ -60,7 +64,7 @@ def test_hanging_file_is_killed_at_timeout(tmp_path: Path) -> None:
         # 5 s, not less: a fresh worker's first file (imports included) can take
         # over a second on a loaded 2-core machine, and ok.csv must not time out.
         tmp_path,
-        processing={"processor": "iprocs:by_name", "timeout_seconds": 5.0},
+        processing={"processor": "batchd.testing.procs:by_name", "timeout_seconds": 5.0},
     ).start()
     try:
         drop_folder(
@@ -80,7 +84,7 @@ def test_hanging_file_is_killed_at_timeout(tmp_path: Path) -> None:
 
 def test_worker_exit_and_segfault_are_retried(tmp_path: Path) -> None:
     """A worker that calls os._exit or segfaults costs one attempt and is replaced."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:by_name"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:by_name"}).start()
     try:
         drop_folder(
             d.inbox() / "b",
@@ -101,7 +105,7 @@ def test_worker_exit_and_segfault_are_retried(tmp_path: Path) -> None:
 
 def test_worker_sigkilled_from_outside_is_survived(tmp_path: Path) -> None:
     """A worker SIGKILLed mid-file is replaced and the file completes on retry."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:by_name"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:by_name"}).start()
     try:
         (d.inbox() / "victim.csv").write_bytes(csv_bytes(1))
         pid_file = d.state / "running-victim.csv"
@@ -181,7 +185,7 @@ def test_oversize_and_wrong_type_fail_without_retry(tmp_path: Path) -> None:
 
 def test_sigkill_mid_batch_then_restart_finishes_once(tmp_path: Path) -> None:
     """SIGKILL mid-batch and restart: every file once, one batch, nothing left in work/."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:sleepy"})
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:sleepy"})
     d.start(BATCHD_TEST_DELAY="0.3")
     files = {f"f{i:02}.csv": csv_bytes(i) for i in range(12)}
     drop_folder(d.inbox() / "job", files, tmp_path / "st")
@@ -211,7 +215,8 @@ def test_sigkill_mid_batch_then_restart_finishes_once(tmp_path: Path) -> None:
 def test_sigterm_drains_and_restart_completes(tmp_path: Path) -> None:
     """SIGTERM mid-batch exits 0 within the grace period; a restart completes the rest."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:sleepy", "shutdown_grace_seconds": 5}
+        tmp_path,
+        processing={"processor": "batchd.testing.procs:sleepy", "shutdown_grace_seconds": 5},
     )
     d.start(BATCHD_TEST_DELAY="0.5")
     files = {f"f{i:02}.csv": csv_bytes(i) for i in range(10)}
@@ -237,7 +242,8 @@ def test_sigterm_drains_and_restart_completes(tmp_path: Path) -> None:
 def test_sigterm_with_short_grace_requeues_running(tmp_path: Path) -> None:
     """A file still running when the grace ends is put back to pending, no attempt spent."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:by_name", "shutdown_grace_seconds": 0.5}
+        tmp_path,
+        processing={"processor": "batchd.testing.procs:by_name", "shutdown_grace_seconds": 0.5},
     )
     d.start()
     (d.inbox() / "hang.csv").write_bytes(csv_bytes(1))

@@ -159,7 +159,9 @@ def test_temp_names_are_ignored_until_renamed(tmp_path: Path) -> None:
 
 def test_high_runs_before_waiting_low(tmp_path: Path) -> None:
     """With concurrency 1, high files dropped after low ones run before the waiting lows."""
-    d = DaemonProcess(tmp_path, processing={"concurrency": 1, "processor": "iprocs:ordered"})
+    d = DaemonProcess(
+        tmp_path, processing={"concurrency": 1, "processor": "batchd.testing.procs:ordered"}
+    )
     d.start(BATCHD_TEST_DELAY="0.3")
     try:
         drop_folder(
@@ -186,7 +188,9 @@ def test_high_runs_before_waiting_low(tmp_path: Path) -> None:
 
 def test_never_more_than_concurrency_in_flight(tmp_path: Path) -> None:
     """No more than processing.concurrency files are processing at once."""
-    d = DaemonProcess(tmp_path, processing={"concurrency": 2, "processor": "iprocs:sleepy"})
+    d = DaemonProcess(
+        tmp_path, processing={"concurrency": 2, "processor": "batchd.testing.procs:sleepy"}
+    )
     d.start(BATCHD_TEST_DELAY="0.3")
     try:
         peak = 0

@@ -12,7 +12,7 @@ LIMIT_ERROR = "exceeded the worker memory limit of 1024 MiB"
 
 def test_a_document_over_the_default_memory_limit_fails_once_permanently(tmp_path: Path) -> None:
     """A worker hitting the default 1024 MiB limit fails the file at once, not retried."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:hog"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:hog"}).start()
     try:
         (d.inbox() / "bomb.csv").write_bytes(csv_bytes(1))
         status = d.wait_batch("bomb.csv", timeout=60)
@@ -30,7 +30,7 @@ def test_a_worker_killed_while_over_the_memory_limit_is_a_permanent_failure(
 ) -> None:
     """SIGKILLed near its limit (an OOM kill), the file fails once with the limit's error."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:oom_killed", "poll_seconds": 0.1}
+        tmp_path, processing={"processor": "batchd.testing.procs:oom_killed", "poll_seconds": 0.1}
     ).start()
     try:
         (d.inbox() / "oom.csv").write_bytes(csv_bytes(1))
@@ -47,7 +47,11 @@ def test_a_worker_that_grew_large_is_replaced_after_its_file(tmp_path: Path) -> 
     """Past worker_recycle_rss_mb after a file, the worker is replaced before the next one."""
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "iprocs:grow", "concurrency": 1, "worker_recycle_rss_mb": 100},
+        processing={
+            "processor": "batchd.testing.procs:grow",
+            "concurrency": 1,
+            "worker_recycle_rss_mb": 100,
+        },
     ).start()
     try:
         drop_folder(
@@ -63,7 +67,7 @@ def test_a_worker_that_grew_large_is_replaced_after_its_file(tmp_path: Path) -> 
 
 def test_big_results_stay_whole_in_files_and_bounded_in_status_json(tmp_path: Path) -> None:
     """50 results of ~200 KB: result files whole; DB and status.json carry short summaries."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:big_result"}).start()
+    d = DaemonProcess(tmp_path, processing={"processor": "batchd.testing.procs:big_result"}).start()
     try:
         files = {f"f{i:02}.csv": csv_bytes(i) for i in range(50)}
         drop_folder(d.inbox() / "big", files, tmp_path / "st")

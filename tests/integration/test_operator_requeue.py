@@ -10,7 +10,9 @@ from support import DaemonProcess, csv_bytes, wait_until
 
 def test_operator_requeue_of_a_running_file_supersedes_the_old_attempt(tmp_path: Path) -> None:
     """Re-queued by SQL while running, the old attempt's outcome is dropped; the new one owns it."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:gated", "concurrency": 2}).start()
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:gated", "concurrency": 2}
+    ).start()
     try:
         (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
         wait_until(lambda: (d.state / "started-1").exists(), 30, what="attempt 1 to start")

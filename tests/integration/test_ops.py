@@ -56,7 +56,7 @@ def test_unknown_processor_exits_78(tmp_path: Path) -> None:
 def test_operator_sql_and_manual_requeue(tmp_path: Path) -> None:
     """The SPEC operator SQL runs on a live database; a manual re-queue is picked up."""
     d = DaemonProcess(
-        tmp_path, processing={"processor": "iprocs:always_fail", "max_retries": 0}
+        tmp_path, processing={"processor": "batchd.testing.procs:always_fail", "max_retries": 0}
     ).start()
     try:
         (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
@@ -105,7 +105,9 @@ def test_operator_sql_and_manual_requeue(tmp_path: Path) -> None:
 
 def test_cli_jobs_show_retry_submit_watch(tmp_path: Path) -> None:
     """jobs, show, submit, watch and retry work against a live daemon, with --json."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:flaky", "max_retries": 0})
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:flaky", "max_retries": 0}
+    )
     d.start()
     try:
         src = tmp_path / "src"

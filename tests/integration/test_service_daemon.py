@@ -237,7 +237,9 @@ class Sampler:
 
 def test_sighup_changes_concurrency_live(tmp_path: Path, notify_dir: Path) -> None:
     """SIGHUP raising concurrency 1 to 3 runs three files at once; lowering it kills no file."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:sleepy", "concurrency": 1})
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:sleepy", "concurrency": 1}
+    )
     listener = NotifyListener(notify_dir / "notify.sock")
     sampler: Sampler | None = None
 
@@ -284,7 +286,9 @@ def test_sighup_changes_concurrency_live(tmp_path: Path, notify_dir: Path) -> No
 
 def test_sighup_with_bad_config_keeps_running(tmp_path: Path) -> None:
     """A bad config on reload is refused with one event; a changed spool.root needs a restart."""
-    d = DaemonProcess(tmp_path, processing={"processor": "iprocs:by_name", "concurrency": 2})
+    d = DaemonProcess(
+        tmp_path, processing={"processor": "batchd.testing.procs:by_name", "concurrency": 2}
+    )
     try:
         d.start()
         good = json.loads(json.dumps(d.sections))
@@ -383,7 +387,7 @@ def test_journal_fields_per_event(tmp_path: Path) -> None:
     journal = tmp_path / "journal.jsonl"
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "iprocs:permanent"},
+        processing={"processor": "batchd.testing.procs:bad_content"},
         log={"format": "auto", "level": "info"},
     )
     try:
@@ -448,7 +452,7 @@ def test_daemon_purges_old_finished_batches_at_start(tmp_path: Path) -> None:
     d = DaemonProcess(
         tmp_path,
         processing={
-            "processor": "iprocs:by_name",
+            "processor": "batchd.testing.procs:by_name",
             "concurrency": 2,
             "shutdown_grace_seconds": 0,
         },

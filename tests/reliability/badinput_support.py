@@ -1,6 +1,6 @@
 """Helpers for the bad-input tests: a gated processor and a daemon run as ``nobody``.
 
-The processor is referenced as ``"badinput_support:gated"``; the daemon needs
+The processor is referenced as ``"batchd.testing.procs:held"``; the daemon needs
 this folder on its ``PYTHONPATH`` (:func:`pythonpath`).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import functools
 import grp
-import hashlib
 import os
 import pwd
 import shutil
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,6 @@ from support import DaemonProcess
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 INTEGRATION = HERE.parent / "integration"
-#: How long a held file waits for the test to let it go before giving up.
-HOLD_SECONDS = 60.0
 UNPRIVILEGED = ("--reuid=nobody", "--regid=nogroup", "--clear-groups")
 #: What the unprivileged daemon never imports: left out of its readable copy.
 DEV_ONLY = {
@@ -45,23 +41,6 @@ DEV_ONLY = {
 
 def pythonpath(*extra: str) -> str:
     return os.pathsep.join([str(REPO), str(HERE), str(INTEGRATION), *extra])
-
-
-def _state() -> Path:
-    return Path(os.environ["BATCHD_TEST_STATE"])
-
-
-def gated(path: Path, ctx: Any) -> dict[str, Any]:
-    """Hold while ``$BATCHD_TEST_STATE/hold-<name>`` exists (announcing itself with
-    ``started-<name>``), then report the bytes it read: what the processor saw."""
-    hold = _state() / f"hold-{path.name}"
-    if hold.exists():
-        (_state() / f"started-{path.name}").touch()
-        deadline = time.monotonic() + HOLD_SECONDS
-        while hold.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # -- a daemon without root's privileges ----------------------------------------

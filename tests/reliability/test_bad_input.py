@@ -26,12 +26,11 @@ from badinput_support import UnprivilegedDaemon, nobody_ids, pythonpath, unprivi
 from support import DaemonProcess, wait_until
 
 from batchd.clock import SystemClock
-from batchd.config import Priority, Settings
+from batchd.config import Priority
+from batchd.daemon import build
 from batchd.fsutil import fit_name
-from batchd.intake import Intake
-from batchd.outbox import Outbox
 from batchd.spool import Spool
-from batchd.store import SQLiteStore
+from batchd.testing.settings import make_settings
 
 MAX_BYTES = 1024
 ROW = b"dish,price\nsoup,4.50\n"
@@ -378,12 +377,11 @@ def test_unreadable_dropped_folder_is_reported(unreadable_run: UnprivilegedDaemo
 def test_drop_deleted_or_truncated_between_readiness_and_claim(tmp_path: Path) -> None:
     """A drop gone before its claim registers nothing; one truncated is registered as it
     now is (an empty .csv is refused as empty)."""
-    settings = Settings.model_validate({"spool": {"root": tmp_path / "spool"}})
-    spool = Spool(settings)
-    spool.init()
-    store = SQLiteStore(settings.db_path)
+    settings = make_settings(tmp_path)
+    Spool(settings).init()
+    parts = build(settings, SystemClock())  # the daemon's own assembly; nothing started
+    spool, store, intake = parts.spool, parts.store, parts.intake
     try:
-        intake = Intake(settings, spool, store, Outbox(spool, store), SystemClock())
         inbox = spool.inbox_for(Priority.NORMAL)
         gone = inbox / "gone.csv"
         gone.write_bytes(ROW)
@@ -407,7 +405,7 @@ def test_drop_deleted_or_truncated_between_readiness_and_claim(tmp_path: Path) -
 def held_daemon(tmp_path: Path) -> DaemonProcess:
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "badinput_support:gated", "concurrency": 1},
+        processing={"processor": "batchd.testing.procs:held", "concurrency": 1},
     )
     return d
 

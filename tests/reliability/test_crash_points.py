@@ -105,7 +105,7 @@ def test_crash_at_step_then_restart_finishes_each_file_once(
     doubled, database and spool agree, no worker left behind."""
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "iprocs:sleepy"},
+        processing={"processor": "batchd.testing.procs:sleepy"},
         watch={"settle_seconds": 0.05, "rescan_seconds": 1.0},
     )
     expected = drops()

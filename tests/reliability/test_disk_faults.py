@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rprocs import pythonpath, runs
 from support import DaemonProcess, csv_bytes, drop_folder, files_under, wait_until
+
+from batchd.testing.procs import runs
 
 Mount = Callable[[Path, str], Path]
 
@@ -99,7 +100,7 @@ def file_rows(d: DaemonProcess) -> dict[str, tuple[str, int, str | None]]:
 
 
 def daemon(tmp_path: Path, **processing: object) -> DaemonProcess:
-    settings: dict[str, object] = {"processor": "rprocs:counted"}
+    settings: dict[str, object] = {"processor": "batchd.testing.procs:counted"}
     settings.update(processing)
     d = DaemonProcess(tmp_path, processing=settings)
     for folder in ("outbox", "archive"):
@@ -118,7 +119,7 @@ def test_bad_outbox_keeps_files_pending_until_it_recovers(
     the outbox is writable again every file completes, once, with its result and status."""
     d = daemon(tmp_path, retry_backoff_seconds=1.0, max_retries=6)
     outbox = tmpfs(d.spool / "outbox", "1m")
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         filler = fill(outbox) if fault == "full" else None
         if fault == "readonly":
@@ -156,7 +157,7 @@ def test_full_outbox_past_retries_fails_clearly_then_retry_completes(
     after space returns, ``batchd retry`` completes it with its result on disk."""
     d = daemon(tmp_path, max_retries=1)
     outbox = tmpfs(d.spool / "outbox", "1m")
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         filler = fill(outbox)
         (d.inbox() / "one.csv").write_bytes(csv_bytes(1))
@@ -199,10 +200,10 @@ def test_full_outbox_past_retries_fails_clearly_then_retry_completes(
 def test_outbox_and_archive_on_other_filesystems_lose_nothing(tmp_path: Path, tmpfs: Mount) -> None:
     """Outbox and archive each on a filesystem of their own (rename gives EXDEV): results,
     processor outputs and inputs all land where documented, once, and work/ is emptied."""
-    d = daemon(tmp_path, processor="rprocs:with_outputs")
+    d = daemon(tmp_path, processor="batchd.testing.procs:with_outputs")
     tmpfs(d.spool / "outbox", "16m")
     tmpfs(d.spool / "archive", "16m")
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         drop_folder(d.inbox() / "job", FILES, tmp_path / "staging")
         (d.inbox() / "loose.csv").write_bytes(csv_bytes(9))
@@ -230,7 +231,7 @@ def test_full_archive_keeps_inputs_and_restart_moves_them(tmp_path: Path, tmpfs:
     d = daemon(tmp_path)
     archive = tmpfs(d.spool / "archive", "1m")
     filler = fill(archive)
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         drop_folder(d.inbox() / "job", FILES, tmp_path / "staging")
         status = d.wait_batch("job", 60)
@@ -241,13 +242,13 @@ def test_full_archive_keeps_inputs_and_restart_moves_them(tmp_path: Path, tmpfs:
     finally:
         assert d.stop(60) == 0
 
-    d.start(PYTHONPATH=pythonpath())  # archive still full: recovery must not stop start-up
+    d.start()  # archive still full: recovery must not stop start-up
     assert d.stop(60) == 0
     assert "No space left on device" in d.events("recovery_reconcile_failed")[0]["error"]
     assert files_under(d.spool / "work" / "normal" / "job") == sorted(FILES)
 
     filler.unlink()
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         wait_until(lambda: files_under(d.spool / "work") == [], 30, what="work/ to empty")
         assert files_under(d.spool / "archive" / "job") == sorted(FILES)
@@ -263,7 +264,7 @@ def test_full_outbox_at_registration_is_not_a_claim_failure(tmp_path: Path, tmpf
     upload would answer 500 for a batch that then runs); the status write failure is logged."""
     d = daemon(tmp_path, max_retries=0)
     outbox = tmpfs(d.spool / "outbox", "1m")
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         fill(outbox)
         (d.inbox() / "one.csv").write_bytes(csv_bytes(1))

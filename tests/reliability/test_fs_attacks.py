@@ -128,7 +128,7 @@ def world() -> Iterator[World]:
     daemon = SpoolDaemon(
         tmp,
         python,
-        processing={"processor": "badinput_support:gated", "concurrency": 1},
+        processing={"processor": "batchd.testing.procs:held", "concurrency": 1},
         watch={"settle_seconds": 0.2, "rescan_seconds": 1.0},
         limits={"max_files_per_batch": 4},
         http={"enabled": True, "port": 0, "token": TOKEN},

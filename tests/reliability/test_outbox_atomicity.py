@@ -9,7 +9,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rprocs import pythonpath
 from support import DaemonProcess, csv_bytes, drop_folder
 
 FILES_PER_BATCH = 40
@@ -68,9 +67,9 @@ def test_reader_never_sees_half_written_outbox_documents(tmp_path: Path, long_ru
     batches = batch_count(long_run)
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "rprocs:counted", "status_interval_seconds": 0.0},
+        processing={"processor": "batchd.testing.procs:counted", "status_interval_seconds": 0.0},
     )
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     reader = Reader(d.spool / "outbox")
     thread = threading.Thread(target=reader.run, name="outbox-reader", daemon=True)
     thread.start()

@@ -170,7 +170,7 @@ def test_sigkill_torture_loses_and_doubles_nothing(
     total_files = sum(len(drop.files) for drop in plan.drops)
     d = DaemonProcess(
         tmp_path,
-        processing={"processor": "iprocs:sleepy", "shutdown_grace_seconds": 30},
+        processing={"processor": "batchd.testing.procs:sleepy", "shutdown_grace_seconds": 30},
         watch={"settle_seconds": 0.05, "rescan_seconds": 1.0},
     )
     for priority in INBOX_PRIORITIES:  # the inbox exists before batchd (``batchd init``)

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rprocs import pythonpath, runs
 from support import DaemonProcess, csv_bytes, drop_folder, wait_until
+
+from batchd.testing.procs import runs
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 #: The kernel's inotify queue while the burst test's daemon starts: far below the burst.
@@ -66,10 +67,10 @@ def test_inotify_overflow_burst_is_all_picked_up(tmp_path: Path, long_run: bool)
     d = DaemonProcess(
         tmp_path,
         watch={"settle_seconds": 0, "rescan_seconds": 2.0},
-        processing={"processor": "rprocs:counted", "concurrency": 2},
+        processing={"processor": "batchd.testing.procs:counted", "concurrency": 2},
     )
     with small_inotify_queue():
-        d.start(PYTHONPATH=pythonpath())
+        d.start()
     try:
         staging = tmp_path / "staging"
         staging.mkdir()

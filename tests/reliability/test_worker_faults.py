@@ -14,9 +14,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from rprocs import pythonpath, runs
 from support import DaemonProcess, csv_bytes, drop_folder, files_under, wait_until
 
+from batchd.testing.procs import runs
 from batchd.worker import memory_limit_error
 
 MEMORY_MB = 256
@@ -50,14 +50,14 @@ def test_all_worker_faults_together_leave_healthy_files_untouched(tmp_path: Path
     d = DaemonProcess(
         tmp_path,
         processing={
-            "processor": "rprocs:chaos",
+            "processor": "batchd.testing.procs:chaos",
             "concurrency": 4,
             "timeout_seconds": TIMEOUT_SECONDS,
             "worker_memory_mb": MEMORY_MB,
         },
     )
     os.mkfifo(d.state / "fifo")
-    d.start(PYTHONPATH=pythonpath())
+    d.start()
     try:
         files = _files()
         drop_folder(d.inbox() / "mix", files, tmp_path / "staging")
