@@ -155,6 +155,12 @@ def test_three_nodes_process_1000_files_once_each_spread_over_all_nodes(
     drop(nodes, folders=20, per_folder=50, tmp=tmp_path)
     wait_until(lambda: all_done(pg_url, 1000), DEADLINE, interval=0.5, what="1,000 files")
     assert_exactly_once(pg_url, nodes[0].spool, 1000, 20)
+    # A worker logs file_completed right after its commit: the log may trail the database.
+    wait_until(
+        lambda: sum(len(n.completed_ids()) for n in nodes) >= 1000,
+        30,
+        what="a file_completed line for every file",
+    )
     by_node = {n.name: n.completed_ids() for n in nodes}
     finished = [fid for ids in by_node.values() for fid in ids]
     assert len(finished) == len(set(finished)) == 1000, {k: len(v) for k, v in by_node.items()}

@@ -82,7 +82,15 @@ def test_outcome_of_a_node_whose_lease_was_taken_over_is_rejected(
     assert (status, json.loads(result), node) == ("completed", {"attempt": 2}, taker_name)
     (doc,) = [json.loads(p.read_text()) for p in result_files(owner.spool)]
     assert (doc["status"], doc["result"]) == ("completed", {"attempt": 2})
-    assert [p.name for p in (owner.spool / "archive").rglob("*.csv")] == ["000.csv"]
+    # The input move and the log line follow the commit (in the worker that made it).
+    wait_until(
+        lambda: [p.name for p in (owner.spool / "archive").rglob("*.csv")] == ["000.csv"],
+        30,
+        what="the input in archive/",
+    )
+    wait_until(
+        lambda: sum(len(n.completed_ids()) for n in nodes) == 1, 30, what="file_completed logged"
+    )
     assert not any(n.events("file_failed") for n in nodes)
     assert sum(len(n.completed_ids()) for n in nodes) == 1
     for n in nodes:
