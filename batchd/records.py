@@ -149,6 +149,8 @@ class FileTask:
     batch_name: str
     work_path: str
     priority: Priority
+    #: the batch's file count, fixed at registration (the batch limit re-check).
+    batch_files: int = 0
 
 
 @dataclass(frozen=True, slots=True)

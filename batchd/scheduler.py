@@ -53,8 +53,6 @@ from batchd.store import Store
 
 log = structlog.get_logger("batchd.scheduler")
 
-#: batches whose file count the scheduler remembers (a dictionary cleared when full).
-BATCH_SIZE_CACHE = 4096
 #: How often the loop refreshes the live-workers gauge.
 GAUGE_SECONDS = 0.5
 
@@ -108,8 +106,6 @@ class Scheduler:
         #: ``on_tick`` runs on time (the daemon's next systemd watchdog ping).
         self.tick_by: float | None = None
         self._next_gauge = 0.0
-        #: files per batch (fixed at registration), for the batch limit re-check.
-        self._batch_sizes: dict[str, int] = {}
 
     # -- control (any thread) ----------------------------------------------------
 
@@ -291,7 +287,7 @@ class Scheduler:
                 running, unsafe or "input file is no longer in the spool (moved or deleted)"
             )
             return
-        refusal = batch_limit_error(self._batch_size(file.batch_id), self.settings.limits)
+        refusal = batch_limit_error(task.batch_files, self.settings.limits)
         if refusal is not None:
             # Only a re-queued member of a batch refused whole gets here (by
             # `batchd retry` or an operator's UPDATE): it keeps its refusal.
@@ -339,16 +335,6 @@ class Scheduler:
             processor=processor,
             attempt=file.attempts,
         )
-
-    def _batch_size(self, batch_id: str) -> int:
-        size = self._batch_sizes.get(batch_id)
-        if size is None:
-            batch = self.store.get_batch(batch_id)
-            size = batch.total_files if batch is not None else 0
-            if len(self._batch_sizes) >= BATCH_SIZE_CACHE:
-                self._batch_sizes.clear()
-            self._batch_sizes[batch_id] = size
-        return size
 
     # -- shutdown ----------------------------------------------------------------
 

@@ -151,7 +151,11 @@ class SqlStore(SqlReads, SqlUpkeep):
             file = file_row(row)
             batch = self._batch_for_claim(tx, file.batch_id, now)
             return FileTask(
-                file=file, batch_name=batch.name, work_path=batch.work_path, priority=batch.priority
+                file=file,
+                batch_name=batch.name,
+                work_path=batch.work_path,
+                priority=batch.priority,
+                batch_files=batch.total_files,
             )
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
