@@ -253,7 +253,7 @@ def _pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        return list(conn.execute(sql, args).fetchall())  # type: ignore[arg-type]
+        return list(conn.execute(sql, args).fetchall())
 
 
 def _result_files(spool: Path) -> int:

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import POLL_SECONDS, REPO, drop_all, make_drops, wait_until
+from batchd.testing import wait_until
+from bench.common import POLL_SECONDS, REPO, drop_all, make_drops
 from bench.peers import HueyPeer
 
 PRIORITIES = ("high", "normal", "low")
@@ -81,7 +82,7 @@ def watch(root: Path) -> None:
     def enqueue(path: str) -> None:
         process_file(path, str(root))
 
-    class Handler(FileSystemEventHandler):  # type: ignore[misc]
+    class Handler(FileSystemEventHandler):
         def on_created(self, event: FileSystemEvent) -> None:
             self.arrived(os.fsdecode(event.src_path), event.is_directory)
 
