@@ -10,9 +10,9 @@ refills the workers, and hands the input moves and batch ends to the
 archiver. An attempt whose claim was superseded (its lease lost, or the file
 claimed again) is dropped: nothing of it is written (issue 16).
 
-The database may go away: :meth:`Outcomes.guarded` runs each step that
-talks to it, and a :class:`StoreError` keeps the outcomes queued in memory
-and retries with exponential back-off up to :data:`DB_RETRY_MAX_SECONDS`.
+The database may go away: :meth:`Outcomes.guarded` (:mod:`batchd.outage`)
+runs each step that talks to it, and a :class:`StoreError` keeps the
+outcomes queued in memory and retries with exponential back-off.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from batchd.archiver import ArchiveFile, Archiver
 from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
-from batchd.errors import StoreError
 from batchd.faults import crash_point
 from batchd.messages import Done, Event, Failed, Lost, Progress, Recorded, TimedOut
 from batchd.metrics import Metrics
+from batchd.outage import OutageGuard
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.records import FileRow, FileTask, Outcome, Status
 from batchd.spool import Spool
@@ -40,11 +40,6 @@ from batchd.store import Store
 
 # The scheduler's logger: operators know these events by it.
 log = structlog.get_logger("batchd.scheduler")
-
-#: First wait before talking to an unreachable database again; doubles per failure.
-DB_RETRY_MIN_SECONDS = 0.5
-#: The longest wait between two attempts to reach the database.
-DB_RETRY_MAX_SECONDS = 10.0
 
 
 @dataclass
@@ -81,7 +76,7 @@ class Final:
     document: FileRow | None = None
 
 
-class Outcomes:
+class Outcomes(OutageGuard):
     """The attempts running, and what became of each, until the database has it."""
 
     def __init__(
@@ -95,6 +90,7 @@ class Outcomes:
         archiver: Archiver,
         syncer: ResultSyncer,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -107,11 +103,6 @@ class Outcomes:
         self.running: dict[str, Running] = {}
         self.pending: list[Final] = []
         self.retries: list[Retry] = []
-        #: the last database error while it lasts (None: the database answers).
-        self.db_error: str | None = None
-        self._db_failures = 0
-        #: monotonic time of the next attempt to reach the database while it is away.
-        self.db_retry_at = 0.0
         self.progress: dict[str, int] = {}
         #: batches whose status.json is behind the database (ids).
         self.dirty: set[str] = set()
@@ -119,46 +110,12 @@ class Outcomes:
         self.finished_count = 0
         #: the loop's dispatch: a commit refills the freed workers at once.
         self.refill: Callable[[], None] = lambda: None
-        #: called when the database answers again (the loop renews its leases).
-        self.on_reconnect: Callable[[], None] = lambda: None
 
-    # -- the database, which may be away ---------------------------------------
+    def _waiting(self) -> int:
+        return len(self.pending) + len(self.retries)
 
-    def guarded(self, step: Callable[[], object]) -> None:
-        """Run a step that talks to the database, unless it is away and not yet due a retry.
-
-        A :class:`StoreError` is logged once per outage, and the next attempt
-        waits 0.5 s, 1 s, 2 s ... up to :data:`DB_RETRY_MAX_SECONDS`.
-        """
-        if self.db_error is not None:
-            if self.clock.monotonic() < self.db_retry_at:
-                return
-            try:
-                # A step may not touch the database at all: ask it directly.
-                self.store.ping()
-            except StoreError as exc:
-                self.db_failed(exc)
-                return
-            log.warning(
-                "database_reconnected",
-                failures=self._db_failures,
-                outcomes=len(self.pending) + len(self.retries),
-            )
-            self.db_error = None
-            self._db_failures = 0
-            self.on_reconnect()  # the loop renews the leases at once
-        try:
-            step()
-        except StoreError as exc:
-            self.db_failed(exc)
-
-    def db_failed(self, exc: StoreError) -> None:
-        if self.db_error is None:
-            log.error("database_unavailable", error=exc.message, running=len(self.running))
-        self.db_error = exc.message
-        self._db_failures += 1
-        backoff = min(DB_RETRY_MAX_SECONDS, DB_RETRY_MIN_SECONDS * 2 ** (self._db_failures - 1))
-        self.db_retry_at = self.clock.monotonic() + backoff
+    def _running_count(self) -> int:
+        return len(self.running)
 
     def leases(self) -> dict[str, int]:
         """The fencing token of every attempt this node runs, by file id."""

@@ -20,7 +20,7 @@ The database may go away (restart, fail-over, network): a
 :class:`StoreError` never ends the loop. Running files go on; their
 outcomes wait in memory (:class:`batchd.outcomes.Outcomes`) and are
 committed when the database answers again, retried with exponential back-off
-up to :data:`batchd.outcomes.DB_RETRY_MAX_SECONDS`; no new file starts meanwhile, and /healthz
+up to :data:`batchd.outage.DB_RETRY_MAX_SECONDS`; no new file starts meanwhile, and /healthz
 says 503 (its own ping fails).
 """
 
@@ -42,8 +42,9 @@ from batchd.faults import crash_point, hang_point
 from batchd.members import batch_limit_error
 from batchd.messages import Delivery, Job
 from batchd.metrics import Metrics
+from batchd.outage import DB_RETRY_MIN_SECONDS
 from batchd.outbox import Outbox, ResultSyncer
-from batchd.outcomes import DB_RETRY_MIN_SECONDS, Outcomes, Running
+from batchd.outcomes import Outcomes, Running
 from batchd.pool import WorkerPool
 from batchd.processors import choose
 from batchd.records import FileTask
