@@ -983,3 +983,62 @@ def test_pdf_form_field_values_follow_the_page_text(tmp_path: Path) -> None:
     path.write_bytes(form_pdf(b"Ana Lima"))
     result, _ = run(path)
     assert result["text"] == ["Name:\nAna Lima"]
+
+
+def _scan_first_sheet(path: Path, *, quick: bool) -> Any:
+    from batchd.processors.sheets import _scan_sheet
+
+    with zipfile.ZipFile(path) as zf:
+        return _scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 2_000_000, quick=quick)
+
+
+def _wide_book(path: Path, last: str) -> None:
+    """Three rows, values in A and in column ``last``."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 4):
+        sheet["A" + str(n)] = n
+        sheet[last + str(n)] = n * 10
+    book.save(path)
+
+
+def test_xlsx_quick_first_pass_counts_exactly_and_bounds_short_columns(tmp_path: Path) -> None:
+    """The quick first pass counts cells and rows exactly and bounds a two-letter column by 702."""
+    path = tmp_path / "wide.xlsx"
+    _wide_book(path, "AB")
+    quick, exact = _scan_first_sheet(path, quick=True), _scan_first_sheet(path, quick=False)
+    assert (
+        (quick.cells, quick.max_row, quick.unplaced) == (exact.cells, exact.max_row, 0) == (6, 3, 0)
+    )
+    assert (quick.max_column, quick.bounded) == (702, True)
+    assert (exact.max_column, exact.bounded) == (28, False)
+
+
+def test_xlsx_quick_first_pass_is_exact_for_three_letters_and_odd_cells(tmp_path: Path) -> None:
+    """Three-letter columns are exact; a cell not opening as <c r="..."> makes the pass exact."""
+    path = tmp_path / "far.xlsx"
+    _wide_book(path, "XFD")
+    assert _scan_first_sheet(path, quick=True).max_column == 16_384
+    _wide_book(path, "AB")
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('<c r="AB2"', '<c s="0" r="AB2"')
+    )
+    scan = _scan_first_sheet(path, quick=True)
+    assert (scan.max_column, scan.bounded, scan.cells) == (28, False, 6)
+
+
+def test_xlsx_bound_over_max_cells_rechecked_exactly(tmp_path: Path) -> None:
+    """A sheet whose column bound breaks inspect.max_cells but whose area fits is read whole."""
+    path = tmp_path / "tall.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 101):
+        sheet.append([n] + [None] * 26 + [n * 2])  # A and AB: 28 columns, bound 702
+    book.save(path)
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_CELLS": "10000"})
+    result, _ = run(path, config)
+    (only,) = result["sheets"]
+    assert (only["max_row"], only["max_column"], result["truncated"]) == (100, 28, False)
+    assert only["rows"][99] == [100] + [None] * 26 + [200]
