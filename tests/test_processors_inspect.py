@@ -1016,7 +1016,7 @@ def test_xlsx_quick_first_pass_counts_exactly_and_bounds_short_columns(tmp_path:
 
 
 def test_xlsx_quick_first_pass_is_exact_for_three_letters_and_odd_cells(tmp_path: Path) -> None:
-    """Three-letter columns are exact; a cell not opening as <c r="..."> makes the pass exact."""
+    """Three-letter columns are exact, r later in a tag is found, a cell without r is counted."""
     path = tmp_path / "far.xlsx"
     _wide_book(path, "XFD")
     assert _scan_first_sheet(path, quick=True).max_column == 16_384
@@ -1025,7 +1025,12 @@ def test_xlsx_quick_first_pass_is_exact_for_three_letters_and_odd_cells(tmp_path
         path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('<c r="AB2"', '<c s="0" r="AB2"')
     )
     scan = _scan_first_sheet(path, quick=True)
-    assert (scan.max_column, scan.bounded, scan.cells) == (28, False, 6)
+    assert (scan.max_column, scan.bounded, scan.cells, scan.unplaced) == (702, True, 6, 0)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('<c s="0" r="AB2"', '<c s="0"')
+    )
+    scan = _scan_first_sheet(path, quick=True)
+    assert (scan.max_column, scan.bounded, scan.cells, scan.unplaced) == (28, False, 6, 1)
 
 
 def test_xlsx_bound_over_max_cells_rechecked_exactly(tmp_path: Path) -> None:

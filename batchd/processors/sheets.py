@@ -75,6 +75,10 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
         "odd_cell": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,3}[0-9])"),
         "three_letters": re.compile(rb"<" + p + rb"c r=\"([A-Z]{3})[0-9]"),
         "two_letters": re.compile(rb"<" + p + rb"c r=\"[A-Z]{2}"),
+        # the same where r comes later in the tag (<c t="s" s="1" r="B7">)
+        "unplaced_cell": re.compile(rb"<" + p + rb"c(?![^>]*?\sr=\"[A-Z]{1,3}[0-9])"),
+        "three_letters_anywhere": re.compile(rb"\br=\"([A-Z]{3})[0-9]"),
+        "two_letters_anywhere": re.compile(rb"\br=\"[A-Z]{2}"),
     }
 
 
@@ -332,9 +336,10 @@ def _count_cells_quickly(
     in a few C-speed searches, and bound the last column; False (nothing
     counted) when the block is not in the shape this needs.
 
-    Every writer seen puts ``r`` first (``<c r="B7" ...``, ``<row r="7" ...``).
-    When every element there whose name starts with ``c`` is a cell opening
-    so, with a valid reference, and every row so, the cells and rows are
+    Most writers put ``r`` first (``<c r="B7" ...``, ``<row r="7" ...``).
+    When every element there whose name starts with ``c`` is a cell with a
+    valid reference (checked at C speed when it comes first, tag by tag
+    otherwise), and every row opens with its number, the cells and rows are
     counted exactly, the last row is exact, and the last column is exact for
     three-letter columns and otherwise bounded by the longest letters seen
     (Z = 26 or ZZ = 702): one search instead of a match object per cell (the
@@ -342,20 +347,26 @@ def _count_cells_quickly(
     the caps"; when it does not, the exact count decides (read_xlsx).
     """
     patterns = _patterns(prefix)
-    if patterns["odd_cell"].search(block, start, end):
-        return False  # an element named c... not opening as <c r="B7"
+    where = ""
+    odd = patterns["odd_cell"].search(block, start, end)
+    if odd is not None:
+        # an element named c... not opening as <c r="B7">: a writer putting
+        # r later (one scan of each tag), or a cell without a reference
+        if patterns["unplaced_cell"].search(block, odd.start(), end):
+            return False
+        where = "_anywhere"
     rows = patterns["row_first"].findall(block, start, end)
     if block.count(b"<" + prefix + b"row", start, end) != len(rows):
         return False
-    opened = block.count(b"<" + prefix + b'c r="', start, end)
-    two = patterns["two_letters"].search(block, start, end)
-    three = patterns["three_letters"].findall(block, two.start(), end) if two else []
+    cells = block.count(b"<" + prefix + b"c", start, end)
+    two = patterns["two_letters" + where].search(block, start, end)
+    three = patterns["three_letters" + where].findall(block, two.start(), end) if two else []
     if three:
         columns.update(three)  # exact: above any bound below
-    elif opened:
+    elif cells:
         columns.add(b"ZZ" if two else b"Z")
         scan.bounded = True
-    scan.cells += opened
+    scan.cells += cells
     if rows:
         scan.max_row = max(scan.max_row, max(map(int, rows)))
     return True
