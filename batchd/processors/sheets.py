@@ -44,11 +44,17 @@ from batchd.processors.content import Budget, Result, bad_content, json_value
 
 #: rows between two progress reports.
 PROGRESS_EVERY_ROWS = 1000
+#: the head of an XML part searched for a DOCTYPE or entity declaration.
+ENTITY_CHECK_BYTES = 4096
 #: bytes of sheet XML handled at a time by the first pass and the streaming reader.
 XML_CHUNK_BYTES = 1024 * 1024
 
 _NS_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _NS_REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+#: element and attribute names as a namespace-aware expat parser gives them.
+_MAIN_SHEET = f"{_NS_MAIN}}}sheet"
+_MAIN_WORKBOOK_PR = f"{_NS_MAIN}}}workbookPr"
+_REL_ID = f"{_NS_REL}}}id"
 _PREFIX = re.compile(rb"<(\w+:)?sheetData[\s>/]")
 _REF = re.compile(rb"\br=\"([A-Z]{1,3}[0-9]+)\"")
 
@@ -113,6 +119,8 @@ class _SheetScan:
     max_column: int = 0
     merged: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    #: the sheet's head declares a DOCTYPE or entities (refused).
+    declares_entities: bool = False
     #: max_column is an upper bound (26 or 702, from the letters of the
     #: references), not the exact last column: see _count_cells_quickly.
     bounded: bool = False
@@ -128,8 +136,10 @@ def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
     try:
         with zipfile.ZipFile(path) as zf:
             sheets, date1904 = _workbook_sheets(zf, ctx)
-            _refuse_entities(zf, ctx, [part for _, part in sheets])
             scans = [_scan_sheet(zf, name, part, caps.max_cells) for name, part in sheets]
+            # the first pass looked at each sheet's head: only those declaring
+            # entities, and the two shared parts, are opened again
+            _refuse_entities(zf, ctx, [s.part for s in scans if s.declares_entities])
             unpacked = sum(zf.getinfo(s.part).file_size for s in scans)
             if unpacked > caps.max_xlsx_unpacked_mb * 1024 * 1024:
                 raise PermanentError(
@@ -169,8 +179,11 @@ def _fits(scans: list[_SheetScan], max_cells: int, max_columns: int) -> bool:
 
 
 def _workbook_sheets(zf: zipfile.ZipFile, ctx: Context) -> tuple[list[tuple[str, str]], bool]:
-    """(name, part) of every worksheet in workbook order, and the 1904 flag."""
-    from defusedxml import ElementTree as SafeET
+    """(name, part) of every worksheet in workbook order, and the 1904 flag.
+
+    Read with expat handlers (entities refused, as everywhere here) rather
+    than a tree: most workbooks are small, and this is paid for each one.
+    """
 
     def part(name: str) -> bytes:
         try:
@@ -180,28 +193,51 @@ def _workbook_sheets(zf: zipfile.ZipFile, ctx: Context) -> tuple[list[tuple[str,
                 f"{ctx.relpath}: damaged workbook: {name} is missing; export it again"
             ) from None
 
+    sheets: list[dict[str, str]] = []
+    targets: dict[str | None, str] = {}
+    flags: list[str] = []
+    depth = [0]
+
+    def book_start(tag: str, attrs: dict[str, str]) -> None:
+        depth[0] += 1
+        if tag == _MAIN_SHEET:
+            sheets.append(attrs)
+        elif tag == _MAIN_WORKBOOK_PR and depth[0] == 2:
+            flags.append(attrs.get("date1904", ""))
+
+    def rels_start(tag: str, attrs: dict[str, str]) -> None:
+        depth[0] += 1
+        if depth[0] == 2:
+            targets[attrs.get("Id")] = attrs.get("Target", "")
+
+    def end(tag: str) -> None:
+        depth[0] -= 1
+
     try:
-        book = SafeET.fromstring(part("xl/workbook.xml"))
-        rels = SafeET.fromstring(part("xl/_rels/workbook.xml.rels"))
-    except PermanentError:
-        raise
-    except Exception as exc:  # defusedxml and expat errors alike
+        for name, start in (
+            ("xl/workbook.xml", book_start),
+            ("xl/_rels/workbook.xml.rels", rels_start),
+        ):
+            data = part(name)
+            depth[0] = 0
+            parser = _parser(start, end, None, namespaces=True)
+            parser.Parse(data, True)
+    except (expat.ExpatError, ValueError) as exc:
         raise bad_content(
             ctx, "damaged workbook: xl/workbook.xml or its relationships are not valid XML", exc
         ) from exc
-    targets = {rel.get("Id"): rel.get("Target", "") for rel in rels}
-    pr = book.find(f"{{{_NS_MAIN}}}workbookPr")
-    date1904 = pr is not None and pr.get("date1904", "").lower() in {"1", "true"}
+    date1904 = bool(flags) and flags[0].lower() in {"1", "true"}
+    names = set(zf.namelist())
     out: list[tuple[str, str]] = []
-    for sheet in book.iter(f"{{{_NS_MAIN}}}sheet"):
-        target = targets.get(sheet.get(f"{{{_NS_REL}}}id"), "")
+    for sheet in sheets:
+        target = targets.get(sheet.get(_REL_ID), "")
         if "worksheet" not in target and not target.endswith(".xml"):
             continue
         target = target.lstrip("/") if target.startswith("/") else posixpath.join("xl", target)
         target = posixpath.normpath(target)
         if "chartsheet" in target:
             continue  # a chart, no cells
-        if target not in zf.namelist():
+        if target not in names:
             raise PermanentError(
                 f"{ctx.relpath}: damaged workbook: {target} (sheet {sheet.get('name')!r}) "
                 "is missing; export it again"
@@ -221,12 +257,16 @@ def _refuse_entities(zf: zipfile.ZipFile, ctx: Context, parts: list[str]) -> Non
         if part not in names:
             continue
         with zf.open(part) as fh:
-            head = fh.read(4096)
-        if b"<!DOCTYPE" in head or b"<!ENTITY" in head:
+            head = fh.read(ENTITY_CHECK_BYTES)
+        if _declares_entities(head):
             raise PermanentError(
                 f"{ctx.relpath}: the workbook declares XML entities or external references "
                 f"in {part}, refused (they can read local files or exhaust memory)"
             )
+
+
+def _declares_entities(head: bytes) -> bool:
+    return b"<!DOCTYPE" in head or b"<!ENTITY" in head
 
 
 def _xml_chunks(zf: zipfile.ZipFile, part: str) -> Iterator[bytes]:
@@ -250,6 +290,8 @@ def _scan_sheet(
     #: inside <sheetData> at the start of the next block.
     inside = [False]
     for chunk in _xml_chunks(zf, part):
+        if not carry and prefix is None:  # the part's first chunk
+            scan.declares_entities = _declares_entities(chunk[:ENTITY_CHECK_BYTES])
         buf = carry + chunk
         if prefix is None:
             found = _PREFIX.search(buf)
@@ -258,10 +300,15 @@ def _scan_sheet(
                 continue
             prefix = (found.group(1) or b"") if found else b""
         patterns = _patterns(prefix)
-        # Cut after the last complete cell, so no cell is split between passes.
-        ends = [m.end() for m in patterns["cell_end"].finditer(buf, max(0, len(buf) - 65536))]
-        cut = ends[-1] if ends else (buf.rfind(b">") + 1 if len(buf) > 4 * XML_CHUNK_BYTES else 0)
-        head, carry = buf[:cut], buf[cut:]
+        if len(chunk) < XML_CHUNK_BYTES:
+            head, carry = buf, b""  # the end of the part: nothing to cut
+        else:
+            # Cut after the last complete cell, so no cell is split between passes.
+            tail = patterns["cell_end"].finditer(buf, max(0, len(buf) - 65536))
+            ends = [m.end() for m in tail]
+            big = len(buf) > 4 * XML_CHUNK_BYTES
+            cut = ends[-1] if ends else (buf.rfind(b">") + 1 if big else 0)
+            head, carry = buf[:cut], buf[cut:]
         _scan_block(scan, head, columns, prefix, inside if quick else None)
         if scan.cells > max_cells:
             break  # too big for calamine anyway: the streaming reader takes over
@@ -615,8 +662,10 @@ def _parse(zf: zipfile.ZipFile, part: str, ctx: Context, start: Any, end: Any, c
         raise bad_content(ctx, f"damaged workbook: {part} is not valid XML", exc) from exc
 
 
-def _parser(start: Any, end: Any, chars: Any) -> Any:
-    parser = expat.ParserCreate()
+def _parser(start: Any, end: Any, chars: Any, *, namespaces: bool = False) -> Any:
+    """An expat parser with these handlers that refuses entity declarations;
+    with ``namespaces``, names are ``"<namespace URI>}<local name>"``."""
+    parser = expat.ParserCreate(namespace_separator="}") if namespaces else expat.ParserCreate()
 
     def refuse(*_: Any) -> int:
         raise ValueError("the XML declares entities (refused: entity expansion, XXE)")
@@ -625,7 +674,8 @@ def _parser(start: Any, end: Any, chars: Any) -> Any:
     parser.ExternalEntityRefHandler = refuse
     parser.StartElementHandler = start
     parser.EndElementHandler = end
-    parser.CharacterDataHandler = chars
+    if chars is not None:
+        parser.CharacterDataHandler = chars
     parser.buffer_text = True
     return parser
 
