@@ -723,6 +723,28 @@ def test_xlsx_merged_ranges_and_error_cells(tmp_path: Path) -> None:
     assert only["errors"] == [{"cell": "C2", "error": "#DIV/0!"}]
 
 
+def test_xlsx_error_cell_without_a_value_takes_nothing_from_the_next_cell(tmp_path: Path) -> None:
+    """An error cell written without a value (<c t="e"/>) is empty, not the next cell's value."""
+    path = tmp_path / "export.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["tea", None, 7])
+    sheet.append(["cake", None, 12])
+    book.save(path)
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="C1"', '<c r="B1" t="e"/><c r="C1"').replace(
+            '<c r="C2"', '<c r="B2" t="e"></c><c r="C2"'
+        ),
+    )
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert only["rows"] == [["tea", None, 7], ["cake", None, 12]]
+    assert only["errors"] == [{"cell": "B1", "error": ""}, {"cell": "B2", "error": ""}]
+
+
 def test_xlsx_time_of_day_is_a_time(tmp_path: Path) -> None:
     """A time-of-day cell reads "06:34:00", a date "2024-03-01", a datetime with its T."""
     path = tmp_path / "times.xlsx"

@@ -68,7 +68,6 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
     return {
         "cell_column": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]"),
         "row_number": re.compile(rb"<" + p + rb"row\s[^>]*?\br=\"([0-9]+)\""),
-        "error": re.compile(rb"<" + p + rb"c\s([^>]*?\bt=\"e\"[^>]*)>"),
         "value": re.compile(rb"<" + p + rb"v>([^<]*)</" + p + rb"v>"),
         "merge": re.compile(
             rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
@@ -346,15 +345,37 @@ def _scan_block(
         _count_cells(scan, block[end:], columns, prefix)
     else:
         _count_cells(scan, block, columns, prefix)
-    # error cells and merged ranges are rare: a literal search skips the regex
-    for match in patterns["error"].finditer(block) if b't="e"' in block else ():
-        ref = _REF.search(match.group(1))
-        close = block.find(b"</" + prefix + b"c>", match.end())
-        value = patterns["value"].search(block, match.end(), close if close >= 0 else len(block))
-        if ref is not None and value is not None:
-            scan.errors[ref.group(1).decode()] = value.group(1).decode("utf-8", "replace")
+    _error_cells(scan, block, prefix)
+    # merged ranges are rare: a literal search skips the regex
     if b"mergeCell" in block:
         scan.merged.extend(m.decode() for m in patterns["merge"].findall(block))
+
+
+def _error_cells(scan: _SheetScan, block: bytes, prefix: bytes) -> None:
+    """The error cells of ``block``: reference and error text ("" when the
+    cell holds none, as some exporters write ``<c r="C2" t="e"/>``).
+
+    Found from the literal ``t="e"`` (one C-speed search per error cell),
+    not by matching every cell's tag.
+    """
+    value = _patterns(prefix)["value"]
+    name, close_tag = b"<" + prefix + b"c", b"</" + prefix + b"c>"
+    pos = block.find(b't="e"')
+    while pos >= 0:
+        start, end = block.rfind(b"<", 0, pos), block.find(b">", pos)
+        if end < 0:
+            return
+        after = block[start + len(name) : start + len(name) + 1]
+        if block.startswith(name, start) and after.isspace() and block[pos - 1 : pos].isspace():
+            ref = _REF.search(block, start, end)
+            if ref is not None:
+                text = b""
+                if block[end - 1 : end] != b"/":  # not self-closing: a value may follow
+                    close = block.find(close_tag, end)
+                    found = value.search(block, end, close if close >= 0 else len(block))
+                    text = found.group(1) if found else b""
+                scan.errors[ref.group(1).decode()] = text.decode("utf-8", "replace")
+        pos = block.find(b't="e"', end)
 
 
 def _count_cells(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: bytes) -> None:
@@ -513,7 +534,7 @@ def sheet_result(
         ]
         for col, text in by_row.get(number, ()):
             if col <= len(values):
-                values[col - 1] = text
+                values[col - 1] = text or None  # an error cell without a text is empty
         while values and values[-1] is None:
             values.pop()
         if not values:
