@@ -8,6 +8,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -957,6 +959,29 @@ def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path
         ["cake", 3, "2024-03-02T09:30:00"],
     ]
     assert result["truncated"] is False
+
+
+def test_xlsx_streaming_reader_does_not_load_openpyxl(tmp_path: Path) -> None:
+    """Dates in a streamed sheet are found without importing openpyxl (~10 MiB per worker)."""
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    code = (
+        "import json, sys; from pathlib import Path\n"
+        "from batchd.config import load_settings\n"
+        "from batchd.processors import ProcessorContext\n"
+        "from batchd.processors.inspect import inspect\n"
+        "ctx = ProcessorContext(batch_id='b', file_id='f', relpath='comma.xlsx',\n"
+        "    output_path=Path('/nonexistent'), settings=load_settings(None, env={}))\n"
+        "rows = inspect(Path(sys.argv[1]), ctx)['sheets'][0]['rows']\n"
+        "print(json.dumps([rows[1], 'openpyxl' in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == [["tea", "2,5", "2024-03-01", 5], False]
 
 
 def test_xlsx_sheet_calamine_fails_on_is_streamed_alone(

@@ -90,8 +90,35 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
 _A1 = re.compile(r"^([A-Z]{1,3})([0-9]+)$")
 #: floats below this in magnitude are exact integers when whole (2**53).
 _EXACT = float(2**53)
-#: number formats 14-22 and 45-47 are dates and times whatever the file says.
-_BUILTIN_DATE_FORMATS = frozenset({*range(14, 23), 45, 46, 47})
+#: number formats 14-22 and 45-47 are dates and times whatever the file says;
+#: their codes, when the file does not give them (ECMA-376 18.8.30). The
+#: other built-in formats are numbers and text.
+_BUILTIN_DATE_CODES = {
+    14: "mm-dd-yy",
+    15: "d-mmm-yy",
+    16: "d-mmm",
+    17: "mmm-yy",
+    18: "h:mm AM/PM",
+    19: "h:mm:ss AM/PM",
+    20: "h:mm",
+    21: "h:mm:ss",
+    22: "m/d/yy h:mm",
+    45: "mm:ss",
+    46: "[h]:mm:ss",
+    47: "mmss.0",
+}
+_BUILTIN_DATE_FORMATS = frozenset(_BUILTIN_DATE_CODES)
+#: what a number format's date test ignores: quoted text, and bracketed
+#: parts other than elapsed hours, minutes and seconds (colours, locales).
+_FORMAT_NOISE = re.compile(r'".*?"|\[(?!hh?\]|mm?\]|ss?\])[^\]]*\]')
+_DATE_LETTER = re.compile(r"(?<![_\\])[dmhysDMHYS]")
+
+
+def _is_date_format(code: str) -> bool:
+    """Whether a number format shows a date or time: a d, m, h, y or s outside
+    quotes and brackets in its first section (openpyxl's test, kept here so
+    that a worker does not import openpyxl, ~10 MiB, for it)."""
+    return _DATE_LETTER.search(_FORMAT_NOISE.sub("", code.split(";")[0])) is not None
 
 
 def column_number(letters: str) -> int:
@@ -647,7 +674,6 @@ def _shared_strings(zf: zipfile.ZipFile, ctx: Context) -> list[str]:
 def _date_styles(zf: zipfile.ZipFile) -> list[str]:
     """Per cell style index: "date", "time", "datetime" or "" (not a date)."""
     from defusedxml import ElementTree as SafeET
-    from openpyxl.styles.numbers import BUILTIN_FORMATS, is_date_format
 
     try:
         root = SafeET.fromstring(zf.read("xl/styles.xml"))
@@ -661,8 +687,8 @@ def _date_styles(zf: zipfile.ZipFile) -> list[str]:
     xfs = root.find(f"{{{_NS_MAIN}}}cellXfs")
     for xf in xfs if xfs is not None else []:
         fmt_id = int(xf.get("numFmtId", "0"))
-        code = custom.get(fmt_id, BUILTIN_FORMATS.get(fmt_id, ""))
-        if fmt_id in _BUILTIN_DATE_FORMATS or (code and is_date_format(code)):
+        code = custom.get(fmt_id, _BUILTIN_DATE_CODES.get(fmt_id, ""))
+        if fmt_id in _BUILTIN_DATE_FORMATS or (code and _is_date_format(code)):
             lower = re.sub(r"\[[^\]]*\]|\"[^\"]*\"", "", code.lower())
             has_date = any(ch in lower for ch in "dy") or "m" in lower.replace("mm:", "")
             has_time = any(ch in lower for ch in "hs")
