@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.corpus.check import run_inspect
+from bench.corpus.check import run_inspect_memory
 from bench.corpus.fetch import SUFFIXES, documents
 from bench.corpus.fetch import main as fetch_main
 
@@ -47,34 +47,48 @@ def _rss_kib() -> int:
 
 
 def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
-    """Peak RSS of a forked inspect worker per file, above the parent's RSS."""
+    """Memory of a forked inspect worker per file.
+
+    ``growth_kib``: the worker's own peak RSS above its RSS when it started
+    on the file (measured inside it), what the file cost the worker;
+    ``tesseract_kib``: the largest RSS of the Tesseract processes it ran
+    (separate processes, not the worker's memory); ``peak_above_base_kib``:
+    the measure of earlier runs, the largest RSS of the worker or any of its
+    children minus the parent's RSS (which counts Tesseract as the worker's
+    and the parent's file-backed pages the child had not touched).
+    """
     rows = []
     for path in docs:
         base = _rss_kib()
-        status, payload, _, peak = run_inspect(path, settings)
+        status, payload, _, peak, own = run_inspect_memory(path, settings)
         size = len(json.dumps(payload)) if status == "ok" else 0
         rows.append(
             {
                 "file": f"{path.parent.name}/{path.name}",
                 "bytes": path.stat().st_size,
                 "status": status,
+                "growth_kib": max(0, own.get("own_peak_kib", 0) - own.get("start_kib", 0)),
+                "tesseract_kib": own.get("children_peak_kib", 0),
                 "peak_above_base_kib": max(0, peak - base),
                 "result_bytes": size,
             }
         )
-    worst = sorted(rows, key=lambda r: r["peak_above_base_kib"], reverse=True)[:5]
+    worst = sorted(rows, key=lambda r: r["growth_kib"], reverse=True)[:10]
     largest = max(rows, key=lambda r: r["result_bytes"])
     by_kind: dict[str, Any] = {}
     for row in rows:
         kind = SUFFIXES[Path(row["file"]).suffix.lower()]
-        if row["peak_above_base_kib"] >= by_kind.get(kind, {}).get("peak_above_base_kib", -1):
+        if row["growth_kib"] >= by_kind.get(kind, {}).get("growth_kib", -1):
             by_kind[kind] = row
     return {
         "base_rss_kib": _rss_kib(),
-        "max_peak_above_base_kib": worst[0]["peak_above_base_kib"] if worst else 0,
+        "max_growth_kib": worst[0]["growth_kib"] if worst else 0,
+        "max_tesseract_kib": max((r["tesseract_kib"] for r in rows), default=0),
+        "max_peak_above_base_kib": max((r["peak_above_base_kib"] for r in rows), default=0),
         "worst": worst,
         "worst_by_kind": by_kind,
         "largest_result": largest,
+        "largest_results": sorted(rows, key=lambda r: r["result_bytes"], reverse=True)[:5],
     }
 
 
@@ -237,14 +251,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print(line)
     print(
-        f"worker peak RSS above base: max {mem['max_peak_above_base_kib'] / 1024:.1f} MiB "
-        f"({mem['worst'][0]['file'] if mem['worst'] else '-'}); largest result "
+        f"worker growth: max {mem['max_growth_kib'] / 1024:.1f} MiB "
+        f"({mem['worst'][0]['file'] if mem['worst'] else '-'}); Tesseract max "
+        f"{mem['max_tesseract_kib'] / 1024:.1f} MiB; earlier measure (worker or child "
+        f"above parent) max {mem['max_peak_above_base_kib'] / 1024:.1f} MiB; largest result "
         f"{mem['largest_result']['result_bytes'] / 1024:.0f} KiB ({mem['largest_result']['file']})"
     )
     for kind, row in mem["worst_by_kind"].items():
         print(
-            f"  {kind:5} largest growth {row['peak_above_base_kib'] / 1024:.1f} MiB "
-            f"({row['file']}, {row['bytes'] // 1024} KiB, result {row['result_bytes'] // 1024} KiB)"
+            f"  {kind:5} largest growth {row['growth_kib'] / 1024:.1f} MiB ({row['file']}, "
+            f"{row['bytes'] // 1024} KiB, result {row['result_bytes'] // 1024} KiB)"
+        )
+    for row in mem["largest_results"]:
+        print(
+            f"  result {row['result_bytes'] // 1024} KiB: growth {row['growth_kib'] / 1024:.1f} MiB"
+            f" ({row['file']})"
         )
     print(f"written {RESULTS}")
     return 0

@@ -70,14 +70,37 @@ def _settings() -> Any:
     return load_settings(None, env={})
 
 
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM`` ...) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
-    """(status, result or message, seconds, peak RSS KiB) of inspect in a child."""
+    """(status, result or message, seconds, peak RSS KiB) of inspect in a child.
+
+    The peak RSS is the child's or one of its children's (Tesseract), the
+    largest, as wait4 reports it; :func:`run_inspect_memory` tells them apart.
+    """
+    status, payload, seconds, peak, _ = run_inspect_memory(path, settings)
+    return status, payload, seconds, peak
+
+
+def run_inspect_memory(path: Path, settings: Any) -> tuple[str, Any, float, int, dict[str, int]]:
+    """:func:`run_inspect`, and the child's own memory, measured inside it:
+    ``start_kib`` (its RSS after the fork, before inspect: pages it shares
+    with the parent count once touched), ``own_peak_kib`` (its VmHWM right
+    after inspect, before the result is encoded for the pipe) and
+    ``children_peak_kib`` (the largest RSS of its own children: Tesseract)."""
     read_fd, write_fd = os.pipe()
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: one file, then out
         os.close(read_fd)
         status, payload = "ok", None
+        memory = {"start_kib": _status_kib("VmRSS")}
         try:
             from batchd.errors import PermanentError
             from batchd.processors import ProcessorContext
@@ -95,7 +118,10 @@ def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
             status, payload = "refused", exc.message
         except BaseException as exc:
             status, payload = "crashed", f"{type(exc).__name__}: {exc}"
-        data = json.dumps({"status": status, "payload": payload}, allow_nan=False).encode()
+        memory["own_peak_kib"] = _status_kib("VmHWM")
+        memory["children_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        answer = {"status": status, "payload": payload, "memory": memory}
+        data = json.dumps(answer, allow_nan=False).encode()
         with os.fdopen(write_fd, "wb") as out:
             out.write(data)
         os._exit(0)
@@ -112,9 +138,10 @@ def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
     _, wait_status, usage = os.wait4(pid, 0)
     seconds = time.perf_counter() - start
     if not chunks:
-        return "crashed", f"child ended without a result ({wait_status})", seconds, usage.ru_maxrss
+        message = f"child ended without a result ({wait_status})"
+        return "crashed", message, seconds, usage.ru_maxrss, {}
     answer = json.loads(b"".join(chunks))
-    return answer["status"], answer["payload"], seconds, usage.ru_maxrss
+    return answer["status"], answer["payload"], seconds, usage.ru_maxrss, answer["memory"]
 
 
 # -- independent readers -------------------------------------------------------
