@@ -50,7 +50,9 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
     """Memory of a forked inspect worker per file.
 
     ``growth_kib``: the worker's own peak RSS above its RSS when it started
-    on the file (measured inside it), what the file cost the worker;
+    on the file (measured inside it; the first file after the fork);
+    ``warm_growth_kib``: the same on a second reading of the file, a warm
+    worker's (see run_inspect_memory);
     ``tesseract_kib``: the largest RSS of the Tesseract processes it ran
     (separate processes, not the worker's memory); ``peak_above_base_kib``:
     the measure of earlier runs, the largest RSS of the worker or any of its
@@ -60,7 +62,7 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
     rows = []
     for path in docs:
         base = _rss_kib()
-        status, payload, _, peak, own = run_inspect_memory(path, settings)
+        status, payload, _, peak, own = run_inspect_memory(path, settings, warm=True)
         size = len(json.dumps(payload)) if status == "ok" else 0
         rows.append(
             {
@@ -68,6 +70,9 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
                 "bytes": path.stat().st_size,
                 "status": status,
                 "growth_kib": max(0, own.get("own_peak_kib", 0) - own.get("start_kib", 0)),
+                "warm_growth_kib": max(
+                    0, own.get("warm_peak_kib", 0) - own.get("warm_start_kib", 0)
+                ),
                 "tesseract_kib": own.get("children_peak_kib", 0),
                 "peak_above_base_kib": max(0, peak - base),
                 "result_bytes": size,
@@ -83,6 +88,7 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
     return {
         "base_rss_kib": _rss_kib(),
         "max_growth_kib": worst[0]["growth_kib"] if worst else 0,
+        "max_warm_growth_kib": max((r["warm_growth_kib"] for r in rows), default=0),
         "max_tesseract_kib": max((r["tesseract_kib"] for r in rows), default=0),
         "max_peak_above_base_kib": max((r["peak_above_base_kib"] for r in rows), default=0),
         "worst": worst,
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print(line)
     print(
-        f"worker growth: max {mem['max_growth_kib'] / 1024:.1f} MiB "
+        f"worker growth: max {mem['max_growth_kib'] / 1024:.1f} MiB (warm "
+        f"{mem['max_warm_growth_kib'] / 1024:.1f} MiB) "
         f"({mem['worst'][0]['file'] if mem['worst'] else '-'}); Tesseract max "
         f"{mem['max_tesseract_kib'] / 1024:.1f} MiB; earlier measure (worker or child "
         f"above parent) max {mem['max_peak_above_base_kib'] / 1024:.1f} MiB; largest result "
@@ -259,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for kind, row in mem["worst_by_kind"].items():
         print(
-            f"  {kind:5} largest growth {row['growth_kib'] / 1024:.1f} MiB ({row['file']}, "
+            f"  {kind:5} largest growth {row['growth_kib'] / 1024:.1f} MiB "
+            f"(warm {row['warm_growth_kib'] / 1024:.1f}; {row['file']}, "
             f"{row['bytes'] // 1024} KiB, result {row['result_bytes'] // 1024} KiB)"
         )
     for row in mem["largest_results"]:
         print(
             f"  result {row['result_bytes'] // 1024} KiB: growth {row['growth_kib'] / 1024:.1f} MiB"
+            f" (warm {row['warm_growth_kib'] / 1024:.1f})"
             f" ({row['file']})"
         )
     print(f"written {RESULTS}")

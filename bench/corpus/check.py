@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -88,19 +89,27 @@ def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
     return status, payload, seconds, peak
 
 
-def run_inspect_memory(path: Path, settings: Any) -> tuple[str, Any, float, int, dict[str, int]]:
+def run_inspect_memory(
+    path: Path, settings: Any, *, warm: bool = False
+) -> tuple[str, Any, float, int, dict[str, int]]:
     """:func:`run_inspect`, and the child's own memory, measured inside it:
-    ``start_kib`` (its RSS after the fork, before inspect: pages it shares
-    with the parent count once touched), ``own_peak_kib`` (its VmHWM right
+    ``start_kib`` (its RSS before inspect), ``own_peak_kib`` (its VmHWM right
     after inspect, before the result is encoded for the pipe) and
-    ``children_peak_kib`` (the largest RSS of its own children: Tesseract)."""
+    ``children_peak_kib`` (the largest RSS of its own children: Tesseract).
+
+    ``warm``: the child then resets its high-water mark
+    (``/proc/self/clear_refs``) and inspects the file again:
+    ``warm_start_kib`` and ``warm_peak_kib`` are a warm worker's figures, in
+    which library code not touched since the fork, modules imported on first
+    use and the allocator's first growth no longer count as the file's.
+    """
     read_fd, write_fd = os.pipe()
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: one file, then out
         os.close(read_fd)
         status, payload = "ok", None
-        memory = {"start_kib": _status_kib("VmRSS")}
+        memory: dict[str, int] = {}
         try:
             from batchd.errors import PermanentError
             from batchd.processors import ProcessorContext
@@ -113,12 +122,19 @@ def run_inspect_memory(path: Path, settings: Any) -> tuple[str, Any, float, int,
                 output_path=Path("/nonexistent"),
                 settings=settings,
             )
+            memory["start_kib"] = _status_kib("VmRSS")
+            if warm:
+                with contextlib.suppress(PermanentError):
+                    inspect(path, ctx)
+                memory["own_peak_kib"] = _status_kib("VmHWM")
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+                memory["warm_start_kib"] = _status_kib("VmRSS")
             payload = inspect(path, ctx)
         except PermanentError as exc:
             status, payload = "refused", exc.message
         except BaseException as exc:
             status, payload = "crashed", f"{type(exc).__name__}: {exc}"
-        memory["own_peak_kib"] = _status_kib("VmHWM")
+        memory["warm_peak_kib" if warm else "own_peak_kib"] = _status_kib("VmHWM")
         memory["children_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         answer = {"status": status, "payload": payload, "memory": memory}
         data = json.dumps(answer, allow_nan=False).encode()
