@@ -79,7 +79,9 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
         "row_first": re.compile(rb"<" + p + rb"row r=\"([0-9]+)\""),
         "odd_cell": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,3}[0-9])"),
         "three_letters": re.compile(rb"<" + p + rb"c r=\"([A-Z]{3})[0-9]"),
-        "two_letters": re.compile(rb"<" + p + rb"c r=\"[A-Z]{2}"),
+        # a cell not opening as <c r="B7">, or <c r="AB7">: a wider column or odd
+        "not_one_letter": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z][0-9])"),
+        "not_two_letters": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,2}[0-9])"),
         # the same where r comes later in the tag (<c t="s" s="1" r="B7">)
         "unplaced_cell": re.compile(rb"<" + p + rb"c(?![^>]*?\sr=\"[A-Z]{1,3}[0-9])"),
         "three_letters_anywhere": re.compile(rb"\br=\"([A-Z]{3})[0-9]"),
@@ -442,24 +444,34 @@ def _count_cells_quickly(
     the caps"; when it does not, the exact count decides (read_xlsx).
     """
     patterns = _patterns(prefix)
-    where = ""
-    odd = patterns["odd_cell"].search(block, start, end)
-    if odd is not None:
-        # an element named c... not opening as <c r="B7">: a writer putting
-        # r later (one scan of each tag), or a cell without a reference
-        if patterns["unplaced_cell"].search(block, odd.start(), end):
-            return False
-        where = "_anywhere"
+    # One search in the common case (every cell <c r="B7">), each further one
+    # starting where the previous stopped.
+    bound = b"Z"
+    three: list[bytes] = []
+    wider = patterns["not_one_letter"].search(block, start, end)
+    if wider is not None:
+        bound = b"ZZ"
+        wider = patterns["not_two_letters"].search(block, wider.start(), end)
+    if wider is not None:
+        odd = patterns["odd_cell"].search(block, wider.start(), end)
+        if odd is None:
+            three = patterns["three_letters"].findall(block, wider.start(), end)
+        else:
+            # an element named c... not opening as <c r="B7">: a writer putting
+            # r later (one scan of each tag), or a cell without a reference
+            if patterns["unplaced_cell"].search(block, odd.start(), end):
+                return False
+            two = patterns["two_letters_anywhere"].search(block, start, end)
+            bound = b"ZZ" if two else b"Z"
+            three = patterns["three_letters_anywhere"].findall(block, start, end) if two else []
     rows = patterns["row_first"].findall(block, start, end)
     if block.count(b"<" + prefix + b"row", start, end) != len(rows):
         return False
     cells = block.count(b"<" + prefix + b"c", start, end)
-    two = patterns["two_letters" + where].search(block, start, end)
-    three = patterns["three_letters" + where].findall(block, two.start(), end) if two else []
     if three:
         columns.update(three)  # exact: above any bound below
     elif cells:
-        columns.add(b"ZZ" if two else b"Z")
+        columns.add(bound)
         scan.bounded = True
     scan.cells += cells
     if rows:
