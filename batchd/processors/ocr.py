@@ -487,9 +487,10 @@ def _own_scan(page: Any, settings: InspectSettings) -> tuple[Image.Image, int] |
         bitmap = picture.get_bitmap(render=False)
         image = bitmap.to_pil()
         if image.mode == "RGB":
-            # to_pil copied the pixels (BGR to RGB): PDFium's copy goes before
-            # the grey one is made, so two pictures are held, not three
-            bitmap.close()
+            # to_pil copied the pixels (BGR to RGB): PDFium's copy goes (its
+            # finalizer frees it) before the grey one is made, so two pictures
+            # are held, not three
+            del bitmap
         return _grey(image), dpi
     except (pdfium.PdfiumError, ValueError, OSError):
         return None
