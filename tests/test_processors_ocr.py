@@ -438,3 +438,33 @@ def test_a_page_picture_is_let_go_before_the_next_page_is_rendered(
         assert image is not None and image.mode == "L"
         del image  # as ocr_pages does once Tesseract has the page
     assert (held, pages.page_errors) == ([False, False, False], [])
+
+
+def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that is one RGB scan becomes the same grey picture, without a full RGB copy."""
+    import pypdfium2 as pdfium
+    from PIL import ImageChops
+
+    monkeypatch.setattr(ocr, "GREY_BAND_ROWS", 7)  # many bands, the last one short
+
+    _, drawn = page(7)
+    colour = Image.merge("RGB", [drawn.convert("L")] * 3)
+    colour.paste((200, 30, 30), (0, 0, colour.width // 3, 150))  # a red band: not grey
+    path = save_pdf(tmp_path / "colour.pdf", [colour])
+    document = pdfium.PdfDocument(path)
+    try:
+        scan = document[0]
+        got = ocr._own_scan(scan, settings().inspect)
+        assert got is not None
+        image, dpi = got
+        (picture,) = scan.get_objects(max_depth=1)
+        bitmap = picture.get_bitmap(render=False)
+        assert bitmap.mode == "BGR" and bitmap.height % 7
+        whole = ocr._grey(bitmap.to_pil())
+        assert (image.mode, image.size, dpi) == ("L", whole.size, 300)
+        assert ImageChops.difference(image, whole).getextrema() == (0, 0)
+        scan.close()
+    finally:
+        document.close()
