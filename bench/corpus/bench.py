@@ -95,6 +95,7 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
         "worst_by_kind": by_kind,
         "largest_result": largest,
         "largest_results": sorted(rows, key=lambda r: r["result_bytes"], reverse=True)[:5],
+        "files": rows,
     }
 
 
