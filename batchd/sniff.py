@@ -113,8 +113,9 @@ _SNIFF_CHUNK_LINES = 10
 
 def guess_delimiter(sample: str, candidates: str) -> str | None:
     """The delimiter of the delimited text ``sample`` (whole lines), or None
-    where ``csv.Sniffer().sniff(sample, delimiters=candidates)`` raises
-    "Could not determine delimiter" too.
+    when it cannot be told: where ``csv.Sniffer().sniff(sample,
+    delimiters=candidates)`` raises "Could not determine delimiter" and no
+    candidate parses the first lines alike.
 
     First the candidate that parses the first lines into rows of one width
     (:func:`_parsed_delimiter`), which decides most real files; else the

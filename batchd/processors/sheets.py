@@ -440,7 +440,7 @@ def _count_cells_quickly(
     counted exactly, the last row is exact, and the last column is exact for
     three-letter columns and otherwise bounded by the longest letters seen
     (Z = 26 or ZZ = 702): one search instead of a match object per cell (the
-    exact count was half of inspect's XLSX time). A bound only decides "fits
+    exact count was a third of inspect's XLSX time). A bound only decides "fits
     the caps"; when it does not, the exact count decides (read_xlsx).
     """
     patterns = _patterns(prefix)
