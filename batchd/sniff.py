@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ _BIFF_BOF = (b"\x09\x00\x04\x00", b"\x09\x02\x06\x00", b"\x09\x04\x06\x00")
 _BIFF58_BOF = b"\x09\x08"
 _TEXT_EXTENSIONS = {".csv", ".tsv", ".tab", ".txt"}
 _CSV_DELIMITERS = ",;\t|"
+#: the control characters text holds few of: all below 32 but \t \n \v \f \r.
+_CONTROL_CHARS = tuple(chr(code) for code in range(32) if chr(code) not in "\t\n\v\f\r")
 _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 #: OLE2 stream names (UTF-16LE in the directory) and the document type they mean.
@@ -64,7 +67,7 @@ def decode_head(head: bytes) -> str | None:
     # Real CSV exports hold the odd control character (a vertical tab from a
     # spreadsheet cell, a stray NUL): a few per hundred characters is still
     # text. Binary formats and UTF-16 without a BOM have far more.
-    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\r\n\t\f\v")
+    controls = sum(map(text.count, _CONTROL_CHARS))  # one C-speed count per character
     return text if controls <= max(_MIN_CONTROLS, len(text) // _CONTROLS_PER) else None
 
 
@@ -87,11 +90,142 @@ def _looks_like_csv(text: str, suffix: str) -> bool:
     if "\n" not in text:
         return False
     sample = text[: text.rfind("\n")]  # whole lines only: a cut line fools the sniffer
-    try:
-        dialect = csv.Sniffer().sniff(sample, delimiters=_CSV_DELIMITERS)
-    except csv.Error:
-        return False
-    return dialect.delimiter in _CSV_DELIMITERS
+    return guess_delimiter(sample, _CSV_DELIMITERS) is not None
+
+
+# -- the delimiter -------------------------------------------------------------
+
+#: csv.Sniffer's four expressions for a quoted field and the character around it.
+_QUOTED_FIELDS = tuple(
+    re.compile(expression, re.DOTALL | re.MULTILINE)
+    for expression in (
+        r"(?P<delim>[^\w\n\"\'])(?P<space> ?)(?P<quote>[\"\']).*?(?P=quote)(?P=delim)",
+        r"(?:^|\n)(?P<quote>[\"\']).*?(?P=quote)(?P<delim>[^\w\n\"\'])(?P<space> ?)",
+        r"(?P<delim>[^\w\n\"\'])(?P<space> ?)(?P<quote>[\"\']).*?(?P=quote)(?:$|\n)",
+        r"(?:^|\n)(?P<quote>[\"\']).*?(?P=quote)(?:$|\n)",
+    )
+)
+#: lines of the sample parsed with each candidate delimiter.
+_PARSED_LINES = 50
+#: csv.Sniffer's lines per round of its frequency tables.
+_SNIFF_CHUNK_LINES = 10
+
+
+def guess_delimiter(sample: str, candidates: str) -> str | None:
+    """The delimiter of the delimited text ``sample`` (whole lines), or None
+    when it cannot be told: where ``csv.Sniffer().sniff(sample,
+    delimiters=candidates)`` raises "Could not determine delimiter" and no
+    candidate parses the first lines alike.
+
+    First the candidate that parses the first lines into rows of one width
+    (:func:`_parsed_delimiter`), which decides most real files; else the
+    standard library sniffer's two steps, with its answer: the character
+    around quoted fields, else the candidate found the same number of times
+    on (nearly) every line. The sniffer counts all 127 ASCII characters on
+    every line and guesses the quote character and double quoting too (40-50 %
+    of inspect's CSV time); batchd needs only the delimiter, so only the
+    candidates are counted.
+    """
+    lines = [line for line in sample.split("\n") if line]
+    parsed = _parsed_delimiter(lines[:_PARSED_LINES], candidates)
+    if parsed is not None:
+        return parsed
+    if '"' in sample or "'" in sample:  # every quoted-field expression needs a quote
+        found = _quoted_delimiter(sample, candidates)
+        if found:
+            return found
+    return _frequent_delimiter(lines, candidates)
+
+
+def _parsed_delimiter(lines: list[str], candidates: str) -> str | None:
+    """The one candidate that splits every one of ``lines`` (two or more)
+    into the same number of fields, more than one, read as CSV with double
+    quotes; None when no candidate or more than one does.
+
+    Quoted fields holding other candidates ("2,50" in a semicolon file) do
+    not fool it, as they fool counting characters; a record that continues
+    past the last line (a quoted newline) makes the candidates disagree and
+    the sniffer's way decides.
+    """
+    if len(lines) < 2:
+        return None
+    found = None
+    for candidate in candidates:
+        try:
+            widths = {len(row) for row in csv.reader(lines, delimiter=candidate) if row}
+        except csv.Error:
+            continue
+        if len(widths) == 1 and widths.pop() > 1:
+            if found is not None:
+                return None  # two candidates fit: the sniffer's preferences decide
+            found = candidate
+    return found
+
+
+def _quoted_delimiter(sample: str, candidates: str) -> str | None:
+    """csv.Sniffer._guess_quote_and_delimiter's delimiter."""
+    for expression in _QUOTED_FIELDS:
+        matches = expression.findall(sample)
+        if matches:
+            break
+    else:
+        return None
+    where = expression.groupindex.get("delim")
+    if where is None:  # a single column of quoted fields
+        return None
+    delims: dict[str, int] = {}
+    for match in matches:
+        key = match[where - 1]
+        if key and key in candidates:
+            delims[key] = delims.get(key, 0) + 1
+    return max(delims, key=delims.__getitem__) if delims else None
+
+
+def _frequent_delimiter(data: list[str], candidates: str) -> str | None:
+    """csv.Sniffer._guess_delimiter on the non-blank lines ``data``, counting
+    only ``candidates``: the candidate whose most common count per line
+    (lines in rounds of ten) holds on every line, or on 99 %, 98 % ... 90 %
+    of them."""
+    chars = sorted(set(candidates))  # the sniffer's order: by code point
+    chunk = min(_SNIFF_CHUNK_LINES, len(data))
+    frequencies: dict[str, dict[int, int]] = {}
+    modes: dict[str, tuple[int, int]] = {}
+    delims: dict[str, tuple[int, int]] = {}
+    start, end, rounds = 0, chunk, 0
+    while start < len(data):
+        rounds += 1
+        for line in data[start:end]:
+            for char in chars:
+                meta = frequencies.setdefault(char, {})
+                count = line.count(char)
+                meta[count] = meta.get(count, 0) + 1
+        for char, meta in frequencies.items():
+            items = list(meta.items())
+            if len(items) == 1 and items[0][0] == 0:
+                continue
+            if len(items) > 1:
+                mode = max(items, key=lambda item: item[1])
+                items.remove(mode)
+                modes[char] = (mode[0], mode[1] - sum(item[1] for item in items))
+            else:
+                modes[char] = items[0]
+        total = float(min(chunk * rounds, len(data)))
+        consistency = 1.0
+        while not delims and consistency >= 0.9:
+            for char, (count, lines) in modes.items():
+                if count > 0 and lines > 0 and lines / total >= consistency:
+                    delims[char] = (count, lines)
+            consistency -= 0.01
+        if len(delims) == 1:
+            return next(iter(delims))
+        start = end
+        end += chunk
+    if not delims:
+        return None
+    for preferred in (",", "\t", ";", " ", ":"):  # csv.Sniffer.preferred
+        if preferred in delims:
+            return preferred
+    return max((value, char) for char, value in delims.items())[1]
 
 
 _XLSX = Sniffed("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")

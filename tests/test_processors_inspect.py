@@ -8,6 +8,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -723,6 +725,28 @@ def test_xlsx_merged_ranges_and_error_cells(tmp_path: Path) -> None:
     assert only["errors"] == [{"cell": "C2", "error": "#DIV/0!"}]
 
 
+def test_xlsx_error_cell_without_a_value_takes_nothing_from_the_next_cell(tmp_path: Path) -> None:
+    """An error cell written without a value (<c t="e"/>) is empty, not the next cell's value."""
+    path = tmp_path / "export.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["tea", None, 7])
+    sheet.append(["cake", None, 12])
+    book.save(path)
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="C1"', '<c r="B1" t="e"/><c r="C1"').replace(
+            '<c r="C2"', '<c r="B2" t="e"></c><c r="C2"'
+        ),
+    )
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert only["rows"] == [["tea", None, 7], ["cake", None, 12]]
+    assert only["errors"] == [{"cell": "B1", "error": ""}, {"cell": "B2", "error": ""}]
+
+
 def test_xlsx_time_of_day_is_a_time(tmp_path: Path) -> None:
     """A time-of-day cell reads "06:34:00", a date "2024-03-01", a datetime with its T."""
     path = tmp_path / "times.xlsx"
@@ -937,6 +961,29 @@ def test_xlsx_calamine_failure_falls_back_to_the_streaming_reader(tmp_path: Path
     assert result["truncated"] is False
 
 
+def test_xlsx_streaming_reader_does_not_load_openpyxl(tmp_path: Path) -> None:
+    """Dates in a streamed sheet are found without importing openpyxl (~10 MiB per worker)."""
+    path = tmp_path / "comma.xlsx"
+    make_xlsx(path)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace("<v>2.5</v>", "<v>2,5</v>")
+    )
+    code = (
+        "import json, sys; from pathlib import Path\n"
+        "from batchd.config import load_settings\n"
+        "from batchd.processors import ProcessorContext\n"
+        "from batchd.processors.inspect import inspect\n"
+        "ctx = ProcessorContext(batch_id='b', file_id='f', relpath='comma.xlsx',\n"
+        "    output_path=Path('/nonexistent'), settings=load_settings(None, env={}))\n"
+        "rows = inspect(Path(sys.argv[1]), ctx)['sheets'][0]['rows']\n"
+        "print(json.dumps([rows[1], 'openpyxl' in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == [["tea", "2,5", "2024-03-01", 5], False]
+
+
 def test_xlsx_sheet_calamine_fails_on_is_streamed_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -983,3 +1030,67 @@ def test_pdf_form_field_values_follow_the_page_text(tmp_path: Path) -> None:
     path.write_bytes(form_pdf(b"Ana Lima"))
     result, _ = run(path)
     assert result["text"] == ["Name:\nAna Lima"]
+
+
+def _scan_first_sheet(path: Path, *, quick: bool) -> Any:
+    from batchd.processors.sheets import _scan_sheet
+
+    with zipfile.ZipFile(path) as zf:
+        return _scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 2_000_000, quick=quick)
+
+
+def _wide_book(path: Path, last: str) -> None:
+    """Three rows, values in A and in column ``last``."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 4):
+        sheet["A" + str(n)] = n
+        sheet[last + str(n)] = n * 10
+    book.save(path)
+
+
+def test_xlsx_quick_first_pass_counts_exactly_and_bounds_short_columns(tmp_path: Path) -> None:
+    """The quick first pass counts cells and rows exactly and bounds a two-letter column by 702."""
+    path = tmp_path / "wide.xlsx"
+    _wide_book(path, "AB")
+    quick, exact = _scan_first_sheet(path, quick=True), _scan_first_sheet(path, quick=False)
+    assert (
+        (quick.cells, quick.max_row, quick.unplaced) == (exact.cells, exact.max_row, 0) == (6, 3, 0)
+    )
+    assert (quick.max_column, quick.bounded) == (702, True)
+    assert (exact.max_column, exact.bounded) == (28, False)
+
+
+def test_xlsx_quick_first_pass_is_exact_for_three_letters_and_odd_cells(tmp_path: Path) -> None:
+    """Three-letter columns are exact, r later in a tag is found, a cell without r is counted."""
+    path = tmp_path / "far.xlsx"
+    _wide_book(path, "XFD")
+    assert _scan_first_sheet(path, quick=True).max_column == 16_384
+    _wide_book(path, "AB")
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('<c r="AB2"', '<c s="0" r="AB2"')
+    )
+    scan = _scan_first_sheet(path, quick=True)
+    assert (scan.max_column, scan.bounded, scan.cells, scan.unplaced) == (702, True, 6, 0)
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('<c s="0" r="AB2"', '<c s="0"')
+    )
+    scan = _scan_first_sheet(path, quick=True)
+    assert (scan.max_column, scan.bounded, scan.cells, scan.unplaced) == (28, False, 6, 1)
+
+
+def test_xlsx_bound_over_max_cells_rechecked_exactly(tmp_path: Path) -> None:
+    """A sheet whose column bound breaks inspect.max_cells but whose area fits is read whole."""
+    path = tmp_path / "tall.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 101):
+        sheet.append([n] + [None] * 26 + [n * 2])  # A and AB: 28 columns, bound 702
+    book.save(path)
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_CELLS": "10000"})
+    result, _ = run(path, config)
+    (only,) = result["sheets"]
+    assert (only["max_row"], only["max_column"], result["truncated"]) == (100, 28, False)
+    assert only["rows"][99] == [100] + [None] * 26 + [200]

@@ -403,3 +403,68 @@ def test_parse_tsv_joins_words_lines_and_blocks() -> None:
     ]
     parsed = ocr.parse_tsv("\n".join([head, *rows]))
     assert parsed == ocr.PageText(text="Soup 4.50\nTea\n\nCake", confidence=75.0)
+
+
+def test_a_page_picture_is_let_go_before_the_next_page_is_rendered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering a page for OCR holds no earlier page's picture: one page in memory at a time."""
+    import weakref
+
+    from batchd.processors import ProcessorContext
+
+    blank = [Image.new("L", (200, 280), 255) for _ in range(3)]
+    path = save_pdf(tmp_path / "scans.pdf", blank, dpi=72)  # far below ocr_dpi: rendered
+    earlier: list[weakref.ref[Image.Image]] = []
+    held: list[bool] = []
+    real = ocr._render
+
+    def render(page: Any, inspect_settings: Any) -> tuple[Image.Image, int]:
+        held.append(any(ref() is not None for ref in earlier))
+        image, dpi = real(page, inspect_settings)
+        earlier.append(weakref.ref(image))
+        return image, dpi
+
+    monkeypatch.setattr(ocr, "_render", render)
+    ctx = ProcessorContext(
+        batch_id="b",
+        file_id="f",
+        relpath="scans.pdf",
+        output_path=tmp_path / "out",
+        settings=settings(),
+    )
+    pages = ocr.Pages([], [])
+    for _, image, _ in ocr._render_pdf(path, ctx, [0, 1, 2], pages):
+        assert image is not None and image.mode == "L"
+        del image  # as ocr_pages does once Tesseract has the page
+    assert (held, pages.page_errors) == ([False, False, False], [])
+
+
+def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that is one RGB scan becomes the same grey picture, without a full RGB copy."""
+    import pypdfium2 as pdfium
+    from PIL import ImageChops
+
+    monkeypatch.setattr(ocr, "GREY_BAND_ROWS", 7)  # many bands, the last one short
+
+    _, drawn = page(7)
+    colour = Image.merge("RGB", [drawn.convert("L")] * 3)
+    colour.paste((200, 30, 30), (0, 0, colour.width // 3, 150))  # a red band: not grey
+    path = save_pdf(tmp_path / "colour.pdf", [colour])
+    document = pdfium.PdfDocument(path)
+    try:
+        scan = document[0]
+        got = ocr._own_scan(scan, settings().inspect)
+        assert got is not None
+        image, dpi = got
+        (picture,) = scan.get_objects(max_depth=1)
+        bitmap = picture.get_bitmap(render=False)
+        assert bitmap.mode == "BGR" and bitmap.height % 7
+        whole = ocr._grey(bitmap.to_pil())
+        assert (image.mode, image.size, dpi) == ("L", whole.size, 300)
+        assert ImageChops.difference(image, whole).getextrema() == (0, 0)
+        scan.close()
+    finally:
+        document.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import random
 import zipfile
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import openpyxl
 import pytest
 import xlwt  # type: ignore[import-untyped]
 
-from batchd.sniff import Sniffed, sniff
+from batchd.sniff import Sniffed, guess_delimiter, sniff
 
 XLSX_MIME = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
@@ -145,3 +147,52 @@ def test_sniff_takes_the_name_from_its_argument(tmp_path: Path) -> None:
     path = write(tmp_path, "opaque-copy", b"just one line, no newline")
     assert sniff(path).kind == "txt"
     assert sniff(path, name="upload/prices.csv").kind == "csv"
+
+
+CANDIDATES = ",;\t|"
+FIELDS = ["name", "12", '"2,50"', '"Smith, John"', '"a; b"', "O'Neil", "'x'", '"x|y"', ""]
+
+
+def _sniffer(sample: str) -> str | None:
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=CANDIDATES).delimiter
+    except csv.Error:
+        return None
+
+
+def _samples(seed: int, count: int) -> list[tuple[str, str]]:
+    """(delimiter, text): well-formed delimited texts of 1-30 rows of equal
+    width, with quoted fields, apostrophes, blank lines and CRLF (decimal
+    commas unquoted where the delimiter is not a comma)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        delimiter = rng.choice(CANDIDATES)
+        fields = FIELDS if delimiter == "," else [*FIELDS, "2,50"]
+        width = rng.randint(1, 6)
+        rows = [
+            delimiter.join(rng.choice(fields) for _ in range(width))
+            for _ in range(rng.randint(1, 30))
+        ]
+        end = rng.choice(["\n", "\r\n", "\n\n"])
+        out.append((delimiter, end.join(rows)))
+    return out
+
+
+def test_guess_delimiter_agrees_with_csv_sniffer() -> None:
+    """guess_delimiter finds csv.Sniffer's delimiter; where it fails, the right one or None."""
+    differ = []
+    for delimiter, text in _samples(13, 3000):
+        found, theirs = guess_delimiter(text, CANDIDATES), _sniffer(text)
+        if found != theirs and not (theirs is None and found in (delimiter, None)):
+            differ.append((text, found, theirs))
+    assert differ == []
+
+
+def test_guess_delimiter_reads_quoted_newlines_and_delimiters() -> None:
+    """Quoted fields holding newlines and other candidates do not change the delimiter."""
+    sample = "code;label\n" + "\n".join(
+        f'{n};"Total {n}, {"a," * n}\nblank=not known; see note"' for n in range(1, 12)
+    )
+    assert guess_delimiter(sample, CANDIDATES) == ";"
+    assert guess_delimiter(sample.replace(";", "\t"), CANDIDATES) == "\t"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -70,14 +71,45 @@ def _settings() -> Any:
     return load_settings(None, env={})
 
 
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM`` ...) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
-    """(status, result or message, seconds, peak RSS KiB) of inspect in a child."""
+    """(status, result or message, seconds, peak RSS KiB) of inspect in a child.
+
+    The peak RSS is the child's or one of its children's (Tesseract), the
+    largest, as wait4 reports it; :func:`run_inspect_memory` tells them apart.
+    """
+    status, payload, seconds, peak, _ = run_inspect_memory(path, settings)
+    return status, payload, seconds, peak
+
+
+def run_inspect_memory(
+    path: Path, settings: Any, *, warm: bool = False
+) -> tuple[str, Any, float, int, dict[str, int]]:
+    """:func:`run_inspect`, and the child's own memory, measured inside it:
+    ``start_kib`` (its RSS before inspect), ``own_peak_kib`` (its VmHWM right
+    after inspect, before the result is encoded for the pipe) and
+    ``children_peak_kib`` (the largest RSS of its own children: Tesseract).
+
+    ``warm``: the child then resets its high-water mark
+    (``/proc/self/clear_refs``) and inspects the file again:
+    ``warm_start_kib`` and ``warm_peak_kib`` are a warm worker's figures, in
+    which library code not touched since the fork, modules imported on first
+    use and the allocator's first growth no longer count as the file's.
+    """
     read_fd, write_fd = os.pipe()
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: one file, then out
         os.close(read_fd)
         status, payload = "ok", None
+        memory: dict[str, int] = {}
         try:
             from batchd.errors import PermanentError
             from batchd.processors import ProcessorContext
@@ -90,12 +122,22 @@ def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
                 output_path=Path("/nonexistent"),
                 settings=settings,
             )
+            memory["start_kib"] = _status_kib("VmRSS")
+            if warm:
+                with contextlib.suppress(PermanentError):
+                    inspect(path, ctx)
+                memory["own_peak_kib"] = _status_kib("VmHWM")
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+                memory["warm_start_kib"] = _status_kib("VmRSS")
             payload = inspect(path, ctx)
         except PermanentError as exc:
             status, payload = "refused", exc.message
         except BaseException as exc:
             status, payload = "crashed", f"{type(exc).__name__}: {exc}"
-        data = json.dumps({"status": status, "payload": payload}, allow_nan=False).encode()
+        memory["warm_peak_kib" if warm else "own_peak_kib"] = _status_kib("VmHWM")
+        memory["children_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        answer = {"status": status, "payload": payload, "memory": memory}
+        data = json.dumps(answer, allow_nan=False).encode()
         with os.fdopen(write_fd, "wb") as out:
             out.write(data)
         os._exit(0)
@@ -112,9 +154,10 @@ def run_inspect(path: Path, settings: Any) -> tuple[str, Any, float, int]:
     _, wait_status, usage = os.wait4(pid, 0)
     seconds = time.perf_counter() - start
     if not chunks:
-        return "crashed", f"child ended without a result ({wait_status})", seconds, usage.ru_maxrss
+        message = f"child ended without a result ({wait_status})"
+        return "crashed", message, seconds, usage.ru_maxrss, {}
     answer = json.loads(b"".join(chunks))
-    return answer["status"], answer["payload"], seconds, usage.ru_maxrss
+    return answer["status"], answer["payload"], seconds, usage.ru_maxrss, answer["memory"]
 
 
 # -- independent readers -------------------------------------------------------
