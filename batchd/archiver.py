@@ -268,8 +268,11 @@ class Archiver:
                 ends[task.batch.id] = task
                 status_for[task.batch.id] = None
                 try:
-                    self.spool.finalize(task.batch.work_path, task.batch.name)
-                    finalized.add(task.batch.id)
+                    # Re-read first: an operator may have re-queued a file since
+                    # the commit, and its input is back in work/ to be run again.
+                    if self._still_finished(task):
+                        self.spool.finalize(task.batch.work_path, task.batch.name)
+                        finalized.add(task.batch.id)
                 except OSError as exc:
                     log.error("batch_finalize_failed", batch_id=task.batch.id, error=str(exc))
             else:

@@ -139,6 +139,57 @@ class Outcomes(OutageGuard):
             reason=reason,
         )
 
+    def _refused(self, running: Running, document: FileRow | None = None) -> None:
+        """The store refused this attempt's fenced write: it was superseded, or it
+        is already recorded, by its own worker (:mod:`batchd.recorder`), which
+        then died or failed before saying so (killed at its deadline or by the
+        OOM killer, an error after the commit), or by an earlier commit of ours
+        whose answer was lost. Then what follows the commit is done here."""
+        file = running.task.file
+        row = self.store.get_file(file.id)
+        if row is None or not row.status.done or row.lease_gen != file.lease_gen:
+            self.superseded(running, "lease_lost")
+            return
+        log.warning(
+            "outcome_already_recorded",
+            batch_id=file.batch_id,
+            file_id=file.id,
+            relpath=file.relpath,
+            status=str(row.status),
+        )
+        # A failure's document says what the row says; a success's result file
+        # was written by its worker before its commit, and stays as it is.
+        if document is not None and row.status == Status.FAILED:
+            document = replace(document, error=row.error, completed_at=row.completed_at)
+        else:
+            document = None
+        task = running.task
+        self._finished(
+            Final(
+                running,
+                Outcome(row.status, processor=row.processor),
+                self.clock.now(),
+                document=document,
+            ),
+            logged=True,
+        )
+        self.archiver.archive_file(
+            ArchiveFile(
+                file.id,
+                file.batch_id,
+                task.work_path,
+                task.batch_name,
+                file.relpath,
+                ok=row.status == Status.COMPLETED,
+            )
+        )
+        batch = self.store.get_batch(file.batch_id)
+        if batch is not None and batch.status.done:
+            self.dirty.discard(batch.id)
+            self.archiver.end_batch(batch)
+        else:
+            self.dirty.add(file.batch_id)
+
     # -- outcomes ----------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
@@ -174,8 +225,9 @@ class Outcomes(OutageGuard):
         outcome = Outcome(Status.COMPLETED, processor=running.processor)
         # The worker logged file_completed (and batch_finished) itself.
         self._finished(Final(running, outcome, self.clock.now()), logged=True)
-        # The worker is free and the database says so: refill it now.
-        self.guarded(self.refill)
+        # No refill here: another event of this turn (a retry, a timeout) may
+        # still hold its row as processing until this turn's commit; the next
+        # dispatch, right after it, fills the freed workers within the bound.
         if not recorded.archived:
             self.archiver.archive_file(
                 ArchiveFile(
@@ -300,7 +352,7 @@ class Outcomes(OutageGuard):
                 if self.running.get(file.id) is retry.running:
                     del self.running[file.id]
             else:
-                self.superseded(retry.running, "lease_lost")
+                self._refused(retry.running)
         while self.pending:
             pending = self._barrier()
             # On a StoreError nothing was recorded (one transaction) and the
@@ -325,8 +377,9 @@ class Outcomes(OutageGuard):
             batches = []
             for final, batch in zip(pending, recorded, strict=True):
                 if batch is None:
-                    # Another attempt owns the file now: no result, no input move.
-                    self.superseded(final.running, "lease_lost")
+                    # Another attempt owns the file now (no result, no input
+                    # move), or this one's worker recorded it already.
+                    self._refused(final.running, final.document)
                     continue
                 accepted.append(final)
                 batches.append(batch)

@@ -53,7 +53,15 @@ scheduler_log = structlog.get_logger("batchd.scheduler")
 class Recorder:
     """The store, spool and outbox of one worker process, opened on first use."""
 
-    def __init__(self, settings: Settings, database_url: str | None) -> None:
+    def __init__(
+        self, settings: Settings, database_url: str | None, database_password: str | None = None
+    ) -> None:
+        if database_url and database_password:
+            # PGPASSWORD is scrubbed from the worker's environment (a processor
+            # must not read it): libpq gets it in the connection string instead.
+            from psycopg.conninfo import make_conninfo
+
+            database_url = make_conninfo(database_url, password=database_password)
         self._database_url = database_url
         self._store: Store | None = None
         self.configure(settings)
@@ -122,8 +130,14 @@ class Recorder:
             attempts=delivery.file.attempts,
             processor=job.processor,
         )
-        archived = self._archive(job, delivery)
-        ended = batch.status.done and self._end_batch(store, batch.id, delivery)
+        try:
+            archived = self._archive(job, delivery)
+            ended = batch.status.done and self._end_batch(store, batch.id, delivery)
+        except Exception as exc:
+            # The commit stands: whatever failed after it is the daemon's to
+            # finish (its archiver moves the input and ends the batch).
+            log.error("worker_after_commit_failed", file_id=job.file_id, error=repr(exc))
+            return Recorded(batch, result=inline)
         return Recorded(batch, archived=archived, ended=ended, result=inline)
 
     def _archive(self, job: Job, delivery: Delivery) -> bool:
@@ -138,15 +152,33 @@ class Recorder:
         return True
 
     def _end_batch(self, store: Store, batch_id: str, delivery: Delivery) -> bool:
-        """The batch end the daemon's archiver would do; False leaves it to the daemon."""
+        """The batch end the daemon's archiver would do; False leaves it to the daemon.
+
+        Every finished member still in ``work/`` is moved first by its own
+        status, as start-up recovery does: a failure (or a success the daemon
+        recorded) may still wait in the daemon's archiver queue, and the
+        sweep of what is left must not take a failed input to ``archive/``.
+        """
         try:
+            again = store.get_batch(batch_id)
+            if again is None or not again.status.done:
+                # Re-queued by an operator since the commit: the batch goes on,
+                # and a re-queued input back in work/ must stay there.
+                return False
+            for file in store.list_files(batch_id):
+                if file.status.done:
+                    self.spool.settle_input(
+                        delivery.work_path,
+                        delivery.batch_name,
+                        file.relpath,
+                        ok=file.status == Status.COMPLETED,
+                    )
             self.spool.finalize(delivery.work_path, delivery.batch_name)
             fresh = Outbox(self.spool, store).refresh_status(batch_id)
         except (OSError, BatchdError) as exc:
             log.error("batch_finalize_failed", batch_id=batch_id, error=str(exc))
             return False
         if fresh is None or not fresh.status.done:
-            # Re-queued by an operator since the commit: the batch goes on.
             return False
         self.spool.release(delivery.work_path)
         log_batch_finished(fresh)

@@ -301,12 +301,15 @@ def worker_main(
     # Spawned workers inherit the daemon's environment: drop the settings that
     # hold secrets (BATCHD_HTTP__TOKEN, a database URL with its password), so
     # neither a processor nor anything it runs can read them.
+    # The recorder still needs PGPASSWORD (libpq's way to a password the URL
+    # leaves out): it keeps it for its own connection string.
+    database_password = os.environ.get("PGPASSWORD") if database_url else None
     for name in [n for n in os.environ if n.startswith(SECRET_ENV_PREFIXES)]:
         del os.environ[name]
     _limit_memory(settings.processing.worker_memory_mb)
     logsetup.configure(settings.log)
     faults.arm_worker(parent_pid)
-    recorder = Recorder(settings, database_url)
+    recorder = Recorder(settings, database_url, database_password)
     while True:
         try:
             message = conn.recv()
@@ -317,6 +320,7 @@ def worker_main(
             return
         if isinstance(message, Settings):
             settings = message
+            logsetup.configure(settings.log)  # a reload's log level and format
             recorder.configure(settings)
             continue
         outcome = replace(run_job(message, settings, conn, recorder), rss_bytes=own_rss())

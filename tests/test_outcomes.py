@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from batchd.messages import Progress
 from batchd.recorder import Recorder
-from batchd.records import Status
+from batchd.records import Outcome, Status
 
 
 @pytest.fixture
@@ -192,3 +192,63 @@ def test_reports_of_an_unknown_lease_are_ignored(world: World) -> None:
     w.clock.advance(w.settings.processing.status_interval_seconds)
     w.turn()
     assert w.file(batch, "a.csv").progress == 50
+
+
+def _processing(w: World) -> int:
+    """Files the database shows processing (what operators count)."""
+    batches = w.store.list_batches(100)
+    return sum(f.status == Status.PROCESSING for b in batches for f in w.store.list_files(b.id))
+
+
+def test_a_recorded_success_beside_a_retry_keeps_the_concurrency_bound(world: World) -> None:
+    """A retryable failure (its row processing until this turn's commit) and a
+    worker-recorded success in one wait: the freed workers are refilled only once
+    the failure is committed, never past processing.concurrency."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    w.batch("b", ("a.csv", "b.csv", "c.csv", "d.csv"))
+    w.turn()
+    assert len(w.pool.jobs) == 2
+    seen = []
+    dispatch = w.scheduler.outcomes.refill
+
+    def watched() -> None:
+        dispatch()
+        seen.append(_processing(w))
+
+    w.scheduler.outcomes.refill = watched
+    w.pool.failed("a.csv")
+    w.pool.done_recorded("b.csv", recorder)
+    w.turn(2)
+    recorder.close()
+    assert max(seen, default=0) <= w.settings.processing.concurrency
+    assert _processing(w) <= w.settings.processing.concurrency
+    assert len(w.pool.jobs) == 2  # both workers busy again
+
+
+@pytest.mark.parametrize("end", ["lost", "timed_out"])
+def test_an_attempt_its_worker_recorded_before_dying_is_archived_and_ended(
+    world: World, end: str
+) -> None:
+    """The worker committed the success, then died (killed at its deadline, OOM)
+    before its Done: the daemon's refused write finds the row done under this
+    attempt's lease, and moves the input and ends the batch itself."""
+    w = world
+    batch = w.batch("c", ("a.csv",))
+    w.turn()
+    job = w.pool.job("a.csv")
+    # What the worker's recorder committed before it died.
+    outcome = Outcome(Status.COMPLETED, processor=job.processor, lease=job.lease)
+    (row,) = w.store.finish_many([(job.file_id, outcome, w.clock.now())])
+    assert row is not None and row.status.done
+    getattr(w.pool, end)("a.csv")
+    with capture_logs() as logs:
+        w.turn()
+    assert "outcome_already_recorded" in [e["event"] for e in logs]
+    assert "outcome_superseded" not in [e["event"] for e in logs]
+    assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
+    assert w.file(batch, "a.csv").status == Status.COMPLETED
+    assert (w.spool.archive / batch.name / "a.csv").is_file()
+    assert not (w.spool.root / batch.work_path).exists()
+    status = json.loads(w.spool.status_path(batch.name).read_text())
+    assert status["batch"]["status"] == "completed"

@@ -597,3 +597,25 @@ def test_exec_input_is_the_file_the_worker_opened(make_runner: Callable[..., Run
     assert isinstance(event, Done)
     assert event.result == {"stdout": CONTENT.decode()}
     shutil.rmtree(gate)
+
+
+def test_a_pipe_above_descriptor_1023_is_read(tmp_path: Path) -> None:
+    """The loop's readiness check on a worker pipe works past select()'s 1024 limit
+    (the unit allows 65536 open files)."""
+    import os
+    from multiprocessing import Pipe
+    from multiprocessing.connection import Connection
+
+    from batchd.pool import _readable
+
+    a, b = Pipe(duplex=True)
+    high = Connection(os.dup2(b.fileno(), 1500))
+    try:
+        assert not _readable(high)
+        a.send("hello")
+        assert _readable(high)
+        assert high.recv() == "hello"
+    finally:
+        high.close()
+        a.close()
+        b.close()

@@ -108,3 +108,66 @@ def test_a_failed_input_move_is_left_to_the_daemon(world: World) -> None:
     assert (w.spool.root / batch.work_path / "a.csv").is_file()
     assert "input_move_failed" in [e["event"] for e in logs]
     recorder.close()
+
+
+@pytest.fixture
+def idle_archiver_world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path, start_archiver=False, **DEFAULTS)
+
+
+def test_a_worker_ending_the_batch_moves_a_failed_input_to_failed(
+    idle_archiver_world: World,
+) -> None:
+    """a failed (its move to failed/ still queued on the daemon's archiver), then b's
+    worker records the batch's last success and ends the batch: a.csv goes to
+    failed/ by its own status, not swept into archive/ with the rest."""
+    w = idle_archiver_world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("f", ("a.csv", "b.csv"))
+    w.turn()
+    w.pool.failed("a.csv", permanent=True)
+    w.turn()
+    assert w.file(batch, "a.csv").status == Status.FAILED
+    _job, recorded = w.pool.done_recorded("b.csv", recorder)
+    assert recorded is not None and recorded.ended
+    w.scheduler.archiver.start()
+    w.turn()
+    assert w.scheduler.archiver.wait_idle(30)
+    assert (w.spool.failed / batch.name / "a.csv").is_file()
+    assert not (w.spool.archive / batch.name / "a.csv").exists()
+    assert (w.spool.archive / batch.name / "b.csv").is_file()
+    recorder.close()
+
+
+def test_a_batch_reopened_before_the_worker_ends_it_is_left_running(world: World) -> None:
+    """`batchd retry` re-queued the batch's failed file between the worker's commit of
+    the last success and its batch end: the worker leaves the batch running, and
+    nothing of it is swept out of work/."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    batch = w.batch("r", ("a.csv", "b.csv"))
+    w.turn()
+    w.pool.failed("a.csv", permanent=True)
+    w.turn()
+    assert w.scheduler.archiver.wait_idle(30)
+    assert (w.spool.failed / batch.name / "a.csv").is_file()
+    store = recorder._opened()
+    real = store.finish_many
+
+    def then_retry(items):  # type: ignore[no-untyped-def]
+        out = real(items)
+        assert w.store.retry_failed(batch.id) == 1  # the operator, right after the commit
+        # ... and the daemon claims it again, bringing its input back into work/.
+        assert w.spool.locate_input(batch.work_path, batch.name, "a.csv") is not None
+        return out
+
+    store.finish_many = then_retry  # type: ignore[method-assign]
+    _job, recorded = w.pool.done_recorded("b.csv", recorder)
+    assert recorded is not None and recorded.batch is not None
+    assert recorded.batch.status.done and not recorded.ended
+    again = w.store.get_batch(batch.id)
+    assert again is not None and not again.status.done
+    assert w.file(batch, "a.csv").status == Status.PENDING
+    assert (w.spool.root / batch.work_path / "a.csv").is_file()  # not swept into archive/
+    assert not (w.spool.archive / batch.name / "a.csv").exists()
+    recorder.close()
