@@ -51,7 +51,10 @@ def configure(settings: LogSettings, stream: Any = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[str(settings.level)]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() per line (print() makes two: the text, then the
+        # newline): the daemon and its workers share stderr, and two
+        # processes' lines must never interleave (issue 15).
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 
