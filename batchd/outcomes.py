@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import timedelta
 
 import structlog
 
 from batchd.archiver import ArchiveFile, Archiver
+from batchd.attempts import Final, Retry, Running
 from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
@@ -34,46 +35,12 @@ from batchd.messages import Done, Event, Failed, Lost, Progress, Recorded, Timed
 from batchd.metrics import Metrics
 from batchd.outage import OutageGuard
 from batchd.outbox import Outbox, ResultSyncer
-from batchd.records import FileRow, FileTask, Outcome, Status
+from batchd.records import BatchRow, FileRow, FileTask, Outcome, Status
 from batchd.spool import Spool
 from batchd.store import Store
 
 # The scheduler's logger: operators know these events by it.
 log = structlog.get_logger("batchd.scheduler")
-
-
-@dataclass
-class Running:
-    task: FileTask
-    processor: str
-    started_at: str
-    started_mono: float
-    #: where this attempt's result file goes (written by the worker).
-    result_path: str
-
-
-@dataclass
-class Retry:
-    """A failed attempt waiting to be put back in the queue (see :meth:`Outcomes.commit`)."""
-
-    running: Running
-    error: str
-    available_at: datetime
-
-
-@dataclass
-class Final:
-    """A final outcome waiting for the grouped database commit."""
-
-    running: Running
-    outcome: Outcome
-    ended: datetime
-    #: a result file the worker wrote without fsync: made durable (in a group)
-    #: before the commit that says "completed".
-    unsynced: str | None = None
-    #: a failure's result document, written once the commit accepted the
-    #: outcome (a superseded attempt writes nothing: issue 16).
-    document: FileRow | None = None
 
 
 class Outcomes(OutageGuard):
@@ -173,22 +140,25 @@ class Outcomes(OutageGuard):
             ),
             logged=True,
         )
-        self.archiver.archive_file(
-            ArchiveFile(
-                file.id,
-                file.batch_id,
-                task.work_path,
-                task.batch_name,
-                file.relpath,
-                ok=row.status == Status.COMPLETED,
-            )
-        )
+        self._move_input(task, ok=row.status == Status.COMPLETED)
         batch = self.store.get_batch(file.batch_id)
-        if batch is not None and batch.status.done:
+        if batch is not None:
+            self._batch_moved_on(batch)
+
+    def _move_input(self, task: FileTask, ok: bool) -> None:
+        """Have the archiver move a recorded file's input out of work/."""
+        file = task.file
+        self.archiver.archive_file(
+            ArchiveFile(file.id, file.batch_id, task.work_path, task.batch_name, file.relpath, ok)
+        )
+
+    def _batch_moved_on(self, batch: BatchRow) -> None:
+        """A batch a commit changed: its end queued if it is done, else its status.json."""
+        if batch.status.done:
             self.dirty.discard(batch.id)
             self.archiver.end_batch(batch)
         else:
-            self.dirty.add(file.batch_id)
+            self.dirty.add(batch.id)
 
     # -- outcomes ----------------------------------------------------------------
 
@@ -229,23 +199,11 @@ class Outcomes(OutageGuard):
         # still hold its row as processing until this turn's commit; the next
         # dispatch, right after it, fills the freed workers within the bound.
         if not recorded.archived:
-            self.archiver.archive_file(
-                ArchiveFile(
-                    task.file.id,
-                    task.file.batch_id,
-                    task.work_path,
-                    task.batch_name,
-                    task.file.relpath,
-                    ok=True,
-                )
-            )
-        if not batch.status.done:
-            self.dirty.add(batch.id)
-        elif recorded.ended:
+            self._move_input(task, ok=True)
+        if recorded.ended:
             self.dirty.discard(batch.id)
         else:
-            self.dirty.discard(batch.id)
-            self.archiver.end_batch(batch)
+            self._batch_moved_on(batch)
 
     def _complete(self, running: Running, done: Done) -> None:
         """The worker has already written the result file (see batchd.worker)."""
@@ -392,22 +350,9 @@ class Outcomes(OutageGuard):
             self.guarded(self.refill)
             for final in pending:
                 task = final.running.task
-                self.archiver.archive_file(
-                    ArchiveFile(
-                        task.file.id,
-                        task.file.batch_id,
-                        task.work_path,
-                        task.batch_name,
-                        task.file.relpath,
-                        ok=final.outcome.status == Status.COMPLETED,
-                    )
-                )
+                self._move_input(task, ok=final.outcome.status == Status.COMPLETED)
             for batch in {b.id: b for b in batches}.values():
-                if batch.status.done:
-                    self.dirty.discard(batch.id)
-                    self.archiver.end_batch(batch)
-                else:
-                    self.dirty.add(batch.id)
+                self._batch_moved_on(batch)
 
     def _barrier(self) -> list[Final]:
         """fsync the queued results the workers wrote, as one group.

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import structlog
 
 from batchd.archiver import Archiver
+from batchd.attempts import Running
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.errors import StoreError
@@ -44,7 +45,7 @@ from batchd.messages import Delivery, Job
 from batchd.metrics import Metrics
 from batchd.outage import DB_RETRY_MIN_SECONDS
 from batchd.outbox import Outbox, ResultSyncer
-from batchd.outcomes import Outcomes, Running
+from batchd.outcomes import Outcomes
 from batchd.pool import WorkerPool
 from batchd.processors import choose
 from batchd.records import FileTask
