@@ -71,6 +71,20 @@ class ArchiveFile:
     ok: bool
 
 
+def move_input(spool: Spool, task: ArchiveFile) -> bool:
+    """Move a recorded file's input out of ``work/`` (here, or in the worker that
+    recorded it); False when it must be tried again later."""
+    try:
+        spool.settle_input(task.work_path, task.batch_name, task.relpath, ok=task.ok)
+    except OSError as exc:
+        # The database is right and the input is safe in work/: tried again
+        # later by the archiver, and by start-up recovery after a restart.
+        log.error("input_move_failed", batch_id=task.batch_id, file_id=task.file_id, error=str(exc))
+        return False
+    crash_point("after_archive")
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class EndBatch:
     """Clear a finished batch out of ``work/`` and write its final status.json."""
@@ -306,17 +320,7 @@ class Archiver:
 
     def _archive(self, task: ArchiveFile) -> bool:
         """Move the input on; False when it must be tried again later."""
-        try:
-            self.spool.settle_input(task.work_path, task.batch_name, task.relpath, ok=task.ok)
-        except OSError as exc:
-            # The database is right and the input is safe in work/: tried
-            # again later here, and by start-up recovery after a restart.
-            log.error(
-                "input_move_failed", batch_id=task.batch_id, file_id=task.file_id, error=str(exc)
-            )
-            return False
-        crash_point("after_archive")
-        return True
+        return move_input(self.spool, task)
 
     def _end_again(self, task: EndBatch) -> bool:
         """Retry a batch end that failed: clear the batch out of work/ and write

@@ -33,7 +33,7 @@ from datetime import datetime
 
 import structlog
 
-from batchd.archiver import log_batch_finished
+from batchd.archiver import ArchiveFile, log_batch_finished, move_input
 from batchd.caps import inline_result
 from batchd.clock import parse_iso
 from batchd.config import Settings
@@ -141,15 +141,10 @@ class Recorder:
         return Recorded(batch, archived=archived, ended=ended, result=inline)
 
     def _archive(self, job: Job, delivery: Delivery) -> bool:
-        try:
-            self.spool.settle_input(delivery.work_path, delivery.batch_name, job.relpath, ok=True)
-        except OSError as exc:
-            log.error(
-                "input_move_failed", batch_id=job.batch_id, file_id=job.file_id, error=str(exc)
-            )
-            return False
-        crash_point("after_archive")
-        return True
+        task = ArchiveFile(
+            job.file_id, job.batch_id, delivery.work_path, delivery.batch_name, job.relpath, True
+        )
+        return move_input(self.spool, task)
 
     def _end_batch(self, store: Store, batch_id: str, delivery: Delivery) -> bool:
         """The batch end the daemon's archiver would do; False leaves it to the daemon.
