@@ -316,16 +316,25 @@ class Handler(RequestHandler):
         limit = _int_param(query, "limit", FILES_LIMIT_DEFAULT, 1, FILES_LIMIT_MAX)
         offset = _int_param(query, "offset", 0, 0, OFFSET_MAX)
         store = self.owner.store
+        cache = self.owner.cache
         version = store.change_version()
-        key = ("job", ref, str(limit), str(offset))
-        body = self.owner.cache.get(key, version)
+        batch = store.find_batch(ref)
+        if batch is None:
+            raise Refusal(404, f"no batch with id or name {ref!r}")
+        if batch.status.done:
+            # A finished batch changes only by batchd's own re-derivation of it
+            # (a retry), which grows its version: its answer outlives the other
+            # batches' commits, which, while files flow, come hundreds a second
+            # and would rebuild it at every request (issue 15).
+            key: tuple[str, ...] = ("job-done", batch.id, str(limit), str(offset))
+            version = batch.version
+        else:
+            key = ("job", batch.id, str(limit), str(offset))
+        body = cache.get(key, version)
         if body is None:
-            batch = store.find_batch(ref)
-            if batch is None:
-                raise Refusal(404, f"no batch with id or name {ref!r}")
             data = batch_detail(store, batch, files_limit=limit, files_offset=offset)
             body = encode({"success": True, "data": data})
-            self.owner.cache.put(key, version, body)
+            cache.put(key, version, body)
         self._send(200, body)
 
     # -- upload ------------------------------------------------------------------------

@@ -715,6 +715,36 @@ def test_cached_answers_follow_every_commit(srv: Harness) -> None:
     assert srv.get("/api/batch/jobs").json()["data"][0]["status"] == "processing"
 
 
+def test_a_finished_batch_answer_outlives_other_commits_until_its_own_change(
+    srv: Harness,
+) -> None:
+    """A finished batch's detail is reused while other batches commit (files flowing),
+    and rebuilt once the batch itself changes (a retry re-derives it)."""
+    done = srv.drop("done", {"a.csv": CSV})
+    now = SystemClock().now()
+    task = srv.store.claim_next(now)
+    assert task is not None
+    srv.store.finish(task.file.id, Outcome(Status.FAILED, error="boom"), now)
+    first = srv.get(f"/api/batch/jobs/{done.id}").body
+    builds = []
+    real = srv.store.list_files
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        builds.append(args)
+        return real(*args, **kwargs)
+
+    srv.store.list_files = counted  # type: ignore[method-assign]
+    other = srv.drop("other", {"b.csv": CSV})  # another batch's commits
+    claimed = srv.store.claim_next(SystemClock().now())
+    assert claimed is not None and claimed.file.batch_id == other.id
+    assert srv.get(f"/api/batch/jobs/{done.id}").body == first
+    assert builds == []  # served from the cache
+    assert srv.store.retry_failed(done.id) == 1
+    again = srv.get(f"/api/batch/jobs/{done.id}").json()["data"]
+    assert again["batch"]["status"] == "pending" and again["files"][0]["status"] == "pending"
+    assert len(builds) == 1
+
+
 def test_all_threads_busy_answers_503(make_server: Callable[..., Harness]) -> None:
     """When every thread is taken (here by a client that began a request and stalls),
     a new client gets 503."""
