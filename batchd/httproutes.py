@@ -22,7 +22,7 @@ from batchd.httprequest import RequestHandler, encode
 from batchd.httpserver import Server
 from batchd.records import Status
 from batchd.upload import Upload, upload_length
-from batchd.views import batch_detail, batch_percent
+from batchd.views import batch_detail, batch_percents
 
 if TYPE_CHECKING:
     from batchd.http import HttpServer
@@ -302,15 +302,15 @@ class Handler(RequestHandler):
                 ) from None
         user_id = _str_param(query, "userId")
         store = self.owner.store
-        self._cached(
-            ("jobs", str(limit), str(offset), str(status), str(user_id)),
-            lambda: [
-                # The same progressPercent as the batch's own page (SPEC section 6),
-                # so the list and the detail never disagree.
-                {**row.public(), "progressPercent": batch_percent(store, row)}
-                for row in store.list_batches(limit, offset, status, user_id)
-            ],
-        )
+
+        def page() -> list[dict[str, object]]:
+            rows = store.list_batches(limit, offset, status, user_id)
+            # The same progressPercent as the batch's own page (SPEC section 6),
+            # so the list and the detail never disagree; one query for the page.
+            percents = batch_percents(store, rows)
+            return [{**row.public(), "progressPercent": percents[row.id]} for row in rows]
+
+        self._cached(("jobs", str(limit), str(offset), str(status), str(user_id)), page)
 
     def _job(self, ref: str, query: dict[str, list[str]]) -> None:
         limit = _int_param(query, "limit", FILES_LIMIT_DEFAULT, 1, FILES_LIMIT_MAX)

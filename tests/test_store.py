@@ -631,6 +631,19 @@ class StoreContract:
         store.set_progress({running.file.id: 30})
         assert store.progress_sum(batch.id) == 100 + 30 + 0 + 100
 
+    def test_progress_sums_of_a_page_agree_with_progress_sum(self, store: Any) -> None:
+        """progress_sums answers several batches in one query, as progress_sum would each;
+        a batch with no files (or an unknown id) is 0."""
+        one = self.register(store, "b1", ("a", "b"), errors={"b": "refused"})
+        two = self.register(store, "b2", ("c", "d"))
+        running = self.claim(store)
+        store.set_progress({running.file.id: 25})
+        ids = [one.id, two.id, "00000000-0000-4000-8000-000000000000"]
+        sums = store.progress_sums(ids)
+        assert sums == {i: store.progress_sum(i) for i in ids}
+        assert sums[one.id] == 125 and sums[two.id] == 0
+        assert store.progress_sums([]) == {}
+
     def test_queue_counts_and_unfinished(self, store: Any) -> None:
         """queue_counts spans all batches; unfinished_batches lists pending/processing ones."""
         self.register(store, "b1", ("a", "b"))

@@ -178,6 +178,9 @@ class Store(Protocol):
     def progress_sum(self, batch_id: str) -> int:
         """Sum of the files' progress, done files counting 100."""
 
+    def progress_sums(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        """:meth:`progress_sum` of several batches in one query (a page of the list)."""
+
     def unfinished_batches(self) -> list[BatchRow]:
         """Batches not yet completed or failed."""
 

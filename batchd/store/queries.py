@@ -148,6 +148,11 @@ COMMON: dict[str, str] = {
         "SELECT {batch_cols} FROM batch_jobs WHERE status IN ('pending', 'processing')"
         " ORDER BY created_at, {ord}"
     ),
+    "progress_sums": (
+        "SELECT batch_id, COALESCE(SUM(CASE WHEN status IN ('completed', 'failed') THEN 100"
+        " ELSE progress END), 0) AS n FROM batch_files WHERE batch_id IN ({marks})"
+        " GROUP BY batch_id"
+    ),
     "batches_with_files_in": (
         "SELECT DISTINCT batch_id FROM batch_files WHERE status IN ({marks})"
     ),

@@ -105,6 +105,14 @@ class SqlReads:
             return 0
         return int(self.db.read(self.q["progress_sum"], (batch_id,))[0]["n"])
 
+    def progress_sums(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        keys = [k for k in (self.db.key(b) for b in batch_ids) if k is not None]
+        if not keys:
+            return {}
+        sql = self.q["progress_sums"].format(marks=", ".join(self.db.mark for _ in keys))
+        sums = {str(r["batch_id"]): int(r["n"]) for r in self.db.read(sql, keys)}
+        return {b: sums.get(b, 0) for b in batch_ids}
+
     def unfinished_batches(self) -> list[BatchRow]:
         return [batch_row(r) for r in self.db.read(self.q["unfinished_batches"])]
 
