@@ -105,8 +105,6 @@ class Recorded:
     #: the batch was done and its end (work/ cleared, final status.json)
     #: was carried out here (False while the batch goes on, or on an error).
     ended: bool = False
-    #: the inline copy of the result the store now holds.
-    result: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ class Outcomes(OutageGuard):
         self.progress.pop(event.file_id, None)
         self.metrics.attempt_took(self.clock.monotonic() - running.started_mono)
         if isinstance(event, Done) and event.recorded is not None:
-            self._recorded(running, event, event.recorded)
+            self._recorded(running, event.recorded)
         elif isinstance(event, Done):
             self._complete(running, event)
         elif (
@@ -185,7 +185,7 @@ class Outcomes(OutageGuard):
         else:
             self._retry_or_fail(running, event.error)
 
-    def _recorded(self, running: Running, done: Done, recorded: Recorded) -> None:
+    def _recorded(self, running: Running, recorded: Recorded) -> None:
         """A success its worker has committed, and maybe archived and ended."""
         task = running.task
         batch = recorded.batch

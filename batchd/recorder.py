@@ -137,8 +137,8 @@ class Recorder:
             # The commit stands: whatever failed after it is the daemon's to
             # finish (its archiver moves the input and ends the batch).
             log.error("worker_after_commit_failed", file_id=job.file_id, error=repr(exc))
-            return Recorded(batch, result=inline)
-        return Recorded(batch, archived=archived, ended=ended, result=inline)
+            return Recorded(batch)
+        return Recorded(batch, archived=archived, ended=ended)
 
     def _archive(self, job: Job, delivery: Delivery) -> bool:
         task = ArchiveFile(
