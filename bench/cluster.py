@@ -260,6 +260,18 @@ def _result_files(spool: Path) -> int:
     return sum(1 for _ in (spool / "outbox").glob("*/results/*.json"))
 
 
+def _start_and_drop(nodes: list[Any], tmp: Path, folders: int, per: int) -> tuple[int, float]:
+    """Start every node, let them idle, then drop ``folders x per`` files into the
+    first node's inbox; returns the file count and the clock at the drop."""
+    for node in nodes:
+        node.start(idle_seconds=0)
+    time.sleep(1.0)  # not synchronisation: idle nodes with spawned workers are the scenario
+    staged = make_drops(tmp / "staging", folders, per)
+    t0 = time.perf_counter()
+    drop_all(staged, nodes[0].inbox())
+    return folders * per, t0
+
+
 def io_throughput(server: PgServer, n: int, folders: int, per: int) -> dict[str, Any]:
     """``n`` nodes (concurrency 3 each, ``bench.procs:io_bound``) on one spool and one
     database: files/s from the drop of every folder to the last file done."""
@@ -269,13 +281,7 @@ def io_throughput(server: PgServer, n: int, folders: int, per: int) -> dict[str,
         url = server.url(dbname)
         nodes = _nodes(tmp, n, url, "bench.procs:io_bound", SCALE_CONCURRENCY)
         try:
-            for node in nodes:
-                node.start(idle_seconds=0)
-            time.sleep(1.0)  # not synchronisation: idle nodes with spawned workers are the scenario
-            staged = make_drops(tmp / "staging", folders, per)
-            total = folders * per
-            t0 = time.perf_counter()
-            drop_all(staged, nodes[0].inbox())
+            total, t0 = _start_and_drop(nodes, tmp, folders, per)
             wait_until(
                 lambda: _count_done(url, None) >= total, 900, what=f"{total} files", interval=0.05
             )
@@ -325,13 +331,7 @@ def kill_one(server: PgServer, n: int, folders: int, per: int) -> dict[str, Any]
         victim = nodes[-1]
         victim_id = vid = victim.env["BATCHD_CLUSTER__NODE_ID"]
         try:
-            for node in nodes:
-                node.start(idle_seconds=0)
-            time.sleep(1.0)  # not synchronisation: idle nodes with spawned workers are the scenario
-            staged = make_drops(tmp / "staging", folders, per)
-            total = folders * per
-            t0 = time.perf_counter()
-            drop_all(staged, nodes[0].inbox())
+            total, t0 = _start_and_drop(nodes, tmp, folders, per)
             busy = "SELECT id FROM batch_files WHERE status = 'processing' AND node_id = %s"
             wait_until(
                 lambda: _count_done(url, None) >= total // 3 and bool(_pg_rows(url, busy, vid)),
