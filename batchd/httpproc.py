@@ -179,23 +179,28 @@ class HttpProcess:
 
     def _supervise(self) -> None:
         # Questions are answered until the child is gone, a stopping one too.
+        # Only this thread reaps the child: two threads waiting for one pid
+        # race, and the loser takes a dead child for a live one.
+        link_open = True
         while True:
             process, link = self._process, self._link
             assert process is not None and link is not None
-            ready = wait([link, process.sentinel], timeout=SUPERVISE_POLL_SECONDS)
+            waited: list[Any] = [link, process.sentinel] if link_open else [process.sentinel]
+            ready = wait(waited, timeout=SUPERVISE_POLL_SECONDS)
             if link in ready:
                 try:
-                    message = link.recv()
-                except (EOFError, OSError):
-                    message = None
-                if message is not None:
-                    self._handle(link, message)
+                    self._handle(link, link.recv())
                     continue
-            if process.sentinel in ready or not process.is_alive():
-                process.join(timeout=1)
+                except (EOFError, OSError):
+                    link_open = False  # the child is ending: wait for its exit alone
+            if process.sentinel in ready:
+                process.join()
                 if self._stopping.is_set():
                     return
                 self._replace(process)
+                if self._stopping.is_set():
+                    return
+                link_open = True
 
     def _handle(self, link: Connection, message: object) -> None:
         if isinstance(message, Notice):
@@ -261,17 +266,16 @@ class HttpProcess:
         with self._lock:
             self._stopping.set()
             process, control = self._process, self._control
-        if process is not None:
-            if control is not None:
-                with contextlib.suppress(OSError):
-                    control.send(None)
-            process.join(STOP_JOIN_SECONDS)
-            if process.is_alive():
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.send(None)
+        if self._thread is not None:
+            # The supervisor answers the stopping child's questions and reaps it.
+            self._thread.join(STOP_JOIN_SECONDS)
+            if self._thread.is_alive() and process is not None:
                 log.warning("http_process_killed", pid=process.pid, after_seconds=STOP_JOIN_SECONDS)
                 process.kill()
-                process.join()
-        if self._thread is not None:
-            self._thread.join()
+                self._thread.join()
         self._close_pipes()
         self.listening.close()
 
