@@ -133,6 +133,9 @@ class HttpProcess:
         self.listening = listening
         self.answers = answers
         self.port = int(listening.getsockname()[1])
+        #: /healthz's uptime counts from here, not from the current child's start
+        #: (CLOCK_MONOTONIC is one clock for every process on the machine).
+        self.started_monotonic = time.monotonic()
         #: processes started (the first, then each replacement).
         self.started = 0
         self._process: BaseProcess | None = None
@@ -162,7 +165,14 @@ class HttpProcess:
             target=http_main,
             # The socket is pickled for the spawned child: its descriptor is
             # passed on, the daemon keeps its own for the next child.
-            args=(self.settings, self.listening, child_link, control, os.getpid()),
+            args=(
+                self.settings,
+                self.listening,
+                child_link,
+                control,
+                os.getpid(),
+                self.started_monotonic,
+            ),
             name="batchd-http",
             daemon=True,
         )
@@ -362,6 +372,7 @@ def http_main(
     link: Connection,
     control: Connection,
     parent_pid: int,
+    started_monotonic: float,
 ) -> None:
     """Entry point of the HTTP process: serve until the daemon says stop (or goes)."""
     # A Ctrl-C in the daemon's terminal reaches the whole process group: the
@@ -397,6 +408,7 @@ def http_main(
     server.daemon_metrics = daemon.metrics
     server.adopt(listening)
     server.serve()
+    server.started_at = started_monotonic
     try:
         while True:
             try:

@@ -85,7 +85,10 @@ def test_sigkilled_http_process_is_replaced_and_serves_again(tmp_path: Path) -> 
         assert died[0]["pid"] == first and died[0]["signal"] == "SIGKILL"
         pids = wait_until(lambda: http_pids(d)[1:], 10, what="a new HTTP process")
         assert pids[0] != first and pids[0] in children(d.pid)
-        assert get(port, "/healthz")[0] == 200
+        status, health = get(port, "/healthz")
+        assert status == 200
+        # The daemon's uptime, not the new process's.
+        assert health["data"]["uptime_seconds"] >= died[0]["lived_seconds"]
         assert get(port, "/api/batch/jobs", TOKEN_A)[0] == 200
     finally:
         assert d.stop() == 0
@@ -196,3 +199,26 @@ def test_healthz_is_503_when_the_daemon_does_not_answer_in_time(tmp_path: Path) 
         wait_until(lambda: get(port, "/healthz")[0] == 200, 10, what="/healthz 200 again")
     finally:
         assert d.stop() == 0
+
+
+def test_http_process_ignores_sigint_and_dies_with_a_sigkilled_daemon(tmp_path: Path) -> None:
+    """A Ctrl-C (SIGINT) reaching the HTTP process leaves it serving (the daemon decides);
+    a SIGKILLed daemon takes it down (PR_SET_PDEATHSIG), so the port is not held by an orphan."""
+    d, port = start(tmp_path)
+    try:
+        assert get(port, "/healthz")[0] == 200
+        [pid] = http_pids(d)
+        os.kill(pid, signal.SIGINT)
+        assert get(port, "/healthz")[0] == 200
+        assert http_pids(d) == [pid] and not d.events("http_process_died")
+    finally:
+        d.kill()
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"  # killed, waiting for init to reap it
+
+    wait_until(gone, 10, what="the HTTP process to die with the daemon")
