@@ -419,6 +419,7 @@ def http_main(
                 break  # None: stop
             logsetup.configure(message.log)
             intake.settings = spool.settings = message
+            daemon.timeout_seconds = message.http.daemon_answer_timeout_seconds
             server.reconfigure(message)
     finally:
         server.stop()
