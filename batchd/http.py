@@ -8,8 +8,8 @@ and :mod:`batchd.httprequest`.
 Python's own ``http.server``: a :class:`ThreadingHTTPServer`, one thread per
 client connection, capped at ``http.max_threads``. The daemon runs it in a
 process of its own (:mod:`batchd.httpproc`), so answering requests does not
-compete with the scheduler for one interpreter lock; tests also run it in
-their own process.
+compete with the scheduler for one interpreter lock; tests run it in
+theirs (``build()``'s ``parts.http``).
 It reads the store and hands uploads to :class:`~batchd.intake.Intake`, the
 same registration path a folder drop takes; it never processes anything.
 
