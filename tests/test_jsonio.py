@@ -14,7 +14,7 @@ from batchd.fsutil import write_json_atomic
 
 VALUES: list[object] = [
     {"a": 1, "b": [1.5, -0.0, 1e-05, 1e16, 3.141592653589793], "c": None, "d": True},
-    {"menü": "Käse – 12,50 €", "emoji": "\U0001f35d", "ctl": "tab\there\nnl\x00nul"},
+    {"menü": "Käse \u2013 12,50 €", "emoji": "\U0001f35d", "ctl": "tab\there\nnl\x00nul"},
     {"nested": {"deep": [[{"x": "y"}]] * 3}, "empty": {}, "list": []},
     ["top", "level", 1, 2],
     {"ordered": 1, "keys": 2, "stay": 3, "in": 4, "order": 5},
@@ -69,7 +69,7 @@ class Point:
 
 
 def test_compact_with_default_keeps_the_standard_librarys_text_for_dates_and_dataclasses() -> None:
-    """compact(default=str): a datetime or dataclass becomes str(value), as json.dumps(default=str)."""
+    """compact(default=str): a date or dataclass becomes str(value), as json.dumps(default=str)."""
     when = dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.UTC)
     value = {"at": when, "day": dt.date(2026, 11, 28), "p": Point(3), "n": [1, "x"]}
     expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
