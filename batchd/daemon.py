@@ -106,7 +106,11 @@ def build(
         outbox,
         clock,
         on_registered=lambda batch: scheduler.wake(),
-        write_status=lambda batch: scheduler.archiver.refresh(batch.id),
+        # Held for the status interval: a batch that ends sooner (a loose
+        # file) gets only its final document (issue 15).
+        write_status=lambda batch: scheduler.archiver.first_status(
+            batch.id, scheduler.settings.processing.status_interval_seconds
+        ),
     )
     chores = Chores(settings, clock, spool, store, intake, scheduler, pool)
     scheduler.on_tick = chores.tick
