@@ -123,6 +123,9 @@ def build(
         ),
         on_rescan=metrics.rescanned,
         on_restart=metrics.watcher_restarted,
+        take_many=lambda drops: take_many_if_room(
+            intake, drops, intake.settings.limits.min_free_bytes
+        ),
     )
     chores.watcher_alive = watcher.is_alive
     parts = Parts(
@@ -159,6 +162,18 @@ def take_if_room(
         log.warning("claim_postponed", path=str(path), reason=disk)
         return None
     return intake.take_drop(path, priority)
+
+
+def take_many_if_room(
+    intake: Intake, drops: list[tuple[Path, Priority]], min_free_bytes: int
+) -> list[BatchRow | Exception | None]:
+    """:func:`take_if_room` for several ready drops, registered together."""
+    disk = free_space_problem(intake.spool.root, min_free_bytes)
+    if disk is not None:
+        for path, _priority in drops:
+            log.warning("claim_postponed", path=str(path), reason=disk)
+        return [None] * len(drops)
+    return intake.take_drops(drops)
 
 
 def _stop_resource_tracker() -> None:

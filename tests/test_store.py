@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from batchd.config import Priority
-from batchd.errors import StoreError
+from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import BatchRow, FileTask, NewBatch, NewFile, Outcome, Status
 from batchd.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
@@ -145,6 +145,34 @@ class StoreContract:
             (f.batch_id, f.retry_count, f.attempts, f.progress) == (batch.id, 0, 0, 0)
             for f in files
         )
+
+    def test_register_batches_registers_several_in_order(self, store: Any) -> None:
+        """Several batches registered in one call are each as register_batch makes them, FIFO."""
+        rows = store.register_batches(
+            [new_batch("l1"), new_batch("l2", ("x.csv", "y.csv")), new_batch("l3")], T0
+        )
+        assert [(r.name, r.status, r.total_files) for r in rows] == [
+            ("l1", Status.PENDING, 1),
+            ("l2", Status.PENDING, 2),
+            ("l3", Status.PENDING, 1),
+        ]
+        assert [store.get_batch(r.id) for r in rows] == rows
+        assert self.drain(store) == ["l1/a.csv", "l2/x.csv", "l2/y.csv", "l3/a.csv"]
+        assert store.register_batches([], T0) == []
+
+    def test_register_batches_is_all_or_nothing(self, store: Any) -> None:
+        """One batch of a group failing its checks rolls back the whole group."""
+        self.register(store, "taken")
+        with pytest.raises(NameTaken):
+            store.register_batches(
+                [new_batch("m1"), new_batch("taken", priority=Priority.HIGH), new_batch("m2")], T0
+            )
+        assert [b.name for b in store.list_batches()] == ["taken"]
+        with pytest.raises(AlreadyRegistered):
+            store.register_batches([new_batch("m3"), new_batch("taken")], T0)
+        assert [b.name for b in store.list_batches()] == ["taken"]
+        rows = store.register_batches([new_batch("m1"), new_batch("m2")], T0)
+        assert [r.name for r in rows] == ["m1", "m2"]
 
     def test_refused_member_is_registered_failed(self, store: Any) -> None:
         """A member with an error is failed at once; the rest stay pending."""
