@@ -11,11 +11,11 @@ input moves in the order they were asked for, then the status.json of every
 batch the group touched, written together so that their fsyncs share one
 disk flush (each document is still synced before it is renamed into place).
 A new batch's first status.json comes this way too, from intake, held for
-``processing.status_interval_seconds`` first (:class:`FirstStatus`): a batch
-that ends meanwhile (a loose file, most often) gets only its final document,
-written by whoever ends it, instead of two (issue 15); one still running or
-waiting in the queue then gets its first, as SPEC section 3's "at most a few
-times a second" allows.
+``processing.first_status_hold_seconds`` first (:class:`FirstStatus`; never
+longer than ``status_interval_seconds``): a batch that ends meanwhile (a
+loose file, most often) gets only its final document, written by whoever
+ends it, instead of two (issue 15); one still running or waiting in the
+queue then gets its first.
 
 This keeps the crash order recovery relies on (result file, then database,
 then input move): nothing is queued here before its commit, and a crash that

@@ -106,10 +106,10 @@ def build(
         outbox,
         clock,
         on_registered=lambda batch: scheduler.wake(),
-        # Held for the status interval: a batch that ends sooner (a loose
-        # file) gets only its final document (issue 15).
+        # Held a moment: a batch that ends sooner (a loose file) gets only
+        # its final document (issue 15).
         write_status=lambda batch: scheduler.archiver.first_status(
-            batch.id, scheduler.settings.processing.status_interval_seconds
+            batch.id, first_status_hold(scheduler.settings)
         ),
     )
     chores = Chores(settings, clock, spool, store, intake, scheduler, pool)
@@ -150,6 +150,13 @@ def build(
         )
         parts.http.inbox = watcher.inbox
     return parts
+
+
+def first_status_hold(settings: Settings) -> float:
+    """Seconds a new batch's first status.json waits: the hold, never over the
+    status interval (SPEC section 3: a change shows within it)."""
+    processing = settings.processing
+    return min(processing.first_status_hold_seconds, processing.status_interval_seconds)
 
 
 def take_if_room(
