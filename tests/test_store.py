@@ -263,6 +263,28 @@ class StoreContract:
         assert refreshed.started_at == "2026-11-28T10:00:05.000Z"
         assert store.claim_next(at(5)) is None
 
+    def test_claiming_a_pending_batchs_files_keeps_its_row_right(self, store: Any) -> None:
+        """The first claim starts a pending batch (counters, version, started_at); later
+        claims and a finish leave it derived from its files as before."""
+        batch = self.register(store, "p1", ("a.csv", "b.csv"))
+        first = self.claim(store, at(1))
+        started = store.get_batch(batch.id)
+        assert (started.status, started.started_at, started.completed_at) == (
+            Status.PROCESSING,
+            "2026-11-28T10:00:01.000Z",
+            None,
+        )
+        assert (started.total_files, started.processed_files, started.failed_files) == (2, 0, 0)
+        assert started.version > batch.version
+        store.finish(first.file.id, completed(), at(2))
+        self.claim(store, at(3))
+        again = store.get_batch(batch.id)
+        assert (again.status, again.started_at, again.processed_files) == (
+            Status.PROCESSING,
+            "2026-11-28T10:00:01.000Z",
+            1,
+        )
+
     def test_claim_order_priority_then_fifo(self, store: Any) -> None:
         """High before normal before low; within a priority, first registered first."""
         self.register(store, "low1", ("a", "b"), Priority.LOW)

@@ -322,4 +322,10 @@ class SqlStore(SqlReads, SqlUpkeep):
         row = tx.row(self.q["get_batch"], (batch_id,))
         if row["status"] == Status.PROCESSING:
             return batch_row(row)
+        if row["status"] == Status.PENDING:
+            # Its first file starts (every file of a loose drop's batch does):
+            # processing, counters unchanged, without counting its files.
+            started = tx.one(self.q["start_batch"], {"now": self.db.ts(now), "id": batch_id})
+            if started is not None:
+                return batch_row(started)
         return self._refresh_batch(tx, batch_id, now)
