@@ -10,7 +10,12 @@ background thread. The thread takes whatever is queued as one group: the
 input moves in the order they were asked for, then the status.json of every
 batch the group touched, written together so that their fsyncs share one
 disk flush (each document is still synced before it is renamed into place).
-A new batch's first status.json comes this way too, from intake.
+A new batch's first status.json comes this way too, from intake, held for
+``processing.first_status_hold_seconds`` first (:class:`FirstStatus`; never
+longer than ``status_interval_seconds``): a batch that ends meanwhile (a
+loose file, most often) gets only its final document, written by whoever
+ends it, instead of two (issue 15); one still running or waiting in the
+queue then gets its first.
 
 This keeps the crash order recovery relies on (result file, then database,
 then input move): nothing is queued here before its commit, and a crash that
@@ -24,6 +29,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -99,7 +105,17 @@ class RefreshStatus:
     batch_id: str
 
 
-Task = ArchiveFile | EndBatch | RefreshStatus
+@dataclass(frozen=True, slots=True)
+class FirstStatus:
+    """Write a new batch's first status.json ``delay`` seconds from now, unless
+    the batch ended meanwhile (its end writes the final one) or another
+    rewrite came first."""
+
+    batch_id: str
+    delay: float
+
+
+Task = ArchiveFile | EndBatch | RefreshStatus | FirstStatus
 
 
 class Archiver:
@@ -132,6 +148,12 @@ class Archiver:
         #: failed moves waiting to be tried again (archiver thread only):
         #: (monotonic due time, delay used, task).
         self._later: list[tuple[float, float, ArchiveFile | EndBatch]] = []
+        #: new batches' first status.json, by batch id: when it is due
+        #: (monotonic; archiver thread only, in due order since every delay is
+        #: the same setting).
+        self._first: dict[str, float] = {}
+        #: first documents held and then not needed (the batch had ended).
+        self.first_statuses_skipped = 0
 
     # -- asking (scheduler thread) -------------------------------------------------
 
@@ -156,6 +178,14 @@ class Archiver:
                 return
             self._refresh_queued.add(batch_id)
         self._put(RefreshStatus(batch_id))
+
+    def first_status(self, batch_id: str, delay: float) -> None:
+        """Write a new batch's first status.json in ``delay`` seconds, unless
+        it has ended by then; ``delay`` 0 writes it as soon as :meth:`refresh`."""
+        if delay <= 0:
+            self.refresh(batch_id)
+            return
+        self._put(FirstStatus(batch_id, delay))
 
     def touches(self, file_id: str, batch_id: str) -> bool:
         """Whether queued work still moves this file's input or ends its batch.
@@ -199,15 +229,56 @@ class Archiver:
     # -- doing (archiver thread) ----------------------------------------------------
 
     def _next(self) -> Task | None:
-        """The next queued task, running parked retries that fall due meanwhile."""
+        """The next queued task, running parked retries and held first
+        documents that fall due meanwhile."""
         while True:
-            if not self._later:
+            dues = [due for due, _d, _t in self._later]
+            if self._first:
+                dues.append(next(iter(self._first.values())))
+            if not dues:
                 return self._queue.get()
-            wait = min(due for due, _d, _t in self._later) - time.monotonic()
+            wait = min(dues) - time.monotonic()
             try:
                 return self._queue.get(timeout=max(0.0, wait))
             except queue.Empty:
                 self._retry_due()
+                self._first_due()
+
+    def _first_due(self, everything: bool = False) -> None:
+        """Write the held first documents that are due (all of them when stopping)."""
+        now = time.monotonic()
+        due = [b for b, when in self._first.items() if everything or when <= now]
+        if not due:
+            return
+        for batch_id in due:
+            del self._first[batch_id]
+        try:
+            self._write_first(due)
+        except Exception:
+            # A bug must not stop the thread; recovery rewrites status.json.
+            log.exception("settle_failed", tasks=len(due))
+        finally:
+            with self._idle:
+                self._outstanding -= len(due)
+                self._idle.notify_all()
+
+    def _write_first(self, batch_ids: list[str]) -> None:
+        live: list[BatchRow] = []
+        for batch_id in batch_ids:
+            try:
+                row = self.outbox.store.get_batch(batch_id)
+            except BatchdError as exc:
+                log.error("status_write_failed", batch_id=batch_id, error=str(exc))
+                continue
+            if row is None or row.status.done:
+                # Ended (or deleted) meanwhile: the end wrote, or writes, the
+                # final document, and recovery rewrites one a crash lost.
+                self.first_statuses_skipped += 1
+                continue
+            live.append(row)
+        errors = self.outbox.write_statuses(live, self.syncer) if live else {}
+        for batch_id, error in errors.items():
+            log.error("status_write_failed", batch_id=batch_id, error=str(error))
 
     def _retry_due(self) -> None:
         now = time.monotonic()
@@ -251,6 +322,7 @@ class Archiver:
                         stopping = True
                         break
                     group.append(more)
+                group = self._hold_first(group)
                 try:
                     self._do_group(group)
                 except Exception:
@@ -265,9 +337,46 @@ class Archiver:
                             elif isinstance(done, EndBatch):
                                 self._ending.discard(done.batch.id)
                         self._idle.notify_all()
+                # Also while the queue never runs dry (a flood of drops).
+                self._first_due()
+            # Stopping: what is held is written now (or found unneeded).
+            self._first_due(everything=True)
         finally:
             with contextlib.suppress(Exception):
                 self.outbox.store.release_thread()
+
+    def _hold_first(self, group: list[Task]) -> list[Task]:
+        """Hold the group's :class:`FirstStatus` items until due; the rest, to do now.
+
+        A held document stays counted as outstanding until it is written or
+        found unneeded; a second one for a batch already held is done at once.
+        """
+        now = time.monotonic()
+        rest: list[Task] = []
+        doubled = 0
+        for task in group:
+            if not isinstance(task, FirstStatus):
+                rest.append(task)
+            elif task.batch_id in self._first:
+                doubled += 1
+            else:
+                self._first[task.batch_id] = now + task.delay
+        if doubled:
+            with self._idle:
+                self._outstanding -= doubled
+                self._idle.notify_all()
+        return rest
+
+    def _drop_first(self, batch_ids: Iterable[str]) -> None:
+        """Written now by a refresh or an end: a held first document is not needed."""
+        dropped = 0
+        for batch_id in batch_ids:
+            if self._first.pop(batch_id, None) is not None:
+                dropped += 1
+        if dropped:
+            with self._idle:
+                self._outstanding -= dropped
+                self._idle.notify_all()
 
     def _do_group(self, group: list[Task]) -> None:
         """Moves first, in order; then every status.json the group asked for, together."""
@@ -306,6 +415,8 @@ class Archiver:
         errors = self.outbox.write_statuses(list(fresh.values()), self.syncer) if fresh else {}
         for batch_id, error in errors.items():
             log.error("status_write_failed", batch_id=batch_id, error=str(error))
+        if self._first:
+            self._drop_first(b for b in fresh if b not in errors)
         for batch_id, end in ends.items():
             row = fresh.get(batch_id, end.batch)
             if batch_id in finalized and batch_id in fresh and batch_id not in errors:

@@ -142,6 +142,9 @@ class ProcessingSettings(_Section):
     worker_recycle_rss_mb: int = Field(512, ge=0)
     poll_seconds: float = Field(1.0, gt=0)
     status_interval_seconds: float = Field(0.25, ge=0)
+    #: a new batch's first status.json waits this long (never longer than
+    #: status_interval_seconds): one that ends sooner gets only its final one.
+    first_status_hold_seconds: float = Field(0.1, ge=0)
     max_rows: int = Field(10_000, ge=1)
     max_text_chars: int = Field(1_000_000, ge=1)
 

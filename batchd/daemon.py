@@ -112,7 +112,11 @@ def build(
         outbox,
         clock,
         on_registered=lambda batch: scheduler.wake(),
-        write_status=lambda batch: scheduler.archiver.refresh(batch.id),
+        # Held a moment: a batch that ends sooner (a loose file) gets only
+        # its final document (issue 15).
+        write_status=lambda batch: scheduler.archiver.first_status(
+            batch.id, first_status_hold(scheduler.settings)
+        ),
     )
     chores = Chores(settings, clock, spool, store, intake, scheduler, pool)
     scheduler.on_tick = chores.tick
@@ -125,6 +129,9 @@ def build(
         ),
         on_rescan=metrics.rescanned,
         on_restart=metrics.watcher_restarted,
+        take_many=lambda drops: take_many_if_room(
+            intake, drops, intake.settings.limits.min_free_bytes
+        ),
     )
     chores.watcher_alive = watcher.is_alive
     parts = Parts(
@@ -151,6 +158,13 @@ def build(
     return parts
 
 
+def first_status_hold(settings: Settings) -> float:
+    """Seconds a new batch's first status.json waits: the hold, never over the
+    status interval (SPEC section 3: a change shows within it)."""
+    processing = settings.processing
+    return min(processing.first_status_hold_seconds, processing.status_interval_seconds)
+
+
 def take_if_room(
     intake: Intake, path: Path, priority: Priority, min_free_bytes: int
 ) -> BatchRow | None:
@@ -161,6 +175,18 @@ def take_if_room(
         log.warning("claim_postponed", path=str(path), reason=disk)
         return None
     return intake.take_drop(path, priority)
+
+
+def take_many_if_room(
+    intake: Intake, drops: list[tuple[Path, Priority]], min_free_bytes: int
+) -> list[BatchRow | Exception | None]:
+    """:func:`take_if_room` for several ready drops, registered together."""
+    disk = free_space_problem(intake.spool.root, min_free_bytes)
+    if disk is not None:
+        for path, _priority in drops:
+            log.warning("claim_postponed", path=str(path), reason=disk)
+        return [None] * len(drops)
+    return intake.take_drops(drops)
 
 
 def _stop_resource_tracker() -> None:

@@ -11,7 +11,7 @@ same batch name; across nodes, the ``mkdir`` reservation in
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -23,7 +23,7 @@ from batchd.faults import crash_point
 from batchd.fsutil import printable
 from batchd.members import DropRefused, batch_limit_error
 from batchd.outbox import Outbox
-from batchd.records import BatchRow, NewBatch, Status
+from batchd.records import BatchRow, NewBatch, NewFile, Status
 from batchd.spool import Claimed, ClaimRefused, Spool
 from batchd.store import Store
 
@@ -31,6 +31,9 @@ log = structlog.get_logger("batchd.intake")
 
 #: Names tried before giving up on a claim (each loser of a race takes the next).
 MAX_NAME_TRIES = 100
+#: At most this many drops ready at once are registered in one transaction
+#: (the write lock is held meanwhile, and the scheduler's claims wait for it).
+REGISTER_GROUP_MAX = 64
 
 
 class Intake:
@@ -67,46 +70,135 @@ class Intake:
         :meth:`register_claimed`).
         """
         with self.lock:
-            self.outbox.clear_inbox_refusal(printable(source.name))
-            for _ in range(MAX_NAME_TRIES):
-                try:
-                    name = self.spool.unique_name(printable(source.name), self.store.name_taken)
-                except StoreError as exc:
-                    # The database is away: leave the drop in the inbox, where
-                    # the next rescan finds it again (nothing half-done).
-                    log.warning("claim_postponed", path=str(source), error=str(exc))
-                    return None
-                try:
-                    claimed = self.spool.claim(source, priority, name)
-                except FileExistsError:
-                    # Another node reserved this name a moment ago: take the next.
-                    continue
-                except ClaimRefused as exc:
-                    # Visible where the dropper looks for results; the watcher
-                    # logs it once and keeps the drop in GET /api/inbox.
-                    try:
-                        self.outbox.write_inbox_refusal(
-                            name, printable(str(source)), str(priority), exc.message
-                        )
-                    except (OSError, BatchdError) as write_exc:
-                        log.error("status_write_failed", batch=name, error=str(write_exc))
-                    raise
-                break
-            else:
-                raise BatchdError(f"no free batch name for {source} after {MAX_NAME_TRIES} tries")
+            claimed = self._claim_drop(source, priority)
             if claimed is None:
-                log.info("drop_vanished", path=str(source))
                 return None
-            log.info("batch_claimed", path=str(source), batch=name, priority=str(priority))
-            crash_point("after_claim")
+            return self._register_or_defer(claimed)
+
+    def take_drops(
+        self, drops: Sequence[tuple[Path, Priority]]
+    ) -> list[BatchRow | Exception | None]:
+        """:meth:`take_drop` for drops that are ready at the same moment.
+
+        Each drop is claimed (moved into ``work/``) one by one, as by
+        :meth:`take_drop`; then those claimed are registered in ONE store
+        transaction (:meth:`Store.register_batches`), up to
+        ``REGISTER_GROUP_MAX`` at a time, instead of one each (issue 15).
+        A crash between the moves and the commit leaves claimed, unregistered
+        folders in ``work/``, which start-up recovery registers, as after a
+        crash between a single claim and its registration.
+
+        One entry per drop, in order: its batch, ``None`` (as
+        :meth:`take_drop`), or the exception its claim raised
+        (:class:`ClaimRefused`, an OSError ...): one drop's trouble does not
+        stop the others.
+        """
+        out: list[BatchRow | Exception | None] = []
+        for start in range(0, len(drops), REGISTER_GROUP_MAX):
+            with self.lock:
+                out.extend(self._take_group(drops[start : start + REGISTER_GROUP_MAX]))
+        return out
+
+    def _take_group(
+        self, drops: Sequence[tuple[Path, Priority]]
+    ) -> list[BatchRow | Exception | None]:
+        results: list[BatchRow | Exception | None] = []
+        claims: list[tuple[int, Claimed]] = []
+        for source, priority in drops:
             try:
-                return self.register_claimed(claimed)
+                claimed = self._claim_drop(source, priority)
+            except Exception as exc:
+                results.append(exc)
+                continue
+            results.append(None)
+            if claimed is not None:
+                claims.append((len(results) - 1, claimed))
+        if len(claims) == 1:
+            index, claimed = claims[0]
+            try:
+                results[index] = self._register_or_defer(claimed)
+            except Exception as exc:
+                results[index] = exc
+            return results
+        if not claims:
+            return results
+        prepared: list[tuple[int, Claimed, NewBatch, list[NewFile], bool]] = []
+        for index, claimed in claims:
+            try:
+                prepared.append((index, claimed, *self._new_batch(claimed)))
+            except Exception as exc:  # as register() would raise it, for this drop alone
+                results[index] = exc
+        try:
+            batches = self.store.register_batches([p[2] for p in prepared], self.clock.now())
+        except (AlreadyRegistered, NameTaken, StoreError) as exc:
+            # The group rolled back as a whole: one by one now, each with
+            # register_claimed()'s handling of its own clash or outage.
+            log.info(
+                "batch_group_registered_singly", drops=len(prepared), reason=type(exc).__name__
+            )
+            for index, claimed, *_rest in prepared:
+                try:
+                    results[index] = self._register_or_defer(claimed)
+                except Exception as single:
+                    results[index] = single
+            return results
+        for (index, _claimed, new, members, refused), batch in zip(prepared, batches, strict=True):
+            crash_point("after_register")  # once per batch, as for one registered alone
+            try:
+                results[index] = self._registered(batch, new, members, refused)
+            except Exception as exc:  # registered: the rest of the group goes on
+                results[index] = exc
+        return results
+
+    def _register_or_defer(self, claimed: Claimed) -> BatchRow | None:
+        try:
+            return self.register_claimed(claimed)
+        except StoreError as exc:
+            # The database is away: the claim waits in work/ and is
+            # registered by retry_deferred() once the database is back.
+            log.error("registration_deferred", batch=claimed.name, error=str(exc))
+            self._deferred.append(claimed)
+            return None
+
+    def _claim_drop(self, source: Path, priority: Priority) -> Claimed | None:
+        """Move a ready drop into ``work/`` under a free name (caller holds the lock).
+
+        ``None`` when it vanished or the database is away (it stays in the
+        inbox); raises :class:`ClaimRefused` when batchd may not move it.
+        """
+        self.outbox.clear_inbox_refusal(printable(source.name))
+        for _ in range(MAX_NAME_TRIES):
+            try:
+                name = self.spool.unique_name(printable(source.name), self.store.name_taken)
             except StoreError as exc:
-                # The database is away: the claim waits in work/ and is
-                # registered by retry_deferred() once the database is back.
-                log.error("registration_deferred", batch=claimed.name, error=str(exc))
-                self._deferred.append(claimed)
+                # The database is away: leave the drop in the inbox, where
+                # the next rescan finds it again (nothing half-done).
+                log.warning("claim_postponed", path=str(source), error=str(exc))
                 return None
+            try:
+                claimed = self.spool.claim(source, priority, name)
+            except FileExistsError:
+                # Another node reserved this name a moment ago: take the next.
+                continue
+            except ClaimRefused as exc:
+                # Visible where the dropper looks for results; the watcher
+                # logs it once and keeps the drop in GET /api/inbox.
+                try:
+                    self.outbox.write_inbox_refusal(
+                        name, printable(str(source)), str(priority), exc.message
+                    )
+                except (OSError, BatchdError) as write_exc:
+                    log.error("status_write_failed", batch=name, error=str(write_exc))
+                raise
+            break
+        else:
+            raise BatchdError(f"no free batch name for {source} after {MAX_NAME_TRIES} tries")
+        if claimed is None:
+            log.info("drop_vanished", path=str(source))
+            return None
+        log.info("batch_claimed", path=str(source), batch=name, priority=str(priority))
+        crash_point("after_claim")
+        return claimed
 
     @property
     def deferred(self) -> int:
@@ -177,6 +269,13 @@ class Intake:
 
     def register(self, claimed: Claimed) -> BatchRow:
         """Register a claimed folder in ``work/`` as a batch and write its first documents."""
+        new, members, refused = self._new_batch(claimed)
+        batch = self.store.register_batch(new, self.clock.now())
+        crash_point("after_register")
+        return self._registered(batch, new, members, refused)
+
+    def _new_batch(self, claimed: Claimed) -> tuple[NewBatch, list[NewFile], bool]:
+        """What registering ``claimed`` inserts: the batch, its members, whether refused whole."""
         for relpath in self.spool.repair_names(claimed.path):
             log.warning(
                 "name_repaired",
@@ -203,8 +302,13 @@ class Intake:
             files=tuple(members),
             error=error,
         )
-        batch = self.store.register_batch(new, self.clock.now())
-        crash_point("after_register")
+        return new, members, refused
+
+    def _registered(
+        self, batch: BatchRow, new: NewBatch, members: list[NewFile], refused: bool
+    ) -> BatchRow:
+        """After the commit: result access, the log, the first documents, the wake-up."""
+        error = new.error
         try:
             self.spool.prepare_batch(batch.name, batch.user_id, refused=refused)
         except OSError as exc:

@@ -170,15 +170,17 @@ class Outbox:
     def clear_inbox_refusal(self, name: str) -> None:
         """Remove the document :meth:`write_inbox_refusal` left for ``name`` (the
         drop is now claimed), so the batch gets that name, not ``name.2``."""
-        folder = self.spool.batch_outbox(name)
-        status = self.spool.status_path(name)
+        # Strings, not Paths, until a document is there: this runs for every
+        # drop claimed, and almost never finds one (issue 15).
+        folder = f"{self.spool.outbox}/{name}"
         try:
             if os.listdir(folder) != [STATUS_FILE]:
                 return
+            status = self.spool.status_path(name)
             if json.loads(status.read_bytes()).get("batch", {}).get("status") != INBOX_REFUSED:
                 return
             status.unlink()
-            folder.rmdir()
+            os.rmdir(folder)
         except (OSError, ValueError):
             return
 

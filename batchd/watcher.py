@@ -12,7 +12,7 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -52,6 +52,9 @@ def _no_move_pairing_delay() -> None:
 
 _no_move_pairing_delay()
 
+#: Takes several ready drops; one answer per drop, an exception where it failed.
+TakeMany = Callable[[list[tuple[Path, Priority]]], Sequence[object]]
+
 # Events that say a file was read, not changed: no reason to look again.
 _READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
@@ -90,11 +93,15 @@ class Watcher:
         take: Callable[[Path, Priority], object],
         on_rescan: Callable[[], None] = lambda: None,
         on_restart: Callable[[], None] = lambda: None,
+        take_many: TakeMany | None = None,
     ) -> None:
         self.spool = spool
         self.settings = settings
         self.clock = clock
         self.take = take
+        #: several ready drops at once (one registration transaction); its
+        #: answer has an entry per drop: the exception that drop raised, or not.
+        self.take_many = take_many
         self.on_rescan = on_rescan
         self.on_restart = on_restart
         self.readiness = Readiness(spool, settings, clock)
@@ -214,10 +221,14 @@ class Watcher:
                 if problem:
                     self._restart_observer(problem)
                     next_rescan = self.clock.monotonic()
-                for path, priority in self.readiness.poll():
-                    if self._stop.is_set():
-                        break
-                    self._take(path, priority)
+                ready = self.readiness.poll()
+                if self.take_many is not None and len(ready) > 1:
+                    self._take_many(ready)
+                else:
+                    for path, priority in ready:
+                        if self._stop.is_set():
+                            break
+                        self._take(path, priority)
             except Exception as exc:
                 # One bad drop or a transient error must not stop watching.
                 self._error(exc)
@@ -229,20 +240,38 @@ class Watcher:
             return
         self.readiness.touch(path, priority)
 
+    def _take_many(self, ready: list[tuple[Path, Priority]]) -> None:
+        assert self.take_many is not None
+        try:
+            answers = self.take_many(ready)
+        except Exception as exc:
+            self._error(exc)
+            log.exception("claim_failed", path=str(ready[0][0]), drops=len(ready))
+            return
+        for (path, priority), answer in zip(ready, answers, strict=True):
+            self._taken(path, priority, answer if isinstance(answer, Exception) else None)
+
     def _take(self, path: Path, priority: Priority) -> None:
         try:
             self.take(path, priority)
-        except ClaimRefused as exc:
+        except Exception as exc:
+            self._taken(path, priority, exc)
+            return
+        self._taken(path, priority, None)
+
+    def _taken(self, path: Path, priority: Priority, error: Exception | None) -> None:
+        """What a claim's outcome means for the drop: refused (logged once), failed, or gone."""
+        if error is None:
+            self.readiness.refused.pop(path, None)
+            return
+        if isinstance(error, ClaimRefused):
             # Not an error of batchd's: the dropper must act. Logged once per
             # reason, without a traceback; shown in GET /api/inbox meanwhile.
-            if self.readiness.refuse(path, priority, exc.message):
-                log.warning("drop_refused", path=str(path), error=exc.message)
+            if self.readiness.refuse(path, priority, error.message):
+                log.warning("drop_refused", path=str(path), error=error.message)
             return
-        except Exception as exc:
-            self._error(exc)
-            log.exception("claim_failed", path=str(path))
-            return
-        self.readiness.refused.pop(path, None)
+        self._error(error)
+        log.error("claim_failed", path=str(path), exc_info=error)
 
     def _error(self, exc: BaseException) -> None:
         """Count an unexpected error; several in a short time make /healthz say so."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +16,11 @@ import pytest
 
 from batchd.archiver import ArchiveFile, Archiver
 from batchd.config import Priority, load_settings
-from batchd.outbox import Outbox
+from batchd.outbox import Outbox, ResultSyncer
 from batchd.records import BatchRow, NewBatch, NewFile, Outcome, Status
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
+from batchd.testing import wait_until
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 WAIT_SECONDS = 30.0
@@ -202,3 +203,93 @@ def test_a_parked_move_is_dropped_when_the_file_runs_again(world: World) -> None
         time.sleep(0.02)
     assert (world.spool.work / "normal" / "b9" / "a.csv").is_file()
     assert not (world.spool.failed / "b9").exists()
+
+
+class CountingOutbox(Outbox):
+    """The real Outbox, counting the status.json documents it writes, by batch id."""
+
+    def __init__(self, spool: Spool, store: SQLiteStore) -> None:
+        super().__init__(spool, store)
+        self.written: dict[str, int] = {}
+
+    def write_status(self, batch: BatchRow) -> None:
+        super().write_status(batch)
+        self.written[batch.id] = self.written.get(batch.id, 0) + 1
+
+    def write_statuses(
+        self, batches: Sequence[BatchRow], syncer: ResultSyncer
+    ) -> dict[str, Exception]:
+        errors = super().write_statuses(batches, syncer)
+        for batch in batches:
+            if batch.id not in errors:
+                self.written[batch.id] = self.written.get(batch.id, 0) + 1
+        return errors
+
+
+@pytest.fixture
+def counted(world: World) -> Iterator[tuple[World, CountingOutbox]]:
+    outbox = CountingOutbox(world.spool, world.store)
+    archiver = Archiver(world.spool, outbox, retry_first_seconds=0.05)
+    yield World(world.spool, world.store, outbox, archiver), outbox
+    archiver.stop()
+
+
+def test_a_batch_that_ends_before_its_first_status_is_due_gets_one_document(
+    counted: tuple[World, CountingOutbox],
+) -> None:
+    """A one-file batch ending within the hold gets exactly one status.json: the final one."""
+    world, outbox = counted
+    batch = world.batch("h1", ("a.csv",))
+    world.archiver.start()
+    world.archiver.first_status(batch.id, 30.0)
+    final = world.finish_all(batch)
+    world.settle(batch, "a.csv")
+    world.archiver.end_batch(final)
+    assert world.archiver.wait_idle(WAIT_SECONDS)
+    assert outbox.written == {batch.id: 1}
+    doc = json.loads(world.spool.status_path("h1").read_text())
+    assert doc["batch"]["status"] == "completed"
+    assert doc["summary"]["completed"] == 1
+    assert doc["source"] == "inbox/normal/h1"
+
+
+def test_a_waiting_batch_gets_its_first_status_once_the_hold_is_over(
+    counted: tuple[World, CountingOutbox],
+) -> None:
+    """A batch still pending when its hold ends gets its first status.json then, once."""
+    world, outbox = counted
+    batch = world.batch("h2", ("a.csv",))
+    world.archiver.start()
+    world.archiver.first_status(batch.id, 0.2)
+    world.archiver.first_status(batch.id, 0.2)  # asked twice: still one document
+    path = world.spool.status_path("h2")
+    wait_until(path.is_file, WAIT_SECONDS, what="the first status.json")
+    assert world.archiver.wait_idle(WAIT_SECONDS)
+    assert json.loads(path.read_text())["batch"]["status"] == "pending"
+    assert outbox.written == {batch.id: 1}
+    assert world.archiver.first_statuses_skipped == 0
+
+
+def test_a_refresh_during_the_hold_replaces_the_first_status(
+    counted: tuple[World, CountingOutbox],
+) -> None:
+    """A change rewritten during the hold is the batch's first document; none follows it."""
+    world, outbox = counted
+    batch = world.batch("h3", ("a.csv", "b.csv"))
+    world.archiver.start()
+    world.archiver.first_status(batch.id, 30.0)
+    world.archiver.refresh(batch.id)
+    assert world.archiver.wait_idle(WAIT_SECONDS)  # the hold is no longer outstanding
+    assert outbox.written == {batch.id: 1}
+
+
+def test_stop_writes_held_first_statuses(counted: tuple[World, CountingOutbox]) -> None:
+    """stop() writes a held first status.json at once instead of losing it."""
+    world, outbox = counted
+    batch = world.batch("h4", ("a.csv",))
+    world.archiver.start()
+    world.archiver.first_status(batch.id, 3600.0)
+    world.archiver.stop()
+    assert not world.archiver.alive()
+    assert json.loads(world.spool.status_path("h4").read_text())["batch"]["status"] == "pending"
+    assert outbox.written == {batch.id: 1}

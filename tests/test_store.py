@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from batchd.config import Priority
-from batchd.errors import StoreError
+from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import BatchRow, FileTask, NewBatch, NewFile, Outcome, Status
 from batchd.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
@@ -146,6 +146,34 @@ class StoreContract:
             for f in files
         )
 
+    def test_register_batches_registers_several_in_order(self, store: Any) -> None:
+        """Several batches registered in one call are each as register_batch makes them, FIFO."""
+        rows = store.register_batches(
+            [new_batch("l1"), new_batch("l2", ("x.csv", "y.csv")), new_batch("l3")], T0
+        )
+        assert [(r.name, r.status, r.total_files) for r in rows] == [
+            ("l1", Status.PENDING, 1),
+            ("l2", Status.PENDING, 2),
+            ("l3", Status.PENDING, 1),
+        ]
+        assert [store.get_batch(r.id) for r in rows] == rows
+        assert self.drain(store) == ["l1/a.csv", "l2/x.csv", "l2/y.csv", "l3/a.csv"]
+        assert store.register_batches([], T0) == []
+
+    def test_register_batches_is_all_or_nothing(self, store: Any) -> None:
+        """One batch of a group failing its checks rolls back the whole group."""
+        self.register(store, "taken")
+        with pytest.raises(NameTaken):
+            store.register_batches(
+                [new_batch("m1"), new_batch("taken", priority=Priority.HIGH), new_batch("m2")], T0
+            )
+        assert [b.name for b in store.list_batches()] == ["taken"]
+        with pytest.raises(AlreadyRegistered):
+            store.register_batches([new_batch("m3"), new_batch("taken")], T0)
+        assert [b.name for b in store.list_batches()] == ["taken"]
+        rows = store.register_batches([new_batch("m1"), new_batch("m2")], T0)
+        assert [r.name for r in rows] == ["m1", "m2"]
+
     def test_refused_member_is_registered_failed(self, store: Any) -> None:
         """A member with an error is failed at once; the rest stay pending."""
         batch = self.register(
@@ -234,6 +262,28 @@ class StoreContract:
         assert refreshed.status == Status.PROCESSING
         assert refreshed.started_at == "2026-11-28T10:00:05.000Z"
         assert store.claim_next(at(5)) is None
+
+    def test_claiming_a_pending_batchs_files_keeps_its_row_right(self, store: Any) -> None:
+        """The first claim starts a pending batch (counters, version, started_at); later
+        claims and a finish leave it derived from its files as before."""
+        batch = self.register(store, "p1", ("a.csv", "b.csv"))
+        first = self.claim(store, at(1))
+        started = store.get_batch(batch.id)
+        assert (started.status, started.started_at, started.completed_at) == (
+            Status.PROCESSING,
+            "2026-11-28T10:00:01.000Z",
+            None,
+        )
+        assert (started.total_files, started.processed_files, started.failed_files) == (2, 0, 0)
+        assert started.version > batch.version
+        store.finish(first.file.id, completed(), at(2))
+        self.claim(store, at(3))
+        again = store.get_batch(batch.id)
+        assert (again.status, again.started_at, again.processed_files) == (
+            Status.PROCESSING,
+            "2026-11-28T10:00:01.000Z",
+            1,
+        )
 
     def test_claim_order_priority_then_fifo(self, store: Any) -> None:
         """High before normal before low; within a priority, first registered first."""

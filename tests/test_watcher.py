@@ -12,7 +12,7 @@ from batchd import safefs
 from batchd.clock import SystemClock
 from batchd.config import Priority
 from batchd.readiness import Readiness
-from batchd.spool import Spool
+from batchd.spool import ClaimRefused, Spool
 from batchd.testing import wait_until
 from batchd.testing.settings import make_settings
 from batchd.watcher import Watcher
@@ -451,3 +451,36 @@ def test_repeated_take_errors_make_the_watcher_unhealthy(
     assert wait_until(lambda: taker.calls >= 3)
     problem = watcher.problem()
     assert problem is not None and "3 watcher errors" in problem and "cannot take" in problem
+
+
+def test_drops_ready_together_go_to_take_many_in_one_call(tmp_path: Path) -> None:
+    """Drops present at a rescan are handed to take_many() at once; a refusal marks its drop."""
+    settings = make_settings(tmp_path, watch__settle_seconds="0.1", watch__rescan_seconds="600")
+    spool = Spool(settings)
+    spool.init()
+    for name in ("a.csv", "b.csv", "no.csv"):
+        write(spool.inbox_for(Priority.NORMAL) / name)
+    taker = Taker(tmp_path / "taken")
+    calls: list[list[str]] = []
+
+    def take_many(drops: list[tuple[Path, Priority]]) -> list[object]:
+        calls.append([path.name for path, _p in drops])
+        answers: list[object] = []
+        for path, priority in drops:
+            if path.name == "no.csv":
+                answers.append(ClaimRefused("no.csv: refused (test)"))
+            else:
+                taker(path, priority)
+                answers.append(None)
+        return answers
+
+    watcher = Watcher(spool, settings.watch, SystemClock(), taker, take_many=take_many)
+    watcher.start()
+    try:
+        assert wait_until(lambda: len(taker.taken) == 2)
+        assert calls[0] == ["a.csv", "b.csv", "no.csv"]
+        assert wait_until(lambda: watcher.inbox() and watcher.inbox()[0]["state"] == "refused")
+        assert watcher.inbox()[0]["reason"] == "no.csv: refused (test)"
+        assert watcher.is_alive()
+    finally:
+        watcher.stop()

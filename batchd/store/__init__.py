@@ -77,6 +77,14 @@ class Store(Protocol):
         batch has the name.
         """
 
+    def register_batches(self, batches: Sequence[NewBatch], now: datetime) -> list[BatchRow]:
+        """:meth:`register_batch` for several batches in ONE transaction, all or none.
+
+        In list order (FIFO). Raises as :meth:`register_batch` for the first
+        batch that fails its checks, and then registers none of them: the
+        caller registers them one by one to learn which (intake does).
+        """
+
     def name_taken(self, name: str) -> bool:
         """True when a batch already uses ``name`` as its outbox folder."""
 

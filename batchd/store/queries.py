@@ -124,6 +124,12 @@ COMMON: dict[str, str] = {
         "   THEN COALESCE(completed_at, :now) ELSE NULL END, version = version + 1"
         " WHERE id = :id RETURNING {batch_cols}"
     ),
+    # A file of a pending batch was claimed: the batch is processing now, and
+    # its counters (done files) are as they were, so no count is needed.
+    "start_batch": (
+        "UPDATE batch_jobs SET status = 'processing', started_at = COALESCE(started_at, :now),"
+        " version = version + 1 WHERE id = :id AND status = 'pending' RETURNING {batch_cols}"
+    ),
     "get_batch": "SELECT {batch_cols} FROM batch_jobs WHERE id = ?",
     "find_batch": (
         "SELECT {batch_cols} FROM batch_jobs WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1"

@@ -91,39 +91,55 @@ class SqlStore(SqlReads, SqlUpkeep):
         of ``seq`` (FIFO across nodes) and the checks below see every batch
         registered before.
         """
+        with self.db.transaction() as tx:
+            return self._insert_batch(tx, batch, now)
+
+    def register_batches(self, batches: Sequence[NewBatch], now: datetime) -> list[BatchRow]:
+        """Insert several batches and their files in one transaction; all or none.
+
+        Each batch is checked and inserted exactly as :meth:`register_batch`
+        does, in order (FIFO by list position); the first that is
+        :class:`AlreadyRegistered` or :class:`NameTaken` rolls back them all.
+        """
+        if not batches:
+            return []
+        with self.db.transaction() as tx:
+            return [self._insert_batch(tx, batch, now) for batch in batches]
+
+    def _insert_batch(self, tx: Tx, batch: NewBatch, now: datetime) -> BatchRow:
+        """One batch and its files, inside the caller's transaction."""
         batch_id = str(uuid.uuid4())
         stamp = self.db.ts(now)
         n = len(batch.files)
-        with self.db.transaction() as tx:
-            seq = int(tx.row(self.q["counter_take"], (n,))["value"]) - n
-            if tx.one(self.q["work_path_taken"], (batch.work_path,)):
-                raise AlreadyRegistered(batch.work_path)
-            if tx.one(self.q["name_taken"], (batch.name,)):
-                raise NameTaken(batch.name)
-            inserted = tx.run(
-                self.q["insert_batch"],
+        seq = int(tx.row(self.q["counter_take"], (n,))["value"]) - n
+        if tx.one(self.q["work_path_taken"], (batch.work_path,)):
+            raise AlreadyRegistered(batch.work_path)
+        if tx.one(self.q["name_taken"], (batch.name,)):
+            raise NameTaken(batch.name)
+        inserted = tx.run(
+            self.q["insert_batch"],
+            (
+                *(batch_id, batch.user_id, Status.PENDING, n, batch.priority, stamp),
+                *(batch.error, batch.name, batch.source, batch.work_path),
+            ),
+        )
+        if not inserted:
+            raise AlreadyRegistered(batch.work_path)
+        rows = []
+        for i, member in enumerate(batch.files):
+            refused = batch.error is not None or member.error is not None
+            rows.append(
                 (
-                    *(batch_id, batch.user_id, Status.PENDING, n, batch.priority, stamp),
-                    *(batch.error, batch.name, batch.source, batch.work_path),
-                ),
-            )
-            if not inserted:
-                raise AlreadyRegistered(batch.work_path)
-            rows = []
-            for i, member in enumerate(batch.files):
-                refused = batch.error is not None or member.error is not None
-                rows.append(
-                    (
-                        *(str(uuid.uuid4()), batch_id, member.relpath.rsplit("/", 1)[-1]),
-                        *(member.relpath, member.file_size),
-                        Status.FAILED if refused else Status.PENDING,
-                        *(member.error or batch.error, stamp, stamp if refused else None),
-                        *(seq + i + 1, batch.priority, batch.priority.rank),
-                        *(member.file_dev, member.file_ino),
-                    )
+                    *(str(uuid.uuid4()), batch_id, member.relpath.rsplit("/", 1)[-1]),
+                    *(member.relpath, member.file_size),
+                    Status.FAILED if refused else Status.PENDING,
+                    *(member.error or batch.error, stamp, stamp if refused else None),
+                    *(seq + i + 1, batch.priority, batch.priority.rank),
+                    *(member.file_dev, member.file_ino),
                 )
-            tx.many(self.q["insert_file"], rows)
-            return self._refresh_batch(tx, batch_id, now)
+            )
+        tx.many(self.q["insert_file"], rows)
+        return self._refresh_batch(tx, batch_id, now)
 
     def name_taken(self, name: str) -> bool:
         return bool(self.db.read(self.q["name_taken"], (name,)))
@@ -306,4 +322,10 @@ class SqlStore(SqlReads, SqlUpkeep):
         row = tx.row(self.q["get_batch"], (batch_id,))
         if row["status"] == Status.PROCESSING:
             return batch_row(row)
+        if row["status"] == Status.PENDING:
+            # Its first file starts (every file of a loose drop's batch does):
+            # processing, counters unchanged, without counting its files.
+            started = tx.one(self.q["start_batch"], {"now": self.db.ts(now), "id": batch_id})
+            if started is not None:
+                return batch_row(started)
         return self._refresh_batch(tx, batch_id, now)
