@@ -1094,3 +1094,81 @@ def test_xlsx_bound_over_max_cells_rechecked_exactly(tmp_path: Path) -> None:
     (only,) = result["sheets"]
     assert (only["max_row"], only["max_column"], result["truncated"]) == (100, 28, False)
     assert only["rows"][99] == [100] + [None] * 26 + [200]
+
+
+def _tricky_book(path: Path) -> None:
+    """Rows all numbers (whole, huge, fractional, negative zero), all text with
+    empty cells, and mixed; an error cell in a number row, a merged range, a
+    declared dimension of A1 (a lie), a styled empty far cell."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append([1, 2.0, -0.0, 2**53, float(2**53) - 1, 1e300, 0.1, -7])
+    sheet.append(["a", None, "", "b", None])
+    sheet.append([])
+    sheet.append(["x", 1.5, True, None, 3])
+    sheet.append([10, 20, 30])
+    sheet.merge_cells("A4:B4")
+    sheet["Z40"].style = "Note"  # no value: not a row or column that counts
+    other = book.create_sheet("Two")
+    for n in range(30):
+        other.append([n, n * 0.5, f"t{n}"])
+    book.save(path)
+    set_dimension(path, "A1")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(
+            '<c r="C5" t="n"><v>30</v></c>', '<c r="C5" t="e"><f>1/0</f><v>#DIV/0!</v></c>'
+        ),
+    )
+
+
+@pytest.mark.parametrize("max_rows", [1000, 20])
+def test_xlsx_calamine_path_and_streaming_reader_agree_on_a_tricky_workbook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_rows: int
+) -> None:
+    """Calamine with the whole-row conversion gives what the exact streaming reader gives."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "tricky.xlsx"
+    _tricky_book(path)
+    fast, _ = run(path, settings(max_rows=max_rows))
+    assert "#DIV/0!" in json.dumps(fast)  # the edit above took
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: None)
+    exact, _ = run(path, settings(max_rows=max_rows))
+    assert fast == exact
+    first = fast["sheets"][0]
+    assert first["rows"][0] == [1, 2, 0, 2**53, 2**53 - 1, 1e300, 0.1, -7]
+    assert first["rows"][1] == ["a", None, None, "b"]
+    assert first["rows"][4] == [10, 20, "#DIV/0!"]
+    assert (first["max_row"], first["max_column"], first["merged"]) == (5, 8, ["A4:B4"])
+    assert fast["truncated"] is (max_rows == 20)
+
+
+def test_whole_row_conversion_matches_json_value_per_cell() -> None:
+    """Rows of only numbers or only text convert as json_value does each cell ("" empty)."""
+    from batchd.processors.content import json_value
+    from batchd.processors.sheets import _json_row
+
+    rows: list[list[Any]] = [
+        [1.0, 2.5, -0.0, 255.0],
+        [float(2**53), -float(2**53), float(2**53) - 1, 1e300, -1e-300],
+        [float("nan"), 1.0],
+        [float("inf"), 3.0],
+        [-float("inf")],
+        ["a", "", "b", ""],
+        ["only", "text"],
+        ["", ""],
+        [True, 1.0],
+        [1.0, "x", None, dt.date(2024, 1, 2)],
+        [],
+    ]
+    for row in rows:
+        values, chars = _json_row(list(row))
+        assert values == [None if v == "" else json_value(v) for v in row], row
+        assert [type(v) for v in values] == [
+            type(None if v == "" else json_value(v)) for v in row
+        ], row
+        text = sum(len(v) for v in row if isinstance(v, str))
+        assert chars in (None, text), row

@@ -26,6 +26,7 @@ a value.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import posixpath
@@ -158,11 +159,18 @@ class _SheetScan:
         return self.max_row * self.max_column
 
 
-def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
-    """Every worksheet of an XLSX workbook; see the module docstring."""
+def read_xlsx(
+    path: Path, ctx: Context, budget: Budget, archive: zipfile.ZipFile | None = None
+) -> Result:
+    """Every worksheet of an XLSX workbook; see the module docstring.
+
+    ``archive``: the workbook already open (the caller closes it).
+    """
     caps = ctx.settings.inspect
     try:
-        with zipfile.ZipFile(path) as zf:
+        with (
+            contextlib.nullcontext(archive) if archive is not None else zipfile.ZipFile(path) as zf
+        ):
             sheets, date1904 = _workbook_sheets(zf, ctx)
             scans = [_scan_sheet(zf, name, part, caps.max_cells) for name, part in sheets]
             # the first pass looked at each sheet's head: only those declaring
@@ -558,19 +566,7 @@ def sheet_result(
         if len(row) > max_columns:
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
-        # str, float and None (most cells) are converted inline, as json_value
-        # would (a whole float becomes an int, NaN and infinities null: v - v
-        # is 0 only for a finite v); "" is calamine's empty cell.
-        values = [
-            (v or None)
-            if (t := type(v)) is str
-            else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
-            if t is float
-            else None
-            if v is None
-            else json_value(v)
-            for v in row
-        ]
+        values, chars = _json_row(row)
         for col, text in by_row.get(number, ()):
             if col <= len(values):
                 values[col - 1] = text or None  # an error cell without a text is empty
@@ -585,7 +581,7 @@ def sheet_result(
                 break
             kept.append([])
         last = number
-        if budget.take_row(values):
+        if budget.take_row(values, chars):
             kept.append(values)
         max_row = number
         max_column = max(max_column, len(values))
@@ -598,6 +594,43 @@ def sheet_result(
         "merged": merged,
         "errors": error_cells,
     }
+
+
+def _json_row(row: list[Any]) -> tuple[list[Any], int | None]:
+    """A row's cells as JSON values (what :func:`json_value` gives each), and
+    the characters of its text when that came for free (else None).
+
+    Most rows hold only numbers or only text: those are converted with a few
+    C-speed passes over the row (``set(map(type, row))``, ``map(int, row)``)
+    instead of Python work per cell, which was most of the time spent on a
+    sheet after calamine read it.
+    """
+    kinds = set(map(type, row))
+    if kinds == _FLOAT:
+        # whole and exact (NaN and infinities are not whole): ints, as json_value gives
+        if all(map(float.is_integer, row)) and min(row) > -_EXACT and max(row) < _EXACT:
+            return list(map(int, row)), 0
+    elif kinds == _STR:
+        # "" is calamine's empty cell
+        return ([v or None for v in row] if "" in row else list(row)), sum(map(len, row))
+    # str, float and None (most cells) are converted inline, as json_value
+    # would (a whole float becomes an int, NaN and infinities null: v - v
+    # is 0 only for a finite v).
+    values = [
+        (v or None)
+        if (t := type(v)) is str
+        else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
+        if t is float
+        else None
+        if v is None
+        else json_value(v)
+        for v in row
+    ]
+    return values, None
+
+
+_FLOAT = {float}
+_STR = {str}
 
 
 def _streamed_sheets(
