@@ -1172,3 +1172,47 @@ def test_whole_row_conversion_matches_json_value_per_cell() -> None:
         ], row
         text = sum(len(v) for v in row if isinstance(v, str))
         assert chars in (None, text), row
+
+
+def test_xlsx_first_pass_cut_between_blocks_misses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks cut near their end (or back past a long text cell) count what one block does."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "long.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 400):
+        sheet.append([n, "x" * 10, n * 0.5])
+    sheet.merge_cells("A1:B1")
+    book.save(path)
+
+    def edit(xml: str) -> str:
+        # rows 5, 10, 15 ...: text longer than the short look back
+        long = r'<c r="B\1" t="inlineStr"><is><t>' + "y" * 6000 + "</t></is></c>"
+        xml = re.sub(r'<c r="B([0-9]*[05])" t="inlineStr"><is><t>x+</t></is></c>', long, xml)
+        return xml.replace('<c r="C200" t="n"><v>100</v></c>', '<c r="C200" t="e"><v>#N/A</v></c>')
+
+    rewrite_zip(path, "xl/worksheets/sheet1.xml", edit)
+    whole = _scan_first_sheet(path, quick=True)
+    monkeypatch.setattr(sheets, "XML_CHUNK_BYTES", 8192)
+    cut = _scan_first_sheet(path, quick=True)
+    assert (cut.cells, cut.max_row, cut.max_column, cut.merged, cut.errors, cut.unplaced) == (
+        whole.cells,
+        whole.max_row,
+        whole.max_column,
+        whole.merged,
+        whole.errors,
+        whole.unplaced,
+    )
+    assert (whole.cells, whole.max_row, whole.merged, whole.errors) == (
+        1196,  # B1 is merged away
+        399,
+        ["A1:B1"],
+        {"C200": "#N/A"},
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][199] == [200, "y" * 6000, "#N/A"]
+    assert result["sheets"][0]["rows"][198] == [199, "x" * 10, 99.5]

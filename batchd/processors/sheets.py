@@ -49,6 +49,9 @@ PROGRESS_EVERY_ROWS = 1000
 ENTITY_CHECK_BYTES = 4096
 #: bytes of sheet XML handled at a time by the first pass and the streaming reader.
 XML_CHUNK_BYTES = 1024 * 1024
+#: how far back from a block's end the first pass looks for a cell's end to
+#: cut the block at: a short look first, a long one for a cell of long text.
+CUT_WINDOW_BYTES = (4096, 65536)
 
 _NS_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _NS_REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
@@ -339,9 +342,15 @@ def _scan_sheet(
         if len(chunk) < XML_CHUNK_BYTES:
             head, carry = buf, b""  # the end of the part: nothing to cut
         else:
-            # Cut after the last complete cell, so no cell is split between passes.
-            tail = patterns["cell_end"].finditer(buf, max(0, len(buf) - 65536))
-            ends = [m.end() for m in tail]
+            # Cut after a complete cell near the end, so no cell is split
+            # between passes. Any cell's end will do: the last few KiB hold
+            # one but for a cell of long text (a match object per cell of
+            # the last 64 KiB was ~5 % of the first pass).
+            ends: list[int] = []
+            for window in CUT_WINDOW_BYTES:
+                if not ends:
+                    tail = patterns["cell_end"].finditer(buf, max(0, len(buf) - window))
+                    ends = [m.end() for m in tail]
             big = len(buf) > 4 * XML_CHUNK_BYTES
             cut = ends[-1] if ends else (buf.rfind(b">") + 1 if big else 0)
             head, carry = buf[:cut], buf[cut:]
