@@ -1216,3 +1216,70 @@ def test_xlsx_first_pass_cut_between_blocks_misses_nothing(
     result, _ = run(path)
     assert result["sheets"][0]["rows"][199] == [200, "y" * 6000, "#N/A"]
     assert result["sheets"][0]["rows"][198] == [199, "x" * 10, 99.5]
+
+
+def _styled_far_book(path: Path, far_value: int | None = None) -> None:
+    """Four rows and merged cells, LibreOffice-style empty styled cells out to
+    AMJ1048576 and XFD5, a declared dimension that says so, an error cell."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(4):
+        sheet.append([f"r{n}", n, n * 1.5])
+    sheet.merge_cells("A4:B4")
+    sheet["AMJ1048576"].style = "Note"
+    sheet["XFD5"].style = "Note"
+    if far_value is not None:
+        sheet["AMJ1048575"] = far_value
+    book.save(path)
+    set_dimension(path, "A1:XFD1048576")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(
+            '<c r="C2" t="n"><v>1.5</v></c>', '<c r="C2" t="e"><v>#REF!</v></c>'
+        ),
+    )
+
+
+def test_xlsx_cells_written_empty_do_not_send_a_sheet_to_the_streaming_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty styled cells far out leave a sheet on calamine, with the streaming reader's answer."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "styled.xlsx"
+    _styled_far_book(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(sheets, "_streamed_sheets", lambda *args: pytest.fail("streamed"))
+        fast, _ = run(path)
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: None)
+    exact, _ = run(path)
+    assert fast == exact
+    (only,) = fast["sheets"]
+    assert (only["max_row"], only["max_column"], only["merged"]) == (4, 3, ["A4:B4"])
+    assert only["rows"][1] == ["r1", 1, "#REF!"]
+    assert only["errors"] == [{"cell": "C2", "error": "#REF!"}]
+    assert fast["truncated"] is False
+
+
+@pytest.mark.parametrize("edit", ["far value", "odd attribute"])
+def test_xlsx_far_value_or_unreadable_tag_still_goes_to_the_streaming_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    """A far cell holding a value, or a cell tag the pass cannot read, keeps calamine away."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "far.xlsx"
+    _styled_far_book(path, far_value=7 if edit == "far value" else None)
+    if edit == "odd attribute":  # a ">" inside an attribute value hides the reference
+        rewrite_zip(
+            path,
+            "xl/worksheets/sheet1.xml",
+            lambda xml: xml.replace('<c r="XFD5" s="1" t="n" />', '<c s="1" a="b>c" r="XFD5"/>'),
+        )
+        with zipfile.ZipFile(path) as zf:
+            assert b'a="b>c"' in zf.read("xl/worksheets/sheet1.xml")
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: pytest.fail("calamine"))
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][1] == ["r1", 1, "#REF!"]

@@ -34,7 +34,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.parsers import expat
@@ -77,6 +77,11 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
             rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
         ),
         "cell_end": re.compile(rb"</" + p + rb"c>|<" + p + rb"c\s[^>]*/>"),
+        # a cell's column and row, when its tag is not also its end (<c r="B7"/>)
+        "valued_cell": re.compile(
+            rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})([0-9]+)\"[^>]*(?<!/)>"
+        ),
+        "empty_cell": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"[A-Z]{1,3}[0-9]+\"[^>]*/>"),
         "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
         "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
         # the quick count (see _count_cells_quickly): r the first attribute
@@ -153,6 +158,8 @@ class _SheetScan:
     errors: dict[str, str] = field(default_factory=dict)
     #: the sheet's head declares a DOCTYPE or entities (refused).
     declares_entities: bool = False
+    #: the namespace prefix of the sheet's elements (``b"x:"``), or b"".
+    prefix: bytes = b""
     #: max_column is an upper bound (26 or 702, from the letters of the
     #: references), not the exact last column: see _count_cells_quickly.
     bounded: bool = False
@@ -194,6 +201,13 @@ def read_xlsx(
                     for s in scans
                 ]
                 fits = _fits(scans, caps.max_cells, caps.max_columns)
+            if not fits:
+                # Cells written empty (<c r="AMJ1048576" s="3"/>, LibreOffice
+                # styling whole rows and columns) are in no area calamine
+                # allocates: the area of the cells holding something decides.
+                valued = [_valued_area(zf, s, caps.max_cells, caps.max_columns) for s in scans]
+                if _fits(valued, caps.max_cells, caps.max_columns):
+                    scans, fits = valued, True
             out: list[Result] | None = None
             if fits:
                 out = _calamine_sheets(zf, path, ctx, budget, scans, date1904)
@@ -338,6 +352,7 @@ def _scan_sheet(
                 carry = buf
                 continue
             prefix = (found.group(1) or b"") if found else b""
+            scan.prefix = prefix
         patterns = _patterns(prefix)
         if len(chunk) < XML_CHUNK_BYTES:
             head, carry = buf, b""  # the end of the part: nothing to cut
@@ -362,6 +377,43 @@ def _scan_sheet(
     if columns:
         scan.max_column = max(column_number(c.decode()) for c in columns)
     return scan
+
+
+def _valued_area(
+    zf: zipfile.ZipFile, scan: _SheetScan, max_cells: int, max_columns: int
+) -> _SheetScan:
+    """``scan`` with the last row and column of the cells that are not written
+    empty (``<c .../>``), for a sheet that does not fit the caps as counted.
+
+    calamine leaves empty cells out of the range it allocates, so their
+    positions cannot make it allocate more. A sheet that fits anyway, has a
+    cell without a reference, or more cells than ``max_cells`` (the
+    streaming reader stops there) is left as it is; so is one where a cell
+    tag is not found as either kind (a ">" inside an attribute value).
+    """
+    if scan.unplaced or scan.cells > max_cells:
+        return scan
+    if scan.area <= max_cells and scan.max_column <= max_columns:
+        return scan
+    patterns = _patterns(scan.prefix)
+    tag = b"<" + scan.prefix + b"c"
+    columns: set[bytes] = set()
+    max_row = 0
+    carry = b""
+    for chunk in _xml_chunks(zf, scan.part):
+        block = carry + chunk
+        # up to the last tag's end: a tag is never split between blocks
+        cut = block.rfind(b">") + 1 if len(chunk) == XML_CHUNK_BYTES else len(block)
+        block, carry = block[:cut], block[cut:]
+        valued = patterns["valued_cell"].findall(block)
+        empty = len(patterns["empty_cell"].findall(block))
+        if len(valued) + empty != _count_tags(block, tag, patterns["cell_ws"]):
+            return scan
+        if valued:
+            columns.update(letters for letters, _ in valued)
+            max_row = max(max_row, max(int(number) for _, number in valued))
+    max_column = max((column_number(c.decode()) for c in columns), default=0)
+    return replace(scan, max_row=max_row, max_column=max_column, bounded=False)
 
 
 def _scan_block(
