@@ -1283,3 +1283,26 @@ def test_xlsx_far_value_or_unreadable_tag_still_goes_to_the_streaming_reader(
     monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: pytest.fail("calamine"))
     result, _ = run(path)
     assert result["sheets"][0]["rows"][1] == ["r1", 1, "#REF!"]
+
+
+@pytest.mark.parametrize("kind", ["n", "s", "str", "e", "b", "inlineStr", "d"])
+def test_calamine_gives_cells_written_empty_no_area(tmp_path: Path, kind: str) -> None:
+    """calamine leaves <c .../> out of a sheet's range: _valued_area relies on it."""
+    import python_calamine
+
+    path = tmp_path / "near.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["a", 1])
+    sheet["Z30"].style = "Note"
+    book.save(path)
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="Z30" s="1" t="n" />', f'<c r="Z30" s="1" t="{kind}"/>'),
+    )
+    with zipfile.ZipFile(path) as zf:
+        assert f't="{kind}"/>'.encode() in zf.read("xl/worksheets/sheet1.xml")
+    workbook = python_calamine.CalamineWorkbook.from_path(str(path))
+    assert workbook.get_sheet_by_name("Sheet").end == (0, 1)
