@@ -1306,3 +1306,26 @@ def test_calamine_gives_cells_written_empty_no_area(tmp_path: Path, kind: str) -
         assert f't="{kind}"/>'.encode() in zf.read("xl/worksheets/sheet1.xml")
     workbook = python_calamine.CalamineWorkbook.from_path(str(path))
     assert workbook.get_sheet_by_name("Sheet").end == (0, 1)
+
+
+def test_xlsx_streaming_reader_places_odd_references_as_before(tmp_path: Path) -> None:
+    """References the streaming reader cannot read (b1, AAAA1, C, B1x) take the next column."""
+    path = tmp_path / "odd.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append([0])  # type: ignore[union-attr]
+    book.save(path)
+    first = "".join(
+        f'<c r="{ref}"><v>{n}</v></c>' for n, ref in enumerate(["B1", "b1", "AAAA1", "C", "B1x"], 1)
+    )
+    second = '<c r="C2"><v>6</v></c><c r="B2"><v>7</v></c><c r="E2"><v>8</v></c>'
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>",
+            f'<sheetData><row r="1">{first}</row><row r="2">{second}</row></sheetData>',
+            xml,
+        ),
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [[None, 1, 2, 3, 4, 5], [None, 7, 6, None, 8]]

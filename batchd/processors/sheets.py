@@ -833,6 +833,20 @@ def _parser(start: Any, end: Any, chars: Any, *, namespaces: bool = False) -> An
     return parser
 
 
+_DIGITS = "0123456789"
+#: local names of the tag names seen (``"x:c"`` -> ``"c"``), a few at most
+#: in a real sheet; bounded against a file of made-up names.
+_LOCAL_NAMES: dict[str, str] = {}
+_LOCAL_NAMES_KEPT = 256
+
+
+def _local_name(tag: str) -> str:
+    local = tag.rsplit(":", 1)[-1]
+    if len(_LOCAL_NAMES) < _LOCAL_NAMES_KEPT:
+        _LOCAL_NAMES[tag] = local
+    return local
+
+
 class _StreamedSheet:
     """One sheet's rows from its XML, streamed, with the row and cell caps."""
 
@@ -861,6 +875,8 @@ class _StreamedSheet:
         self._cell: dict[str, str] | None = None
         self._text: list[str] = []
         self._in_value = False
+        #: column numbers by the letters of the references read.
+        self._columns: dict[str, int] = {}
 
     def rows(self) -> Iterator[tuple[int, list[Any]]]:
         """(1-based number, cells) of each row in the XML until the sheet or a cap ends."""
@@ -875,7 +891,7 @@ class _StreamedSheet:
         yield from self._done
 
     def _start(self, tag: str, attrs: dict[str, str]) -> None:
-        local = tag.rsplit(":", 1)[-1]
+        local = _LOCAL_NAMES.get(tag) or _local_name(tag)
         if local == "c":
             self._cell = attrs
             self._text.clear()
@@ -891,7 +907,7 @@ class _StreamedSheet:
             self._text.append(data)
 
     def _end(self, tag: str) -> None:
-        local = tag.rsplit(":", 1)[-1]
+        local = _LOCAL_NAMES.get(tag) or _local_name(tag)
         if local in ("v", "t"):
             self._in_value = False
         elif local == "c" and self._cell is not None:
@@ -913,8 +929,15 @@ class _StreamedSheet:
                 self._row = []
             return
         ref = attrs.get("r", "")
-        match = _A1.match(ref)
-        column = column_number(match.group(1)) if match else len(self._row) + 1
+        # the column of a reference whose letters were seen before, without a
+        # regular expression per cell: letters then digits, as _A1 checks
+        letters = ref.rstrip(_DIGITS)
+        column = self._columns.get(letters) if len(letters) < len(ref) else None
+        if column is None:
+            match = _A1.match(ref)
+            column = column_number(match.group(1)) if match else len(self._row) + 1
+            if match and match.group(1) == letters:
+                self._columns[letters] = column
         if column > self.max_columns:
             # Wider than any spreadsheet program writes: a hostile row. The
             # sheet stops being read here, like at max_cells.
