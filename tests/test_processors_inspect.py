@@ -1329,3 +1329,25 @@ def test_xlsx_streaming_reader_places_odd_references_as_before(tmp_path: Path) -
     )
     result, _ = run(path)
     assert result["sheets"][0]["rows"] == [[None, 1, 2, 3, 4, 5], [None, 7, 6, None, 8]]
+
+
+def test_xlsx_quick_first_pass_with_reference_later_in_the_tag(tmp_path: Path) -> None:
+    """r after other attributes: three letters are exact; another attribute ending in r only
+    raises the bound, and the result stays the exact one."""
+    path = tmp_path / "later.xlsx"
+    _wide_book(path, "XFD")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="XFD2"', '<c s="0" r="XFD2"').replace(
+            '<c r="A3"', '<c s="0" xr="ZZZ9" r="A3"'
+        ),
+    )
+    quick, exact = _scan_first_sheet(path, quick=True), _scan_first_sheet(path, quick=False)
+    assert (exact.max_column, exact.cells, exact.unplaced) == (16_384, 6, 0)
+    assert quick.max_column >= exact.max_column
+    assert (quick.cells, quick.max_row, quick.unplaced) == (6, 3, 0)
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert (only["max_row"], only["max_column"]) == (3, 16_384)
+    assert only["rows"][2][0] == 3 and only["rows"][2][-1] == 30
