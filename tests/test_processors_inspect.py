@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import random
 import re
 import struct
 import subprocess
@@ -1351,3 +1352,45 @@ def test_xlsx_quick_first_pass_with_reference_later_in_the_tag(tmp_path: Path) -
     (only,) = result["sheets"]
     assert (only["max_row"], only["max_column"]) == (3, 16_384)
     assert only["rows"][2][0] == 3 and only["rows"][2][-1] == 30
+
+
+def test_pdf_stream_keywords_found_across_block_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of any size find each stream keyword the whole-file search finds, and no endstream."""
+    from batchd.processors import pdf
+
+    data = (
+        b"stream\nab endstream\r\nxstream\r\n1 0 obj stream\nendstream"
+        + b"q" * 37
+        + b"stream\r\nendstreamstream\n"
+        + raw_pdf([text_op("hi")] * 3, compress=True)
+    )
+    path = tmp_path / "keywords.pdf"
+    path.write_bytes(data)
+    whole = [m.end() for m in re.finditer(rb"(?<!end)stream\r?\n", data)]
+    assert len(whole) == 8
+    with path.open("rb") as fh:
+        for block in (1, 2, 3, 5, 7, 8, 13, 1 << 20):
+            monkeypatch.setattr(pdf, "STREAM_SCAN_BYTES", block)
+            assert list(pdf._stream_starts(fh.fileno(), len(data))) == whole, block
+
+
+def test_pdf_flate_bomb_found_when_read_in_growing_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bomb whose compressed stream spans many pieces and scan blocks still fails."""
+    from batchd.processors import pdf
+
+    monkeypatch.setattr(pdf, "FIRST_INFLATE_BYTES", 64)
+    monkeypatch.setattr(pdf, "INFLATE_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pdf, "STREAM_SCAN_BYTES", 1000)
+    path = tmp_path / "bomb.pdf"
+    noise = bytes(random.Random(1).getrandbits(8) for _ in range(200_000))  # does not compress
+    content = text_op("hi") + b" %" + noise.hex().encode() + b"\n" + b" " * (3 << 20)
+    path.write_bytes(raw_pdf([content], compress=True))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PDF_STREAM_MB": "3"})
+    with pytest.raises(PermanentError, match=r"bomb.pdf: .* more than 3 MiB .*max_pdf_stream_mb"):
+        run(path, config)
+    result, _ = run(path)
+    assert result["text"] == ["hi"]
