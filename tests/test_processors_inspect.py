@@ -1394,3 +1394,56 @@ def test_pdf_flate_bomb_found_when_read_in_growing_pieces(
         run(path, config)
     result, _ = run(path)
     assert result["text"] == ["hi"]
+
+
+def _lying_rows_book(path: Path, far: str) -> None:
+    """One row element holding A1 and a cell whose own reference is ``far``."""
+    book = openpyxl.Workbook()
+    book.active.append([1])  # type: ignore[union-attr]
+    book.save(path)
+    cells = f'<c r="A1"><v>1</v></c><c r="{far}"><v>2</v></c>'
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>", f'<sheetData><row r="1">{cells}</row></sheetData>', xml
+        ),
+    )
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_xlsx_first_pass_takes_the_row_from_the_cell_reference(tmp_path: Path, quick: bool) -> None:
+    """<row r="1"><c r="C900"> is row 900 to calamine, and so to the first pass."""
+    path = tmp_path / "lie.xlsx"
+    _lying_rows_book(path, "C900")
+    scan = _scan_first_sheet(path, quick=quick)
+    assert (scan.max_row, scan.area >= 900 * 3) == (900, True)
+
+
+def test_xlsx_cell_referenced_far_from_its_row_keeps_calamine_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A far reference written in row 1 counts at its own row against inspect.max_cells."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "lie.xlsx"
+    _lying_rows_book(path, "XFD1048576")  # calamine would allocate 17 billion cells
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: pytest.fail("calamine"))
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][0][0] == 1
+
+
+def test_reference_below_finds_exactly_the_later_rows() -> None:
+    """_reference_below(m) finds r="A<n>" exactly when n > m (leading zeros aside)."""
+    from batchd.processors.sheets import _reference_below
+
+    rng = random.Random(13)
+    tops = [0, 1, 9, 10, 99, 100, 272, 999, 1000, 2089, 99_999, 1_048_576]
+    tops += [rng.randrange(1, 2_000_000) for _ in range(30)]
+    for top in tops:
+        pattern = _reference_below(top)
+        rows = {0, 1, top - 1, top, top + 1, top * 10, rng.randrange(1, 3_000_000)}
+        rows |= {rng.randrange(max(0, top - 50), top + 50) for _ in range(200)}
+        for row in rows - {-1}:
+            ref = b'<c r="XB%d" t="s">' % row
+            assert (pattern.search(ref) is not None) == (row > top), (top, row)

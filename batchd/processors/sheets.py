@@ -70,7 +70,7 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
     literal, so the regex engine skips through the XML at memchr speed."""
     p = re.escape(prefix)
     return {
-        "cell_column": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]"),
+        "cell_ref": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})([0-9]+)"),
         "row_number": re.compile(rb"<" + p + rb"row\s[^>]*?\br=\"([0-9]+)\""),
         "value": re.compile(rb"<" + p + rb"v>([^<]*)</" + p + rb"v>"),
         "merge": re.compile(
@@ -486,13 +486,16 @@ def _count_cells(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: by
     patterns = _patterns(prefix)
     cell, row = b"<" + prefix + b"c", b"<" + prefix + b"row"
     cells = _count_tags(block, cell, patterns["cell_ws"])
-    placed = patterns["cell_column"].findall(block)
+    placed = patterns["cell_ref"].findall(block)
     scan.cells += cells
     scan.unplaced += cells - len(placed)
-    columns.update(placed)
+    columns.update(letters for letters, _ in placed)
+    # calamine places a cell by its own reference, whatever row it is written
+    # in: the last row is the larger of the two
     rows = patterns["row_number"].findall(block)
-    if rows:
-        scan.max_row = max(scan.max_row, max(map(int, rows)))
+    if rows or placed:
+        last = max(map(int, rows), default=0)
+        scan.max_row = max(scan.max_row, last, max((int(n) for _, n in placed), default=0))
     tags = _count_tags(block, row, patterns["row_ws"])
     if tags > len(rows):
         scan.unplaced += 1  # a row without its number: only counting can place it
@@ -539,6 +542,12 @@ def _count_cells_quickly(
     rows = patterns["row_first"].findall(block, start, end)
     if block.count(b"<" + prefix + b"row", start, end) != len(rows):
         return False
+    # A cell is placed by its own reference, not by the row it is written in
+    # (<row r="1"><c r="XFD1048576">): one search for a reference to a row
+    # past the last one seen sends the block to the exact count.
+    top = max(scan.max_row, max(map(int, rows))) if rows else scan.max_row
+    if _reference_below(top).search(block, start, end):
+        return False
     cells = block.count(b"<" + prefix + b"c", start, end)
     if three:
         columns.update(three)  # exact: above any bound below
@@ -549,6 +558,23 @@ def _count_cells_quickly(
     if rows:
         scan.max_row = max(scan.max_row, max(map(int, rows)))
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_below(row: int) -> re.Pattern[bytes]:
+    """An expression finding a cell reference (``r="B7"``) to a row after
+    ``row``: more digits, or as many and larger. It starts with a literal,
+    so the search skips through a block at C speed; it may also find what
+    is not a cell's reference (``xr="B9"``, a leading zero), which only
+    sends the block to the exact count."""
+    digits = str(row)
+    longer = b"[0-9]{%d,}" % (len(digits) + 1)
+    larger = [
+        digits[:i].encode() + b"[%d-9]" % (int(digit) + 1) + b"[0-9]" * (len(digits) - i - 1) + b'"'
+        for i, digit in enumerate(digits)
+        if digit != "9"
+    ]
+    return re.compile(rb'r="[A-Z]{1,3}(?:' + b"|".join([longer, *larger]) + rb")")
 
 
 def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
