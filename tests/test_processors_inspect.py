@@ -1433,17 +1433,20 @@ def test_xlsx_cell_referenced_far_from_its_row_keeps_calamine_away(
     assert result["sheets"][0]["rows"][0][0] == 1
 
 
-def test_reference_below_finds_exactly_the_later_rows() -> None:
-    """_reference_below(m) finds r="A<n>" exactly when n > m (leading zeros aside)."""
-    from batchd.processors.sheets import _reference_below
+def test_reference_past_finds_exactly_the_rows_past_the_bound() -> None:
+    """_reference_past(_row_bound(m)) finds r="A<n>" exactly when n is past m rounded up."""
+    from batchd.processors.sheets import _reference_past, _row_bound
 
     rng = random.Random(13)
     tops = [0, 1, 9, 10, 99, 100, 272, 999, 1000, 2089, 99_999, 1_048_576]
     tops += [rng.randrange(1, 2_000_000) for _ in range(30)]
+    assert [_row_bound(t) for t in (0, 1, 9, 10, 272, 999, 2089)] == [0, 1, 9, 19, 299, 999, 2999]
     for top in tops:
-        pattern = _reference_below(top)
-        rows = {0, 1, top - 1, top, top + 1, top * 10, rng.randrange(1, 3_000_000)}
-        rows |= {rng.randrange(max(0, top - 50), top + 50) for _ in range(200)}
-        for row in rows - {-1}:
+        bound = _row_bound(top)
+        assert top <= bound < max(2 * top, 10)
+        pattern = _reference_past(bound)
+        rows = {0, 1, top, bound, bound + 1, top * 10, rng.randrange(1, 3_000_000)}
+        rows |= {rng.randrange(max(0, bound - 50), bound + 50) for _ in range(200)}
+        for row in rows:
             ref = b'<c r="XB%d" t="s">' % row
-            assert (pattern.search(ref) is not None) == (row > top), (top, row)
+            assert (pattern.search(ref) is not None) == (row > bound), (top, row)

@@ -164,7 +164,8 @@ class _SheetScan:
     #: the namespace prefix of the sheet's elements (``b"x:"``), or b"".
     prefix: bytes = b""
     #: max_column is an upper bound (26 or 702, from the letters of the
-    #: references), not the exact last column: see _count_cells_quickly.
+    #: references), not the exact last column, or max_row one (272 -> 299,
+    #: past which no reference goes): see _count_cells_quickly.
     bounded: bool = False
 
     @property
@@ -544,9 +545,11 @@ def _count_cells_quickly(
         return False
     # A cell is placed by its own reference, not by the row it is written in
     # (<row r="1"><c r="XFD1048576">): one search for a reference to a row
-    # past the last one seen sends the block to the exact count.
+    # past the last one seen (rounded up: 272 -> 299, a bound like the
+    # columns') sends the block to the exact count.
     top = max(scan.max_row, max(map(int, rows))) if rows else scan.max_row
-    if _reference_below(top).search(block, start, end):
+    rows_bound = _row_bound(top)
+    if _reference_past(rows_bound).search(block, start, end):
         return False
     cells = block.count(b"<" + prefix + b"c", start, end)
     if three:
@@ -555,26 +558,31 @@ def _count_cells_quickly(
         columns.add(bound)
         scan.bounded = True
     scan.cells += cells
-    if rows:
-        scan.max_row = max(scan.max_row, max(map(int, rows)))
+    if rows_bound > top:
+        scan.bounded = True
+    scan.max_row = max(scan.max_row, rows_bound)
     return True
 
 
-@functools.lru_cache(maxsize=64)
-def _reference_below(row: int) -> re.Pattern[bytes]:
-    """An expression finding a cell reference (``r="B7"``) to a row after
-    ``row``: more digits, or as many and larger. It starts with a literal,
-    so the search skips through a block at C speed; it may also find what
-    is not a cell's reference (``xr="B9"``, a leading zero), which only
-    sends the block to the exact count."""
+def _row_bound(row: int) -> int:
+    """``row`` rounded up to its first digit followed by nines (272 -> 299):
+    what the quick count checks no cell reference goes past."""
     digits = str(row)
-    longer = b"[0-9]{%d,}" % (len(digits) + 1)
-    larger = [
-        digits[:i].encode() + b"[%d-9]" % (int(digit) + 1) + b"[0-9]" * (len(digits) - i - 1) + b'"'
-        for i, digit in enumerate(digits)
-        if digit != "9"
-    ]
-    return re.compile(rb'r="[A-Z]{1,3}(?:' + b"|".join([longer, *larger]) + rb")")
+    return int((int(digits[0]) + 1) * 10 ** (len(digits) - 1) - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_past(bound: int) -> re.Pattern[bytes]:
+    """An expression finding a cell reference (``r="B7"``) to a row after
+    ``bound`` (a :func:`_row_bound`: one of 63 below 10**7, so each is compiled
+    once). It starts with a literal, so the search skips through a block at C
+    speed; it may also find what is not a cell's reference (``xr="B9"``, a
+    leading zero), which only sends the block to the exact count."""
+    digits = str(bound + 1)  # the first row past it: d000... or 1000...
+    longer = b"[0-9]{%d}" % (len(digits) + 1)
+    same = b"[%s-9]" % digits[0].encode() + b"[0-9]" * (len(digits) - 1) + b'"'
+    # letters taken possessively: no backtracking into them (a third faster)
+    return re.compile(rb'r="[A-Z]{1,3}+(?:' + longer + b"|" + same + rb")")
 
 
 def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
