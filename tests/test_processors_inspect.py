@@ -1450,3 +1450,36 @@ def test_reference_past_finds_exactly_the_rows_past_the_bound() -> None:
         for row in rows:
             ref = b'<c r="XB%d" t="s">' % row
             assert (pattern.search(ref) is not None) == (row > bound), (top, row)
+
+
+def test_not_placed_within_finds_wider_columns_later_rows_and_odd_cells() -> None:
+    """_not_placed_within(prefix, letters, bound) passes only <c r="..."> within both bounds."""
+    from batchd.processors.sheets import _not_placed_within, _row_bound
+
+    rng = random.Random(7)
+    for top in [
+        0,
+        1,
+        9,
+        10,
+        272,
+        2089,
+        99_999,
+        1_048_576,
+        *(rng.randrange(1, 2_000_000) for _ in range(20)),
+    ]:
+        bound = _row_bound(top)
+        one, two = _not_placed_within(b"", 1, bound), _not_placed_within(b"", 2, bound)
+        rows = {1, top, bound, bound + 1, top * 10} | {
+            rng.randrange(1, bound + 60) for _ in range(100)
+        }
+        for row in rows - {0}:
+            past = row > bound
+            assert (one.search(b'<c r="B%d" s="1">' % row) is not None) == past, (top, row)
+            assert (two.search(b'<c r="AB%d"/>' % row) is not None) == past, (top, row)
+            assert one.search(b'<c r="AB%d">' % row) is not None
+            assert two.search(b'<c r="ABC%d">' % row) is not None
+        assert two.search(b'<c t="s" r="A1">') is not None
+        x = _not_placed_within(b"x:", 2, bound)
+        assert x.search(b'<x:c r="B%d"><x:v>1</x:v></x:c>' % max(bound, 1)) is None or not bound
+        assert x.search(b'<x:c r="B%d">' % (bound + 1)) is not None

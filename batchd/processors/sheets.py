@@ -88,10 +88,8 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
         "row_first": re.compile(rb"<" + p + rb"row r=\"([0-9]+)\""),
         "odd_cell": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,3}[0-9])"),
         "three_letters": re.compile(rb"<" + p + rb"c r=\"([A-Z]{3})[0-9]"),
-        # a cell not opening as <c r="B7">, or <c r="AB7">: a wider column or odd
-        "not_one_letter": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z][0-9])"),
-        "not_two_letters": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,2}[0-9])"),
-        # the same where r comes later in the tag (<c t="s" s="1" r="B7">)
+        # (a cell not opening as <c r="B7"> or <c r="AB7">: _not_placed_within)
+        # a cell whose r comes later in the tag (<c t="s" s="1" r="B7">)
         "unplaced_cell": re.compile(rb"<" + p + rb"c(?![^>]*?\sr=\"[A-Z]{1,3}[0-9])"),
         # no \b before r: an expression that does not start with a literal is
         # searched position by position (8x slower); an attribute ending in r
@@ -520,15 +518,28 @@ def _count_cells_quickly(
     the caps"; when it does not, the exact count decides (read_xlsx).
     """
     patterns = _patterns(prefix)
+    rows = patterns["row_first"].findall(block, start, end)
+    if block.count(b"<" + prefix + b"row", start, end) != len(rows):
+        return False
+    # A cell is placed by its own reference, not by the row it is written in
+    # (<row r="1"><c r="XFD1048576">): no reference may go past the last row
+    # seen, rounded up (272 -> 299, a bound like the columns'). The searches
+    # for a wider column check that too, so the common case pays nothing more.
+    top = max(scan.max_row, max(map(int, rows))) if rows else scan.max_row
+    rows_bound = _row_bound(top)
     # One search in the common case (every cell <c r="B7">), each further one
     # starting where the previous stopped.
     bound = b"Z"
     three: list[bytes] = []
-    wider = patterns["not_one_letter"].search(block, start, end)
+    wider = _not_placed_within(prefix, 1, rows_bound).search(block, start, end)
     if wider is not None:
         bound = b"ZZ"
-        wider = patterns["not_two_letters"].search(block, wider.start(), end)
+        wider = _not_placed_within(prefix, 2, rows_bound).search(block, wider.start(), end)
     if wider is not None:
+        # a wider column, r later in a tag, or a row past the bound: one search
+        # for the last sends the block to the exact count
+        if _reference_past(rows_bound).search(block, start, end):
+            return False
         odd = patterns["odd_cell"].search(block, wider.start(), end)
         if odd is None:
             three = patterns["three_letters"].findall(block, wider.start(), end)
@@ -540,17 +551,6 @@ def _count_cells_quickly(
             two = patterns["two_letters_anywhere"].search(block, start, end)
             bound = b"ZZ" if two else b"Z"
             three = patterns["three_letters_anywhere"].findall(block, start, end) if two else []
-    rows = patterns["row_first"].findall(block, start, end)
-    if block.count(b"<" + prefix + b"row", start, end) != len(rows):
-        return False
-    # A cell is placed by its own reference, not by the row it is written in
-    # (<row r="1"><c r="XFD1048576">): one search for a reference to a row
-    # past the last one seen (rounded up: 272 -> 299, a bound like the
-    # columns') sends the block to the exact count.
-    top = max(scan.max_row, max(map(int, rows))) if rows else scan.max_row
-    rows_bound = _row_bound(top)
-    if _reference_past(rows_bound).search(block, start, end):
-        return False
     cells = block.count(b"<" + prefix + b"c", start, end)
     if three:
         columns.update(three)  # exact: above any bound below
@@ -583,6 +583,18 @@ def _reference_past(bound: int) -> re.Pattern[bytes]:
     same = b"[%s-9]" % digits[0].encode() + b"[0-9]" * (len(digits) - 1) + b'"'
     # letters taken possessively: no backtracking into them (a third faster)
     return re.compile(rb'r="[A-Z]{1,3}+(?:' + longer + b"|" + same + rb")")
+
+
+@functools.lru_cache(maxsize=256)
+def _not_placed_within(prefix: bytes, letters: int, bound: int) -> re.Pattern[bytes]:
+    """An expression finding an element named ``c``... that does not open as
+    ``<c r="B7">`` with at most ``letters`` letters and a row up to ``bound``
+    (a :func:`_row_bound`, d99...9)."""
+    digits = str(bound)
+    same = b"[0-%s]" % digits[0].encode() + b"[0-9]" * (len(digits) - 1)
+    rows = b"[0-9]{1,%d}|" % (len(digits) - 1) + same if len(digits) > 1 else same
+    p = re.escape(prefix)
+    return re.compile(rb"<" + p + rb'c(?! r="[A-Z]{1,%d}+(?:%s)")' % (letters, rows))
 
 
 def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
