@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import random
 import re
 import struct
 import subprocess
@@ -1094,3 +1095,391 @@ def test_xlsx_bound_over_max_cells_rechecked_exactly(tmp_path: Path) -> None:
     (only,) = result["sheets"]
     assert (only["max_row"], only["max_column"], result["truncated"]) == (100, 28, False)
     assert only["rows"][99] == [100] + [None] * 26 + [200]
+
+
+def _tricky_book(path: Path) -> None:
+    """Rows all numbers (whole, huge, fractional, negative zero), all text with
+    empty cells, and mixed; an error cell in a number row, a merged range, a
+    declared dimension of A1 (a lie), a styled empty far cell."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append([1, 2.0, -0.0, 2**53, float(2**53) - 1, 1e300, 0.1, -7])
+    sheet.append(["a", None, "", "b", None])
+    sheet.append([])
+    sheet.append(["x", 1.5, True, None, 3])
+    sheet.append([10, 20, 30])
+    sheet.merge_cells("A4:B4")
+    sheet["Z40"].style = "Note"  # no value: not a row or column that counts
+    other = book.create_sheet("Two")
+    for n in range(30):
+        other.append([n, n * 0.5, f"t{n}"])
+    book.save(path)
+    set_dimension(path, "A1")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(
+            '<c r="C5" t="n"><v>30</v></c>', '<c r="C5" t="e"><f>1/0</f><v>#DIV/0!</v></c>'
+        ),
+    )
+
+
+@pytest.mark.parametrize("max_rows", [1000, 20])
+def test_xlsx_calamine_path_and_streaming_reader_agree_on_a_tricky_workbook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_rows: int
+) -> None:
+    """Calamine with the whole-row conversion gives what the exact streaming reader gives."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "tricky.xlsx"
+    _tricky_book(path)
+    fast, _ = run(path, settings(max_rows=max_rows))
+    assert "#DIV/0!" in json.dumps(fast)  # the edit above took
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: None)
+    exact, _ = run(path, settings(max_rows=max_rows))
+    assert fast == exact
+    first = fast["sheets"][0]
+    assert first["rows"][0] == [1, 2, 0, 2**53, 2**53 - 1, 1e300, 0.1, -7]
+    assert first["rows"][1] == ["a", None, None, "b"]
+    assert first["rows"][4] == [10, 20, "#DIV/0!"]
+    assert (first["max_row"], first["max_column"], first["merged"]) == (5, 8, ["A4:B4"])
+    assert fast["truncated"] is (max_rows == 20)
+
+
+def test_whole_row_conversion_matches_json_value_per_cell() -> None:
+    """Rows of only numbers or only text convert as json_value does each cell ("" empty)."""
+    from batchd.processors.content import json_value
+    from batchd.processors.sheets import _json_row
+
+    rows: list[list[Any]] = [
+        [1.0, 2.5, -0.0, 255.0],
+        [float(2**53), -float(2**53), float(2**53) - 1, 1e300, -1e-300],
+        [float("nan"), 1.0],
+        [float("inf"), 3.0],
+        [-float("inf")],
+        ["a", "", "b", ""],
+        ["only", "text"],
+        ["", ""],
+        [True, 1.0],
+        [1.0, "x", None, dt.date(2024, 1, 2)],
+        [],
+    ]
+    for row in rows:
+        values, chars = _json_row(list(row))
+        assert values == [None if v == "" else json_value(v) for v in row], row
+        assert [type(v) for v in values] == [
+            type(None if v == "" else json_value(v)) for v in row
+        ], row
+        text = sum(len(v) for v in row if isinstance(v, str))
+        assert chars in (None, text), row
+
+
+def test_xlsx_first_pass_cut_between_blocks_misses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks cut near their end (or back past a long text cell) count what one block does."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "long.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 400):
+        sheet.append([n, "x" * 10, n * 0.5])
+    sheet.merge_cells("A1:B1")
+    book.save(path)
+
+    def edit(xml: str) -> str:
+        # rows 5, 10, 15 ...: text longer than the short look back
+        long = r'<c r="B\1" t="inlineStr"><is><t>' + "y" * 6000 + "</t></is></c>"
+        xml = re.sub(r'<c r="B([0-9]*[05])" t="inlineStr"><is><t>x+</t></is></c>', long, xml)
+        return xml.replace('<c r="C200" t="n"><v>100</v></c>', '<c r="C200" t="e"><v>#N/A</v></c>')
+
+    rewrite_zip(path, "xl/worksheets/sheet1.xml", edit)
+    whole = _scan_first_sheet(path, quick=True)
+    monkeypatch.setattr(sheets, "XML_CHUNK_BYTES", 8192)
+    cut = _scan_first_sheet(path, quick=True)
+    assert (cut.cells, cut.max_row, cut.max_column, cut.merged, cut.errors, cut.unplaced) == (
+        whole.cells,
+        whole.max_row,
+        whole.max_column,
+        whole.merged,
+        whole.errors,
+        whole.unplaced,
+    )
+    assert (whole.cells, whole.max_row, whole.merged, whole.errors) == (
+        1196,  # B1 is merged away
+        399,
+        ["A1:B1"],
+        {"C200": "#N/A"},
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][199] == [200, "y" * 6000, "#N/A"]
+    assert result["sheets"][0]["rows"][198] == [199, "x" * 10, 99.5]
+
+
+def _styled_far_book(path: Path, far_value: int | None = None) -> None:
+    """Four rows and merged cells, LibreOffice-style empty styled cells out to
+    AMJ1048576 and XFD5, a declared dimension that says so, an error cell."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(4):
+        sheet.append([f"r{n}", n, n * 1.5])
+    sheet.merge_cells("A4:B4")
+    sheet["AMJ1048576"].style = "Note"
+    sheet["XFD5"].style = "Note"
+    if far_value is not None:
+        sheet["AMJ1048575"] = far_value
+    book.save(path)
+    set_dimension(path, "A1:XFD1048576")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(
+            '<c r="C2" t="n"><v>1.5</v></c>', '<c r="C2" t="e"><v>#REF!</v></c>'
+        ),
+    )
+
+
+def test_xlsx_cells_written_empty_do_not_send_a_sheet_to_the_streaming_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty styled cells far out leave a sheet on calamine, with the streaming reader's answer."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "styled.xlsx"
+    _styled_far_book(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(sheets, "_streamed_sheets", lambda *args: pytest.fail("streamed"))
+        fast, _ = run(path)
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: None)
+    exact, _ = run(path)
+    assert fast == exact
+    (only,) = fast["sheets"]
+    assert (only["max_row"], only["max_column"], only["merged"]) == (4, 3, ["A4:B4"])
+    assert only["rows"][1] == ["r1", 1, "#REF!"]
+    assert only["errors"] == [{"cell": "C2", "error": "#REF!"}]
+    assert fast["truncated"] is False
+
+
+@pytest.mark.parametrize("edit", ["far value", "odd attribute"])
+def test_xlsx_far_value_or_unreadable_tag_still_goes_to_the_streaming_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    """A far cell holding a value, or a cell tag the pass cannot read, keeps calamine away."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "far.xlsx"
+    _styled_far_book(path, far_value=7 if edit == "far value" else None)
+    if edit == "odd attribute":  # a ">" inside an attribute value hides the reference
+        rewrite_zip(
+            path,
+            "xl/worksheets/sheet1.xml",
+            lambda xml: xml.replace('<c r="XFD5" s="1" t="n" />', '<c s="1" a="b>c" r="XFD5"/>'),
+        )
+        with zipfile.ZipFile(path) as zf:
+            assert b'a="b>c"' in zf.read("xl/worksheets/sheet1.xml")
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: pytest.fail("calamine"))
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][1] == ["r1", 1, "#REF!"]
+
+
+@pytest.mark.parametrize("kind", ["n", "s", "str", "e", "b", "inlineStr", "d"])
+def test_calamine_gives_cells_written_empty_no_area(tmp_path: Path, kind: str) -> None:
+    """calamine leaves <c .../> out of a sheet's range: _valued_area relies on it."""
+    import python_calamine
+
+    path = tmp_path / "near.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["a", 1])
+    sheet["Z30"].style = "Note"
+    book.save(path)
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="Z30" s="1" t="n" />', f'<c r="Z30" s="1" t="{kind}"/>'),
+    )
+    with zipfile.ZipFile(path) as zf:
+        assert f't="{kind}"/>'.encode() in zf.read("xl/worksheets/sheet1.xml")
+    workbook = python_calamine.CalamineWorkbook.from_path(str(path))
+    assert workbook.get_sheet_by_name("Sheet").end == (0, 1)
+
+
+def test_xlsx_streaming_reader_places_odd_references_as_before(tmp_path: Path) -> None:
+    """References the streaming reader cannot read (b1, AAAA1, C, B1x) take the next column."""
+    path = tmp_path / "odd.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append([0])  # type: ignore[union-attr]
+    book.save(path)
+    first = "".join(
+        f'<c r="{ref}"><v>{n}</v></c>' for n, ref in enumerate(["B1", "b1", "AAAA1", "C", "B1x"], 1)
+    )
+    second = '<c r="C2"><v>6</v></c><c r="B2"><v>7</v></c><c r="E2"><v>8</v></c>'
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>",
+            f'<sheetData><row r="1">{first}</row><row r="2">{second}</row></sheetData>',
+            xml,
+        ),
+    )
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [[None, 1, 2, 3, 4, 5], [None, 7, 6, None, 8]]
+
+
+def test_xlsx_quick_first_pass_with_reference_later_in_the_tag(tmp_path: Path) -> None:
+    """r after other attributes: three letters are exact; another attribute ending in r only
+    raises the bound, and the result stays the exact one."""
+    path = tmp_path / "later.xlsx"
+    _wide_book(path, "XFD")
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace('<c r="XFD2"', '<c s="0" r="XFD2"').replace(
+            '<c r="A3"', '<c s="0" xr="ZZZ9" r="A3"'
+        ),
+    )
+    quick, exact = _scan_first_sheet(path, quick=True), _scan_first_sheet(path, quick=False)
+    assert (exact.max_column, exact.cells, exact.unplaced) == (16_384, 6, 0)
+    assert quick.max_column >= exact.max_column
+    assert (quick.cells, quick.max_row, quick.unplaced) == (6, 3, 0)
+    result, _ = run(path)
+    (only,) = result["sheets"]
+    assert (only["max_row"], only["max_column"]) == (3, 16_384)
+    assert only["rows"][2][0] == 3 and only["rows"][2][-1] == 30
+
+
+def test_pdf_stream_keywords_found_across_block_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of any size find each stream keyword the whole-file search finds, and no endstream."""
+    from batchd.processors import pdf
+
+    data = (
+        b"stream\nab endstream\r\nxstream\r\n1 0 obj stream\nendstream"
+        + b"q" * 37
+        + b"stream\r\nendstreamstream\n"
+        + raw_pdf([text_op("hi")] * 3, compress=True)
+    )
+    path = tmp_path / "keywords.pdf"
+    path.write_bytes(data)
+    whole = [m.end() for m in re.finditer(rb"(?<!end)stream\r?\n", data)]
+    assert len(whole) == 8
+    with path.open("rb") as fh:
+        for block in (1, 2, 3, 5, 7, 8, 13, 1 << 20):
+            monkeypatch.setattr(pdf, "STREAM_SCAN_BYTES", block)
+            assert list(pdf._stream_starts(fh.fileno(), len(data))) == whole, block
+
+
+def test_pdf_flate_bomb_found_when_read_in_growing_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bomb whose compressed stream spans many pieces and scan blocks still fails."""
+    from batchd.processors import pdf
+
+    monkeypatch.setattr(pdf, "FIRST_INFLATE_BYTES", 64)
+    monkeypatch.setattr(pdf, "INFLATE_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pdf, "STREAM_SCAN_BYTES", 1000)
+    path = tmp_path / "bomb.pdf"
+    noise = bytes(random.Random(1).getrandbits(8) for _ in range(200_000))  # does not compress
+    content = text_op("hi") + b" %" + noise.hex().encode() + b"\n" + b" " * (3 << 20)
+    path.write_bytes(raw_pdf([content], compress=True))
+    config = load_settings(None, env={"BATCHD_INSPECT__MAX_PDF_STREAM_MB": "3"})
+    with pytest.raises(PermanentError, match=r"bomb.pdf: .* more than 3 MiB .*max_pdf_stream_mb"):
+        run(path, config)
+    result, _ = run(path)
+    assert result["text"] == ["hi"]
+
+
+def _lying_rows_book(path: Path, far: str) -> None:
+    """One row element holding A1 and a cell whose own reference is ``far``."""
+    book = openpyxl.Workbook()
+    book.active.append([1])  # type: ignore[union-attr]
+    book.save(path)
+    cells = f'<c r="A1"><v>1</v></c><c r="{far}"><v>2</v></c>'
+    rewrite_zip(
+        path,
+        "xl/worksheets/sheet1.xml",
+        lambda xml: re.sub(
+            r"<sheetData>.*</sheetData>", f'<sheetData><row r="1">{cells}</row></sheetData>', xml
+        ),
+    )
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_xlsx_first_pass_takes_the_row_from_the_cell_reference(tmp_path: Path, quick: bool) -> None:
+    """<row r="1"><c r="C900"> is row 900 to calamine, and so to the first pass."""
+    path = tmp_path / "lie.xlsx"
+    _lying_rows_book(path, "C900")
+    scan = _scan_first_sheet(path, quick=quick)
+    assert (scan.max_row, scan.area >= 900 * 3) == (900, True)
+
+
+def test_xlsx_cell_referenced_far_from_its_row_keeps_calamine_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A far reference written in row 1 counts at its own row against inspect.max_cells."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "lie.xlsx"
+    _lying_rows_book(path, "XFD1048576")  # calamine would allocate 17 billion cells
+    monkeypatch.setattr(sheets, "_calamine_sheets", lambda *args: pytest.fail("calamine"))
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"][0][0] == 1
+
+
+def test_reference_past_finds_exactly_the_rows_past_the_bound() -> None:
+    """_reference_past(_row_bound(m)) finds r="A<n>" exactly when n is past m rounded up."""
+    from batchd.processors.sheets import _reference_past, _row_bound
+
+    rng = random.Random(13)
+    tops = [0, 1, 9, 10, 99, 100, 272, 999, 1000, 2089, 99_999, 1_048_576]
+    tops += [rng.randrange(1, 2_000_000) for _ in range(30)]
+    assert [_row_bound(t) for t in (0, 1, 9, 10, 272, 999, 2089)] == [0, 1, 9, 19, 299, 999, 2999]
+    for top in tops:
+        bound = _row_bound(top)
+        assert top <= bound < max(2 * top, 10)
+        pattern = _reference_past(bound)
+        rows = {0, 1, top, bound, bound + 1, top * 10, rng.randrange(1, 3_000_000)}
+        rows |= {rng.randrange(max(0, bound - 50), bound + 50) for _ in range(200)}
+        for row in rows:
+            ref = b'<c r="XB%d" t="s">' % row
+            assert (pattern.search(ref) is not None) == (row > bound), (top, row)
+
+
+def test_not_placed_within_finds_wider_columns_later_rows_and_odd_cells() -> None:
+    """_not_placed_within(prefix, letters, bound) passes only <c r="..."> within both bounds."""
+    from batchd.processors.sheets import _not_placed_within, _row_bound
+
+    rng = random.Random(7)
+    for top in [
+        0,
+        1,
+        9,
+        10,
+        272,
+        2089,
+        99_999,
+        1_048_576,
+        *(rng.randrange(1, 2_000_000) for _ in range(20)),
+    ]:
+        bound = _row_bound(top)
+        one, two = _not_placed_within(b"", 1, bound), _not_placed_within(b"", 2, bound)
+        rows = {1, top, bound, bound + 1, top * 10} | {
+            rng.randrange(1, bound + 60) for _ in range(100)
+        }
+        for row in rows - {0}:
+            past = row > bound
+            assert (one.search(b'<c r="B%d" s="1">' % row) is not None) == past, (top, row)
+            assert (two.search(b'<c r="AB%d"/>' % row) is not None) == past, (top, row)
+            assert one.search(b'<c r="AB%d">' % row) is not None
+            assert two.search(b'<c r="ABC%d">' % row) is not None
+        assert two.search(b'<c t="s" r="A1">') is not None
+        x = _not_placed_within(b"x:", 2, bound)
+        assert x.search(b'<x:c r="B%d"><x:v>1</x:v></x:c>' % max(bound, 1)) is None or not bound
+        assert x.search(b'<x:c r="B%d">' % (bound + 1)) is not None

@@ -196,3 +196,19 @@ def test_guess_delimiter_reads_quoted_newlines_and_delimiters() -> None:
     )
     assert guess_delimiter(sample, CANDIDATES) == ";"
     assert guess_delimiter(sample.replace(";", "\t"), CANDIDATES) == "\t"
+
+
+def test_xlsx_archive_kept_open_only_when_asked(tmp_path: Path) -> None:
+    """keep_zip hands an XLSX's open archive to the caller; by default none is kept."""
+    path = tmp_path / "book.xlsx"
+    openpyxl.Workbook().save(path)
+    assert sniff(path).archive is None
+    kept = sniff(path, keep_zip=True)
+    assert kept == Sniffed("xlsx", XLSX_MIME)
+    assert kept.archive is not None
+    with kept.archive as zf:
+        assert "xl/workbook.xml" in zf.namelist()
+    plain = tmp_path / "data.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    assert sniff(plain, keep_zip=True).archive is None

@@ -34,7 +34,7 @@ from batchd.processors.content import Budget, Result, bad_content
 from batchd.processors.pdf import read_pdf
 from batchd.processors.sheets import read_xlsx
 from batchd.processors.xls import read_xls
-from batchd.sniff import guess_delimiter, sniff
+from batchd.sniff import Sniffed, guess_delimiter, sniff
 
 CHUNK_BYTES = 1024 * 1024
 #: how much of a CSV the dialect sniffer sees.
@@ -57,8 +57,17 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 def inspect(path: Path, ctx: Context) -> Result:
     """Read PDF, XLSX, XLS and CSV content; type, size and sha256 of anything else."""
     # The path may be /proc/self/fd/N or a private copy: the name users gave
-    # the file is its relative path.
-    sniffed = sniff(path, name=ctx.relpath)
+    # the file is its relative path. A workbook's archive, opened to tell its
+    # type, is read from as it is.
+    sniffed = sniff(path, name=ctx.relpath, keep_zip=True)
+    try:
+        return _inspect(path, ctx, sniffed)
+    finally:
+        if sniffed.archive is not None:
+            sniffed.archive.close()
+
+
+def _inspect(path: Path, ctx: Context, sniffed: Sniffed) -> Result:
     suffix = PurePosixPath(ctx.relpath).suffix.lower()
     if sniffed.kind in {"bin", "empty"} and suffix in {".csv", ".tsv", ".tab"}:
         raise PermanentError(
@@ -85,7 +94,7 @@ def inspect(path: Path, ctx: Context) -> Result:
         result.update(ocr.read_image(path, ctx, budget))
     # -- end of OCR --
     elif sniffed.kind == "xlsx":
-        result.update(read_xlsx(path, ctx, budget))
+        result.update(read_xlsx(path, ctx, budget, sniffed.archive))
     elif sniffed.kind == "xls":
         result.update(read_xls(path, ctx, budget))
     elif sniffed.kind == "csv":

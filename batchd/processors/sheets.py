@@ -26,6 +26,7 @@ a value.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import posixpath
@@ -33,7 +34,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.parsers import expat
@@ -48,6 +49,9 @@ PROGRESS_EVERY_ROWS = 1000
 ENTITY_CHECK_BYTES = 4096
 #: bytes of sheet XML handled at a time by the first pass and the streaming reader.
 XML_CHUNK_BYTES = 1024 * 1024
+#: how far back from a block's end the first pass looks for a cell's end to
+#: cut the block at: a short look first, a long one for a cell of long text.
+CUT_WINDOW_BYTES = (4096, 65536)
 
 _NS_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _NS_REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
@@ -66,26 +70,32 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
     literal, so the regex engine skips through the XML at memchr speed."""
     p = re.escape(prefix)
     return {
-        "cell_column": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})[0-9]"),
+        "cell_ref": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})([0-9]+)"),
         "row_number": re.compile(rb"<" + p + rb"row\s[^>]*?\br=\"([0-9]+)\""),
         "value": re.compile(rb"<" + p + rb"v>([^<]*)</" + p + rb"v>"),
         "merge": re.compile(
             rb"<" + p + rb"mergeCell\s[^>]*?\bref=\"([A-Z]{1,3}[0-9]+(?::[A-Z]{1,3}[0-9]+)?)\""
         ),
         "cell_end": re.compile(rb"</" + p + rb"c>|<" + p + rb"c\s[^>]*/>"),
+        # a cell's column and row, when its tag is not also its end (<c r="B7"/>)
+        "valued_cell": re.compile(
+            rb"<" + p + rb"c\s[^>]*?\br=\"([A-Z]{1,3})([0-9]+)\"[^>]*(?<!/)>"
+        ),
+        "empty_cell": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"[A-Z]{1,3}[0-9]+\"[^>]*/>"),
         "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
         "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
         # the quick count (see _count_cells_quickly): r the first attribute
         "row_first": re.compile(rb"<" + p + rb"row r=\"([0-9]+)\""),
         "odd_cell": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,3}[0-9])"),
         "three_letters": re.compile(rb"<" + p + rb"c r=\"([A-Z]{3})[0-9]"),
-        # a cell not opening as <c r="B7">, or <c r="AB7">: a wider column or odd
-        "not_one_letter": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z][0-9])"),
-        "not_two_letters": re.compile(rb"<" + p + rb"c(?! r=\"[A-Z]{1,2}[0-9])"),
-        # the same where r comes later in the tag (<c t="s" s="1" r="B7">)
+        # (a cell not opening as <c r="B7"> or <c r="AB7">: _not_placed_within)
+        # a cell whose r comes later in the tag (<c t="s" s="1" r="B7">)
         "unplaced_cell": re.compile(rb"<" + p + rb"c(?![^>]*?\sr=\"[A-Z]{1,3}[0-9])"),
-        "three_letters_anywhere": re.compile(rb"\br=\"([A-Z]{3})[0-9]"),
-        "two_letters_anywhere": re.compile(rb"\br=\"[A-Z]{2}"),
+        # no \b before r: an expression that does not start with a literal is
+        # searched position by position (8x slower); an attribute ending in r
+        # (xr="AB1") can only raise the bound, which the exact count then checks
+        "three_letters_anywhere": re.compile(rb"r=\"([A-Z]{3})[0-9]"),
+        "two_letters_anywhere": re.compile(rb"r=\"[A-Z]{2}"),
     }
 
 
@@ -149,8 +159,11 @@ class _SheetScan:
     errors: dict[str, str] = field(default_factory=dict)
     #: the sheet's head declares a DOCTYPE or entities (refused).
     declares_entities: bool = False
+    #: the namespace prefix of the sheet's elements (``b"x:"``), or b"".
+    prefix: bytes = b""
     #: max_column is an upper bound (26 or 702, from the letters of the
-    #: references), not the exact last column: see _count_cells_quickly.
+    #: references), not the exact last column, or max_row one (272 -> 299,
+    #: past which no reference goes): see _count_cells_quickly.
     bounded: bool = False
 
     @property
@@ -158,11 +171,18 @@ class _SheetScan:
         return self.max_row * self.max_column
 
 
-def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
-    """Every worksheet of an XLSX workbook; see the module docstring."""
+def read_xlsx(
+    path: Path, ctx: Context, budget: Budget, archive: zipfile.ZipFile | None = None
+) -> Result:
+    """Every worksheet of an XLSX workbook; see the module docstring.
+
+    ``archive``: the workbook already open (the caller closes it).
+    """
     caps = ctx.settings.inspect
     try:
-        with zipfile.ZipFile(path) as zf:
+        with (
+            contextlib.nullcontext(archive) if archive is not None else zipfile.ZipFile(path) as zf
+        ):
             sheets, date1904 = _workbook_sheets(zf, ctx)
             scans = [_scan_sheet(zf, name, part, caps.max_cells) for name, part in sheets]
             # the first pass looked at each sheet's head: only those declaring
@@ -183,6 +203,13 @@ def read_xlsx(path: Path, ctx: Context, budget: Budget) -> Result:
                     for s in scans
                 ]
                 fits = _fits(scans, caps.max_cells, caps.max_columns)
+            if not fits:
+                # Cells written empty (<c r="AMJ1048576" s="3"/>, LibreOffice
+                # styling whole rows and columns) are in no area calamine
+                # allocates: the area of the cells holding something decides.
+                valued = [_valued_area(zf, s, caps.max_cells, caps.max_columns) for s in scans]
+                if _fits(valued, caps.max_cells, caps.max_columns):
+                    scans, fits = valued, True
             out: list[Result] | None = None
             if fits:
                 out = _calamine_sheets(zf, path, ctx, budget, scans, date1904)
@@ -327,13 +354,20 @@ def _scan_sheet(
                 carry = buf
                 continue
             prefix = (found.group(1) or b"") if found else b""
+            scan.prefix = prefix
         patterns = _patterns(prefix)
         if len(chunk) < XML_CHUNK_BYTES:
             head, carry = buf, b""  # the end of the part: nothing to cut
         else:
-            # Cut after the last complete cell, so no cell is split between passes.
-            tail = patterns["cell_end"].finditer(buf, max(0, len(buf) - 65536))
-            ends = [m.end() for m in tail]
+            # Cut after a complete cell near the end, so no cell is split
+            # between passes. Any cell's end will do: the last few KiB hold
+            # one but for a cell of long text (a match object per cell of
+            # the last 64 KiB was ~5 % of the first pass).
+            ends: list[int] = []
+            for window in CUT_WINDOW_BYTES:
+                if not ends:
+                    tail = patterns["cell_end"].finditer(buf, max(0, len(buf) - window))
+                    ends = [m.end() for m in tail]
             big = len(buf) > 4 * XML_CHUNK_BYTES
             cut = ends[-1] if ends else (buf.rfind(b">") + 1 if big else 0)
             head, carry = buf[:cut], buf[cut:]
@@ -345,6 +379,43 @@ def _scan_sheet(
     if columns:
         scan.max_column = max(column_number(c.decode()) for c in columns)
     return scan
+
+
+def _valued_area(
+    zf: zipfile.ZipFile, scan: _SheetScan, max_cells: int, max_columns: int
+) -> _SheetScan:
+    """``scan`` with the last row and column of the cells that are not written
+    empty (``<c .../>``), for a sheet that does not fit the caps as counted.
+
+    calamine leaves empty cells out of the range it allocates, so their
+    positions cannot make it allocate more. A sheet that fits anyway, has a
+    cell without a reference, or more cells than ``max_cells`` (the
+    streaming reader stops there) is left as it is; so is one where a cell
+    tag is not found as either kind (a ">" inside an attribute value).
+    """
+    if scan.unplaced or scan.cells > max_cells:
+        return scan
+    if scan.area <= max_cells and scan.max_column <= max_columns:
+        return scan
+    patterns = _patterns(scan.prefix)
+    tag = b"<" + scan.prefix + b"c"
+    columns: set[bytes] = set()
+    max_row = 0
+    carry = b""
+    for chunk in _xml_chunks(zf, scan.part):
+        block = carry + chunk
+        # up to the last tag's end: a tag is never split between blocks
+        cut = block.rfind(b">") + 1 if len(chunk) == XML_CHUNK_BYTES else len(block)
+        block, carry = block[:cut], block[cut:]
+        valued = patterns["valued_cell"].findall(block)
+        empty = len(patterns["empty_cell"].findall(block))
+        if len(valued) + empty != _count_tags(block, tag, patterns["cell_ws"]):
+            return scan
+        if valued:
+            columns.update(letters for letters, _ in valued)
+            max_row = max(max_row, max(int(number) for _, number in valued))
+    max_column = max((column_number(c.decode()) for c in columns), default=0)
+    return replace(scan, max_row=max_row, max_column=max_column, bounded=False)
 
 
 def _scan_block(
@@ -414,13 +485,16 @@ def _count_cells(scan: _SheetScan, block: bytes, columns: set[bytes], prefix: by
     patterns = _patterns(prefix)
     cell, row = b"<" + prefix + b"c", b"<" + prefix + b"row"
     cells = _count_tags(block, cell, patterns["cell_ws"])
-    placed = patterns["cell_column"].findall(block)
+    placed = patterns["cell_ref"].findall(block)
     scan.cells += cells
     scan.unplaced += cells - len(placed)
-    columns.update(placed)
+    columns.update(letters for letters, _ in placed)
+    # calamine places a cell by its own reference, whatever row it is written
+    # in: the last row is the larger of the two
     rows = patterns["row_number"].findall(block)
-    if rows:
-        scan.max_row = max(scan.max_row, max(map(int, rows)))
+    if rows or placed:
+        last = max(map(int, rows), default=0)
+        scan.max_row = max(scan.max_row, last, max((int(n) for _, n in placed), default=0))
     tags = _count_tags(block, row, patterns["row_ws"])
     if tags > len(rows):
         scan.unplaced += 1  # a row without its number: only counting can place it
@@ -444,15 +518,28 @@ def _count_cells_quickly(
     the caps"; when it does not, the exact count decides (read_xlsx).
     """
     patterns = _patterns(prefix)
+    rows = patterns["row_first"].findall(block, start, end)
+    if block.count(b"<" + prefix + b"row", start, end) != len(rows):
+        return False
+    # A cell is placed by its own reference, not by the row it is written in
+    # (<row r="1"><c r="XFD1048576">): no reference may go past the last row
+    # seen, rounded up (272 -> 299, a bound like the columns'). The searches
+    # for a wider column check that too, so the common case pays nothing more.
+    top = max(scan.max_row, max(map(int, rows))) if rows else scan.max_row
+    rows_bound = _row_bound(top)
     # One search in the common case (every cell <c r="B7">), each further one
     # starting where the previous stopped.
     bound = b"Z"
     three: list[bytes] = []
-    wider = patterns["not_one_letter"].search(block, start, end)
+    wider = _not_placed_within(prefix, 1, rows_bound).search(block, start, end)
     if wider is not None:
         bound = b"ZZ"
-        wider = patterns["not_two_letters"].search(block, wider.start(), end)
+        wider = _not_placed_within(prefix, 2, rows_bound).search(block, wider.start(), end)
     if wider is not None:
+        # a wider column, r later in a tag, or a row past the bound: one search
+        # for the last sends the block to the exact count
+        if _reference_past(rows_bound).search(block, start, end):
+            return False
         odd = patterns["odd_cell"].search(block, wider.start(), end)
         if odd is None:
             three = patterns["three_letters"].findall(block, wider.start(), end)
@@ -464,9 +551,6 @@ def _count_cells_quickly(
             two = patterns["two_letters_anywhere"].search(block, start, end)
             bound = b"ZZ" if two else b"Z"
             three = patterns["three_letters_anywhere"].findall(block, start, end) if two else []
-    rows = patterns["row_first"].findall(block, start, end)
-    if block.count(b"<" + prefix + b"row", start, end) != len(rows):
-        return False
     cells = block.count(b"<" + prefix + b"c", start, end)
     if three:
         columns.update(three)  # exact: above any bound below
@@ -474,9 +558,43 @@ def _count_cells_quickly(
         columns.add(bound)
         scan.bounded = True
     scan.cells += cells
-    if rows:
-        scan.max_row = max(scan.max_row, max(map(int, rows)))
+    if rows_bound > top:
+        scan.bounded = True
+    scan.max_row = max(scan.max_row, rows_bound)
     return True
+
+
+def _row_bound(row: int) -> int:
+    """``row`` rounded up to its first digit followed by nines (272 -> 299):
+    what the quick count checks no cell reference goes past."""
+    digits = str(row)
+    return int((int(digits[0]) + 1) * 10 ** (len(digits) - 1) - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_past(bound: int) -> re.Pattern[bytes]:
+    """An expression finding a cell reference (``r="B7"``) to a row after
+    ``bound`` (a :func:`_row_bound`: one of 63 below 10**7, so each is compiled
+    once). It starts with a literal, so the search skips through a block at C
+    speed; it may also find what is not a cell's reference (``xr="B9"``, a
+    leading zero), which only sends the block to the exact count."""
+    digits = str(bound + 1)  # the first row past it: d000... or 1000...
+    longer = b"[0-9]{%d}" % (len(digits) + 1)
+    same = b"[%s-9]" % digits[0].encode() + b"[0-9]" * (len(digits) - 1) + b'"'
+    # letters taken possessively: no backtracking into them (a third faster)
+    return re.compile(rb'r="[A-Z]{1,3}+(?:' + longer + b"|" + same + rb")")
+
+
+@functools.lru_cache(maxsize=256)
+def _not_placed_within(prefix: bytes, letters: int, bound: int) -> re.Pattern[bytes]:
+    """An expression finding an element named ``c``... that does not open as
+    ``<c r="B7">`` with at most ``letters`` letters and a row up to ``bound``
+    (a :func:`_row_bound`, d99...9)."""
+    digits = str(bound)
+    same = b"[0-%s]" % digits[0].encode() + b"[0-9]" * (len(digits) - 1)
+    rows = b"[0-9]{1,%d}|" % (len(digits) - 1) + same if len(digits) > 1 else same
+    p = re.escape(prefix)
+    return re.compile(rb"<" + p + rb'c(?! r="[A-Z]{1,%d}+(?:%s)")' % (letters, rows))
 
 
 def _count_tags(block: bytes, tag: bytes, whitespace: re.Pattern[bytes]) -> int:
@@ -558,19 +676,7 @@ def sheet_result(
         if len(row) > max_columns:
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
-        # str, float and None (most cells) are converted inline, as json_value
-        # would (a whole float becomes an int, NaN and infinities null: v - v
-        # is 0 only for a finite v); "" is calamine's empty cell.
-        values = [
-            (v or None)
-            if (t := type(v)) is str
-            else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
-            if t is float
-            else None
-            if v is None
-            else json_value(v)
-            for v in row
-        ]
+        values, chars = _json_row(row)
         for col, text in by_row.get(number, ()):
             if col <= len(values):
                 values[col - 1] = text or None  # an error cell without a text is empty
@@ -585,7 +691,7 @@ def sheet_result(
                 break
             kept.append([])
         last = number
-        if budget.take_row(values):
+        if budget.take_row(values, chars):
             kept.append(values)
         max_row = number
         max_column = max(max_column, len(values))
@@ -598,6 +704,43 @@ def sheet_result(
         "merged": merged,
         "errors": error_cells,
     }
+
+
+def _json_row(row: list[Any]) -> tuple[list[Any], int | None]:
+    """A row's cells as JSON values (what :func:`json_value` gives each), and
+    the characters of its text when that came for free (else None).
+
+    Most rows hold only numbers or only text: those are converted with a few
+    C-speed passes over the row (``set(map(type, row))``, ``map(int, row)``)
+    instead of Python work per cell, which was most of the time spent on a
+    sheet after calamine read it.
+    """
+    kinds = set(map(type, row))
+    if kinds == _FLOAT:
+        # whole and exact (NaN and infinities are not whole): ints, as json_value gives
+        if all(map(float.is_integer, row)) and min(row) > -_EXACT and max(row) < _EXACT:
+            return list(map(int, row)), 0
+    elif kinds == _STR:
+        # "" is calamine's empty cell
+        return ([v or None for v in row] if "" in row else list(row)), sum(map(len, row))
+    # str, float and None (most cells) are converted inline, as json_value
+    # would (a whole float becomes an int, NaN and infinities null: v - v
+    # is 0 only for a finite v).
+    values = [
+        (v or None)
+        if (t := type(v)) is str
+        else (int(v) if v.is_integer() and -_EXACT < v < _EXACT else v if v - v == 0 else None)
+        if t is float
+        else None
+        if v is None
+        else json_value(v)
+        for v in row
+    ]
+    return values, None
+
+
+_FLOAT = {float}
+_STR = {str}
 
 
 def _streamed_sheets(
@@ -739,6 +882,20 @@ def _parser(start: Any, end: Any, chars: Any, *, namespaces: bool = False) -> An
     return parser
 
 
+_DIGITS = "0123456789"
+#: local names of the tag names seen (``"x:c"`` -> ``"c"``), a few at most
+#: in a real sheet; bounded against a file of made-up names.
+_LOCAL_NAMES: dict[str, str] = {}
+_LOCAL_NAMES_KEPT = 256
+
+
+def _local_name(tag: str) -> str:
+    local = tag.rsplit(":", 1)[-1]
+    if len(_LOCAL_NAMES) < _LOCAL_NAMES_KEPT:
+        _LOCAL_NAMES[tag] = local
+    return local
+
+
 class _StreamedSheet:
     """One sheet's rows from its XML, streamed, with the row and cell caps."""
 
@@ -767,6 +924,8 @@ class _StreamedSheet:
         self._cell: dict[str, str] | None = None
         self._text: list[str] = []
         self._in_value = False
+        #: column numbers by the letters of the references read.
+        self._columns: dict[str, int] = {}
 
     def rows(self) -> Iterator[tuple[int, list[Any]]]:
         """(1-based number, cells) of each row in the XML until the sheet or a cap ends."""
@@ -781,7 +940,7 @@ class _StreamedSheet:
         yield from self._done
 
     def _start(self, tag: str, attrs: dict[str, str]) -> None:
-        local = tag.rsplit(":", 1)[-1]
+        local = _LOCAL_NAMES.get(tag) or _local_name(tag)
         if local == "c":
             self._cell = attrs
             self._text.clear()
@@ -797,7 +956,7 @@ class _StreamedSheet:
             self._text.append(data)
 
     def _end(self, tag: str) -> None:
-        local = tag.rsplit(":", 1)[-1]
+        local = _LOCAL_NAMES.get(tag) or _local_name(tag)
         if local in ("v", "t"):
             self._in_value = False
         elif local == "c" and self._cell is not None:
@@ -819,8 +978,15 @@ class _StreamedSheet:
                 self._row = []
             return
         ref = attrs.get("r", "")
-        match = _A1.match(ref)
-        column = column_number(match.group(1)) if match else len(self._row) + 1
+        # the column of a reference whose letters were seen before, without a
+        # regular expression per cell: letters then digits, as _A1 checks
+        letters = ref.rstrip(_DIGITS)
+        column = self._columns.get(letters) if len(letters) < len(ref) else None
+        if column is None:
+            match = _A1.match(ref)
+            column = column_number(match.group(1)) if match else len(self._row) + 1
+            if match and match.group(1) == letters:
+                self._columns[letters] = column
         if column > self.max_columns:
             # Wider than any spreadsheet program writes: a hostile row. The
             # sheet stops being read here, like at max_cells.
