@@ -183,6 +183,26 @@ COMMON: dict[str, str] = {
         "SELECT COUNT(*) AS n FROM batch_files WHERE batch_id = ?"
         " AND status IN ('pending', 'processing')"
     ),
+    # The batch as it is now, with how many of its files are still to finish:
+    # one round trip after a success committed without the batch's row lock.
+    "batch_with_unfinished": (
+        "SELECT {batch_cols}, (SELECT COUNT(*) FROM batch_files f WHERE f.batch_id = b.id"
+        " AND f.status IN ('pending', 'processing')) AS unfinished"
+        " FROM batch_jobs b WHERE b.id = ?"
+    ),
+    # The batch's status before a derivation (PostgreSQL: under its row lock).
+    "lock_batch_status": "SELECT status FROM batch_jobs WHERE id = ?",
+    # Counters only, for a batch still running: one statement, so the row lock
+    # lasts one statement; a batch's status moves on only by a derivation.
+    "refresh_counts": (
+        "UPDATE batch_jobs SET processed_files = c.completed, failed_files = c.failed,"
+        " version = version + 1"
+        " FROM (SELECT COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0)"
+        "   AS completed, COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0)"
+        "   AS failed FROM batch_files WHERE batch_id = :id) AS c"
+        " WHERE batch_jobs.id = :id AND batch_jobs.status IN ('pending', 'processing')"
+        " AND (batch_jobs.processed_files <> c.completed OR batch_jobs.failed_files <> c.failed)"
+    ),
     "delete_files": "DELETE FROM batch_files WHERE batch_id = ?",
     "delete_batch": "DELETE FROM batch_jobs WHERE id = ?",
     "upsert_node": (
@@ -240,6 +260,7 @@ POSTGRES: dict[str, str] = {
         " ON CONFLICT (work_path) DO NOTHING"
     ),
     "lock_batch": "SELECT 1 AS one FROM batch_jobs WHERE id = %s FOR UPDATE",
+    "lock_batch_status": "SELECT status FROM batch_jobs WHERE id = %s FOR UPDATE",
     "ids_with_prefix": (
         "SELECT id::text AS id FROM batch_jobs WHERE id::text LIKE %s ESCAPE '\\'"
         " ORDER BY id LIMIT %s"
