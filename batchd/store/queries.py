@@ -241,16 +241,22 @@ SQLITE: dict[str, str] = {
 #: PostgreSQL's own spelling, in psycopg's placeholders (not converted).
 POSTGRES: dict[str, str] = {
     # SKIP LOCKED: a file another node is claiming this instant is passed over.
+    # The batch's columns come back with the file (batch_*): one round trip
+    # less per claim than reading the batch after it.
     "claim": (
         "WITH next AS ("
         "  SELECT id FROM batch_files"
         "  WHERE status = 'pending' AND (available_at IS NULL OR available_at <= %(now)s)"
-        "  ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        " UPDATE batch_files f SET status = 'processing', started_at = %(now)s,"
+        "  ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED),"
+        " claimed AS (UPDATE batch_files f SET status = 'processing', started_at = %(now)s,"
         " progress = 0, completed_at = NULL, attempts = attempts + 1,"
         " available_at = NULL, node_id = %(node_id)s, lease_until = %(lease_until)s,"
         " lease_gen = f.lease_gen + 1"
-        " FROM next WHERE f.id = next.id RETURNING {prefixed_file_cols}"
+        " FROM next WHERE f.id = next.id RETURNING {prefixed_file_cols})"
+        " SELECT claimed.*, b.status AS batch_status, b.name AS batch_name,"
+        " b.work_path AS batch_work_path, b.priority AS batch_priority,"
+        " b.total_files AS batch_total_files"
+        " FROM claimed JOIN batch_jobs b ON b.id = claimed.batch_id"
     ),
     # ON CONFLICT: a second node registering the same folder waits, inserts nothing.
     "insert_batch": (

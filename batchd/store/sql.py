@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
@@ -150,6 +151,16 @@ class SqlStore(SqlReads, SqlUpkeep):
             if row is None:
                 return None
             file = file_row(row)
+            if row.get("batch_status") == Status.PROCESSING:
+                # PostgreSQL read the batch with the claim; a batch already
+                # processing keeps its status and counters when one more starts.
+                return FileTask(
+                    file=file,
+                    batch_name=row["batch_name"],
+                    work_path=row["batch_work_path"],
+                    priority=Priority(row["batch_priority"]),
+                    batch_files=int(row["batch_total_files"]),
+                )
             batch = self._batch_for_claim(tx, file.batch_id, now)
             return FileTask(
                 file=file,
