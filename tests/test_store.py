@@ -355,9 +355,11 @@ class StoreContract:
             1,
             "2026-11-28T10:00:03.000Z",
         )
-        # Asked again (a daemon cleaning up after a worker): derived, not ended twice.
+        # Asked again (a daemon cleaning up after a worker): not ended twice, and
+        # not derived again (its version stays the final status.json's).
         again = store.settle_batch(settled.batch.id, at(4))
         assert again is not None and again.batch.status == Status.FAILED and not again.ended
+        assert again.batch.version == settled.batch.version
 
     def test_finish_file_with_a_lost_lease_writes_nothing(self, store: Any) -> None:
         """finish_file with a token the row no longer carries returns None and changes nothing."""

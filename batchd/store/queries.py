@@ -190,8 +190,8 @@ COMMON: dict[str, str] = {
         " AND f.status IN ('pending', 'processing')) AS unfinished"
         " FROM batch_jobs b WHERE b.id = ?"
     ),
-    # The batch's status before a derivation (PostgreSQL: under its row lock).
-    "lock_batch_status": "SELECT status FROM batch_jobs WHERE id = ?",
+    # The batch before a derivation (PostgreSQL: under its row lock).
+    "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = ?",
     # Counters only, for a batch still running: one statement, so the row lock
     # lasts one statement; a batch's status moves on only by a derivation.
     "refresh_counts": (
@@ -266,7 +266,7 @@ POSTGRES: dict[str, str] = {
         " ON CONFLICT (work_path) DO NOTHING"
     ),
     "lock_batch": "SELECT 1 AS one FROM batch_jobs WHERE id = %s FOR UPDATE",
-    "lock_batch_status": "SELECT status FROM batch_jobs WHERE id = %s FOR UPDATE",
+    "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = %s FOR UPDATE",
     "ids_with_prefix": (
         "SELECT id::text AS id FROM batch_jobs WHERE id::text LIKE %s ESCAPE '\\'"
         " ORDER BY id LIMIT %s"

@@ -267,8 +267,12 @@ class SqlStore(SqlReads, SqlUpkeep):
             before = tx.one(self.q["lock_batch_status"], (batch_id,))
             if before is None:
                 return None
+            if Status(before["status"]).done:
+                # Ended by another call: deriving again would only bump its
+                # version past the final status.json's.
+                return Settled(batch_row(before), ended=False)
             batch = self._refresh_batch(tx, batch_id, now)
-        return Settled(batch, ended=batch.status.done and not Status(before["status"]).done)
+        return Settled(batch, ended=batch.status.done)
 
     def refresh_counts(self, batch_id: str) -> None:
         """Bring a running batch's ``processed_files`` / ``failed_files`` up to its files.
