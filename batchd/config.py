@@ -209,6 +209,8 @@ class HttpSettings(_Section):
     max_uploads_per_client: int = Field(4, ge=1)
     #: An upload body slower than this (on average, after socket_timeout_seconds) is cut off (408).
     min_upload_bytes_per_second: int = Field(1024, ge=0)
+    #: How long the HTTP process waits for the daemon's answer (health, inbox, metrics).
+    daemon_answer_timeout_seconds: float = Field(5.0, gt=0)
 
     @field_validator("users")
     @classmethod

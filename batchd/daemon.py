@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from prometheus_client import generate_latest
 
 from batchd import control
 from batchd import log as logsetup
@@ -32,6 +34,7 @@ from batchd.errors import (
     SpoolError,
     StartupError,
 )
+from batchd.httpproc import DaemonAnswers, HttpProcess
 from batchd.intake import Intake
 from batchd.metrics import Metrics
 from batchd.outbox import Outbox, ResultSyncer
@@ -86,12 +89,15 @@ def build(
     *,
     spool: Spool | None = None,
     metrics: Metrics | None = None,
+    http: bool = True,
 ) -> Parts:
     """Make every part of a batchd once and wire them together.
 
     Opens (and migrates) the store, so the spool must exist (``Spool.init``);
     starts nothing: no worker, no thread, no socket. The daemon, tests and
-    bench/ all assemble batchd here.
+    bench/ all assemble batchd here. ``http=False`` leaves ``parts.http``
+    out: the daemon serves HTTP from a process of its own
+    (:mod:`batchd.httpproc`), tests in this one.
     """
     spool = spool or Spool(settings)
     metrics = metrics or Metrics()
@@ -135,7 +141,7 @@ def build(
         watcher,
         None,
     )
-    if settings.http.enabled:
+    if settings.http.enabled and http:
         from batchd.http import HttpServer
 
         parts.http = HttpServer(
@@ -184,7 +190,9 @@ class Daemon:
         self.spool = Spool(settings)
         self.store: Store | None = None
         self.metrics = Metrics()
-        self.http: Any = None
+        #: the listening socket, bound before recovery, and the process serving it.
+        self.http_socket: socket.socket | None = None
+        self.http: HttpProcess | None = None
         self.watcher: Watcher | None = None
         self.scheduler: Scheduler | None = None
         self.pool: WorkerPool | None = None
@@ -259,7 +267,7 @@ class Daemon:
             raise StartupError(exc.message) from None
         for warning in warnings:
             log.warning("spool_warning", detail=warning)
-        parts = build(settings, self.clock, spool=self.spool, metrics=self.metrics)
+        parts = build(settings, self.clock, spool=self.spool, metrics=self.metrics, http=False)
         parts.health = self.problems
         self.store = store = parts.store
         if settings.database.url:
@@ -274,17 +282,27 @@ class Daemon:
             scheduler.signal_stop(force=self._stop_signals > 1)
         if self._reload_pending:
             scheduler.request_reload(self.reload)
-        if parts.http is not None:
+        if settings.http.enabled:
             # Bind before recovery: a taken port ends start-up before it has
             # changed anything, and the port is ours from here on.
-            self.http = parts.http
             self._bind_http()
         recover(self.spool, store, parts.outbox, intake)
         pool.start()
         self.watcher = watcher = parts.watcher
         watcher.start()
-        if self.http is not None:
-            self.http.serve()
+        if self.http_socket is not None:
+            self.http = HttpProcess(
+                settings,
+                self.http_socket,
+                DaemonAnswers(
+                    health=self.problems,
+                    inbox=watcher.inbox,
+                    metrics=lambda: generate_latest(self.metrics.registry),
+                    write_status=parts.archiver.refresh,
+                    wake=scheduler.wake,
+                ),
+            )
+            self.http.start()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
         self._notify_ready()
         log.info(
@@ -301,6 +319,8 @@ class Daemon:
             watcher.stop()
             if self.http is not None:
                 self.http.stop()
+            elif self.http_socket is not None:
+                self.http_socket.close()
             chores.stop()
             store.close()
             _stop_resource_tracker()
@@ -312,11 +332,12 @@ class Daemon:
         return take_if_room(self.intake, path, priority, self.settings.limits.min_free_bytes)
 
     def _bind_http(self) -> None:
-        assert self.http is not None
-        self.http.bind()
+        from batchd.http import listen
+
+        self.http_socket = listen(self.settings)
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here
-            Path(port_file).write_text(str(self.http.port))
+            Path(port_file).write_text(str(self.http_socket.getsockname()[1]))
 
     # -- systemd ---------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from batchd import safefs
+from batchd import jsonio, safefs
 from batchd.errors import SpoolError
 
 #: A cross-filesystem move in progress (see :func:`replace_across`).
@@ -108,7 +108,7 @@ def _rel_to(path: Path, root: Path) -> str:
 
 def _stage_in(dir_fd: int, name: str, data: Any) -> str:
     """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
-    body = (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    body = jsonio.document(data)
     while True:
         tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -146,9 +146,8 @@ def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
         # mkstemp makes the file 0600: give it the mode every file batchd
         # writes has (0640: the group reads, only batchd writes), whatever the umask.
         os.fchmod(fd, safefs.FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, ensure_ascii=False, indent=1))
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(jsonio.document(data))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -5,8 +5,11 @@ every request shares (settings, tokens, the answer cache, the page); the
 routes are :mod:`batchd.httproutes`, the transport :mod:`batchd.httpserver`
 and :mod:`batchd.httprequest`.
 
-Python's own ``http.server``: a :class:`ThreadingHTTPServer` in the daemon
-process, one thread per client connection, capped at ``http.max_threads``.
+Python's own ``http.server``: a :class:`ThreadingHTTPServer`, one thread per
+client connection, capped at ``http.max_threads``. The daemon runs it in a
+process of its own (:mod:`batchd.httpproc`), so answering requests does not
+compete with the scheduler for one interpreter lock; tests run it in
+theirs (``build()``'s ``parts.http``).
 It reads the store and hands uploads to :class:`~batchd.intake.Intake`, the
 same registration path a folder drop takes; it never processes anything.
 
@@ -42,6 +45,7 @@ from importlib import resources
 from pathlib import Path
 
 import structlog
+from prometheus_client import generate_latest
 
 from batchd.clock import Clock
 from batchd.config import Settings
@@ -54,7 +58,7 @@ from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.store import Store
 
-__all__ = ["AnswerCache", "HttpServer"]
+__all__ = ["AnswerCache", "HttpServer", "listen"]
 
 log = structlog.get_logger("batchd.http")
 
@@ -134,6 +138,8 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         #: the drops waiting in the inbox (the daemon sets it to its watcher's).
         self.inbox: Callable[[], list[dict[str, str | None]]] = lambda: []
+        #: the daemon's part of /metrics (in the HTTP process: asked over its pipe).
+        self.daemon_metrics: Callable[[], bytes] = lambda: generate_latest(metrics.registry)
 
     # -- what the transport asks of the application (httpserver.ServerHooks) --
 
@@ -158,14 +164,13 @@ class HttpServer:
 
     def bind(self) -> None:
         """Take ``http.host``:``http.port`` (``StartupError`` when it is taken); no serving yet."""
-        host, port = self.settings.http.host, self.settings.http.port
-        try:
-            self._server = Server((host, port), self, Handler)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {host}:{port} (http.host, http.port): {exc.strerror or exc};"
-                " stop what uses the port (ss -ltnp) or choose another http.port"
-            ) from exc
+        self.adopt(listen(self.settings))
+
+    def adopt(self, listening: socket.socket) -> None:
+        """Serve ``listening``, a socket :func:`listen` made (here or in the daemon)."""
+        self._server = Server(
+            (self.settings.http.host, listening.getsockname()[1]), self, Handler, listening
+        )
 
     def serve(self) -> None:
         """Answer requests on the bound socket in a background thread."""
@@ -235,6 +240,29 @@ class HttpServer:
                 "http_restart_needed",
                 detail="http.host, http.port and http.max_threads change on restart only",
             )
+
+
+def listen(settings: Settings) -> socket.socket:
+    """A socket bound to ``http.host``:``http.port`` and listening (``StartupError`` if taken).
+
+    Made like :class:`~batchd.httpserver.Server` makes its own (address
+    reuse, its backlog), so the daemon can bind it before recovery and hand
+    it to the HTTP process.
+    """
+    host, port = settings.http.host, settings.http.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(Server.request_queue_size)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port} (http.host, http.port): {exc.strerror or exc};"
+            " stop what uses the port (ss -ltnp) or choose another http.port"
+        ) from exc
+    return sock
 
 
 _SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)

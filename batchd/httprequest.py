@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import socket
 import time
 from http.server import BaseHTTPRequestHandler
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from batchd import jsonio
 from batchd.errors import ClientGone
 from batchd.httpserver import (
     LINGER_MAX_BYTES,
@@ -42,7 +42,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 def encode(payload: dict[str, Any]) -> bytes:
     """``payload`` as compact UTF-8 JSON (dates and the like as text)."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return jsonio.compact(payload, default=str)
 
 
 class RequestHandler(BaseHTTPRequestHandler):

@@ -285,7 +285,9 @@ class Handler(RequestHandler):
             )
 
     def _metrics(self) -> None:
-        self._send(200, generate_latest(self.owner.metrics.registry), CONTENT_TYPE_LATEST)
+        # The daemon's families, then this server's: no family is in both.
+        body = self.owner.daemon_metrics() + generate_latest(self.owner.metrics.http_registry)
+        self._send(200, body, CONTENT_TYPE_LATEST)
 
     def _jobs(self, query: dict[str, list[str]]) -> None:
         limit = _int_param(query, "limit", JOBS_LIMIT_DEFAULT, 1, JOBS_LIMIT_MAX)

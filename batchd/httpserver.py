@@ -202,7 +202,10 @@ class Server(ThreadingHTTPServer, Generic[HooksT]):
         address: tuple[str, int],
         hooks: HooksT,
         handler: type[BaseHTTPRequestHandler],
+        listening: socket.socket | None = None,
     ) -> None:
+        """Bind and listen on ``address``, or serve ``listening``, a socket already
+        bound and listening (the daemon binds it and hands it to the HTTP process)."""
         self.hooks = hooks
         self._slots = threading.BoundedSemaphore(hooks.settings.http.max_threads)
         self._refusers = threading.BoundedSemaphore(BUSY_REFUSER_THREADS)
@@ -220,7 +223,15 @@ class Server(ThreadingHTTPServer, Generic[HooksT]):
         self.lingering: set[socket.socket] = set()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
+        if listening is None:
+            super().__init__(address, handler)
+            return
+        super().__init__(address, handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listening
+        self.server_address = listening.getsockname()
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can hang.

@@ -130,8 +130,18 @@ class Intake:
     ) -> BatchRow:
         """Register a folder batchd assembled itself (an HTTP upload)."""
         with self.lock:
-            batch_name = self.spool.unique_name(name, self.store.name_taken)
-            target = self.spool.adopt(folder, priority, batch_name)
+            for _ in range(MAX_NAME_TRIES):
+                batch_name = self.spool.unique_name(name, self.store.name_taken)
+                try:
+                    target = self.spool.adopt(folder, priority, batch_name)
+                except FileExistsError:
+                    # Reserved a moment ago by a claim in another process: the next name.
+                    continue
+                break
+            else:
+                raise BatchdError(
+                    f"no free batch name for upload {name} after {MAX_NAME_TRIES} tries"
+                )
             claimed = Claimed(target, batch_name, priority, "upload", user_id)
             batch = self.register_claimed(claimed)
             if batch is None:  # pragma: no cover - an upload's folder is ours alone

@@ -91,10 +91,19 @@ class StoreCollector(Collector):
 
 
 class Metrics:
-    """One registry per daemon (tests run several daemons in one process)."""
+    """Two registries per daemon (tests run several daemons in one process).
+
+    ``registry`` holds what the daemon counts (files, workers, the watcher);
+    ``http_registry`` what the HTTP server counts and the database gauges it
+    reads itself. The HTTP server runs in a process of its own
+    (:mod:`batchd.httpproc`): /metrics is the daemon's text followed by the
+    HTTP process's, and no family is in both, so the concatenation is valid
+    Prometheus text with every family once.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.http_registry = CollectorRegistry()
         self._store_collector: StoreCollector | None = None
         self.files_finished = Counter(
             "batchd_files_finished",
@@ -135,30 +144,30 @@ class Metrics:
             "batchd_http_requests",
             "HTTP requests answered, by route and status code.",
             ["route", "code"],
-            registry=self.registry,
+            registry=self.http_registry,
         )
         self.http_in_flight = Gauge(
             "batchd_http_connections",
             "HTTP client connections being served now.",
-            registry=self.registry,
+            registry=self.http_registry,
         )
         self.http_refused = Counter(
             "batchd_http_busy_refusals",
             "Connections answered 503 because every HTTP thread was busy.",
-            registry=self.registry,
+            registry=self.http_registry,
         )
         self.uploads = Counter(
             "batchd_uploads",
             "Upload attempts by outcome (accepted, or the refusal's status code).",
             ["outcome"],
-            registry=self.registry,
+            registry=self.http_registry,
         )
 
     def watch_store(self, store: CountSource) -> None:
         """Export files and batches by status and priority from ``store`` (once)."""
         if self._store_collector is None:
             self._store_collector = StoreCollector(store)
-            self.registry.register(self._store_collector)
+            self.http_registry.register(self._store_collector)
 
     # -- reported by the scheduler, watcher and pool ---------------------------
 

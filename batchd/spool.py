@@ -239,9 +239,22 @@ class Spool(InputMoves):
         return Claimed(target, name, claimed.priority, claimed.source, claimed.user_id)
 
     def adopt(self, folder: Path, priority: Priority, name: str) -> Path:
-        """Move a folder batchd assembled itself (an upload) into ``work/``."""
+        """Move a folder batchd assembled itself (an upload) into ``work/``.
+
+        Reserved with ``mkdir`` as in :meth:`claim`: uploads are registered
+        in the HTTP process and drops in the daemon, so a name free a moment
+        ago may be another process's reservation now (an empty folder a
+        rename would silently replace). Raises :class:`FileExistsError`
+        when ``name`` is in use; the caller picks the next.
+        """
         target = self.work / priority.value / name
-        os.rename(folder, target)
+        target.mkdir()
+        try:
+            os.rename(folder, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            raise
         return target
 
     def finish_cross_device(self) -> None:

@@ -6,10 +6,10 @@ One function builds each shape, so ``GET /api/batch/jobs/<id>`` and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from batchd import jsonio
 from batchd.clock import parse_iso
 from batchd.records import BatchRow, FileRow
 
@@ -92,6 +92,6 @@ def result_document(file: FileRow) -> Json:
         "started_at": file.started_at,
         "completed_at": file.completed_at,
         "duration_ms": duration_ms(file),
-        "result": json.loads(file.result) if file.result else None,
+        "result": jsonio.loads(file.result) if file.result else None,
         "error": file.error,
     }

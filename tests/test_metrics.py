@@ -29,7 +29,8 @@ def register(store: SQLiteStore, name: str, priority: Priority, n: int) -> None:
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+    value = metrics.registry.get_sample_value(name, labels)
+    return value if value is not None else metrics.http_registry.get_sample_value(name, labels)
 
 
 def test_store_gauges_count_files_and_batches_by_status_and_priority(store: SQLiteStore) -> None:
@@ -67,7 +68,7 @@ def test_watch_store_is_idempotent(store: SQLiteStore) -> None:
     metrics = Metrics()
     metrics.watch_store(store)
     metrics.watch_store(store)
-    assert generate_latest(metrics.registry).count(b"# TYPE batchd_files gauge") == 1
+    assert generate_latest(metrics.http_registry).count(b"# TYPE batchd_files gauge") == 1
 
 
 def test_scheduler_events_are_counted() -> None:

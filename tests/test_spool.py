@@ -576,3 +576,18 @@ def test_release_leaves_a_folder_that_is_not_empty(spool: Spool) -> None:
     write(folder / "arrived-late.csv")
     spool.release(spool.rel(folder))
     assert (folder / "arrived-late.csv").read_bytes() == CSV
+
+
+def test_adopt_does_not_take_a_name_another_process_reserved(spool: Spool) -> None:
+    """An upload is not renamed onto an empty folder a claim in another process
+    reserved after the name was checked: FileExistsError, both folders kept."""
+    reserved = spool.work / "normal" / "upload-1"
+    reserved.mkdir()
+    upload = spool.new_upload_folder()
+    write(upload / "a.csv")
+    with pytest.raises(FileExistsError):
+        spool.adopt(upload, Priority.NORMAL, "upload-1")
+    assert reserved.is_dir() and list(reserved.iterdir()) == []
+    assert (upload / "a.csv").exists()
+    assert spool.adopt(upload, Priority.NORMAL, "upload-2") == spool.work / "normal" / "upload-2"
+    assert (spool.work / "normal" / "upload-2" / "a.csv").exists()
