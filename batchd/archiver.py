@@ -406,6 +406,8 @@ class Archiver:
         fresh: dict[str, BatchRow] = {}
         for batch_id in status_for:
             try:
+                # Counters first: they may trail the files (Store.finish_file).
+                self.outbox.store.refresh_counts(batch_id)
                 row = self.outbox.store.get_batch(batch_id)
             except BatchdError as exc:
                 log.error("status_write_failed", batch_id=batch_id, error=str(exc))

@@ -103,7 +103,8 @@ class Recorded:
     #: the input was moved to archive/ (False: the daemon's archiver retries).
     archived: bool = False
     #: the batch was done and its end (work/ cleared, final status.json)
-    #: was carried out here (False while the batch goes on, or on an error).
+    #: was carried out here, or is the business of the call that ended it
+    #: (False while the batch goes on, or on an error).
     ended: bool = False
 
 

@@ -186,6 +186,9 @@ class Outbox:
 
     def refresh_status(self, batch_id: str) -> BatchRow | None:
         """Read a batch afresh and rewrite its status.json; None if it is gone."""
+        # Its counters may trail its files (Store.finish_file): the document's
+        # batch row and file list must agree.
+        self.store.refresh_counts(batch_id)
         batch = self.store.get_batch(batch_id)
         if batch is not None:
             self.write_status(batch)

@@ -141,9 +141,12 @@ class Outcomes(OutageGuard):
             logged=True,
         )
         self._move_input(task, ok=row.status == Status.COMPLETED)
-        batch = self.store.get_batch(file.batch_id)
-        if batch is not None:
-            self._batch_moved_on(batch)
+        # Derived if its files are all done: a worker that committed the last
+        # one without the batch's lock (Store.finish_file) may have died before
+        # deriving it.
+        settled = self.store.settle_batch(file.batch_id, self.clock.now())
+        if settled is not None:
+            self._batch_moved_on(settled.batch)
 
     def _move_input(self, task: FileTask, ok: bool) -> None:
         """Have the archiver move a recorded file's input out of work/."""

@@ -112,14 +112,17 @@ class Recorder:
         try:
             ended_at: datetime = parse_iso(completed_at)
             store = self._opened()
-            (batch,) = store.finish_many([(job.file_id, outcome, ended_at)])
+            # Without the batch's row lock: the batch is derived after the
+            # commit, by the last of its files (Store.finish_file).
+            settled = store.finish_file(job.file_id, outcome, ended_at)
         except StoreError as exc:
             log.warning("worker_record_deferred", file_id=job.file_id, error=exc.message)
             self.close()  # a fresh connection next time
             return None
         crash_point("after_finish")
-        if batch is None:
+        if settled is None:
             return Recorded(None)
+        batch = settled.batch
         # Logged here, not by the daemon: under the daemon's logger name and
         # into the same stream, without costing its loop a rendering per file.
         scheduler_log.info(
@@ -132,7 +135,12 @@ class Recorder:
         )
         try:
             archived = self._archive(job, delivery)
-            ended = batch.status.done and self._end_batch(store, batch.id, delivery)
+            if settled.ended:
+                ended = self._end_batch(store, batch.id, delivery)
+            else:
+                # Done already: the call that ended it ends it (its daemon, if
+                # its worker dies first), so the daemon must not end it twice.
+                ended = batch.status.done
         except Exception as exc:
             # The commit stands: whatever failed after it is the daemon's to
             # finish (its archiver moves the input and ends the batch).

@@ -154,6 +154,18 @@ class FileTask:
 
 
 @dataclass(frozen=True, slots=True)
+class Settled:
+    """A batch after a file of it finished (:meth:`batchd.store.Store.finish_file`)."""
+
+    #: the batch row after the commit. While the batch runs its counters may
+    #: trail its files (PostgreSQL: until the next ``refresh_counts``).
+    batch: BatchRow
+    #: this call moved the batch to its final status; exactly one call does,
+    #: and its caller ends the batch (work/ cleared, final status.json).
+    ended: bool
+
+
+@dataclass(frozen=True, slots=True)
 class NodeRow:
     """One row of ``nodes``: a batchd node and what it is running."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -82,6 +83,11 @@ def recover(spool: Spool, store: Store, outbox: Outbox, intake: Intake) -> dict[
                 log.error("orphan_not_registered", path=str(entry), error=repr(exc))
                 spool.refuse_whole(rel, spool.unique_name(entry.name, store.name_taken))
             continue
+        if not batch.status.done:
+            # Its last file may have committed without deriving it (a node
+            # SIGKILLed between Store.finish_file's commit and the derivation).
+            settled = store.settle_batch(batch.id, datetime.now(UTC))
+            batch = settled.batch if settled is not None else batch
         outbox.remove_stray_temporaries(batch)
         try:
             outbox.reconcile(batch, force_status=batch.id in was_running)

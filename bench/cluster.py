@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -33,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batchd.testing.launcher import children
 from bench.common import CORES, REPO, Daemon, drop_all, make_drops, median, percentile, wait_until
 from bench.procs import loops_for
 
@@ -339,6 +342,10 @@ def kill_one(server: PgServer, n: int, folders: int, per: int) -> dict[str, Any]
                 what="a third done and the victim busy",
                 interval=0.02,
             )
+            # Frozen first: a victim's worker committing a file between the read
+            # below and the kill would count as "in flight, not finished elsewhere".
+            for pid in (victim.pid, *children(victim.pid)):
+                os.kill(pid, signal.SIGSTOP)
             in_flight = {str(r[0]) for r in _pg_rows(url, busy, vid)}
             victim.kill()
             killed_at = time.perf_counter()

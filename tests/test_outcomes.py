@@ -16,9 +16,12 @@ import pytest
 from schedworld import DEFAULTS, WAIT_SECONDS, World, make_world
 from structlog.testing import capture_logs
 
+from batchd.intake import Intake
 from batchd.messages import Progress
+from batchd.outbox import Outbox
 from batchd.recorder import Recorder
 from batchd.records import Outcome, Status
+from batchd.recovery import recover
 
 
 @pytest.fixture
@@ -224,6 +227,58 @@ def test_a_recorded_success_beside_a_retry_keeps_the_concurrency_bound(world: Wo
     assert max(seen, default=0) <= w.settings.processing.concurrency
     assert _processing(w) <= w.settings.processing.concurrency
     assert len(w.pool.jobs) == 2  # both workers busy again
+
+
+def test_a_worker_dying_before_deriving_its_last_files_batch_leaves_it_to_the_daemon(
+    world: World,
+) -> None:
+    """The worker committed the batch's last file without its batch (PostgreSQL's
+    finish_file) and was killed before deriving it: the daemon derives the batch from
+    its files and ends it, instead of leaving it processing with every file done."""
+    w = world
+    batch = w.batch("c", ("a.csv",))
+    w.turn()
+    job = w.pool.job("a.csv")
+    conn = w.store.db._conn()  # the file's row alone, as a lock-free commit leaves it
+    conn.execute(
+        "UPDATE batch_files SET status = 'completed', progress = 100, completed_at = ?"
+        " WHERE id = ?",
+        ("2026-11-28T10:00:05.000Z", job.file_id),
+    )
+    conn.commit()
+    assert w.store.get_batch(batch.id).status == Status.PROCESSING  # type: ignore[union-attr]
+    w.pool.lost("a.csv")
+    w.turn()
+    assert w.scheduler.archiver.wait_idle(WAIT_SECONDS)
+    row = w.store.get_batch(batch.id)
+    assert row is not None and (row.status, row.processed_files) == (Status.COMPLETED, 1)
+    assert not (w.spool.root / batch.work_path).exists()
+    status = json.loads(w.spool.status_path(batch.name).read_text())
+    assert status["batch"]["status"] == "completed"
+
+
+def test_start_up_recovery_ends_a_batch_whose_last_commit_was_never_derived(
+    world: World,
+) -> None:
+    """The whole node was killed between a lock-free commit of a batch's last file and
+    the batch's derivation: the next start's recovery derives the batch and ends it."""
+    w = world
+    batch = w.batch("c", ("a.csv",))
+    w.turn()
+    job = w.pool.job("a.csv")
+    conn = w.store.db._conn()
+    conn.execute(
+        "UPDATE batch_files SET status = 'completed', progress = 100, completed_at = ?"
+        " WHERE id = ?",
+        ("2026-11-28T10:00:05.000Z", job.file_id),
+    )
+    outbox = Outbox(w.spool, w.store)
+    recover(w.spool, w.store, outbox, Intake(w.settings, w.spool, w.store, outbox, w.clock))
+    row = w.store.get_batch(batch.id)
+    assert row is not None and (row.status, row.processed_files) == (Status.COMPLETED, 1)
+    assert (w.spool.archive / batch.name / "a.csv").is_file()
+    status = json.loads(w.spool.status_path(batch.name).read_text())
+    assert status["batch"]["status"] == "completed"
 
 
 @pytest.mark.parametrize("end", ["lost", "timed_out"])

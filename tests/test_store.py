@@ -391,6 +391,72 @@ class StoreContract:
         failed = [f for f in store.list_files(batch.id) if f.status == Status.FAILED]
         assert [f.error for f in failed] == ["RuntimeError: boom"]
 
+    def test_finish_file_ends_the_batch_with_its_last_file_only(self, store: Any) -> None:
+        """finish_file says the batch ended for its last file alone, then derived."""
+        self.register(store, "b1", ("a", "b"))
+        first, second = self.claim(store), self.claim(store)
+        settled = store.finish_file(first.file.id, completed(lease=first.file.lease_gen), at(2))
+        assert settled is not None and not settled.ended
+        assert settled.batch.status == Status.PROCESSING
+        settled = store.finish_file(second.file.id, FAILED, at(3))
+        assert settled is not None and settled.ended
+        assert (settled.batch.status, settled.batch.processed_files) == (Status.FAILED, 1)
+        assert (settled.batch.failed_files, settled.batch.completed_at) == (
+            1,
+            "2026-11-28T10:00:03.000Z",
+        )
+        # Asked again (a daemon cleaning up after a worker): not ended twice, and
+        # not derived again (its version stays the final status.json's).
+        again = store.settle_batch(settled.batch.id, at(4))
+        assert again is not None and again.batch.status == Status.FAILED and not again.ended
+        assert again.batch.version == settled.batch.version
+
+    def test_finish_file_with_a_lost_lease_writes_nothing(self, store: Any) -> None:
+        """finish_file with a token the row no longer carries returns None and changes nothing."""
+        self.register(store, "b1", ("a",))
+        task = self.claim(store)
+        store.requeue([task.file.id])
+        again = self.claim(store)
+        assert store.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(2)) is None
+        assert store.get_file(again.file.id).status == Status.PROCESSING
+
+    def test_refresh_counts_brings_a_running_batchs_counters_to_its_files(self, store: Any) -> None:
+        """After finish_file and refresh_counts the running batch counts its finished files."""
+        batch = self.register(store, "b1", ("a", "b", "c"))
+        for outcome in (completed(), FAILED):
+            store.finish_file(self.claim(store).file.id, outcome, at(2))
+        store.refresh_counts(batch.id)
+        row = store.get_batch(batch.id)
+        assert (row.status, row.processed_files, row.failed_files) == (Status.PROCESSING, 1, 1)
+        assert row.version > batch.version
+
+    def test_finish_file_last_two_at_once_end_the_batch_exactly_once(self, store: Any) -> None:
+        """The last two files finished at once from two threads: the batch ends, once."""
+        self.register(store, "b1", ("a", "b"))
+        tasks = [self.claim(store), self.claim(store)]
+        start = threading.Barrier(2)
+        ended: list[bool] = []
+        errors: list[BaseException] = []
+
+        def finish(task: FileTask) -> None:
+            try:
+                start.wait(timeout=30)
+                settled = store.finish_file(task.file.id, completed(), at(2))
+                ended.append(settled.ended)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+            finally:
+                store.release_thread()
+
+        threads = [threading.Thread(target=finish, args=(t,)) for t in tasks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [] and sorted(ended) == [False, True]
+        row = store.get_batch(tasks[0].file.batch_id)
+        assert (row.status, row.processed_files) == (Status.COMPLETED, 2)
+
     def test_finish_many_records_every_outcome_and_each_items_batch(self, store: Any) -> None:
         """finish_many records several outcomes at once and returns each item's batch, in order."""
         self.register(store, "b1", ("a", "b"))

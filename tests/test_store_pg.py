@@ -32,7 +32,7 @@ from test_store import (
 
 from batchd.config import Priority, Settings
 from batchd.errors import StoreError
-from batchd.records import Status
+from batchd.records import Outcome, Status
 
 if TYPE_CHECKING:
     from pgserver import PgServer
@@ -518,3 +518,116 @@ def test_bad_cluster_settings_are_refused(
 
     with pytest.raises(ValidationError, match=re.escape(message)):
         Settings(database=database, cluster=cluster)
+
+
+def test_finish_file_does_not_queue_behind_the_batch_row_lock(
+    stores: Callable[..., PostgresStore], pg_url: str
+) -> None:
+    """A success recorded by finish_file commits while another node holds its batch's row
+    lock (a derivation in progress): per-file commits do not serialise on the batch."""
+    store = stores()
+    batch = store.register_batch(new_batch("b1", ("a", "b")), T0)
+    task = store.claim_next(T0)
+    assert task is not None
+    done = threading.Event()
+    with psycopg.connect(pg_url) as holder:  # a transaction until the block ends
+        holder.execute("SELECT 1 FROM batch_jobs WHERE id = %s FOR UPDATE", (batch.id,))
+
+        def finish() -> None:
+            store.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(1))
+            store.release_thread()
+            done.set()
+
+        thread = threading.Thread(target=finish, daemon=True)
+        thread.start()
+        try:
+            assert done.wait(timeout=30), "finish_file waited for the batch row lock"
+        finally:
+            holder.rollback()
+    thread.join(timeout=30)
+    row = store.get_file(task.file.id)
+    assert row is not None and row.status == Status.COMPLETED
+
+
+def test_finish_file_last_two_committed_before_either_looks_end_the_batch_once(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """Two nodes commit the batch's last two files before either looks at the batch:
+    both then see nothing left, one derivation ends the batch and the other does not."""
+    nodes = [stores("node-a"), stores("node-b")]
+    nodes[0].register_batch(new_batch("b1", ("a", "b")), T0)
+    tasks = [node.claim_next(T0) for node in nodes]
+    both_committed = threading.Barrier(2)
+    ended: list[bool] = []
+    errors: list[BaseException] = []
+    for node in nodes:
+        real = node.settle_batch
+
+        def settle_after_both(batch_id: str, now: datetime, real: Any = real) -> Any:
+            both_committed.wait(timeout=30)
+            return real(batch_id, now)
+
+        node.settle_batch = settle_after_both  # type: ignore[method-assign]
+
+    def finish(node: PostgresStore, task: Any) -> None:
+        try:
+            settled = node.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(1))
+            assert settled is not None
+            ended.append(settled.ended)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            node.release_thread()
+
+    pairs = zip(nodes, tasks, strict=True)
+    threads = [threading.Thread(target=finish, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and sorted(ended) == [False, True]
+    batch = nodes[0].list_batches()[0]
+    assert (batch.status, batch.processed_files) == (Status.COMPLETED, 2)
+
+
+def test_finish_many_ends_a_batch_whose_other_file_finish_file_committed_unseen(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """A daemon's finish_many (a failure) derives the batch while a worker's finish_file
+    of the other file is still uncommitted, which then commits and looks while the
+    failure is uncommitted: neither derivation saw both, yet the batch ends."""
+    daemon, worker = stores("node-a"), stores("node-b")
+    daemon.register_batch(new_batch("b1", ("a", "b")), T0)
+    first, second = worker.claim_next(T0), daemon.claim_next(T0)
+    assert first is not None and second is not None
+    derived, looked = threading.Event(), threading.Event()
+    real_refresh = daemon._refresh_batch
+
+    def refresh_then_wait(tx: Any, batch_id: str, now: datetime) -> Any:
+        daemon._refresh_batch = real_refresh  # type: ignore[method-assign]
+        row = real_refresh(tx, batch_id, now)
+        derived.set()
+        assert looked.wait(timeout=30)  # the worker commits and looks before our commit
+        return row
+
+    daemon._refresh_batch = refresh_then_wait  # type: ignore[method-assign]
+    seen: list[Any] = []
+
+    def worker_finishes() -> None:
+        assert derived.wait(timeout=30)
+        seen.append(worker.finish_file(first.file.id, completed(lease=first.file.lease_gen), at(1)))
+        worker.release_thread()
+        looked.set()
+
+    thread = threading.Thread(target=worker_finishes, daemon=True)
+    thread.start()
+    (row,) = daemon.finish_many([(second.file.id, failed_outcome(second.file.lease_gen), at(2))])
+    thread.join(timeout=30)
+    assert seen and seen[0] is not None and not seen[0].ended  # it saw `b` still running
+    assert row is not None and row.status == Status.FAILED
+    assert (row.processed_files, row.failed_files) == (1, 1)
+    assert daemon.get_batch(row.id).status == Status.FAILED  # type: ignore[union-attr]
+
+
+def failed_outcome(lease: int) -> Outcome:
+    return Outcome(Status.FAILED, error="boom", processor="noop", lease=lease)

@@ -34,6 +34,7 @@ from batchd.records import (
     NewBatch,
     NodeRow,
     Outcome,
+    Settled,
     Status,
 )
 from batchd.store.sqlite import SQLiteStore
@@ -107,6 +108,19 @@ class Store(Protocol):
         An item whose ``Outcome.lease`` no longer matches the row (the file was
         re-queued or claimed again since) is not written: its entry is None.
         """
+
+    def finish_file(self, file_id: str, outcome: Outcome, now: datetime) -> Settled | None:
+        """Record one file's final outcome (fenced by ``Outcome.lease``: None when
+        superseded) without waiting for its batch's lock; the batch is derived
+        when its last file commits, and ``Settled.ended`` is True for the one
+        call that ended it. A running batch's counters may trail its files."""
+
+    def settle_batch(self, batch_id: str, now: datetime) -> Settled | None:
+        """Derive the batch if none of its files is left to finish (else its row as it
+        is); ``ended`` when this call moved it to its final status. None: no such batch."""
+
+    def refresh_counts(self, batch_id: str) -> None:
+        """Bring a running batch's processed/failed counters up to its files."""
 
     def retry_later(
         self, file_id: str, error: str, available_at: datetime, lease: int | None = None

@@ -189,6 +189,26 @@ COMMON: dict[str, str] = {
         "SELECT COUNT(*) AS n FROM batch_files WHERE batch_id = ?"
         " AND status IN ('pending', 'processing')"
     ),
+    # The batch as it is now, with how many of its files are still to finish:
+    # one round trip after a success committed without the batch's row lock.
+    "batch_with_unfinished": (
+        "SELECT {batch_cols}, (SELECT COUNT(*) FROM batch_files f WHERE f.batch_id = b.id"
+        " AND f.status IN ('pending', 'processing')) AS unfinished"
+        " FROM batch_jobs b WHERE b.id = ?"
+    ),
+    # The batch before a derivation (PostgreSQL: under its row lock).
+    "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = ?",
+    # Counters only, for a batch still running: one statement, so the row lock
+    # lasts one statement; a batch's status moves on only by a derivation.
+    "refresh_counts": (
+        "UPDATE batch_jobs SET processed_files = c.completed, failed_files = c.failed,"
+        " version = version + 1"
+        " FROM (SELECT COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0)"
+        "   AS completed, COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0)"
+        "   AS failed FROM batch_files WHERE batch_id = :id) AS c"
+        " WHERE batch_jobs.id = :id AND batch_jobs.status IN ('pending', 'processing')"
+        " AND (batch_jobs.processed_files <> c.completed OR batch_jobs.failed_files <> c.failed)"
+    ),
     "delete_files": "DELETE FROM batch_files WHERE batch_id = ?",
     "delete_batch": "DELETE FROM batch_jobs WHERE id = ?",
     "upsert_node": (
@@ -227,16 +247,22 @@ SQLITE: dict[str, str] = {
 #: PostgreSQL's own spelling, in psycopg's placeholders (not converted).
 POSTGRES: dict[str, str] = {
     # SKIP LOCKED: a file another node is claiming this instant is passed over.
+    # The batch's columns come back with the file (batch_*): one round trip
+    # less per claim than reading the batch after it.
     "claim": (
         "WITH next AS ("
         "  SELECT id FROM batch_files"
         "  WHERE status = 'pending' AND (available_at IS NULL OR available_at <= %(now)s)"
-        "  ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        " UPDATE batch_files f SET status = 'processing', started_at = %(now)s,"
+        "  ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED),"
+        " claimed AS (UPDATE batch_files f SET status = 'processing', started_at = %(now)s,"
         " progress = 0, completed_at = NULL, attempts = attempts + 1,"
         " available_at = NULL, node_id = %(node_id)s, lease_until = %(lease_until)s,"
         " lease_gen = f.lease_gen + 1"
-        " FROM next WHERE f.id = next.id RETURNING {prefixed_file_cols}"
+        " FROM next WHERE f.id = next.id RETURNING {prefixed_file_cols})"
+        " SELECT claimed.*, b.status AS batch_status, b.name AS batch_name,"
+        " b.work_path AS batch_work_path, b.priority AS batch_priority,"
+        " b.total_files AS batch_total_files"
+        " FROM claimed JOIN batch_jobs b ON b.id = claimed.batch_id"
     ),
     # ON CONFLICT: a second node registering the same folder waits, inserts nothing.
     "insert_batch": (
@@ -246,6 +272,7 @@ POSTGRES: dict[str, str] = {
         " ON CONFLICT (work_path) DO NOTHING"
     ),
     "lock_batch": "SELECT 1 AS one FROM batch_jobs WHERE id = %s FOR UPDATE",
+    "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = %s FOR UPDATE",
     "ids_with_prefix": (
         "SELECT id::text AS id FROM batch_jobs WHERE id::text LIKE %s ESCAPE '\\'"
         " ORDER BY id LIMIT %s"

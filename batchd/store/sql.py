@@ -26,12 +26,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.records import (
     BatchRow,
     FileTask,
     NewBatch,
     Outcome,
+    Settled,
     Status,
     batch_status,
 )
@@ -165,6 +167,16 @@ class SqlStore(SqlReads, SqlUpkeep):
             if row is None:
                 return None
             file = file_row(row)
+            if row.get("batch_status") == Status.PROCESSING:
+                # PostgreSQL read the batch with the claim; a batch already
+                # processing keeps its status and counters when one more starts.
+                return FileTask(
+                    file=file,
+                    batch_name=row["batch_name"],
+                    work_path=row["batch_work_path"],
+                    priority=Priority(row["batch_priority"]),
+                    batch_files=int(row["batch_total_files"]),
+                )
             batch = self._batch_for_claim(tx, file.batch_id, now)
             return FileTask(
                 file=file,
@@ -195,24 +207,11 @@ class SqlStore(SqlReads, SqlUpkeep):
         while the row is still processing under that token; otherwise it is
         superseded (re-queued or claimed again meanwhile) and its item is None.
         """
-        for file_id, outcome, _at in items:
-            if not outcome.status.done:
-                raise ValueError(f"finish() needs a final status, not {outcome.status}")
-            if self.db.key(file_id) is None:
-                raise StoreError(f"no file {file_id} in {self.db.where}")
+        self._check_final(items)
         batch_of: dict[str, str] = {}
         with self.db.transaction() as tx:
             for file_id, outcome, at in sorted(items, key=lambda item: item[0]):
-                row = tx.one(
-                    self.q["finish"],
-                    (
-                        outcome.status,
-                        json.dumps(outcome.result) if outcome.result is not None else None,
-                        *(outcome.error, self.db.ts(at), outcome.status),
-                        *(outcome.file_hash, outcome.file_size, outcome.processor),
-                        *(outcome.started_at, file_id, outcome.lease, outcome.lease),
-                    ),
-                )
+                row = tx.one(self.q["finish"], self._finish_params(file_id, outcome, at))
                 if row is None:
                     if outcome.lease is None:
                         raise StoreError(f"no file {file_id} in {self.db.where}")
@@ -222,7 +221,106 @@ class SqlStore(SqlReads, SqlUpkeep):
             batches = {
                 bid: self._refresh_batch(tx, bid, latest) for bid in sorted(set(batch_of.values()))
             }
+        if not self._serialised:
+            for bid, batch in batches.items():
+                if not batch.status.done:
+                    # A success committed meanwhile without the batch's lock
+                    # (finish_file) may be the one this derivation missed.
+                    settled = self.settle_batch(bid, latest)
+                    if settled is not None and settled.ended:
+                        batches[bid] = settled.batch
         return [batches[batch_of[fid]] if fid in batch_of else None for fid, _o, _at in items]
+
+    def finish_file(self, file_id: str, outcome: Outcome, now: datetime) -> Settled | None:
+        """Record one file's final outcome without waiting for its batch; None if superseded.
+
+        A worker's success (:mod:`batchd.recorder`) comes here. On PostgreSQL
+        the commit writes the file's row only: every worker of every node
+        finishing a file of the same batch (FIFO order puts them all on one
+        batch) would otherwise queue on the batch row's lock for its
+        re-derivation. The batch is derived after the commit, and only when no
+        file of it is left to finish (:meth:`settle_batch`): the last file to
+        commit always sees the others' commits then, so the batch always
+        ends, and the lock decides which one call ends it. Until then the
+        batch row's counters trail its files; :meth:`refresh_counts` (the
+        status.json rewrite, a few times a second) brings them up to date.
+        SQLite serialises every writer anyway: there the batch is derived in
+        the same commit, as :meth:`finish_many` does.
+
+        Fenced as :meth:`finish_many`: with ``Outcome.lease`` the row is
+        written only while it is still processing under that token.
+        """
+        if self._serialised:
+            (batch,) = self.finish_many([(file_id, outcome, now)])
+            return None if batch is None else Settled(batch, ended=batch.status.done)
+        self._check_final([(file_id, outcome, now)])
+        with self.db.transaction() as tx:
+            row = tx.one(self.q["finish"], self._finish_params(file_id, outcome, now))
+        if row is None:
+            if outcome.lease is None:
+                raise StoreError(f"no file {file_id} in {self.db.where}")
+            return None
+        settled = self.settle_batch(str(row["batch_id"]), now)
+        if settled is None:
+            raise StoreError(f"batch of file {file_id} is no longer in {self.db.where}")
+        return settled
+
+    def settle_batch(self, batch_id: str, now: datetime) -> Settled | None:
+        """The batch after its files' commits: derived (under its lock) when none is
+        left to finish, else as its row is; None when there is no such batch.
+
+        ``ended`` is True for the one derivation that moved the batch to its
+        final status. Safe to call any number of times, from any node.
+        """
+        if self.db.key(batch_id) is None:
+            return None
+        rows = self.db.read(self.q["batch_with_unfinished"], (batch_id,))
+        if not rows:
+            return None
+        if int(rows[0]["unfinished"]) > 0:
+            return Settled(batch_row(rows[0]), ended=False)
+        with self.db.transaction() as tx:
+            before = tx.one(self.q["lock_batch_status"], (batch_id,))
+            if before is None:
+                return None
+            if Status(before["status"]).done:
+                # Ended by another call: deriving again would only bump its
+                # version past the final status.json's.
+                return Settled(batch_row(before), ended=False)
+            batch = self._refresh_batch(tx, batch_id, now)
+        return Settled(batch, ended=batch.status.done)
+
+    def refresh_counts(self, batch_id: str) -> None:
+        """Bring a running batch's ``processed_files`` / ``failed_files`` up to its files.
+
+        One statement (its row lock lasts no longer); a no-op when they are
+        current or the batch has ended (its final derivation counted them).
+        """
+        if self.db.key(batch_id) is None:
+            return
+        with self.db.transaction() as tx:
+            tx.run(self.q["refresh_counts"], {"id": batch_id})
+
+    @property
+    def _serialised(self) -> bool:
+        """One writer at a time (SQLite's BEGIN IMMEDIATE): no batch row lock to wait for."""
+        return not self.q["lock_batch"]
+
+    def _check_final(self, items: Sequence[tuple[str, Outcome, datetime]]) -> None:
+        for file_id, outcome, _at in items:
+            if not outcome.status.done:
+                raise ValueError(f"finish() needs a final status, not {outcome.status}")
+            if self.db.key(file_id) is None:
+                raise StoreError(f"no file {file_id} in {self.db.where}")
+
+    def _finish_params(self, file_id: str, outcome: Outcome, at: datetime) -> tuple[Any, ...]:
+        return (
+            outcome.status,
+            json.dumps(outcome.result) if outcome.result is not None else None,
+            *(outcome.error, self.db.ts(at), outcome.status),
+            *(outcome.file_hash, outcome.file_size, outcome.processor),
+            *(outcome.started_at, file_id, outcome.lease, outcome.lease),
+        )
 
     def retry_later(
         self, file_id: str, error: str, available_at: datetime, lease: int | None = None
