@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -161,30 +162,37 @@ class HttpProcess:
     def _spawn(self) -> None:
         link, child_link = _ctx.Pipe(duplex=True)
         control, child_control = _ctx.Pipe(duplex=False)
-        process = _ctx.Process(
-            target=http_main,
-            # The socket is pickled for the spawned child: its descriptor is
-            # passed on, the daemon keeps its own for the next child.
-            args=(
-                self.settings,
-                self.listening,
-                child_link,
-                control,
-                os.getpid(),
-                self.started_monotonic,
-            ),
-            name="batchd-http",
-            daemon=True,
-        )
-        with self._lock:
-            if self._stopping.is_set():  # stop() came during the back-off
-                return
-            process.start()
-            child_link.close()
-            control.close()
-            self._process, self._link, self._control = process, link, child_control
-            self._started_at = time.monotonic()
-            self.started += 1
+        kept = False
+        try:
+            # Under the lock, as reconfigure(): settings a reload sets while
+            # the child starts are either in its arguments or sent after.
+            with self._lock:
+                if self._stopping.is_set():  # stop() came during the back-off
+                    return
+                process = _ctx.Process(
+                    target=http_main,
+                    # The socket is pickled for the spawned child: its descriptor
+                    # is passed on, the daemon keeps its own for the next child.
+                    args=(
+                        self.settings,
+                        self.listening,
+                        child_link,
+                        control,
+                        os.getpid(),
+                        self.started_monotonic,
+                    ),
+                    name="batchd-http",
+                    daemon=True,
+                )
+                process.start()
+                self._process, self._link, self._control = process, link, child_control
+                kept = True
+                self._started_at = time.monotonic()
+                self.started += 1
+        finally:
+            # The child's ends are its own now (or nobody's); ours, unless kept.
+            for conn in (child_link, control) + (() if kept else (link, child_control)):
+                conn.close()
         log.info("http_process_started", pid=process.pid, port=self.port)
 
     def _supervise(self) -> None:
@@ -252,9 +260,22 @@ class HttpProcess:
             detail="the HTTP API is down until its process is started again",
         )
         self._close_pipes()
-        if self._stopping.wait(delay):
-            return
-        self._spawn()
+        while not self._stopping.wait(delay):
+            try:
+                self._spawn()
+                return
+            except Exception as exc:
+                # No process or pipe could be made (EAGAIN, EMFILE, ENOMEM):
+                # this thread is the only one that starts the HTTP process
+                # again, so it must not die of it; try again after a back-off.
+                delay = self._backoff
+                self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
+                log.error(
+                    "http_process_start_failed",
+                    error=repr(exc),
+                    restart_in_seconds=delay,
+                    detail="the HTTP API is down until its process can be started",
+                )
 
     def _close_pipes(self) -> None:
         with self._lock:
@@ -297,9 +318,13 @@ class DaemonLink:
     """The HTTP process's questions to the daemon, each with a deadline.
 
     HTTP threads share one pipe: one question at a time (a lock), each
-    tagged with a number, so an answer that comes after its asker gave up
-    is recognised and dropped by the next asker instead of being taken for
-    its own.
+    tagged with a number. A question the daemon has not answered in time
+    stays the one outstanding: the next asker waits for that answer (within
+    its own deadline) instead of sending another, so a stalled daemon finds
+    one question on its pipe when it runs again, not one per /healthz asked
+    meanwhile, and the pipe cannot fill with questions. Every write waits
+    for room on the pipe only until the deadline: a daemon that stopped
+    reading makes /healthz 503 and drops a notice, never blocks a thread.
     """
 
     def __init__(self, conn: Connection, timeout_seconds: float) -> None:
@@ -308,36 +333,82 @@ class DaemonLink:
         self._ask_lock = threading.Lock()  # one question (and its reads) at a time
         self._send_lock = threading.Lock()  # whole messages: notices come from other threads
         self._seq = itertools.count(1)
+        #: the number of the question sent and not answered yet (None: none is).
+        self._outstanding: int | None = None
 
     def ask(self, what: str) -> Any:
         """The daemon's answer to ``what``; :class:`Refusal` 503 when it does not come in time."""
         deadline = time.monotonic() + self.timeout_seconds
-        with self._ask_lock:
-            seq = next(self._seq)
-            try:
-                with self._send_lock:
-                    self.conn.send(Ask(seq, what))
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self.conn.poll(left):
-                        break
-                    answer = self.conn.recv()
-                    if isinstance(answer, Answer) and answer.seq == seq:
-                        if answer.error is not None:
-                            raise Refusal(503, f"{answer.error}; see the daemon's log")
-                        return answer.value
-            except (EOFError, OSError) as exc:
-                raise Refusal(503, f"the daemon is gone ({exc!r}); see its log") from exc
-        raise Refusal(
+        if not self._ask_lock.acquire(timeout=self.timeout_seconds):
+            raise self._late(what)
+        seq: int | None = None
+        try:
+            while True:
+                if self._outstanding is None:
+                    seq = next(self._seq)
+                    if not self._send(Ask(seq, what), deadline):
+                        raise self._late(what, "the daemon is not reading its pipe")
+                    self._outstanding = seq
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.conn.poll(left):
+                    raise self._late(what)
+                answer = self.conn.recv()
+                if not isinstance(answer, Answer) or answer.seq != self._outstanding:
+                    continue
+                self._outstanding = None
+                if answer.seq != seq:  # an earlier asker's, come late: now ask ours
+                    continue
+                if answer.error is not None:
+                    raise Refusal(503, f"{answer.error}; see the daemon's log")
+                return answer.value
+        except (EOFError, OSError) as exc:
+            raise Refusal(503, f"the daemon is gone ({exc!r}); see its log") from exc
+        finally:
+            self._ask_lock.release()
+
+    def _late(self, what: str, why: str = "it may be overloaded") -> Refusal:
+        return Refusal(
             503,
             f"the daemon did not answer {what!r} within {self.timeout_seconds:g} s"
-            " (http.daemon_answer_timeout_seconds); it may be overloaded: see its log",
+            f" (http.daemon_answer_timeout_seconds); {why}: see its log",
         )
 
+    def _send(self, message: Ask | Notice, deadline: float) -> bool:
+        """Write ``message`` once the pipe has room, waiting until ``deadline``; False if never."""
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self.conn.fileno(), select.POLLOUT)
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not poller.poll(left_ms):
+                return False
+            # A Unix socket is writable when most of its send buffer is free:
+            # room for a message this small (an Ask, a Notice: ~100 bytes).
+            self.conn.send(message)
+            return True
+        finally:
+            self._send_lock.release()
+
     def notify(self, batch: BatchRow, *, write_status: bool = False, wake: bool = False) -> None:
-        """Tell the daemon of a registered upload; no answer awaited."""
-        with self._send_lock, contextlib.suppress(OSError):
-            self.conn.send(Notice(batch.id, write_status, wake))
+        """Tell the daemon of a registered upload; no answer awaited, no wait past the deadline."""
+        try:
+            sent = self._send(
+                Notice(batch.id, write_status, wake), time.monotonic() + self.timeout_seconds
+            )
+        except OSError:
+            sent = False
+        if not sent:
+            # Registered already: the scheduler's poll sweep finds the batch,
+            # and its status.json is written when its first file settles.
+            log.warning(
+                "http_notice_dropped",
+                batch_id=batch.id,
+                write_status=write_status,
+                wake=wake,
+                detail="the daemon did not read its pipe within"
+                " http.daemon_answer_timeout_seconds; the scheduler's sweep finds the batch",
+            )
 
     # -- what HttpServer calls --------------------------------------------------------
 
