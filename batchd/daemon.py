@@ -41,7 +41,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import WorkerPool
 from batchd.processors import ocr
 from batchd.records import BatchRow
-from batchd.recovery import check_node_id, recover
+from batchd.recovery import check_node_id, recover, settle_dead_uploads
 from batchd.reloading import check_processors, keep_restart_keys
 from batchd.scheduler import Scheduler
 from batchd.spool import Spool
@@ -300,6 +300,7 @@ class Daemon:
                     metrics=lambda: generate_latest(self.metrics.registry),
                     write_status=parts.archiver.refresh,
                     wake=scheduler.wake,
+                    settle=lambda: settle_dead_uploads(self.spool, store, intake),
                 ),
             )
             self.http.start()

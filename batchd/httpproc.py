@@ -115,6 +115,9 @@ class DaemonAnswers:
     metrics: Callable[[], bytes]
     write_status: Callable[[str], None]
     wake: Callable[[], None]
+    #: settles what a dead HTTP process left (its upload half-registered),
+    #: before the next one starts: :func:`batchd.recovery.settle_dead_uploads`.
+    settle: Callable[[], object] = lambda: None
 
     def answer(self, what: str) -> Any:
         if what == "health":
@@ -260,6 +263,10 @@ class HttpProcess:
             detail="the HTTP API is down until its process is started again",
         )
         self._close_pipes()
+        try:
+            self.answers.settle()
+        except Exception as exc:  # start-up recovery finds it all the same
+            log.exception("http_process_settle_failed", pid=dead.pid, error=repr(exc))
         while not self._stopping.wait(delay):
             try:
                 self._spawn()

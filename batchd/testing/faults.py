@@ -38,6 +38,7 @@ COUNTER_ENV = "BATCHD_CRASH_COUNTER"
 #: Where the daemon may be made to crash (:func:`batchd.faults.crash_point`).
 STEPS = (
     "after_claim",
+    "after_adopt",
     "after_register",
     "after_dispatch",
     "after_result_write",
