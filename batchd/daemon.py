@@ -334,7 +334,12 @@ class Daemon:
 
     def _bind_http(self) -> None:
         from batchd.http import listen
+        from batchd.httpguard import Tokens
 
+        # The HTTP process reads its tokens again when it starts; read them
+        # here first, so an unreadable http.users_file ends start-up with its
+        # ConfigError (exit 78) instead of killing each HTTP process in turn.
+        Tokens(self.settings.http)
         self.http_socket = listen(self.settings)
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here
