@@ -34,6 +34,7 @@ from batchd.errors import (
     SpoolError,
     StartupError,
 )
+from batchd.httpguard import Tokens
 from batchd.httpproc import DaemonAnswers, HttpProcess
 from batchd.intake import Intake
 from batchd.metrics import Metrics
@@ -193,6 +194,7 @@ class Daemon:
         #: the listening socket, bound before recovery, and the process serving it.
         self.http_socket: socket.socket | None = None
         self.http: HttpProcess | None = None
+        self.http_tokens: Tokens | None = None
         self.watcher: Watcher | None = None
         self.scheduler: Scheduler | None = None
         self.pool: WorkerPool | None = None
@@ -302,6 +304,7 @@ class Daemon:
                     wake=scheduler.wake,
                     settle=lambda: settle_dead_uploads(self.spool, store, intake),
                 ),
+                self.http_tokens,
             )
             self.http.start()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
@@ -334,12 +337,11 @@ class Daemon:
 
     def _bind_http(self) -> None:
         from batchd.http import listen
-        from batchd.httpguard import Tokens
 
         # The HTTP process reads its tokens again when it starts; read them
         # here first, so an unreadable http.users_file ends start-up with its
         # ConfigError (exit 78) instead of killing each HTTP process in turn.
-        Tokens(self.settings.http)
+        self.http_tokens = Tokens(self.settings.http)
         self.http_socket = listen(self.settings)
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here

@@ -52,6 +52,7 @@ from batchd import log as logsetup
 from batchd.clock import SystemClock
 from batchd.config import Settings
 from batchd.errors import Refusal
+from batchd.httpguard import Tokens
 from batchd.records import BatchRow
 
 log = structlog.get_logger("batchd.httpproc")
@@ -132,8 +133,19 @@ class DaemonAnswers:
 class HttpProcess:
     """The daemon's handle on its HTTP process: start, reconfigure, stop, replace."""
 
-    def __init__(self, settings: Settings, listening: socket.socket, answers: DaemonAnswers):
+    def __init__(
+        self,
+        settings: Settings,
+        listening: socket.socket,
+        answers: DaemonAnswers,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.settings = settings
+        #: the tokens the HTTP process serves with, read here (ConfigError: an
+        #: unreadable http.users_file) and kept when a reload cannot read it
+        #: again, so an HTTP process started after such a reload does not die
+        #: of it: the child never reads http.users_file itself.
+        self.tokens = tokens if tokens is not None else Tokens(settings.http)
         self.listening = listening
         self.answers = answers
         self.port = int(listening.getsockname()[1])
@@ -178,6 +190,7 @@ class HttpProcess:
                     # is passed on, the daemon keeps its own for the next child.
                     args=(
                         self.settings,
+                        self.tokens,
                         self.listening,
                         child_link,
                         control,
@@ -292,12 +305,15 @@ class HttpProcess:
                         conn.close()
 
     def reconfigure(self, settings: Settings) -> None:
-        """Hand new settings to the child (it applies :meth:`HttpServer.reconfigure`)."""
-        self.settings = settings
+        """Hand new settings and tokens to the child (it applies :meth:`HttpServer.reconfigure`)."""
+        from batchd.http import reread_tokens
+
         with self._lock:
+            self.tokens = reread_tokens(self.tokens, settings.http)
+            self.settings = settings
             if self._control is not None:
                 with contextlib.suppress(OSError):
-                    self._control.send(settings)
+                    self._control.send((settings, self.tokens))
 
     def stop(self) -> None:
         """Ask the child to stop gracefully; kill it past :data:`STOP_JOIN_SECONDS`."""
@@ -446,6 +462,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def http_main(
     settings: Settings,
+    tokens: Tokens,
     listening: socket.socket,
     link: Connection,
     control: Connection,
@@ -481,7 +498,7 @@ def http_main(
         on_registered=lambda batch: daemon.notify(batch, wake=True),
         write_status=lambda batch: daemon.notify(batch, write_status=True),
     )
-    server = HttpServer(settings, store, spool, intake, Metrics(), daemon.health, clock)
+    server = HttpServer(settings, store, spool, intake, Metrics(), daemon.health, clock, tokens)
     server.inbox = daemon.inbox
     server.daemon_metrics = daemon.metrics
     server.adopt(listening)
@@ -493,12 +510,13 @@ def http_main(
                 message = control.recv()
             except (EOFError, OSError):
                 break  # the daemon is gone
-            if not isinstance(message, Settings):
+            if not isinstance(message, tuple):
                 break  # None: stop
-            logsetup.configure(message.log)
-            intake.settings = spool.settings = message
-            daemon.timeout_seconds = message.http.daemon_answer_timeout_seconds
-            server.reconfigure(message)
+            new, new_tokens = message
+            logsetup.configure(new.log)
+            intake.settings = spool.settings = new
+            daemon.timeout_seconds = new.http.daemon_answer_timeout_seconds
+            server.reconfigure(new, new_tokens)
     finally:
         server.stop()
         store.close()

@@ -292,3 +292,27 @@ def test_a_half_received_upload_of_a_dead_http_process_is_removed(tmp_path: Path
     finally:
         sock.close()
         assert d.stop() == 0
+
+
+def test_a_replaced_http_process_keeps_the_tokens_a_bad_reload_kept(tmp_path: Path) -> None:
+    """A reload whose http.users_file cannot be read keeps the tokens read before (as it
+    always did); an HTTP process started after that (the last one died) serves with those
+    tokens too, instead of dying at its start over and over on the unreadable file."""
+    users = tmp_path / "users.txt"
+    users.write_text(f"alice {TOKEN_B}\n")
+    d, port = start(tmp_path, http={"users_file": str(users)})
+    try:
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        users.unlink()
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: d.events("config_reloaded"), 10, what="config_reloaded")
+        wait_until(lambda: d.events("http_users_file_unreadable"), 10, what="the reload's error")
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        [first] = http_pids(d)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(http_pids(d)) >= 2, 20, what="a new HTTP process")
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        assert get(port, "/api/batch/jobs", "not-a-token-0123456789")[0] == 401
+        assert len(d.events("http_process_died")) == 1
+    finally:
+        assert d.stop() == 0
