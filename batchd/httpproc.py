@@ -69,6 +69,10 @@ RESTART_BACKOFF_MAX_SECONDS = 30.0
 RESTART_BACKOFF_RESET_SECONDS = 60.0
 #: How often the supervisor thread looks at its stop flag between messages.
 SUPERVISE_POLL_SECONDS = 0.2
+#: How long an answer of the daemon is reused for the same question: /healthz
+#: needs no token, and a client asking it in a loop must not keep the daemon's
+#: answering thread (and so its interpreter lock) busy; monitors poll far slower.
+ANSWER_MAX_AGE_SECONDS = 1.0
 #: How long stop() waits for the child beyond HttpServer.stop()'s own grace.
 STOP_JOIN_SECONDS = 10.0
 
@@ -341,7 +345,9 @@ class DaemonLink:
     """The HTTP process's questions to the daemon, each with a deadline.
 
     HTTP threads share one pipe: one question at a time (a lock), each
-    tagged with a number. A question the daemon has not answered in time
+    tagged with a number; an answer is reused for the same question for
+    :data:`ANSWER_MAX_AGE_SECONDS`, so askers waiting on the lock while it
+    came take it too. A question the daemon has not answered in time
     stays the one outstanding: the next asker waits for that answer (within
     its own deadline) instead of sending another, so a stalled daemon finds
     one question on its pipe when it runs again, not one per /healthz asked
@@ -358,6 +364,8 @@ class DaemonLink:
         self._seq = itertools.count(1)
         #: the number of the question sent and not answered yet (None: none is).
         self._outstanding: int | None = None
+        #: the last answer to each question, and when it came (monotonic).
+        self._answers: dict[str, tuple[float, Any]] = {}
 
     def ask(self, what: str) -> Any:
         """The daemon's answer to ``what``; :class:`Refusal` 503 when it does not come in time."""
@@ -366,6 +374,9 @@ class DaemonLink:
             raise self._late(what)
         seq: int | None = None
         try:
+            kept = self._answers.get(what)
+            if kept is not None and time.monotonic() - kept[0] < ANSWER_MAX_AGE_SECONDS:
+                return kept[1]
             while True:
                 if self._outstanding is None:
                     seq = next(self._seq)
@@ -383,6 +394,7 @@ class DaemonLink:
                     continue
                 if answer.error is not None:
                     raise Refusal(503, f"{answer.error}; see the daemon's log")
+                self._answers[what] = (time.monotonic(), answer.value)
                 return answer.value
         except (EOFError, OSError) as exc:
             raise Refusal(503, f"the daemon is gone ({exc!r}); see its log") from exc

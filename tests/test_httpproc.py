@@ -150,3 +150,31 @@ def test_a_failed_restart_of_the_http_process_is_tried_again(
         wait_until(lambda: healthz(proc.port) == 200, 30, what="the replacement serving")
     finally:
         proc.stop()
+
+
+def test_a_flood_of_health_questions_reaches_the_daemon_a_few_times() -> None:
+    """/healthz needs no token: a client asking it as fast as it can must not keep the
+    daemon answering (its answering thread takes the interpreter lock from the
+    scheduler); answers younger than ANSWER_MAX_AGE_SECONDS are reused."""
+    child_end, daemon_end = pipe()
+    link = DaemonLink(child_end, 5.0)
+    asked: list[str] = []
+    stop = threading.Event()
+
+    def daemon() -> None:
+        while not stop.is_set():
+            if daemon_end.poll(0.05):
+                ask = daemon_end.recv()
+                asked.append(ask.what)
+                daemon_end.send(Answer(ask.seq, {}))
+
+    answerer = threading.Thread(target=daemon)
+    answerer.start()
+    try:
+        for _ in range(50):
+            assert link.health() == {}
+    finally:
+        stop.set()
+        answerer.join(5)
+    # One per ANSWER_MAX_AGE_SECONDS: 50 would take a stall of 50 of them to reach.
+    assert 1 <= len(asked) < 10, asked
