@@ -34,6 +34,7 @@ from batchd.errors import (
     SpoolError,
     StartupError,
 )
+from batchd.httpguard import Tokens
 from batchd.httpproc import DaemonAnswers, HttpProcess
 from batchd.intake import Intake
 from batchd.metrics import Metrics
@@ -41,7 +42,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.pool import WorkerPool
 from batchd.processors import ocr
 from batchd.records import BatchRow
-from batchd.recovery import check_node_id, recover
+from batchd.recovery import check_node_id, recover, settle_dead_uploads
 from batchd.reloading import check_processors, keep_restart_keys
 from batchd.scheduler import Scheduler
 from batchd.spool import Spool
@@ -219,6 +220,7 @@ class Daemon:
         #: the listening socket, bound before recovery, and the process serving it.
         self.http_socket: socket.socket | None = None
         self.http: HttpProcess | None = None
+        self.http_tokens: Tokens | None = None
         self.watcher: Watcher | None = None
         self.scheduler: Scheduler | None = None
         self.pool: WorkerPool | None = None
@@ -326,7 +328,9 @@ class Daemon:
                     metrics=lambda: generate_latest(self.metrics.registry),
                     write_status=parts.archiver.refresh,
                     wake=scheduler.wake,
+                    settle=lambda: settle_dead_uploads(self.spool, store, intake),
                 ),
+                self.http_tokens,
             )
             self.http.start()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
@@ -360,6 +364,10 @@ class Daemon:
     def _bind_http(self) -> None:
         from batchd.http import listen
 
+        # The HTTP process reads its tokens again when it starts; read them
+        # here first, so an unreadable http.users_file ends start-up with its
+        # ConfigError (exit 78) instead of killing each HTTP process in turn.
+        self.http_tokens = Tokens(self.settings.http)
         self.http_socket = listen(self.settings)
         port_file = os.environ.get("BATCHD_PORT_FILE")
         if port_file:  # tests and scripts learn the ephemeral port here

@@ -48,7 +48,7 @@ import structlog
 from prometheus_client import generate_latest
 
 from batchd.clock import Clock
-from batchd.config import Settings
+from batchd.config import HttpSettings, Settings
 from batchd.errors import BatchdError, StartupError
 from batchd.httpguard import Tokens
 from batchd.httproutes import Handler
@@ -58,7 +58,7 @@ from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.store import Store
 
-__all__ = ["AnswerCache", "HttpServer", "listen"]
+__all__ = ["AnswerCache", "HttpServer", "listen", "reread_tokens"]
 
 log = structlog.get_logger("batchd.http")
 
@@ -120,7 +120,10 @@ class HttpServer:
         metrics: Metrics,
         health: Callable[[], dict[str, str]],
         clock: Clock,
+        tokens: Tokens | None = None,
     ) -> None:
+        """``tokens``: those read by the daemon (the HTTP process does not read
+        http.users_file itself); None: read them from ``settings`` here."""
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -132,7 +135,7 @@ class HttpServer:
         self.page = resources.files("batchd").joinpath("static/status.html").read_bytes()
         self.page_csp = _page_csp(self.page)
         self.cache = AnswerCache()
-        self.tokens = Tokens(settings.http)
+        self.tokens = tokens if tokens is not None else Tokens(settings.http)
         metrics.watch_store(store)
         self._server: Server[HttpServer] | None = None
         self._thread: threading.Thread | None = None
@@ -225,21 +228,30 @@ class HttpServer:
             self._thread.join()
         log.info("http_stopped")
 
-    def reconfigure(self, settings: Settings) -> None:
-        """Take new limits and token at once; host, port and max_threads need a restart."""
+    def reconfigure(self, settings: Settings, tokens: Tokens | None = None) -> None:
+        """Take new limits and token at once; host, port and max_threads need a restart.
+
+        ``tokens``: those the daemon read (see :func:`reread_tokens`); None:
+        read them here."""
         old = self.settings.http
         new = settings.http
-        try:
-            self.tokens = Tokens(new)
-        except BatchdError as exc:
-            # Keep serving with the tokens read before: a reload must not open the server.
-            log.error("http_users_file_unreadable", error=exc.message)
+        self.tokens = tokens if tokens is not None else reread_tokens(self.tokens, new)
         self.settings = settings
         if (old.host, old.port, old.max_threads) != (new.host, new.port, new.max_threads):
             log.warning(
                 "http_restart_needed",
                 detail="http.host, http.port and http.max_threads change on restart only",
             )
+
+
+def reread_tokens(running: Tokens, settings: HttpSettings) -> Tokens:
+    """The tokens ``settings`` name, or ``running`` when http.users_file cannot be read."""
+    try:
+        return Tokens(settings)
+    except BatchdError as exc:
+        # Keep serving with the tokens read before: a reload must not open the server.
+        log.error("http_users_file_unreadable", error=exc.message)
+        return running
 
 
 def listen(settings: Settings) -> socket.socket:

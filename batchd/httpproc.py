@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -51,6 +52,7 @@ from batchd import log as logsetup
 from batchd.clock import SystemClock
 from batchd.config import Settings
 from batchd.errors import Refusal
+from batchd.httpguard import Tokens
 from batchd.records import BatchRow
 
 log = structlog.get_logger("batchd.httpproc")
@@ -67,6 +69,10 @@ RESTART_BACKOFF_MAX_SECONDS = 30.0
 RESTART_BACKOFF_RESET_SECONDS = 60.0
 #: How often the supervisor thread looks at its stop flag between messages.
 SUPERVISE_POLL_SECONDS = 0.2
+#: How long an answer of the daemon is reused for the same question: /healthz
+#: needs no token, and a client asking it in a loop must not keep the daemon's
+#: answering thread (and so its interpreter lock) busy; monitors poll far slower.
+ANSWER_MAX_AGE_SECONDS = 1.0
 #: How long stop() waits for the child beyond HttpServer.stop()'s own grace.
 STOP_JOIN_SECONDS = 10.0
 
@@ -114,6 +120,9 @@ class DaemonAnswers:
     metrics: Callable[[], bytes]
     write_status: Callable[[str], None]
     wake: Callable[[], None]
+    #: settles what a dead HTTP process left (its upload half-registered),
+    #: before the next one starts: :func:`batchd.recovery.settle_dead_uploads`.
+    settle: Callable[[], object] = lambda: None
 
     def answer(self, what: str) -> Any:
         if what == "health":
@@ -128,8 +137,19 @@ class DaemonAnswers:
 class HttpProcess:
     """The daemon's handle on its HTTP process: start, reconfigure, stop, replace."""
 
-    def __init__(self, settings: Settings, listening: socket.socket, answers: DaemonAnswers):
+    def __init__(
+        self,
+        settings: Settings,
+        listening: socket.socket,
+        answers: DaemonAnswers,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.settings = settings
+        #: the tokens the HTTP process serves with, read here (ConfigError: an
+        #: unreadable http.users_file) and kept when a reload cannot read it
+        #: again, so an HTTP process started after such a reload does not die
+        #: of it: the child never reads http.users_file itself.
+        self.tokens = tokens if tokens is not None else Tokens(settings.http)
         self.listening = listening
         self.answers = answers
         self.port = int(listening.getsockname()[1])
@@ -161,30 +181,38 @@ class HttpProcess:
     def _spawn(self) -> None:
         link, child_link = _ctx.Pipe(duplex=True)
         control, child_control = _ctx.Pipe(duplex=False)
-        process = _ctx.Process(
-            target=http_main,
-            # The socket is pickled for the spawned child: its descriptor is
-            # passed on, the daemon keeps its own for the next child.
-            args=(
-                self.settings,
-                self.listening,
-                child_link,
-                control,
-                os.getpid(),
-                self.started_monotonic,
-            ),
-            name="batchd-http",
-            daemon=True,
-        )
-        with self._lock:
-            if self._stopping.is_set():  # stop() came during the back-off
-                return
-            process.start()
-            child_link.close()
-            control.close()
-            self._process, self._link, self._control = process, link, child_control
-            self._started_at = time.monotonic()
-            self.started += 1
+        kept = False
+        try:
+            # Under the lock, as reconfigure(): settings a reload sets while
+            # the child starts are either in its arguments or sent after.
+            with self._lock:
+                if self._stopping.is_set():  # stop() came during the back-off
+                    return
+                process = _ctx.Process(
+                    target=http_main,
+                    # The socket is pickled for the spawned child: its descriptor
+                    # is passed on, the daemon keeps its own for the next child.
+                    args=(
+                        self.settings,
+                        self.tokens,
+                        self.listening,
+                        child_link,
+                        control,
+                        os.getpid(),
+                        self.started_monotonic,
+                    ),
+                    name="batchd-http",
+                    daemon=True,
+                )
+                process.start()
+                self._process, self._link, self._control = process, link, child_control
+                kept = True
+                self._started_at = time.monotonic()
+                self.started += 1
+        finally:
+            # The child's ends are its own now (or nobody's); ours, unless kept.
+            for conn in (child_link, control) + (() if kept else (link, child_control)):
+                conn.close()
         log.info("http_process_started", pid=process.pid, port=self.port)
 
     def _supervise(self) -> None:
@@ -252,9 +280,26 @@ class HttpProcess:
             detail="the HTTP API is down until its process is started again",
         )
         self._close_pipes()
-        if self._stopping.wait(delay):
-            return
-        self._spawn()
+        try:
+            self.answers.settle()
+        except Exception as exc:  # start-up recovery finds it all the same
+            log.exception("http_process_settle_failed", pid=dead.pid, error=repr(exc))
+        while not self._stopping.wait(delay):
+            try:
+                self._spawn()
+                return
+            except Exception as exc:
+                # No process or pipe could be made (EAGAIN, EMFILE, ENOMEM):
+                # this thread is the only one that starts the HTTP process
+                # again, so it must not die of it; try again after a back-off.
+                delay = self._backoff
+                self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
+                log.error(
+                    "http_process_start_failed",
+                    error=repr(exc),
+                    restart_in_seconds=delay,
+                    detail="the HTTP API is down until its process can be started",
+                )
 
     def _close_pipes(self) -> None:
         with self._lock:
@@ -264,12 +309,15 @@ class HttpProcess:
                         conn.close()
 
     def reconfigure(self, settings: Settings) -> None:
-        """Hand new settings to the child (it applies :meth:`HttpServer.reconfigure`)."""
-        self.settings = settings
+        """Hand new settings and tokens to the child (it applies :meth:`HttpServer.reconfigure`)."""
+        from batchd.http import reread_tokens
+
         with self._lock:
+            self.tokens = reread_tokens(self.tokens, settings.http)
+            self.settings = settings
             if self._control is not None:
                 with contextlib.suppress(OSError):
-                    self._control.send(settings)
+                    self._control.send((settings, self.tokens))
 
     def stop(self) -> None:
         """Ask the child to stop gracefully; kill it past :data:`STOP_JOIN_SECONDS`."""
@@ -297,9 +345,15 @@ class DaemonLink:
     """The HTTP process's questions to the daemon, each with a deadline.
 
     HTTP threads share one pipe: one question at a time (a lock), each
-    tagged with a number, so an answer that comes after its asker gave up
-    is recognised and dropped by the next asker instead of being taken for
-    its own.
+    tagged with a number; an answer is reused for the same question for
+    :data:`ANSWER_MAX_AGE_SECONDS`, so askers waiting on the lock while it
+    came take it too. A question the daemon has not answered in time
+    stays the one outstanding: the next asker waits for that answer (within
+    its own deadline) instead of sending another, so a stalled daemon finds
+    one question on its pipe when it runs again, not one per /healthz asked
+    meanwhile, and the pipe cannot fill with questions. Every write waits
+    for room on the pipe only until the deadline: a daemon that stopped
+    reading makes /healthz 503 and drops a notice, never blocks a thread.
     """
 
     def __init__(self, conn: Connection, timeout_seconds: float) -> None:
@@ -308,36 +362,88 @@ class DaemonLink:
         self._ask_lock = threading.Lock()  # one question (and its reads) at a time
         self._send_lock = threading.Lock()  # whole messages: notices come from other threads
         self._seq = itertools.count(1)
+        #: the number of the question sent and not answered yet (None: none is).
+        self._outstanding: int | None = None
+        #: the last answer to each question, and when it came (monotonic).
+        self._answers: dict[str, tuple[float, Any]] = {}
 
     def ask(self, what: str) -> Any:
         """The daemon's answer to ``what``; :class:`Refusal` 503 when it does not come in time."""
         deadline = time.monotonic() + self.timeout_seconds
-        with self._ask_lock:
-            seq = next(self._seq)
-            try:
-                with self._send_lock:
-                    self.conn.send(Ask(seq, what))
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self.conn.poll(left):
-                        break
-                    answer = self.conn.recv()
-                    if isinstance(answer, Answer) and answer.seq == seq:
-                        if answer.error is not None:
-                            raise Refusal(503, f"{answer.error}; see the daemon's log")
-                        return answer.value
-            except (EOFError, OSError) as exc:
-                raise Refusal(503, f"the daemon is gone ({exc!r}); see its log") from exc
-        raise Refusal(
+        if not self._ask_lock.acquire(timeout=self.timeout_seconds):
+            raise self._late(what)
+        seq: int | None = None
+        try:
+            kept = self._answers.get(what)
+            if kept is not None and time.monotonic() - kept[0] < ANSWER_MAX_AGE_SECONDS:
+                return kept[1]
+            while True:
+                if self._outstanding is None:
+                    seq = next(self._seq)
+                    if not self._send(Ask(seq, what), deadline):
+                        raise self._late(what, "the daemon is not reading its pipe")
+                    self._outstanding = seq
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.conn.poll(left):
+                    raise self._late(what)
+                answer = self.conn.recv()
+                if not isinstance(answer, Answer) or answer.seq != self._outstanding:
+                    continue
+                self._outstanding = None
+                if answer.seq != seq:  # an earlier asker's, come late: now ask ours
+                    continue
+                if answer.error is not None:
+                    raise Refusal(503, f"{answer.error}; see the daemon's log")
+                self._answers[what] = (time.monotonic(), answer.value)
+                return answer.value
+        except (EOFError, OSError) as exc:
+            raise Refusal(503, f"the daemon is gone ({exc!r}); see its log") from exc
+        finally:
+            self._ask_lock.release()
+
+    def _late(self, what: str, why: str = "it may be overloaded") -> Refusal:
+        return Refusal(
             503,
             f"the daemon did not answer {what!r} within {self.timeout_seconds:g} s"
-            " (http.daemon_answer_timeout_seconds); it may be overloaded: see its log",
+            f" (http.daemon_answer_timeout_seconds); {why}: see its log",
         )
 
+    def _send(self, message: Ask | Notice, deadline: float) -> bool:
+        """Write ``message`` once the pipe has room, waiting until ``deadline``; False if never."""
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self.conn.fileno(), select.POLLOUT)
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not poller.poll(left_ms):
+                return False
+            # A Unix socket is writable when most of its send buffer is free:
+            # room for a message this small (an Ask, a Notice: ~100 bytes).
+            self.conn.send(message)
+            return True
+        finally:
+            self._send_lock.release()
+
     def notify(self, batch: BatchRow, *, write_status: bool = False, wake: bool = False) -> None:
-        """Tell the daemon of a registered upload; no answer awaited."""
-        with self._send_lock, contextlib.suppress(OSError):
-            self.conn.send(Notice(batch.id, write_status, wake))
+        """Tell the daemon of a registered upload; no answer awaited, no wait past the deadline."""
+        try:
+            sent = self._send(
+                Notice(batch.id, write_status, wake), time.monotonic() + self.timeout_seconds
+            )
+        except OSError:
+            sent = False
+        if not sent:
+            # Registered already: the scheduler's poll sweep finds the batch,
+            # and its status.json is written when its first file settles.
+            log.warning(
+                "http_notice_dropped",
+                batch_id=batch.id,
+                write_status=write_status,
+                wake=wake,
+                detail="the daemon did not read its pipe within"
+                " http.daemon_answer_timeout_seconds; the scheduler's sweep finds the batch",
+            )
 
     # -- what HttpServer calls --------------------------------------------------------
 
@@ -368,6 +474,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def http_main(
     settings: Settings,
+    tokens: Tokens,
     listening: socket.socket,
     link: Connection,
     control: Connection,
@@ -403,7 +510,7 @@ def http_main(
         on_registered=lambda batch: daemon.notify(batch, wake=True),
         write_status=lambda batch: daemon.notify(batch, write_status=True),
     )
-    server = HttpServer(settings, store, spool, intake, Metrics(), daemon.health, clock)
+    server = HttpServer(settings, store, spool, intake, Metrics(), daemon.health, clock, tokens)
     server.inbox = daemon.inbox
     server.daemon_metrics = daemon.metrics
     server.adopt(listening)
@@ -415,12 +522,13 @@ def http_main(
                 message = control.recv()
             except (EOFError, OSError):
                 break  # the daemon is gone
-            if not isinstance(message, Settings):
+            if not isinstance(message, tuple):
                 break  # None: stop
-            logsetup.configure(message.log)
-            intake.settings = spool.settings = message
-            daemon.timeout_seconds = message.http.daemon_answer_timeout_seconds
-            server.reconfigure(message)
+            new, new_tokens = message
+            logsetup.configure(new.log)
+            intake.settings = spool.settings = new
+            daemon.timeout_seconds = new.http.daemon_answer_timeout_seconds
+            server.reconfigure(new, new_tokens)
     finally:
         server.stop()
         store.close()

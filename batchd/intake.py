@@ -205,6 +205,10 @@ class Intake:
         """Claims waiting for the database to come back."""
         return len(self._deferred)
 
+    def deferred_paths(self) -> set[Path]:
+        """The work folders of the claims waiting for the database (call under ``lock``)."""
+        return {claimed.path for claimed in self._deferred}
+
     def retry_deferred(self) -> int:
         """Register claims whose registration failed on a database error; how many."""
         done = 0
@@ -234,6 +238,7 @@ class Intake:
                 raise BatchdError(
                     f"no free batch name for upload {name} after {MAX_NAME_TRIES} tries"
                 )
+            crash_point("after_adopt")
             claimed = Claimed(target, batch_name, priority, "upload", user_id)
             batch = self.register_claimed(claimed)
             if batch is None:  # pragma: no cover - an upload's folder is ours alone

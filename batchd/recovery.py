@@ -4,7 +4,8 @@ A crash can stop batchd between any two steps of a file's way (claim
 rename, registration, result write, commit, input move, status.json).
 :func:`recover` runs once at start, before the workers and the watcher, and
 puts every such leftover back on its way; :func:`adopt_orphans` does the
-same, while running, for claims a dead cluster node left unregistered;
+same, while running, for claims a dead cluster node left unregistered, and
+:func:`settle_dead_uploads` for what a dead HTTP process left;
 :func:`check_node_id` refuses to start under a node id a live node uses.
 """
 
@@ -190,3 +191,43 @@ def adopt_orphans(spool: Spool, store: Store, intake: Intake, lease_seconds: flo
             continue
         if batch is not None:
             log.warning("orphan_claim_registered", batch=batch.name, batch_id=batch.id)
+
+
+def settle_dead_uploads(spool: Spool, store: Store, intake: Intake) -> dict[str, int]:
+    """What an HTTP process that died left, put on its way while the daemon runs on.
+
+    Uploads are registered in the HTTP process (:mod:`batchd.httpproc`): one
+    killed between moving an upload into ``work/`` and registering it leaves
+    a folder no batch points to, and one killed mid-upload leaves its
+    half-received folder; start-up recovery would find both, but the daemon
+    does not restart with its HTTP process. Single node only, called before
+    the next HTTP process starts: then no upload is in progress, and under
+    the intake's lock no claim of the watcher is either, so every folder of
+    ``work/`` without a batch is a dead upload (or a claim deferred by a
+    database outage, which :meth:`Intake.retry_deferred` keeps). In a
+    cluster another node's claims and uploads are in the same folders:
+    :func:`adopt_orphans` registers the orphans after a lease there.
+    """
+    if spool.settings.database.url:
+        return {"registered": 0}
+    spool.clear_uploads()
+    registered = 0
+    with intake.lock:
+        deferred = intake.deferred_paths()
+        for priority, entry in spool.work_entries():
+            if entry in deferred or store.batch_by_work_path(spool.rel(entry)) is not None:
+                continue
+            try:
+                if entry.is_dir() and not any(entry.iterdir()):
+                    entry.rmdir()  # reserved, never filled
+                    continue
+                batch = intake.register_claimed(_orphan_claim(spool, priority, entry))
+            except FileNotFoundError:
+                continue
+            except (OSError, StoreError, AlreadyRegistered) as exc:
+                log.warning("orphan_adopt_failed", path=str(entry), error=str(exc))
+                continue
+            if batch is not None:
+                registered += 1
+                log.warning("orphan_upload_registered", batch=batch.name, batch_id=batch.id)
+    return {"registered": registered}

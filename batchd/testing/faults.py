@@ -45,6 +45,10 @@ STEPS = (
     "after_archive",
     "during_status_write",
 )
+#: Where the HTTP process may be made to crash (it runs uploads' registration: an
+#: upload moved into work/, not registered yet); not the daemon's steps above,
+#: which the crash torture (tests/reliability) runs one by one on folder drops.
+HTTP_STEPS = ("after_adopt",)
 #: Where the daemon may be made to hang (:func:`batchd.faults.hang_point`).
 HANG_STEPS = ("scheduler_turn",)
 
@@ -66,7 +70,7 @@ class Armed:
 
     def crash_point(self, step: str) -> None:
         """Exit at once if armed to crash at ``step`` (after its passes are used up)."""
-        _known(step, STEPS, "crash")
+        _known(step, STEPS + HTTP_STEPS, "crash")
         if step != self.crash_at:
             return
         if self.counter_path is not None:
@@ -132,7 +136,7 @@ def arm(
     Raises :class:`ConfigError` for a step that does not exist.
     """
     if crash_at:
-        _known(crash_at, STEPS, "crash")
+        _known(crash_at, STEPS + HTTP_STEPS, "crash")
     if hang_at:
         _known(hang_at, HANG_STEPS, "hang")
     from batchd import faults

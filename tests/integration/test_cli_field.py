@@ -91,6 +91,20 @@ def test_taken_http_port_exits_73_before_recovery(tmp_path: Path) -> None:
     assert "recovery_done" not in done.stdout + done.stderr
 
 
+def test_unreadable_http_users_file_exits_78_before_recovery(tmp_path: Path) -> None:
+    """An http.users_file that cannot be read exits 78 naming it, at start, as before
+    the HTTP API moved to its own process (not a daemon serving on while its HTTP
+    process dies of it over and over)."""
+    missing = tmp_path / "users.txt"
+    d = DaemonProcess(tmp_path, http={"enabled": True, "port": 0, "users_file": str(missing)})
+    # On the code before, `batchd run` served on (the timeout fails the test).
+    done = run(d, "run", timeout=20)
+    assert done.returncode == 78, done.stderr
+    assert f"http.users_file {missing} cannot be read" in done.stderr
+    assert "recovery_done" not in done.stdout + done.stderr
+    assert "http_process_died" not in done.stdout + done.stderr
+
+
 def test_unusable_spool_exits_73(tmp_path: Path) -> None:
     """A spool.root that cannot be a folder (a file is in the way) exits 73."""
     d = DaemonProcess(tmp_path)

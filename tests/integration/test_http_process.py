@@ -4,18 +4,22 @@ asking the daemon over its pipe for health, the inbox and the daemon's metrics."
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from formdata import multipart
 from prometheus_client.parser import text_string_to_metric_families
 from support import DaemonProcess, csv_bytes, drop_folder, wait_until, write_config
 
+from batchd.testing.faults import CRASH_EXIT_CODE
 from batchd.testing.launcher import children
 
 TOKEN_A = "token-a-0123456789abcdef"
@@ -36,12 +40,15 @@ def get(port: int, path: str, token: str | None = None) -> tuple[int, Any]:
     return status, body.decode()
 
 
-def start(tmp_path: Path, **sections: dict[str, Any]) -> tuple[DaemonProcess, int]:
-    """A daemon with HTTP on an ephemeral port: the daemon and the port."""
+def start(
+    tmp_path: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+) -> tuple[DaemonProcess, int]:
+    """A daemon with HTTP on an ephemeral port (``env`` added to its environment):
+    the daemon and the port."""
     port_file = tmp_path / "port"
     http = {"enabled": True, "port": 0, "token": TOKEN_A} | sections.pop("http", {})
     d = DaemonProcess(tmp_path, http=http, **sections)
-    d.start(BATCHD_PORT_FILE=str(port_file))
+    d.start(BATCHD_PORT_FILE=str(port_file), **(env or {}))
     port = int(wait_until(port_file.read_text, 10, what="HTTP port"))
     return d, port
 
@@ -191,10 +198,14 @@ def test_healthz_is_503_when_the_daemon_does_not_answer_in_time(tmp_path: Path) 
         assert get(port, "/healthz")[0] == 200
         d.signal(signal.SIGSTOP)
         try:
-            status, body = get(port, "/healthz")
+            # The answer before the stop may be reused for ANSWER_MAX_AGE_SECONDS.
+            body = wait_until(
+                lambda: (answer := get(port, "/healthz"))[0] == 503 and answer[1],
+                10,
+                what="/healthz 503",
+            )
         finally:
             d.signal(signal.SIGCONT)
-        assert status == 503
         assert "http.daemon_answer_timeout_seconds" in body["problems"]["daemon"]
         wait_until(lambda: get(port, "/healthz")[0] == 200, 10, what="/healthz 200 again")
     finally:
@@ -222,3 +233,90 @@ def test_http_process_ignores_sigint_and_dies_with_a_sigkilled_daemon(tmp_path: 
         return state == "Z"  # killed, waiting for init to reap it
 
     wait_until(gone, 10, what="the HTTP process to die with the daemon")
+
+
+def post_upload(port: int, files: list[tuple[str, bytes]]) -> int | None:
+    """POST an upload; its status, or None when the connection ended without an answer."""
+    body, ctype = multipart(files, {"user_id": "alice"})
+    headers = {"Content-Type": ctype, "Authorization": f"Bearer {TOKEN_A}"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/api/batch/upload", body, headers)
+        return conn.getresponse().status
+    except (http.client.HTTPException, ConnectionError):
+        return None
+    finally:
+        conn.close()
+
+
+def test_an_upload_cut_off_by_a_dead_http_process_is_registered_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The HTTP process dies between moving an upload into work/ and registering it: the
+    daemon registers the folder before the next HTTP process starts (as start-up recovery
+    would), so it is processed and gets its status.json while the daemon runs on."""
+    # The step is in Intake.take_upload, which only the HTTP process runs.
+    d, port = start(tmp_path, env={"BATCHD_CRASH_AT": "after_adopt"})
+    try:
+        assert post_upload(port, [("a.csv", csv_bytes(1))]) is None
+        died = wait_until(lambda: d.events("http_process_died"), 10, what="http_process_died")
+        assert died[0]["exit_code"] == CRASH_EXIT_CODE
+        row = wait_until(
+            lambda: d.db().execute("SELECT name FROM batch_jobs").fetchone(),
+            20,
+            what="the upload registered by the daemon",
+        )
+        assert d.events("orphan_upload_registered")
+        assert d.wait_batch(row[0])["batch"]["status"] == "completed"
+        assert len(d.events("daemon_started")) == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_half_received_upload_of_a_dead_http_process_is_removed(tmp_path: Path) -> None:
+    """The HTTP process is SIGKILLed while an upload's body arrives: its half-received
+    folder is removed before the next HTTP process starts, not left taking disk space
+    until the daemon restarts."""
+    d, port = start(tmp_path)
+    uploads = d.spool / "work" / ".uploads"
+    body, ctype = multipart([("a.csv", b"id,value\n" + b"1,2\n" * 200_000)], {"user_id": "alice"})
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        head = (
+            f"POST /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {TOKEN_A}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body[: len(body) // 2])
+        wait_until(lambda: uploads.exists() and any(uploads.iterdir()), 20, what="an upload folder")
+        [pid] = http_pids(d)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(http_pids(d)) == 2, 20, what="a new HTTP process")
+        assert list(uploads.iterdir()) == []
+    finally:
+        sock.close()
+        assert d.stop() == 0
+
+
+def test_a_replaced_http_process_keeps_the_tokens_a_bad_reload_kept(tmp_path: Path) -> None:
+    """A reload whose http.users_file cannot be read keeps the tokens read before (as it
+    always did); an HTTP process started after that (the last one died) serves with those
+    tokens too, instead of dying at its start over and over on the unreadable file."""
+    users = tmp_path / "users.txt"
+    users.write_text(f"alice {TOKEN_B}\n")
+    d, port = start(tmp_path, http={"users_file": str(users)})
+    try:
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        users.unlink()
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: d.events("config_reloaded"), 10, what="config_reloaded")
+        wait_until(lambda: d.events("http_users_file_unreadable"), 10, what="the reload's error")
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        [first] = http_pids(d)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(http_pids(d)) >= 2, 20, what="a new HTTP process")
+        assert get(port, "/api/batch/jobs", TOKEN_B)[0] == 200
+        assert get(port, "/api/batch/jobs", "not-a-token-0123456789")[0] == 401
+        assert len(d.events("http_process_died")) == 1
+    finally:
+        assert d.stop() == 0
