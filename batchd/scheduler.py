@@ -31,6 +31,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 import structlog
 
@@ -238,6 +239,12 @@ class Scheduler:
         self._next_beat = now_mono + self.settings.cluster.heartbeat_seconds
         if requeued:
             log.warning("leases_expired_requeued", files=requeued)
+        # A batch whose last file a dead node committed without deriving it
+        # (Store.finish_file) would stay processing until that node starts again.
+        lease = timedelta(seconds=self.settings.cluster.lease_seconds)
+        for settled in self.store.settle_abandoned(now, now - lease):
+            log.warning("abandoned_batch_ended", batch_id=settled.batch.id)
+            self.outcomes.batch_moved_on(settled.batch)
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:

@@ -631,3 +631,34 @@ def test_finish_many_ends_a_batch_whose_other_file_finish_file_committed_unseen(
 
 def failed_outcome(lease: int) -> Outcome:
     return Outcome(Status.FAILED, error="boom", processor="noop", lease=lease)
+
+
+class NodeKilled(Exception):
+    """Stands for a SIGKILL between finish_file's commit and its derivation."""
+
+
+def test_batch_whose_last_commit_a_dead_node_never_derived_is_ended_by_another_node(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """A node killed between its last file's lock-free commit and the derivation leaves
+    the batch processing with nothing to run; another node's heartbeat sweep ends it
+    once the commit is a lease old (and not before: a live worker derives its own)."""
+    dead, alive = stores("node-a"), stores("node-b")
+    batch = dead.register_batch(new_batch("b1", ("a",)), T0)
+    task = dead.claim_next(T0)
+    assert task is not None
+
+    def killed(batch_id: str, now: datetime) -> Any:
+        raise NodeKilled
+
+    dead.settle_batch = killed  # type: ignore[method-assign]
+    with pytest.raises(NodeKilled):
+        dead.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(1))
+    assert alive.get_batch(batch.id).status == Status.PROCESSING  # type: ignore[union-attr]
+    lease = timedelta(seconds=LEASE)
+    assert alive.settle_abandoned(at(2), at(2) - lease) == []  # a live worker's moment
+    (settled,) = alive.settle_abandoned(at(2) + lease, at(2))
+    assert settled.ended and settled.batch.id == batch.id
+    row = alive.get_batch(batch.id)
+    assert row is not None and (row.status, row.processed_files) == (Status.COMPLETED, 1)
+    assert alive.settle_abandoned(at(3) + lease, at(3)) == []  # ended once

@@ -209,6 +209,15 @@ COMMON: dict[str, str] = {
         " WHERE batch_jobs.id = :id AND batch_jobs.status IN ('pending', 'processing')"
         " AND (batch_jobs.processed_files <> c.completed OR batch_jobs.failed_files <> c.failed)"
     ),
+    # Running batches with no file left to finish whose last file finished
+    # before the cutoff: their last lock-free commit was never derived (its
+    # node died between the commit and the derivation, Store.finish_file).
+    "abandoned_batches": (
+        "SELECT b.id FROM batch_jobs b WHERE b.status IN ('pending', 'processing')"
+        " AND NOT EXISTS (SELECT 1 FROM batch_files f WHERE f.batch_id = b.id"
+        "   AND (f.status IN ('pending', 'processing') OR f.completed_at >= ?))"
+        " ORDER BY b.created_at"
+    ),
     "delete_files": "DELETE FROM batch_files WHERE batch_id = ?",
     "delete_batch": "DELETE FROM batch_jobs WHERE id = ?",
     "upsert_node": (

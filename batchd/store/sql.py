@@ -290,6 +290,31 @@ class SqlStore(SqlReads, SqlUpkeep):
             batch = self._refresh_batch(tx, batch_id, now)
         return Settled(batch, ended=batch.status.done)
 
+    def settle_abandoned(self, now: datetime, finished_before: datetime) -> list[Settled]:
+        """Derive the running batches whose last lock-free commit nobody derived.
+
+        A node SIGKILLed (or cut off for good) between :meth:`finish_file`'s
+        commit of a batch's last file and :meth:`settle_batch` leaves the batch
+        ``processing`` with nothing left to run: no other node touches it again,
+        and start-up recovery ends it only when that very node starts again.
+        Every node's heartbeat calls this (:mod:`batchd.scheduler`). Only batches
+        whose last file finished before ``finished_before`` (a lease ago): a
+        live worker derives its own commit within moments, and its archiving
+        of the input must not race another node's end of the batch.
+
+        Returns the batches this call ended (its caller ends them: documents,
+        archive). SQLite derives in the commit itself: nothing to do.
+        """
+        if self._serialised:
+            return []
+        rows = self.db.read(self.q["abandoned_batches"], (self.db.ts(finished_before),))
+        ended: list[Settled] = []
+        for row in rows:
+            settled = self.settle_batch(str(row["id"]), now)
+            if settled is not None and settled.ended:
+                ended.append(settled)
+        return ended
+
     def refresh_counts(self, batch_id: str) -> None:
         """Bring a running batch's ``processed_files`` / ``failed_files`` up to its files.
 
