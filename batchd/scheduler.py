@@ -35,7 +35,7 @@ from datetime import timedelta
 
 import structlog
 
-from batchd.archiver import Archiver
+from batchd.archiver import ArchiveFile, Archiver
 from batchd.attempts import Running
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
@@ -49,7 +49,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.outcomes import Outcomes
 from batchd.pool import WorkerPool
 from batchd.processors import choose
-from batchd.records import FileTask
+from batchd.records import FileTask, Status
 from batchd.safefs import UnsafePath
 from batchd.spool import Spool
 from batchd.store import Store
@@ -243,8 +243,17 @@ class Scheduler:
         # (Store.finish_file) would stay processing until that node starts again.
         lease = timedelta(seconds=self.settings.cluster.lease_seconds)
         for settled in self.store.settle_abandoned(now, now - lease):
-            log.warning("abandoned_batch_ended", batch_id=settled.batch.id)
-            self.outcomes.batch_moved_on(settled.batch)
+            batch = settled.batch
+            log.warning("abandoned_batch_ended", batch_id=batch.id)
+            # The dead node's archiver may not have moved its inputs: each by
+            # its own status first (a failure to failed/), as recovery does,
+            # before the end sweeps what is left to archive/.
+            for file in self.store.list_files(batch.id):
+                if file.status.done:
+                    ok = file.status == Status.COMPLETED
+                    where = (batch.work_path, batch.name, file.relpath)
+                    self.archiver.archive_file(ArchiveFile(file.id, batch.id, *where, ok))
+            self.outcomes.batch_moved_on(batch)
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:

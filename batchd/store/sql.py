@@ -28,6 +28,7 @@ from typing import Any
 
 from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
+from batchd.faults import crash_point
 from batchd.records import (
     BatchRow,
     FileTask,
@@ -252,6 +253,7 @@ class SqlStore(SqlReads, SqlUpkeep):
         """
         if self._serialised:
             (batch,) = self.finish_many([(file_id, outcome, now)])
+            crash_point("after_file_commit")
             return None if batch is None else Settled(batch, ended=batch.status.done)
         self._check_final([(file_id, outcome, now)])
         with self.db.transaction() as tx:
@@ -260,6 +262,8 @@ class SqlStore(SqlReads, SqlUpkeep):
             if outcome.lease is None:
                 raise StoreError(f"no file {file_id} in {self.db.where}")
             return None
+        # A node killed here leaves its batch underived (settle_abandoned).
+        crash_point("after_file_commit")
         settled = self.settle_batch(str(row["batch_id"]), now)
         if settled is None:
             raise StoreError(f"batch of file {file_id} is no longer in {self.db.where}")
