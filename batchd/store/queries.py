@@ -200,13 +200,19 @@ COMMON: dict[str, str] = {
     "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = ?",
     # Counters only, for a batch still running: one statement, so the row lock
     # lasts one statement; a batch's status moves on only by a derivation.
+    # c.seen: the batch's version the counts were taken with. A statement that
+    # waited on the row lock of a change (a retry's derivation) finds another
+    # version after it (PostgreSQL re-checks the WHERE on the new row, not the
+    # counts) and writes nothing: its counts are from before that change.
     "refresh_counts": (
         "UPDATE batch_jobs SET processed_files = c.completed, failed_files = c.failed,"
         " version = version + 1"
         " FROM (SELECT COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0)"
         "   AS completed, COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0)"
-        "   AS failed FROM batch_files WHERE batch_id = :id) AS c"
+        "   AS failed, (SELECT version FROM batch_jobs WHERE id = :id) AS seen"
+        "   FROM batch_files WHERE batch_id = :id) AS c"
         " WHERE batch_jobs.id = :id AND batch_jobs.status IN ('pending', 'processing')"
+        " AND batch_jobs.version = c.seen"
         " AND (batch_jobs.processed_files <> c.completed OR batch_jobs.failed_files <> c.failed)"
     ),
     # Running batches with no file left to finish whose last file finished
