@@ -265,7 +265,7 @@ class Scheduler:
     def _start(self, task: FileTask) -> None:
         file = task.file
         if self.archiver.touches(file.id, file.batch_id):
-            self.archiver.wait_idle()
+            self.archiver.wait_untouched(file.id, file.batch_id)
         old = self.outcomes.running.get(file.id)
         if old is not None and old.task.file.lease_gen != file.lease_gen:
             # Claimed again while we still run it (an operator re-queued the
