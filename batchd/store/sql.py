@@ -324,8 +324,10 @@ class SqlStore(SqlReads, SqlUpkeep):
 
         One statement (its row lock lasts no longer); a no-op when they are
         current or the batch has ended (its final derivation counted them).
+        SQLite derives the batch in each file's commit, so they never trail
+        there: no write transaction (the one write lock) for every status.json.
         """
-        if self.db.key(batch_id) is None:
+        if self._serialised or self.db.key(batch_id) is None:
             return
         with self.db.transaction() as tx:
             tx.run(self.q["refresh_counts"], {"id": batch_id})
