@@ -197,6 +197,19 @@ class Archiver:
         with self._lock:
             return file_id in self._unsettled or batch_id in self._ending
 
+    def wait_untouched(self, file_id: str, batch_id: str, timeout: float | None = None) -> bool:
+        """Block until no queued work moves this file's input or ends its batch
+        (:meth:`touches`); False on timeout.
+
+        Not :meth:`wait_idle`: that also waits for every new batch's held first
+        status.json (:meth:`first_status`), which under a stream of drops is
+        never all written, and the scheduler's loop would stall meanwhile.
+        """
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: file_id not in self._unsettled and batch_id not in self._ending, timeout
+            )
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until everything asked so far is done; False on timeout."""
         with self._idle:

@@ -146,7 +146,7 @@ class Outcomes(OutageGuard):
         # deriving it.
         settled = self.store.settle_batch(file.batch_id, self.clock.now())
         if settled is not None:
-            self._batch_moved_on(settled.batch)
+            self.batch_moved_on(settled.batch)
 
     def _move_input(self, task: FileTask, ok: bool) -> None:
         """Have the archiver move a recorded file's input out of work/."""
@@ -155,7 +155,7 @@ class Outcomes(OutageGuard):
             ArchiveFile(file.id, file.batch_id, task.work_path, task.batch_name, file.relpath, ok)
         )
 
-    def _batch_moved_on(self, batch: BatchRow) -> None:
+    def batch_moved_on(self, batch: BatchRow) -> None:
         """A batch a commit changed: its end queued if it is done, else its status.json."""
         if batch.status.done:
             self.dirty.discard(batch.id)
@@ -206,7 +206,7 @@ class Outcomes(OutageGuard):
         if recorded.ended:
             self.dirty.discard(batch.id)
         else:
-            self._batch_moved_on(batch)
+            self.batch_moved_on(batch)
 
     def _complete(self, running: Running, done: Done) -> None:
         """The worker has already written the result file (see batchd.worker)."""
@@ -355,7 +355,7 @@ class Outcomes(OutageGuard):
                 task = final.running.task
                 self._move_input(task, ok=final.outcome.status == Status.COMPLETED)
             for batch in {b.id: b for b in batches}.values():
-                self._batch_moved_on(batch)
+                self.batch_moved_on(batch)
 
     def _barrier(self) -> list[Final]:
         """fsync the queued results the workers wrote, as one group.

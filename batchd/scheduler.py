@@ -31,10 +31,11 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 import structlog
 
-from batchd.archiver import Archiver
+from batchd.archiver import ArchiveFile, Archiver
 from batchd.attempts import Running
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
@@ -48,7 +49,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.outcomes import Outcomes
 from batchd.pool import WorkerPool
 from batchd.processors import choose
-from batchd.records import FileTask
+from batchd.records import FileTask, Status
 from batchd.safefs import UnsafePath
 from batchd.spool import Spool
 from batchd.store import Store
@@ -238,6 +239,21 @@ class Scheduler:
         self._next_beat = now_mono + self.settings.cluster.heartbeat_seconds
         if requeued:
             log.warning("leases_expired_requeued", files=requeued)
+        # A batch whose last file a dead node committed without deriving it
+        # (Store.finish_file) would stay processing until that node starts again.
+        lease = timedelta(seconds=self.settings.cluster.lease_seconds)
+        for settled in self.store.settle_abandoned(now, now - lease):
+            batch = settled.batch
+            log.warning("abandoned_batch_ended", batch_id=batch.id)
+            # The dead node's archiver may not have moved its inputs: each by
+            # its own status first (a failure to failed/), as recovery does,
+            # before the end sweeps what is left to archive/.
+            for file in self.store.list_files(batch.id):
+                if file.status.done:
+                    ok = file.status == Status.COMPLETED
+                    where = (batch.work_path, batch.name, file.relpath)
+                    self.archiver.archive_file(ArchiveFile(file.id, batch.id, *where, ok))
+            self.outcomes.batch_moved_on(batch)
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:
@@ -249,7 +265,7 @@ class Scheduler:
     def _start(self, task: FileTask) -> None:
         file = task.file
         if self.archiver.touches(file.id, file.batch_id):
-            self.archiver.wait_idle()
+            self.archiver.wait_untouched(file.id, file.batch_id)
         old = self.outcomes.running.get(file.id)
         if old is not None and old.task.file.lease_gen != file.lease_gen:
             # Claimed again while we still run it (an operator re-queued the

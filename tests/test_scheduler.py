@@ -6,8 +6,10 @@ real SQLite store; each test drives ``Scheduler.turn()`` or ``run()`` itself.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from schedworld import DEFAULTS, World, make_world
@@ -15,6 +17,7 @@ from structlog.testing import capture_logs
 
 from batchd.config import Priority
 from batchd.records import Status
+from batchd.testing.wait import wait_until
 
 
 @pytest.fixture
@@ -144,3 +147,32 @@ def test_no_dispatch_after_stop(world: World) -> None:
     w.scheduler.request_stop()
     w.turn()
     assert w.pool.submitted == []
+
+
+def test_a_held_first_status_does_not_stall_a_start_waiting_for_its_files_move(
+    world: World,
+) -> None:
+    """A file re-queued while its input's move is queued starts once that move is done,
+    not once every new batch's held first status.json is written too (the loop stalled)."""
+    w = world
+    batch = w.batch("b", ("a.csv",))
+    w.turn()
+    gate = threading.Event()
+    archiver = w.scheduler.archiver
+    real_archive = archiver._archive
+
+    def slow_archive(task: Any) -> bool:
+        assert gate.wait(timeout=60)
+        return real_archive(task)
+
+    archiver._archive = slow_archive  # type: ignore[method-assign]
+    w.pool.failed("a.csv", permanent=True)
+    w.turn()  # recorded: the move of a.csv to failed/ waits in the archiver
+    assert w.store.retry_failed(batch.id) == 1  # an operator's retry right after
+    held = w.batch("new", ("n.csv",))
+    archiver.first_status(held.id, 3600.0)  # a batch just registered: its document held
+    turn = threading.Thread(target=w.turn, daemon=True)
+    turn.start()
+    gate.set()
+    wait_until(lambda: not turn.is_alive(), 30, what="the turn to start the re-queued file")
+    assert "a.csv" in {j.relpath for j in w.pool.jobs.values()}

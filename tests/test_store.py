@@ -927,6 +927,24 @@ class TestSQLiteStore(StoreContract):
         """After retry_failed the batch is no longer failed: counters and status follow."""
         super().test_retry_failed_reopens_the_batch(store)
 
+    def test_refresh_counts_takes_no_write_lock(
+        self, store: SQLiteStore, raw: Callable[[], sqlite3.Connection]
+    ) -> None:
+        """SQLite derives each batch in its commit (counters never trail): a status
+        rewrite's refresh_counts does not queue on the write lock another writer holds."""
+        batch = store.register_batch(new_batch("b1", ("a", "b")), T0)
+        task = store.claim_next(T0)
+        assert task is not None
+        store.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(1))
+        writer = raw()
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            store.refresh_counts(batch.id)  # SQLITE_BUSY after busy_timeout if it writes
+        finally:
+            writer.execute("ROLLBACK")
+        row = store.get_batch(batch.id)
+        assert row is not None and (row.status, row.processed_files) == (Status.PROCESSING, 1)
+
     def test_migrate_sets_user_version(
         self, store: SQLiteStore, raw: Callable[[], sqlite3.Connection]
     ) -> None:

@@ -33,6 +33,7 @@ from test_store import (
 from batchd.config import Priority, Settings
 from batchd.errors import StoreError
 from batchd.records import Outcome, Status
+from batchd.testing.wait import wait_until
 
 if TYPE_CHECKING:
     from pgserver import PgServer
@@ -631,3 +632,82 @@ def test_finish_many_ends_a_batch_whose_other_file_finish_file_committed_unseen(
 
 def failed_outcome(lease: int) -> Outcome:
     return Outcome(Status.FAILED, error="boom", processor="noop", lease=lease)
+
+
+class NodeKilled(Exception):
+    """Stands for a SIGKILL between finish_file's commit and its derivation."""
+
+
+def test_batch_whose_last_commit_a_dead_node_never_derived_is_ended_by_another_node(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    """A node killed between its last file's lock-free commit and the derivation leaves
+    the batch processing with nothing to run; another node's heartbeat sweep ends it
+    once the commit is a lease old (and not before: a live worker derives its own)."""
+    dead, alive = stores("node-a"), stores("node-b")
+    batch = dead.register_batch(new_batch("b1", ("a",)), T0)
+    task = dead.claim_next(T0)
+    assert task is not None
+
+    def killed(batch_id: str, now: datetime) -> Any:
+        raise NodeKilled
+
+    dead.settle_batch = killed  # type: ignore[method-assign]
+    with pytest.raises(NodeKilled):
+        dead.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(1))
+    assert alive.get_batch(batch.id).status == Status.PROCESSING  # type: ignore[union-attr]
+    lease = timedelta(seconds=LEASE)
+    assert alive.settle_abandoned(at(2), at(2) - lease) == []  # a live worker's moment
+    (settled,) = alive.settle_abandoned(at(2) + lease, at(2))
+    assert settled.ended and settled.batch.id == batch.id
+    row = alive.get_batch(batch.id)
+    assert row is not None and (row.status, row.processed_files) == (Status.COMPLETED, 1)
+    assert alive.settle_abandoned(at(3) + lease, at(3)) == []  # ended once
+
+
+def waiting_on_a_lock(pg_url: str, application: str) -> bool:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+            " AND wait_event_type = 'Lock'",
+            (application,),
+        ).fetchall()
+    return bool(rows)
+
+
+def test_refresh_counts_waiting_on_a_retry_does_not_write_the_counts_from_before_it(
+    stores: Callable[..., PostgresStore], pg_url: str
+) -> None:
+    """A status rewrite's refresh_counts that waits on `batchd retry`'s batch row lock
+    does not then write the failed count its statement saw before the retry's commit."""
+    operator, daemon = stores("node-a"), stores("node-b")
+    batch = operator.register_batch(new_batch("b1", ("a", "b", "c")), T0)
+    first, second, third = (daemon.claim_next(T0) for _ in range(3))
+    assert first is not None and second is not None and third is not None
+    daemon.finish_many([(first.file.id, failed_outcome(first.file.lease_gen), at(1))])
+    # A success without the batch's lock: the counters trail it (`c` still runs).
+    daemon.finish_file(second.file.id, completed(lease=second.file.lease_gen), at(1))
+    derived, blocked = threading.Event(), threading.Event()
+    real_refresh = operator._refresh_batch
+
+    def refresh_then_wait(tx: Any, batch_id: str, now: datetime) -> Any:
+        row = real_refresh(tx, batch_id, now)
+        derived.set()
+        assert blocked.wait(timeout=30)  # the rewrite's statement waits on our lock
+        return row
+
+    operator._refresh_batch = refresh_then_wait  # type: ignore[method-assign]
+    retry = threading.Thread(target=operator.retry_failed, args=(first.file.id,), daemon=True)
+    retry.start()
+    assert derived.wait(timeout=30)
+    rewrite = threading.Thread(target=daemon.refresh_counts, args=(batch.id,), daemon=True)
+    rewrite.start()
+    try:
+        wait_until(lambda: waiting_on_a_lock(pg_url, "batchd node-b"), 30, what="the lock wait")
+    finally:
+        blocked.set()
+    retry.join(timeout=30)
+    rewrite.join(timeout=30)
+    row = daemon.get_batch(batch.id)
+    assert row is not None and row.status == Status.PROCESSING
+    assert (row.processed_files, row.failed_files) == (1, 0)  # `a` runs again

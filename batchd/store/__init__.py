@@ -119,6 +119,11 @@ class Store(Protocol):
         """Derive the batch if none of its files is left to finish (else its row as it
         is); ``ended`` when this call moved it to its final status. None: no such batch."""
 
+    def settle_abandoned(self, now: datetime, finished_before: datetime) -> list[Settled]:
+        """Derive every running batch none of whose files is left to finish and whose
+        last file finished before ``finished_before`` (a node died between its last
+        commit and the derivation); the batches this call ended. SQLite: none."""
+
     def refresh_counts(self, batch_id: str) -> None:
         """Bring a running batch's processed/failed counters up to its files."""
 

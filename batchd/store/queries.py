@@ -200,14 +200,29 @@ COMMON: dict[str, str] = {
     "lock_batch_status": "SELECT {batch_cols} FROM batch_jobs WHERE id = ?",
     # Counters only, for a batch still running: one statement, so the row lock
     # lasts one statement; a batch's status moves on only by a derivation.
+    # c.seen: the batch's version the counts were taken with. A statement that
+    # waited on the row lock of a change (a retry's derivation) finds another
+    # version after it (PostgreSQL re-checks the WHERE on the new row, not the
+    # counts) and writes nothing: its counts are from before that change.
     "refresh_counts": (
         "UPDATE batch_jobs SET processed_files = c.completed, failed_files = c.failed,"
         " version = version + 1"
         " FROM (SELECT COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0)"
         "   AS completed, COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0)"
-        "   AS failed FROM batch_files WHERE batch_id = :id) AS c"
+        "   AS failed, (SELECT version FROM batch_jobs WHERE id = :id) AS seen"
+        "   FROM batch_files WHERE batch_id = :id) AS c"
         " WHERE batch_jobs.id = :id AND batch_jobs.status IN ('pending', 'processing')"
+        " AND batch_jobs.version = c.seen"
         " AND (batch_jobs.processed_files <> c.completed OR batch_jobs.failed_files <> c.failed)"
+    ),
+    # Running batches with no file left to finish whose last file finished
+    # before the cutoff: their last lock-free commit was never derived (its
+    # node died between the commit and the derivation, Store.finish_file).
+    "abandoned_batches": (
+        "SELECT b.id FROM batch_jobs b WHERE b.status IN ('pending', 'processing')"
+        " AND NOT EXISTS (SELECT 1 FROM batch_files f WHERE f.batch_id = b.id"
+        "   AND (f.status IN ('pending', 'processing') OR f.completed_at >= ?))"
+        " ORDER BY b.created_at"
     ),
     "delete_files": "DELETE FROM batch_files WHERE batch_id = ?",
     "delete_batch": "DELETE FROM batch_jobs WHERE id = ?",

@@ -28,6 +28,7 @@ from typing import Any
 
 from batchd.config import Priority
 from batchd.errors import AlreadyRegistered, NameTaken, StoreError
+from batchd.faults import crash_point
 from batchd.records import (
     BatchRow,
     FileTask,
@@ -252,6 +253,7 @@ class SqlStore(SqlReads, SqlUpkeep):
         """
         if self._serialised:
             (batch,) = self.finish_many([(file_id, outcome, now)])
+            crash_point("after_file_commit")
             return None if batch is None else Settled(batch, ended=batch.status.done)
         self._check_final([(file_id, outcome, now)])
         with self.db.transaction() as tx:
@@ -260,6 +262,8 @@ class SqlStore(SqlReads, SqlUpkeep):
             if outcome.lease is None:
                 raise StoreError(f"no file {file_id} in {self.db.where}")
             return None
+        # A node killed here leaves its batch underived (settle_abandoned).
+        crash_point("after_file_commit")
         settled = self.settle_batch(str(row["batch_id"]), now)
         if settled is None:
             raise StoreError(f"batch of file {file_id} is no longer in {self.db.where}")
@@ -290,13 +294,40 @@ class SqlStore(SqlReads, SqlUpkeep):
             batch = self._refresh_batch(tx, batch_id, now)
         return Settled(batch, ended=batch.status.done)
 
+    def settle_abandoned(self, now: datetime, finished_before: datetime) -> list[Settled]:
+        """Derive the running batches whose last lock-free commit nobody derived.
+
+        A node SIGKILLed (or cut off for good) between :meth:`finish_file`'s
+        commit of a batch's last file and :meth:`settle_batch` leaves the batch
+        ``processing`` with nothing left to run: no other node touches it again,
+        and start-up recovery ends it only when that very node starts again.
+        Every node's heartbeat calls this (:mod:`batchd.scheduler`). Only batches
+        whose last file finished before ``finished_before`` (a lease ago): a
+        live worker derives its own commit within moments, and its archiving
+        of the input must not race another node's end of the batch.
+
+        Returns the batches this call ended (its caller ends them: documents,
+        archive). SQLite derives in the commit itself: nothing to do.
+        """
+        if self._serialised:
+            return []
+        rows = self.db.read(self.q["abandoned_batches"], (self.db.ts(finished_before),))
+        ended: list[Settled] = []
+        for row in rows:
+            settled = self.settle_batch(str(row["id"]), now)
+            if settled is not None and settled.ended:
+                ended.append(settled)
+        return ended
+
     def refresh_counts(self, batch_id: str) -> None:
         """Bring a running batch's ``processed_files`` / ``failed_files`` up to its files.
 
         One statement (its row lock lasts no longer); a no-op when they are
         current or the batch has ended (its final derivation counted them).
+        SQLite derives the batch in each file's commit, so they never trail
+        there: no write transaction (the one write lock) for every status.json.
         """
-        if self.db.key(batch_id) is None:
+        if self._serialised or self.db.key(batch_id) is None:
             return
         with self.db.transaction() as tx:
             tx.run(self.q["refresh_counts"], {"id": batch_id})

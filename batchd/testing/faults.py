@@ -41,6 +41,7 @@ STEPS = (
     "after_register",
     "after_dispatch",
     "after_result_write",
+    "after_file_commit",
     "after_finish",
     "after_archive",
     "during_status_write",

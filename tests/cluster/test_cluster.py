@@ -233,6 +233,44 @@ def test_sigkilled_node_files_finish_on_the_others_after_the_lease(
         assert node.stop() == 0
 
 
+def test_batch_whose_last_commit_a_killed_node_never_derived_is_ended_by_a_live_node(
+    cluster: Callable[..., list[Node]], pg_url: str, tmp_path: Path
+) -> None:
+    """A node killed between its last file's lock-free commit and the batch's derivation:
+    a node that was running all along ends the batch (final status.json, input archived)."""
+    nodes = cluster(processing={"processor": "batchd.testing.procs:sleepy"})
+    victim, survivor = nodes[0], nodes[1]
+    # Long enough for the survivor to start (and pass its own recovery) meanwhile.
+    victim.start(BATCHD_CRASH_AT="after_file_commit", BATCHD_TEST_DELAY="4")
+    drop([victim], folders=1, per_folder=1, tmp=tmp_path)
+
+    def victim_runs() -> bool:
+        rows = query(
+            pg_url,
+            "SELECT 1 FROM batch_files WHERE status = 'processing' AND node_id = 'node1'",
+        )
+        return bool(rows)
+
+    wait_until(victim_runs, 60, interval=0.05, what="node1 to run the file")
+    survivor.start(BATCHD_TEST_DELAY="0.1")
+    assert victim.proc is not None
+    proc = victim.proc
+    wait_until(lambda: proc.poll() is not None, 60, what="node1 to crash after its commit")
+    assert proc.returncode == 86, victim.log()[-3000:]
+    assert query(pg_url, "SELECT status FROM batch_files") == [("completed",)]
+
+    def ended() -> bool:
+        return query(pg_url, "SELECT status FROM batch_jobs") == [("completed",)]
+
+    wait_until(ended, 30, interval=0.2, what=f"the batch to end\n{survivor.log()[-3000:]}")
+    status = survivor.wait_batch("f00", 30)
+    assert (status["batch"]["status"], status["batch"]["processed_files"]) == ("completed", 1)
+    assert survivor.events("abandoned_batch_ended")
+    archived = survivor.spool / "archive" / "f00" / "d0" / "000.csv"
+    wait_until(archived.exists, 30, what="the input in archive/")
+    assert survivor.stop() == 0
+
+
 def test_database_restart_mid_run_loses_nothing(
     cluster: Callable[..., list[Node]], pg_url: str, pg_server: PgServer, tmp_path: Path
 ) -> None:
