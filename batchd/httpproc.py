@@ -499,7 +499,9 @@ def http_main(
 
     clock = SystemClock()
     daemon = DaemonLink(link, settings.http.daemon_answer_timeout_seconds)
-    store = open_store(settings)
+    # Not migrating, so not connecting yet: a child started (or restarted)
+    # while PostgreSQL is down must serve, and /healthz say 503, not die.
+    store = open_store(settings, migrate=False)
     spool = Spool(settings)
     intake = Intake(
         settings,

@@ -465,6 +465,18 @@ def test_result_reads_back_as_the_stored_json_text(stores: Callable[..., Postgre
     assert row is not None and row.result == '{"ok": true}'
 
 
+def test_a_store_opened_without_migrating_connects_on_first_use() -> None:
+    """migrate=False (the HTTP process) opens with the server down; each call is a StoreError."""
+    from pgserver import free_port
+
+    port = free_port()
+    store = PostgresStore(f"postgresql://batchd@127.0.0.1:{port}/batchd", "n", migrate=False)
+    with pytest.raises(StoreError) as caught:
+        store.ping()
+    assert f"127.0.0.1:{port}" in caught.value.message
+    store.close()
+
+
 def test_unreachable_server_is_a_store_error_without_the_password() -> None:
     """A server that does not answer raises StoreError naming host and port, not the password."""
     from pgserver import free_port

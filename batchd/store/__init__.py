@@ -236,8 +236,12 @@ class Store(Protocol):
         """Delete a finished batch and its files (refuses unfinished ones)."""
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, migrate: bool = True) -> Store:
     """The store ``settings`` ask for: PostgreSQL when ``database.url`` is set, else SQLite.
+
+    ``migrate=False``: a second process of a running daemon (the HTTP
+    process); on PostgreSQL it then connects on first use, so it starts, and
+    answers 503, while the database is down.
 
     psycopg is imported only here, on demand, so single-node users need not
     install it.
@@ -254,6 +258,7 @@ def open_store(settings: Settings) -> Store:
             settings.database.url,
             node_id=settings.node_id,
             lease_seconds=settings.cluster.lease_seconds,
+            migrate=migrate,
         )
     return SQLiteStore(
         settings.db_path, node_id=settings.node_id, lease_seconds=settings.cluster.lease_seconds

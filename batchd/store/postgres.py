@@ -73,9 +73,11 @@ __all__ = ["SCHEMA_VERSION", "AlreadyRegistered", "NameTaken", "PostgresStore", 
 class PostgresStore(SqlStore):
     """The cluster store: one PostgreSQL database shared by every node."""
 
-    def __init__(self, url: str, node_id: str, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self, url: str, node_id: str, lease_seconds: float = 30.0, migrate: bool = True
+    ) -> None:
         self.url = url
-        super().__init__(PostgresConnector(url, node_id), node_id, lease_seconds)
+        super().__init__(PostgresConnector(url, node_id, migrate), node_id, lease_seconds)
 
     def register_batch(self, batch: NewBatch, now: datetime) -> BatchRow:
         """Insert a batch and all its files in one transaction and return it.
@@ -111,7 +113,10 @@ class PostgresConnector:
     dialect = "postgres"
     mark = "%s"
 
-    def __init__(self, url: str, node_id: str) -> None:
+    def __init__(self, url: str, node_id: str, migrate: bool = True) -> None:
+        """``migrate=False`` (the HTTP process, whose daemon migrated before it
+        started) connects on first use only, so a database that is down then
+        fails each call with StoreError instead of the construction."""
         self.url = url
         self.node_id = node_id
         self.where = describe_url(url)
@@ -119,7 +124,8 @@ class PostgresConnector:
         self.connections = self.threads.all
         self._lock = threading.Lock()  # guards the LISTEN connection
         self._listener: psycopg.Connection[Any] | None = None
-        self._migrate()
+        if migrate:
+            self._migrate()
 
     # -- connections ---------------------------------------------------------
 
