@@ -9,7 +9,7 @@ SPOOL ?= $(CURDIR)/spool
 DEV_CONFIG := batchd.dev.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-system lint typecheck pytest bench torture clean
+.PHONY: run test test-slow test-system lint typecheck pytest bench torture clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Everything but the multi-node suite (test-slow), within ~8 minutes on 2 cores.
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/cluster
 
 test: lint typecheck pytest
+
+# The slower suites CI runs after make test (~3 min): several daemons on one
+# PostgreSQL (tests/cluster) and a restart after every crash point, first pass
+# and mid-batch (make test runs four of them).
+test-slow: $(STAMP)
+	BATCHD_TEST_SLOW=1 $(BIN)/pytest -q tests/cluster tests/reliability/test_crash_points.py
 
 # batchd as a service under a real systemd, in a booted systemd-nspawn container
 # (root, debootstrap and systemd-container; see README "Testing on a real systemd").

@@ -32,6 +32,14 @@ MID_BATCH_AFTER = {
     "during_status_write": 5,
 }
 CASES = [(step, 0) for step in STEPS] + [(step, MID_BATCH_AFTER[step]) for step in STEPS]
+#: ``make test`` runs these mid-batch crashes only (one restart each, ~4 s): a drop's
+#: registration (grouped), a worker's result, its lock-free commit and a status
+#: write; ``make test-slow`` (BATCHD_TEST_SLOW=1) runs every CASES, ``make torture``
+#: every pass of every step.
+QUICK_CASES = [
+    (step, MID_BATCH_AFTER[step])
+    for step in ("after_register", "after_result_write", "after_file_commit", "during_status_write")
+]
 #: How often each step passes in one run of the three drops (fake.pdf is refused at
 #: registration, so 8 files are dispatched); status.json at least at each registration and end.
 PASSES = {
@@ -46,12 +54,16 @@ PASSES = {
 }
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0", "false", "no")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if {"step", "after"} <= set(metafunc.fixturenames):
-        cases = list(CASES)
-        long_run = metafunc.config.getoption("--long", default=False) or os.environ.get(
-            "BATCHD_TORTURE_LONG", ""
-        ).strip() not in ("", "0", "false", "no")  # as conftest's long_run fixture
+        long_run = metafunc.config.getoption("--long", default=False) or _env_on(
+            "BATCHD_TORTURE_LONG"
+        )  # as conftest's long_run fixture
+        cases = list(CASES if long_run or _env_on("BATCHD_TEST_SLOW") else QUICK_CASES)
         if long_run:  # crash on every pass of every step, not only two of them
             cases += [
                 (step, n)
