@@ -175,11 +175,15 @@ class HttpServer:
             (self.settings.http.host, listening.getsockname()[1]), self, Handler, listening
         )
 
-    def serve(self) -> None:
-        """Answer requests on the bound socket in a background thread."""
+    def serve(self, started_at: float | None = None) -> None:
+        """Answer requests on the bound socket in a background thread.
+
+        ``started_at`` (monotonic): when /healthz's uptime starts, if not now
+        (the HTTP process gives its daemon's start, set before the first answer).
+        """
         assert self._server is not None, "bind() first"
         host = self.settings.http.host
-        self.started_at = self.clock.monotonic()
+        self.started_at = self.clock.monotonic() if started_at is None else started_at
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},

@@ -516,8 +516,9 @@ def http_main(
     server.inbox = daemon.inbox
     server.daemon_metrics = daemon.metrics
     server.adopt(listening)
-    server.serve()
-    server.started_at = started_monotonic
+    # Given to serve(), not set after it: a request answered in between
+    # reported this process's age as the daemon's uptime.
+    server.serve(started_at=started_monotonic)
     try:
         while True:
             try:
