@@ -49,6 +49,7 @@ from typing import Any
 import structlog
 
 from batchd import log as logsetup
+from batchd.children import die_with_parent
 from batchd.clock import SystemClock
 from batchd.config import Settings
 from batchd.errors import Refusal
@@ -75,8 +76,6 @@ SUPERVISE_POLL_SECONDS = 0.2
 ANSWER_MAX_AGE_SECONDS = 1.0
 #: How long stop() waits for the child beyond HttpServer.stop()'s own grace.
 STOP_JOIN_SECONDS = 10.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 # -- messages on the link (child -> daemon: Ask, Notice; daemon -> child: Answer) --
@@ -460,18 +459,6 @@ class DaemonLink:
         return bytes(self.ask("metrics"))
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    # A SIGKILLed daemon must not leave its HTTP process serving on (and
-    # keeping the port) without anything claiming files: as the workers do.
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def http_main(
     settings: Settings,
     tokens: Tokens,
@@ -487,7 +474,7 @@ def http_main(
     # configuration again; it forwards what changed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     logsetup.configure(settings.log)
 
     from batchd.http import HttpServer

@@ -19,7 +19,6 @@ attempt.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Any
 
 from batchd import faults
 from batchd import log as logsetup
+from batchd.children import die_with_parent
 from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
@@ -47,18 +47,7 @@ from batchd.records import Status
 from batchd.safefs import UnsafePath, named_view, open_member
 from batchd.views import result_document
 
-_PR_SET_PDEATHSIG = 1
 HASH_CHUNK = 1024 * 1024
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    # If the daemon is SIGKILLed, its workers must not live on as orphans
-    # still holding files: ask the kernel to kill us when our parent dies.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _limit_memory(megabytes: int) -> None:
@@ -297,7 +286,7 @@ def worker_main(
     # default so a worker can still be stopped from outside.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     # Spawned workers inherit the daemon's environment: drop the settings that
     # hold secrets (BATCHD_HTTP__TOKEN, a database URL with its password), so
     # neither a processor nor anything it runs can read them.
