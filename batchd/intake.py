@@ -113,15 +113,8 @@ class Intake:
             results.append(None)
             if claimed is not None:
                 claims.append((len(results) - 1, claimed))
-        if len(claims) == 1:
-            index, claimed = claims[0]
-            try:
-                results[index] = self._register_or_defer(claimed)
-            except Exception as exc:
-                results[index] = exc
-            return results
-        if not claims:
-            return results
+        if len(claims) <= 1:  # nothing to group
+            return self._register_each(claims, results)
         prepared: list[tuple[int, Claimed, NewBatch, list[NewFile], bool]] = []
         for index, claimed in claims:
             try:
@@ -136,17 +129,23 @@ class Intake:
             log.info(
                 "batch_group_registered_singly", drops=len(prepared), reason=type(exc).__name__
             )
-            for index, claimed, *_rest in prepared:
-                try:
-                    results[index] = self._register_or_defer(claimed)
-                except Exception as single:
-                    results[index] = single
-            return results
+            return self._register_each([(p[0], p[1]) for p in prepared], results)
         for (index, _claimed, new, members, refused), batch in zip(prepared, batches, strict=True):
             crash_point("after_register")  # once per batch, as for one registered alone
             try:
                 results[index] = self._registered(batch, new, members, refused)
             except Exception as exc:  # registered: the rest of the group goes on
+                results[index] = exc
+        return results
+
+    def _register_each(
+        self, claims: list[tuple[int, Claimed]], results: list[BatchRow | Exception | None]
+    ) -> list[BatchRow | Exception | None]:
+        """Register each claim on its own into ``results[index]`` (its batch or its error)."""
+        for index, claimed in claims:
+            try:
+                results[index] = self._register_or_defer(claimed)
+            except Exception as exc:
                 results[index] = exc
         return results
 
