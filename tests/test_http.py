@@ -577,6 +577,54 @@ def test_huge_header_is_431(srv: Harness) -> None:
     assert srv.get("/healthz").status == 200
 
 
+@pytest.mark.parametrize(
+    ("lines", "status", "says"),
+    [
+        (b"NoColonHere\r\n", 400, "malformed header line"),
+        (b"Bad Name: x\r\n", 400, "malformed header line"),
+        (b"Spaced : x\r\n", 400, "malformed header line"),
+        (b": empty name\r\n", 400, "malformed header line"),
+        (b"X-A: one\r\n folded on\r\n", 400, "malformed header line"),
+        (b"Content-Length: 0\r\nContent-Length: 5\r\n", 400, "Content-Length"),
+        (b"Host: 127.0.0.1\r\n", 400, "more than one Host"),
+        (b"X-A: a\rb\r\n", 400, "CR or NUL"),
+        (b"X-A: a\x00b\r\n", 400, "CR or NUL"),
+        (b"".join(b"X-%d: v\r\n" % i for i in range(100)), 431, "more than 100 header"),
+    ],
+)
+def test_malformed_header_block_is_refused(
+    srv: Harness, lines: bytes, status: int, says: str
+) -> None:
+    """A header line that is not 'Name: value', disagreeing Content-Lengths, two Hosts,
+    CR/NUL in a value or over 100 fields: refused as JSON (the email parser took them)."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + lines + b"\r\n"
+    answer = raw_exchange(srv.port, head)
+    assert answer.status == status
+    assert says in answer.json()["error"]
+    assert answer.headers["connection"] == "close"
+    assert srv.get("/healthz").status == 200
+
+
+def test_header_block_within_the_rules_is_read(srv: Harness) -> None:
+    """99 more fields (100 in all), a repeated equal Content-Length, values with
+    surrounding blanks and a bare-LF line are read; the connection stays open for the next."""
+    extra = b"".join(b"X-%d: v\r\n" % i for i in range(97))
+    head = (
+        b"GET /healthz HTTP/1.1\r\nHost:   127.0.0.1  \r\n"
+        b"Content-Length: 0\r\nContent-Length: 0\n" + extra + b"\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        for _ in range(2):
+            sock.sendall(head)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            assert resp.status == 200, resp.read()
+            assert json.loads(resp.read())["success"] is True
+    finally:
+        sock.close()
+
+
 def test_huge_request_line_is_414(srv: Harness) -> None:
     """A request line over 64 KiB answers 414."""
     answer = raw_exchange(srv.port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
