@@ -319,6 +319,17 @@ class Handler(RequestHandler):
         offset = _int_param(query, "offset", 0, 0, OFFSET_MAX)
         store = self.owner.store
         cache = self.owner.cache
+        # A finished batch's answer is current while its row's version is:
+        # one narrow row tells, without the whole row read and converted
+        # (~20 % of a detail request, issue 15).
+        found = store.find_batch_version(ref)
+        if found is not None and found[2].done:
+            batch_id, batch_version, _ = found
+            key_done = ("job-done", batch_id, str(limit), str(offset))
+            body = cache.get(key_done, batch_version)
+            if body is not None:
+                self._send(200, body)
+                return
         batch = store.find_batch(ref)
         if batch is None:
             raise Refusal(404, f"no batch with id or name {ref!r}")

@@ -782,11 +782,20 @@ def test_a_finished_batch_answer_outlives_other_commits_until_its_own_change(
         return real(*args, **kwargs)
 
     srv.store.list_files = counted  # type: ignore[method-assign]
+    rows_read = []
+    real_find = srv.store.find_batch
+
+    def find_counted(ref: str) -> Any:
+        rows_read.append(ref)
+        return real_find(ref)
+
+    srv.store.find_batch = find_counted  # type: ignore[method-assign]
     other = srv.drop("other", {"b.csv": CSV})  # another batch's commits
     claimed = srv.store.claim_next(SystemClock().now())
     assert claimed is not None and claimed.file.batch_id == other.id
     assert srv.get(f"/api/batch/jobs/{done.id}").body == first
     assert builds == []  # served from the cache
+    assert rows_read == []  # checked by its version alone, the whole row not read
     assert srv.store.retry_failed(done.id) == 1
     again = srv.get(f"/api/batch/jobs/{done.id}").json()["data"]
     assert again["batch"]["status"] == "pending" and again["files"][0]["status"] == "pending"
