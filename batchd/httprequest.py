@@ -156,7 +156,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if len(words) >= 3:  # enough to tell the protocol version
             version = words[-1]
             number = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(number) != 2 or not all(part.isdigit() and len(part) <= 10 for part in number):
+            # ASCII digits only: str.isdigit() takes Latin-1's superscripts too.
+            digits = all(p.isascii() and p.isdigit() and len(p) <= 10 for p in number)
+            if len(number) != 2 or not digits:
                 self.send_error(400, f"bad request version {version!r}")
                 return False
             major, minor = int(number[0]), int(number[1])

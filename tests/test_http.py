@@ -578,6 +578,26 @@ def test_huge_header_is_431(srv: Harness) -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"GET /healthz HTTP/1.\xb2", 400),  # a Latin-1 digit that int() refuses
+        (b"GET /healthz HTTP/1.1.1", 400),
+        (b"GET /healthz HTTPS/1.1", 400),
+        (b"GET /healthz HTTP/2.0", 505),
+        (b"GET /healthz extra HTTP/1.1", 400),
+        (b"POST /healthz", 400),  # HTTP/0.9 knows only GET
+    ],
+)
+def test_bad_request_line_is_refused(srv: Harness, line: bytes, status: int) -> None:
+    """The request line is checked as http.server did (batchd now parses it itself):
+    a bad version or shape is refused as JSON, HTTP/2 is 505, and the server goes on."""
+    answer = raw_exchange(srv.port, line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.status == status
+    assert answer.json()["success"] is False
+    assert srv.get("/healthz").status == 200
+
+
+@pytest.mark.parametrize(
     ("lines", "status", "says"),
     [
         (b"NoColonHere\r\n", 400, "malformed header line"),
