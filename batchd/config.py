@@ -214,6 +214,8 @@ class HttpSettings(_Section):
     min_upload_bytes_per_second: int = Field(1024, ge=0)
     #: How long the HTTP process waits for the daemon's answer (health, inbox, metrics).
     daemon_answer_timeout_seconds: float = Field(5.0, gt=0)
+    #: How long start-up waits for the HTTP process to serve before READY=1 (then sent anyway).
+    ready_timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("users")
     @classmethod

@@ -334,6 +334,7 @@ class Daemon:
             )
             self.http.start()
             scheduler.address = f"{settings.http.host}:{self.http.port}"
+            self._wait_http_serving(self.http)
         self._notify_ready()
         log.info(
             "daemon_started",
@@ -374,6 +375,26 @@ class Daemon:
             Path(port_file).write_text(str(self.http_socket.getsockname()[1]))
 
     # -- systemd ---------------------------------------------------------------
+
+    def _wait_http_serving(self, http: HttpProcess) -> None:
+        """Hold READY=1 until the HTTP process serves, at most http.ready_timeout_seconds.
+
+        Without the wait, clients started after READY (``After=batchd.service``)
+        waited in the listen backlog while the child imported and opened the
+        store. Past the deadline READY=1 is sent anyway: files are the
+        service, the API a part the supervisor keeps restarting; a failed
+        start-up would stop file processing for an API problem.
+        """
+        timeout = self.settings.http.ready_timeout_seconds
+        if not http.wait_serving(timeout):
+            log.error(
+                "http_not_serving_at_ready",
+                timeout_seconds=timeout,
+                port=http.port,
+                detail="the HTTP process did not say it serves within"
+                " http.ready_timeout_seconds: READY=1 sent anyway, files are processed;"
+                " see http_process_died / the HTTP process's own events in this log",
+            )
 
     def _notify_ready(self) -> None:
         try:

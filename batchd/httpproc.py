@@ -53,6 +53,7 @@ from batchd.children import die_with_parent
 from batchd.clock import SystemClock
 from batchd.config import Settings
 from batchd.errors import Refusal
+from batchd.faults import hang_point
 from batchd.httpguard import Tokens
 from batchd.records import BatchRow
 
@@ -105,6 +106,13 @@ class Notice:
     batch_id: str
     write_status: bool
     wake: bool
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The HTTP process answers requests from now on (the daemon may send READY=1)."""
+
+    pid: int
 
 
 # -- the daemon's side ---------------------------------------------------------------
@@ -165,6 +173,12 @@ class HttpProcess:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # the process and its pipes, between supervisor and stop()
         self._thread: threading.Thread | None = None
+        #: set when a child (the first, or a replacement) said it serves.
+        self._serving = threading.Event()
+
+    def wait_serving(self, timeout_seconds: float) -> bool:
+        """Wait until an HTTP process serves (its :class:`Serving` came); False at the deadline."""
+        return self._serving.wait(timeout_seconds)
 
     @property
     def pid(self) -> int | None:
@@ -240,6 +254,10 @@ class HttpProcess:
                 link_open = True
 
     def _handle(self, link: Connection, message: object) -> None:
+        if isinstance(message, Serving):
+            log.info("http_process_serving", pid=message.pid, port=self.port)
+            self._serving.set()
+            return
         if isinstance(message, Notice):
             try:
                 if message.write_status:
@@ -407,7 +425,7 @@ class DaemonLink:
             f" (http.daemon_answer_timeout_seconds); {why}: see its log",
         )
 
-    def _send(self, message: Ask | Notice, deadline: float) -> bool:
+    def _send(self, message: Ask | Notice | Serving, deadline: float) -> bool:
         """Write ``message`` once the pipe has room, waiting until ``deadline``; False if never."""
         if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
@@ -423,6 +441,13 @@ class DaemonLink:
             return True
         finally:
             self._send_lock.release()
+
+    def serving(self) -> bool:
+        """Tell the daemon this process serves; False when the pipe had no room in time."""
+        try:
+            return self._send(Serving(os.getpid()), time.monotonic() + self.timeout_seconds)
+        except OSError:
+            return False
 
     def notify(self, batch: BatchRow, *, write_status: bool = False, wake: bool = False) -> None:
         """Tell the daemon of a registered upload; no answer awaited, no wait past the deadline."""
@@ -505,7 +530,16 @@ def http_main(
     server.adopt(listening)
     # Given to serve(), not set after it: a request answered in between
     # reported this process's age as the daemon's uptime.
+    hang_point("http_before_serving")
     server.serve(started_at=started_monotonic)
+    # After serve(): its thread accepts from here on, so a client the daemon's
+    # READY=1 lets in is answered at once, not queued in the backlog.
+    if not daemon.serving():
+        log.warning(
+            "http_serving_notice_dropped",
+            detail="the daemon did not read its pipe within http.daemon_answer_timeout_seconds;"
+            " it sends READY=1 at http.ready_timeout_seconds",
+        )
     try:
         while True:
             try:

@@ -319,7 +319,17 @@ class Handler(RequestHandler):
         offset = _int_param(query, "offset", 0, 0, OFFSET_MAX)
         store = self.owner.store
         cache = self.owner.cache
-        version = store.change_version()
+        # A finished batch's answer is current while its row's version is:
+        # one narrow row tells, without the whole row read and converted
+        # (~20 % of a detail request, issue 15).
+        found = store.find_batch_version(ref)
+        if found is not None and found[2].done:
+            batch_id, batch_version, _ = found
+            key_done = ("job-done", batch_id, str(limit), str(offset))
+            body = cache.get(key_done, batch_version)
+            if body is not None:
+                self._send(200, body)
+                return
         batch = store.find_batch(ref)
         if batch is None:
             raise Refusal(404, f"no batch with id or name {ref!r}")
@@ -327,10 +337,17 @@ class Handler(RequestHandler):
             # A finished batch changes only by batchd's own re-derivation of it
             # (a retry), which grows its version: its answer outlives the other
             # batches' commits, which, while files flow, come hundreds a second
-            # and would rebuild it at every request (issue 15).
+            # and would rebuild it at every request (issue 15). Its row is the
+            # check: the database's change version is not asked (~5 % of a request).
             key: tuple[str, ...] = ("job-done", batch.id, str(limit), str(offset))
             version = batch.version
         else:
+            # The version first, then the row the answer is built from: a
+            # commit in between makes the answer newer than its key, never older.
+            version = store.change_version()
+            batch = store.find_batch(ref)
+            if batch is None:
+                raise Refusal(404, f"no batch with id or name {ref!r}")
             key = ("job", batch.id, str(limit), str(offset))
         body = cache.get(key, version)
         if body is None:

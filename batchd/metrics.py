@@ -146,6 +146,7 @@ class Metrics:
             ["route", "code"],
             registry=self.http_registry,
         )
+        self._http_children: dict[tuple[str, int], Counter] = {}
         self.http_in_flight = Gauge(
             "batchd_http_connections",
             "HTTP client connections being served now.",
@@ -195,7 +196,14 @@ class Metrics:
     # -- reported by the HTTP server ---------------------------------------------
 
     def http_answered(self, route: str, code: int) -> None:
-        self.http_requests.labels(route=route, code=str(code)).inc()
+        # The labelled child, looked up once per (route, code): labels() takes
+        # a lock and checks its arguments at every request (issue 15).
+        child = self._http_children.get((route, code))
+        if child is None:
+            child = self._http_children[(route, code)] = self.http_requests.labels(
+                route=route, code=str(code)
+            )
+        child.inc()
 
     def http_busy(self) -> None:
         self.http_refused.inc()

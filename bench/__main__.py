@@ -337,6 +337,15 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     ">= 2,000" + met(fl["requests_per_second"] >= scenarios.FLOW_TARGET_RPS),
                 )
             )
+            rows.append(
+                (
+                    "  HTTP process CPU per request (flowing)",
+                    f"{fl['http_cpu_ms_per_request']:.3f} ms",
+                    "",
+                    "",
+                    "",
+                )
+            )
             for label in ("list", "detail"):
                 rows.append(
                     (

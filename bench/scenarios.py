@@ -18,6 +18,7 @@ from bench import daemon as bd
 from bench import peers
 from bench.common import CORES, Daemon, drop_all, make_drops, median, percentile
 from bench.httpload import CannedServer, get_body, load
+from bench.issue15 import cpu_seconds
 from bench.procs import burn_work, loops_for
 
 BURN_SECONDS = 0.05
@@ -205,6 +206,9 @@ def http_flow(tmp: Path, folders: int) -> dict[str, Any]:
         # Polled from load()'s watcher thread, then read here once more.
         conn = sqlite3.connect(daemon.db_path, timeout=30, check_same_thread=False)
         done_sql = "SELECT COUNT(*) FROM batch_files WHERE status IN ('completed', 'failed')"
+        # The HTTP process's own CPU over the load: utime + stime per request answered.
+        http_pid = int(daemon.events("http_process_started")[-1]["pid"])
+        cpu_before = cpu_seconds(http_pid)[0]
         try:
             out = load(
                 port,
@@ -213,6 +217,8 @@ def http_flow(tmp: Path, folders: int) -> dict[str, Any]:
                 start=lambda: drop_all(drops[1:], daemon.inbox("normal")),
                 until=lambda: conn.execute(done_sql).fetchone()[0] >= total,
             )
+            http_cpu = cpu_seconds(http_pid)[0] - cpu_before
+            out["http_cpu_ms_per_request"] = round(http_cpu * 1000 / max(1, out["requests"]), 3)
             out["files_done"] = conn.execute(done_sql).fetchone()[0] - 50
         finally:
             conn.close()
@@ -303,6 +309,9 @@ def http(rounds: int, requests: int, folders: int, flow_folders: int = 40) -> di
             "requests_per_second": round(median(f["requests_per_second"] for f in flows), 1),
             "files_per_second_meanwhile": round(
                 median(f["files_per_second_meanwhile"] for f in flows), 1
+            ),
+            "http_cpu_ms_per_request": round(
+                median(f["http_cpu_ms_per_request"] for f in flows), 3
             ),
             **{
                 label: {

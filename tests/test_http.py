@@ -577,6 +577,74 @@ def test_huge_header_is_431(srv: Harness) -> None:
     assert srv.get("/healthz").status == 200
 
 
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"GET /healthz HTTP/1.\xb2", 400),  # a Latin-1 digit that int() refuses
+        (b"GET /healthz HTTP/1.1.1", 400),
+        (b"GET /healthz HTTPS/1.1", 400),
+        (b"GET /healthz HTTP/2.0", 505),
+        (b"GET /healthz extra HTTP/1.1", 400),
+        (b"POST /healthz", 400),  # HTTP/0.9 knows only GET
+    ],
+)
+def test_bad_request_line_is_refused(srv: Harness, line: bytes, status: int) -> None:
+    """The request line is checked as http.server did (batchd now parses it itself):
+    a bad version or shape is refused as JSON, HTTP/2 is 505, and the server goes on."""
+    answer = raw_exchange(srv.port, line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.status == status
+    assert answer.json()["success"] is False
+    assert srv.get("/healthz").status == 200
+
+
+@pytest.mark.parametrize(
+    ("lines", "status", "says"),
+    [
+        (b"NoColonHere\r\n", 400, "malformed header line"),
+        (b"Bad Name: x\r\n", 400, "malformed header line"),
+        (b"Spaced : x\r\n", 400, "malformed header line"),
+        (b": empty name\r\n", 400, "malformed header line"),
+        (b"X-A: one\r\n folded on\r\n", 400, "malformed header line"),
+        (b"Content-Length: 0\r\nContent-Length: 5\r\n", 400, "Content-Length"),
+        (b"Host: 127.0.0.1\r\n", 400, "more than one Host"),
+        (b"X-A: a\rb\r\n", 400, "CR or NUL"),
+        (b"X-A: a\x00b\r\n", 400, "CR or NUL"),
+        (b"".join(b"X-%d: v\r\n" % i for i in range(100)), 431, "more than 100 header"),
+    ],
+)
+def test_malformed_header_block_is_refused(
+    srv: Harness, lines: bytes, status: int, says: str
+) -> None:
+    """A header line that is not 'Name: value', disagreeing Content-Lengths, two Hosts,
+    CR/NUL in a value or over 100 fields: refused as JSON (the email parser took them)."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + lines + b"\r\n"
+    answer = raw_exchange(srv.port, head)
+    assert answer.status == status
+    assert says in answer.json()["error"]
+    assert answer.headers["connection"] == "close"
+    assert srv.get("/healthz").status == 200
+
+
+def test_header_block_within_the_rules_is_read(srv: Harness) -> None:
+    """99 more fields (100 in all), a repeated equal Content-Length, values with
+    surrounding blanks and a bare-LF line are read; the connection stays open for the next."""
+    extra = b"".join(b"X-%d: v\r\n" % i for i in range(97))
+    head = (
+        b"GET /healthz HTTP/1.1\r\nHost:   127.0.0.1  \r\n"
+        b"Content-Length: 0\r\nContent-Length: 0\n" + extra + b"\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        for _ in range(2):
+            sock.sendall(head)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            assert resp.status == 200, resp.read()
+            assert json.loads(resp.read())["success"] is True
+    finally:
+        sock.close()
+
+
 def test_huge_request_line_is_414(srv: Harness) -> None:
     """A request line over 64 KiB answers 414."""
     answer = raw_exchange(srv.port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
@@ -734,11 +802,20 @@ def test_a_finished_batch_answer_outlives_other_commits_until_its_own_change(
         return real(*args, **kwargs)
 
     srv.store.list_files = counted  # type: ignore[method-assign]
+    rows_read = []
+    real_find = srv.store.find_batch
+
+    def find_counted(ref: str) -> Any:
+        rows_read.append(ref)
+        return real_find(ref)
+
+    srv.store.find_batch = find_counted  # type: ignore[method-assign]
     other = srv.drop("other", {"b.csv": CSV})  # another batch's commits
     claimed = srv.store.claim_next(SystemClock().now())
     assert claimed is not None and claimed.file.batch_id == other.id
     assert srv.get(f"/api/batch/jobs/{done.id}").body == first
     assert builds == []  # served from the cache
+    assert rows_read == []  # checked by its version alone, the whole row not read
     assert srv.store.retry_failed(done.id) == 1
     again = srv.get(f"/api/batch/jobs/{done.id}").json()["data"]
     assert again["batch"]["status"] == "pending" and again["files"][0]["status"] == "pending"

@@ -227,6 +227,18 @@ class StoreContract:
         assert store.batch_by_work_path("work/normal/zzz") is None
         assert store.get_batch("no-such-id") is None
 
+    def test_find_batch_version_names_the_row_find_batch_returns(self, store: Any) -> None:
+        """find_batch_version gives the id, version and status of find_batch's row, by id or
+        name, and follows the batch's changes (a claim makes it processing, a newer version)."""
+        batch = self.register(store, "v1")
+        expected = (batch.id, batch.version, Status.PENDING)
+        assert store.find_batch_version("v1") == store.find_batch_version(batch.id) == expected
+        assert store.find_batch_version("no-such-batch") is None
+        assert store.claim_next(T0) is not None
+        now = store.find_batch(batch.id)
+        assert now.status == Status.PROCESSING and now.version > batch.version
+        assert store.find_batch_version("v1") == (batch.id, now.version, Status.PROCESSING)
+
     def test_batch_ids_with_prefix(self, store: Any) -> None:
         """Batch ids are found by their first characters; LIKE wildcards match literally."""
         one = self.register(store, "p1")

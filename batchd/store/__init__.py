@@ -182,6 +182,10 @@ class Store(Protocol):
 
     def find_batch(self, id_or_name: str) -> BatchRow | None: ...
 
+    def find_batch_version(self, id_or_name: str) -> tuple[str, int, Status] | None:
+        """The id, version and status of the batch :meth:`find_batch` would return:
+        one narrow row, for read caches of a finished batch's answer (HTTP detail)."""
+
     def batch_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
         """Up to ``limit`` batch ids starting with ``prefix`` (the CLI's short ids)."""
 

@@ -134,6 +134,11 @@ COMMON: dict[str, str] = {
     "find_batch": (
         "SELECT {batch_cols} FROM batch_jobs WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1"
     ),
+    # find_batch's row, narrowed to what tells whether a cached answer is current.
+    "find_batch_version": (
+        "SELECT id, version, status FROM batch_jobs WHERE id = ? OR name = ?"
+        " ORDER BY id = ? DESC LIMIT 1"
+    ),
     "snapshot_files": "SELECT {file_cols} FROM batch_files WHERE batch_id = ? ORDER BY seq",
     "ids_with_prefix": (
         "SELECT id FROM batch_jobs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?"

@@ -34,6 +34,14 @@ class SqlReads:
         rows = self.db.read(self.q["find_batch"], (key, id_or_name, key))
         return batch_row(rows[0]) if rows else None
 
+    def find_batch_version(self, id_or_name: str) -> tuple[str, int, Status] | None:
+        key = self.db.key(id_or_name)
+        rows = self.db.read(self.q["find_batch_version"], (key, id_or_name, key))
+        if not rows:
+            return None
+        row = rows[0]
+        return str(row["id"]), int(row["version"]), Status(row["status"])
+
     def snapshot(self, batch_id: str) -> BatchSnapshot | None:
         """The batch, its files, their counts and progress, all from one read.
 

@@ -51,7 +51,9 @@ STEPS = (
 #: which the crash torture (tests/reliability) runs one by one on folder drops.
 HTTP_STEPS = ("after_adopt",)
 #: Where the daemon may be made to hang (:func:`batchd.faults.hang_point`).
-HANG_STEPS = ("scheduler_turn",)
+#: ``http_before_serving`` is in the HTTP process, before it serves: a child
+#: that never serves (the daemon's READY=1 deadline, http.ready_timeout_seconds).
+HANG_STEPS = ("scheduler_turn", "http_before_serving")
 
 
 @dataclass

@@ -266,7 +266,8 @@ def test_an_upload_cut_off_by_a_dead_http_process_is_registered_without_a_restar
             20,
             what="the upload registered by the daemon",
         )
-        assert d.events("orphan_upload_registered")
+        # Logged just after the registration commits: the row can be seen first.
+        wait_until(lambda: d.events("orphan_upload_registered"), 10, what="the orphan event")
         assert d.wait_batch(row[0])["batch"]["status"] == "completed"
         assert len(d.events("daemon_started")) == 1
     finally:

@@ -166,6 +166,10 @@ def test_ready_only_once_http_answers(tmp_path: Path, notify_dir: Path) -> None:
 
     def probe() -> None:
         at_ready["spool"] = _spool_complete(d.spool)
+        # Logged (and flushed) by the daemon when the HTTP process's Serving
+        # message came, before READY=1: its accept loop runs, nothing waits
+        # in the backlog for the child's start-up.
+        at_ready["serving"] = bool(d.events("http_process_serving"))
         try:
             port = int(port_file.read_text())
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
@@ -177,7 +181,28 @@ def test_ready_only_once_http_answers(tmp_path: Path, notify_dir: Path) -> None:
     try:
         d.start(NOTIFY_SOCKET=str(listener.path), BATCHD_PORT_FILE=str(port_file))
         wait_until(lambda: "READY=1" in listener.lines(), 30, what=f"READY=1\n{d.log()}")
-        assert at_ready == {"spool": True, "healthz": (200, "ok")}
+        assert at_ready == {"spool": True, "serving": True, "healthz": (200, "ok")}
+        assert not d.events("http_not_serving_at_ready")
+        assert d.stop() == 0
+    finally:
+        d.stop()
+        listener.close()
+
+
+def test_ready_sent_at_deadline_when_http_never_serves(tmp_path: Path, notify_dir: Path) -> None:
+    """HTTP never serving: READY=1 at http.ready_timeout_seconds, logged; files still flow."""
+    d = DaemonProcess(tmp_path, http={"enabled": True, "port": 0, "ready_timeout_seconds": 1.0})
+    listener = NotifyListener(notify_dir / "notify.sock")
+    try:
+        # Armed in the daemon's environment, so in its HTTP child too: the
+        # child hangs before it serves (a real child, stuck in its start-up).
+        d.start(wait=False, NOTIFY_SOCKET=str(listener.path), BATCHD_HANG_AT="http_before_serving")
+        wait_until(lambda: "READY=1" in listener.lines(), 30, what=f"READY=1\n{d.log()}")
+        (late,) = d.events("http_not_serving_at_ready")
+        assert late["timeout_seconds"] == 1.0
+        assert not d.events("http_process_serving")
+        (d.inbox() / "f.csv").write_bytes(csv_bytes(1))
+        assert d.wait_batch("f.csv")["batch"]["status"] == "completed"
         assert d.stop() == 0
     finally:
         d.stop()
