@@ -1514,3 +1514,47 @@ def test_xlsx_streaming_reader_numbers_blanks_and_date_styles(tmp_path: Path) ->
     )
     with pytest.raises(PermanentError, match="damaged workbook"):
         run(path)
+
+
+@pytest.mark.parametrize(
+    ("where", "tag"),
+    [
+        ("before", '<c r="XFD1048576"><v>1</v></c>'),
+        ("after", '<c\tr="XFD1048576"><v>1</v></c>'),
+        ("after", '<row r="1048576"/>'),
+        ("none", ""),
+    ],
+)
+def test_xlsx_first_pass_counts_tags_outside_sheet_data(
+    tmp_path: Path, where: str, tag: str
+) -> None:
+    """A cell or row written before or after <sheetData> counts in the first pass, as one
+    inside does; a sheet without any keeps its own bounds."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "outside.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 30):
+        sheet.append([n, "x", n * 0.5])
+    book.save(path)
+
+    def edit(xml: str) -> str:
+        if where == "before":
+            return xml.replace("<sheetData>", tag + "<sheetData>", 1)
+        return xml.replace("</sheetData>", "</sheetData>" + tag, 1)
+
+    rewrite_zip(path, "xl/worksheets/sheet1.xml", edit)
+    with zipfile.ZipFile(path) as zf:
+        scan = sheets._scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 10**6)
+        exact = sheets._scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 10**6, quick=False)
+    assert scan.cells == exact.cells
+    # the quick pass may bound the last column (Z = 26) where the exact one counts 3
+    assert scan.max_column >= exact.max_column
+    if "<c" in tag:
+        assert scan.max_column == exact.max_column == 16384
+    if tag:
+        assert scan.max_row == exact.max_row == 1048576
+    else:
+        assert exact.max_row == 29 and scan.max_row >= 29

@@ -83,6 +83,8 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
         ),
         "empty_cell": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"[A-Z]{1,3}[0-9]+\"[^>]*/>"),
         "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
+        # any tag _count_cells counts (a cell or a row, whatever follows the name)
+        "cell_or_row": re.compile(rb"<" + p + rb"(?:c|row)[\s>/]"),
         "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
         # the quick count (see _count_cells_quickly): r the first attribute
         "row_first": re.compile(rb"<" + p + rb"row r=\"([0-9]+)\""),
@@ -446,9 +448,13 @@ def _scan_block(
     quick = inside is not None and start >= 0
     if quick and _count_cells_quickly(scan, block, start, end, columns, prefix):
         # what lies outside <sheetData> (column widths, merged ranges ...)
-        # is small: counted the exact way, in case a cell is hidden there
-        _count_cells(scan, block[:start], columns, prefix)
-        _count_cells(scan, block[end:], columns, prefix)
+        # is small: counted the exact way, in case a cell is hidden there;
+        # one search tells when there is no cell or row tag to count
+        outside = patterns["cell_or_row"]
+        if outside.search(block, 0, start):
+            _count_cells(scan, block[:start], columns, prefix)
+        if outside.search(block, end):
+            _count_cells(scan, block[end:], columns, prefix)
     else:
         _count_cells(scan, block, columns, prefix)
     _error_cells(scan, block, prefix)
