@@ -1483,3 +1483,78 @@ def test_not_placed_within_finds_wider_columns_later_rows_and_odd_cells() -> Non
         x = _not_placed_within(b"x:", 2, bound)
         assert x.search(b'<x:c r="B%d"><x:v>1</x:v></x:c>' % max(bound, 1)) is None or not bound
         assert x.search(b'<x:c r="B%d">' % (bound + 1)) is not None
+
+
+def test_xlsx_streaming_reader_numbers_blanks_and_date_styles(tmp_path: Path) -> None:
+    """The streaming reader reads padded numbers, blank and non-numeric number cells, and
+    cells sharing or not sharing a date style, each as its own value; a style index that
+    is not a number is a damaged sheet."""
+    path = tmp_path / "padded.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    when = dt.datetime(2024, 3, 2, 9, 30)
+    sheet.append(["tea", 2.5, 41, 7, dt.date(2024, 3, 1), dt.date(2024, 3, 2), when, 8])
+    sheet.append([dt.time(6, 34), 1.5, dt.date(2024, 3, 3), 9])
+    book.save(path)
+
+    def edit(xml: str) -> str:
+        # "2,5" makes calamine fail on the sheet: it is streamed
+        xml = xml.replace("<v>2.5</v>", "<v>2,5</v>").replace("<v>41</v>", "<v> 41 </v>")
+        return xml.replace("<v>7</v>", "<v>  </v>")
+
+    rewrite_zip(path, "xl/worksheets/sheet1.xml", edit)
+    result, _ = run(path)
+    assert result["sheets"][0]["rows"] == [
+        ["tea", "2,5", 41, None, "2024-03-01", "2024-03-02", "2024-03-02T09:30:00", 8],
+        ["06:34:00", 1.5, "2024-03-03", 9],
+    ]
+    rewrite_zip(
+        path, "xl/worksheets/sheet1.xml", lambda xml: xml.replace('r="H1"', 'r="H1" s="x"', 1)
+    )
+    with pytest.raises(PermanentError, match="damaged workbook"):
+        run(path)
+
+
+@pytest.mark.parametrize(
+    ("where", "tag"),
+    [
+        ("before", '<c r="XFD1048576"><v>1</v></c>'),
+        ("after", '<c\tr="XFD1048576"><v>1</v></c>'),
+        ("after", '<row r="1048576"/>'),
+        ("none", ""),
+    ],
+)
+def test_xlsx_first_pass_counts_tags_outside_sheet_data(
+    tmp_path: Path, where: str, tag: str
+) -> None:
+    """A cell or row written before or after <sheetData> counts in the first pass, as one
+    inside does; a sheet without any keeps its own bounds."""
+    from batchd.processors import sheets
+
+    path = tmp_path / "outside.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for n in range(1, 30):
+        sheet.append([n, "x", n * 0.5])
+    book.save(path)
+
+    def edit(xml: str) -> str:
+        if where == "before":
+            return xml.replace("<sheetData>", tag + "<sheetData>", 1)
+        return xml.replace("</sheetData>", "</sheetData>" + tag, 1)
+
+    rewrite_zip(path, "xl/worksheets/sheet1.xml", edit)
+    with zipfile.ZipFile(path) as zf:
+        scan = sheets._scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 10**6)
+        exact = sheets._scan_sheet(zf, "Sheet", "xl/worksheets/sheet1.xml", 10**6, quick=False)
+    assert scan.cells == exact.cells
+    # the quick pass may bound the last column (Z = 26) where the exact one counts 3
+    assert scan.max_column >= exact.max_column
+    if "<c" in tag:
+        assert scan.max_column == exact.max_column == 16384
+    if tag:
+        assert scan.max_row == exact.max_row == 1048576
+    else:
+        assert exact.max_row == 29 and scan.max_row >= 29

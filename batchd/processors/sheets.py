@@ -83,6 +83,8 @@ def _patterns(prefix: bytes) -> dict[str, re.Pattern[bytes]]:
         ),
         "empty_cell": re.compile(rb"<" + p + rb"c\s[^>]*?\br=\"[A-Z]{1,3}[0-9]+\"[^>]*/>"),
         "cell_ws": re.compile(rb"<" + p + rb"c[\t\r\n]"),
+        # any tag _count_cells counts (a cell or a row, whatever follows the name)
+        "cell_or_row": re.compile(rb"<" + p + rb"(?:c|row)[\s>/]"),
         "row_ws": re.compile(rb"<" + p + rb"row[\t\r\n]"),
         # the quick count (see _count_cells_quickly): r the first attribute
         "row_first": re.compile(rb"<" + p + rb"row r=\"([0-9]+)\""),
@@ -325,6 +327,12 @@ def _declares_entities(head: bytes) -> bool:
 
 
 def _xml_chunks(zf: zipfile.ZipFile, part: str) -> Iterator[bytes]:
+    if zf.getinfo(part).file_size <= XML_CHUNK_BYTES:
+        # most parts are one block: one read, not a second one finding the
+        # end (the archive stops a member at its recorded size either way)
+        if chunk := zf.read(part):
+            yield chunk
+        return
     with zf.open(part) as fh:
         while chunk := fh.read(XML_CHUNK_BYTES):
             yield chunk
@@ -440,9 +448,13 @@ def _scan_block(
     quick = inside is not None and start >= 0
     if quick and _count_cells_quickly(scan, block, start, end, columns, prefix):
         # what lies outside <sheetData> (column widths, merged ranges ...)
-        # is small: counted the exact way, in case a cell is hidden there
-        _count_cells(scan, block[:start], columns, prefix)
-        _count_cells(scan, block[end:], columns, prefix)
+        # is small: counted the exact way, in case a cell is hidden there;
+        # one search tells when there is no cell or row tag to count
+        outside = patterns["cell_or_row"]
+        if outside.search(block, 0, start):
+            _count_cells(scan, block[:start], columns, prefix)
+        if outside.search(block, end):
+            _count_cells(scan, block[end:], columns, prefix)
     else:
         _count_cells(scan, block, columns, prefix)
     _error_cells(scan, block, prefix)
@@ -677,24 +689,27 @@ def sheet_result(
             budget.hit("inspect.max_columns")
             row = row[:max_columns]
         values, chars = _json_row(row)
-        for col, text in by_row.get(number, ()):
-            if col <= len(values):
-                values[col - 1] = text or None  # an error cell without a text is empty
+        if by_row:
+            for col, text in by_row.get(number, ()):
+                if col <= len(values):
+                    values[col - 1] = text or None  # an error cell without a text is empty
         while values and values[-1] is None:
             values.pop()
         if not values:
             continue
-        # empty rows between two rows with values are kept as [] (as far
-        # as the row cap allows: a gap of a million rows costs nothing more)
-        for _ in range(number - last - 1):
-            if not budget.take_row([]):
-                break
-            kept.append([])
+        if number > last + 1:
+            # empty rows between two rows with values are kept as [] (as far
+            # as the row cap allows: a gap of a million rows costs nothing more)
+            for _ in range(number - last - 1):
+                if not budget.take_row([]):
+                    break
+                kept.append([])
         last = number
         if budget.take_row(values, chars):
             kept.append(values)
         max_row = number
-        max_column = max(max_column, len(values))
+        if len(values) > max_column:
+            max_column = len(values)
     error_cells = [{"cell": ref, "error": text} for ref, text in errors.items()]
     return {
         "name": name,
@@ -887,6 +902,8 @@ _DIGITS = "0123456789"
 #: in a real sheet; bounded against a file of made-up names.
 _LOCAL_NAMES: dict[str, str] = {}
 _LOCAL_NAMES_KEPT = 256
+#: the most distinct ``s`` attributes whose date kind one sheet remembers.
+_STYLE_KINDS_KEPT = 4096
 
 
 def _local_name(tag: str) -> str:
@@ -926,6 +943,8 @@ class _StreamedSheet:
         self._in_value = False
         #: column numbers by the letters of the references read.
         self._columns: dict[str, int] = {}
+        #: date kind ("date", "time", "datetime" or "") by a cell's raw ``s``.
+        self._style_kinds: dict[str | None, str] = {}
 
     def rows(self) -> Iterator[tuple[int, list[Any]]]:
         """(1-based number, cells) of each row in the XML until the sheet or a cap ends."""
@@ -1001,7 +1020,9 @@ class _StreamedSheet:
         self._row[column - 1] = value
 
     def _value(self, attrs: dict[str, str], text: str, ref: str) -> Any:
-        kind = attrs.get("t", "n")
+        kind = attrs.get("t")
+        if kind is None or kind == "n":  # a number, most cells: tested first
+            return self._number(attrs, text)
         if kind == "s":
             index = int(text) if text.strip().isdigit() else -1
             return self.strings[index] if 0 <= index < len(self.strings) else None
@@ -1012,14 +1033,23 @@ class _StreamedSheet:
         if kind == "e":
             self.errors[ref or f"#{self.cells}"] = text
             return text
-        if not text.strip():
-            return None
+        return self._number(attrs, text)
+
+    def _number(self, attrs: dict[str, str], text: str) -> Any:
         try:
-            number = float(text)
+            number = float(text)  # surrounding whitespace is allowed, as it is in Excel
         except ValueError:
-            return text  # not a number after all: keep what the cell says
-        style = int(attrs.get("s", "0") or 0)
-        kind = self.date_styles[style] if 0 <= style < len(self.date_styles) else ""
+            # blank: an empty cell; anything else: not a number after all,
+            # kept as the cell says
+            return text if text.strip() else None
+        style = attrs.get("s")
+        # a style's date kind, looked up once per style of the sheet
+        kind = self._style_kinds.get(style)
+        if kind is None:
+            index = int(style or 0)  # a bad index is a damaged sheet (ValueError)
+            kind = self.date_styles[index] if 0 <= index < len(self.date_styles) else ""
+            if len(self._style_kinds) < _STYLE_KINDS_KEPT:
+                self._style_kinds[style] = kind
         if kind:
             return _excel_date(number, self.epoch, kind)
         return int(number) if number.is_integer() and abs(number) < 2**53 else number
