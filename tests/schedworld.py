@@ -46,6 +46,10 @@ class FakePool:
         self.cancelled: list[tuple[str, int]] = []
         self.events: list[Event] = []
         self.stopped = False
+        #: the standing permit the scheduler last gave (WorkerPool.allow_claims).
+        self.claims_allowed = False
+        #: tokens of workers a test says are gone (WorkerPool.take_dead_tokens).
+        self.gone_tokens: list[str] = []
 
     # -- what the scheduler calls ------------------------------------------------
 
@@ -70,6 +74,13 @@ class FakePool:
 
     def configure(self, settings: Settings) -> None:
         self.size = settings.processing.concurrency
+
+    def allow_claims(self, allowed: bool) -> None:
+        self.claims_allowed = allowed
+
+    def take_dead_tokens(self) -> list[str]:
+        tokens, self.gone_tokens = self.gone_tokens, []
+        return tokens
 
     def stop(self) -> None:
         self.stopped = True

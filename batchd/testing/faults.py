@@ -42,6 +42,7 @@ STEPS = (
     "after_dispatch",
     "after_result_write",
     "after_file_commit",
+    "after_worker_claim",
     "after_finish",
     "after_archive",
     "during_status_write",
