@@ -249,9 +249,9 @@ SQLITE: dict[str, str] = {
         "  WHERE f.status = 'pending' AND (f.available_at IS NULL OR f.available_at <= :now)"
         "  ORDER BY f.priority_rank, f.seq LIMIT 1)"
         # :fresh (a worker's own claim): the head of the order only when it was
-        # never tried, else nothing (the daemon claims it, as it claims every
+        # never claimed, else nothing (the daemon claims it, as it claims every
         # re-queued file: Store.finish_and_claim).
-        " AND (:fresh = 0 OR (attempts = 0 AND retry_count = 0))"
+        " AND (:fresh = 0 OR (lease_gen = 0 AND attempts = 0 AND retry_count = 0))"
         " RETURNING {file_cols}"
     ),
     # One node: every processing file at start-up is this node's predecessor's.
@@ -282,7 +282,7 @@ POSTGRES: dict[str, str] = {
         " available_at = NULL, node_id = %(node_id)s, lease_until = %(lease_until)s,"
         " lease_gen = f.lease_gen + 1, claimant = %(claimant)s"
         " FROM next WHERE f.id = next.id"
-        " AND (%(fresh)s = 0 OR (f.attempts = 0 AND f.retry_count = 0))"
+        " AND (%(fresh)s = 0 OR (f.lease_gen = 0 AND f.attempts = 0 AND f.retry_count = 0))"
         " RETURNING {prefixed_file_cols})"
         " SELECT claimed.*, b.status AS batch_status, b.name AS batch_name,"
         " b.work_path AS batch_work_path, b.priority AS batch_priority,"

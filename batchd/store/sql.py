@@ -199,10 +199,11 @@ class SqlStore(SqlReads, SqlUpkeep):
         """:meth:`finish_file`, and in the same transaction a worker's claim of its next file.
 
         The claim takes the head of the queue's order (priority, then FIFO)
-        only when that file was never tried (``attempts`` and ``retry_count``
-        0): a re-queued file may need what only the daemon does before a run
-        (its input back from archive/, a refusal kept, a queued move waited
-        for), so then nothing is claimed and the daemon claims it as before.
+        only when that file was never claimed (``lease_gen``, ``attempts`` and
+        ``retry_count`` 0): a re-queued file may need what only the daemon
+        does before a run (its input back from archive/, a refusal kept, a
+        queued move waited for, an attempt of it still running here stopped),
+        so then nothing is claimed and the daemon claims it as before.
         The row records ``claimant`` (the worker's token): a worker that dies
         before it reports the claim leaves a row the daemon finds by it
         (:meth:`claimed_by`). One write transaction per file instead of two.
