@@ -253,6 +253,14 @@ class WorkerPool:
         if worker.permit is not None:
             worker.permit.value = 1 if self._claims_allowed and not worker.retiring else 0
 
+    def permits(self) -> dict[int, bool]:
+        """Each live worker's standing permit to claim, by pid."""
+        return {
+            w.process.pid: bool(w.permit is not None and w.permit.value)
+            for w in self._workers
+            if w.process.pid is not None
+        }
+
     def take_dead_tokens(self) -> list[str]:
         """The tokens of the workers gone (died, killed, retired) since the last call."""
         tokens, self._gone_tokens = self._gone_tokens, []
