@@ -293,7 +293,7 @@ class Scheduler:
         """
         file = task.file
         if job is None or job.delivery is None:
-            if self.pool.idle() > 0:
+            if self.pool.idle() > 0 and not self.stopping:
                 self._start(task)
             else:
                 self._give_back.append(task)
@@ -331,8 +331,7 @@ class Scheduler:
         while self._gone:
             for task in self.store.claimed_by(self._gone[0]):
                 file = task.file
-                known = self.outcomes.running.get(file.id)
-                if known is not None and known.task.file.lease_gen == file.lease_gen:
+                if self._follows(task):
                     continue
                 running = Running(
                     task,
@@ -355,6 +354,11 @@ class Scheduler:
                     "worker process died after claiming the file, before reporting the claim",
                 )
             self._gone.pop(0)
+
+    def _follows(self, task: FileTask) -> bool:
+        """Whether this node follows that very claim of the file (reported to it)."""
+        known = self.outcomes.running.get(task.file.id)
+        return known is not None and known.task.file.lease_gen == task.file.lease_gen
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:
@@ -468,7 +472,9 @@ class Scheduler:
         self._gone = []
         try:
             for token in tokens:
-                tasks = self.store.claimed_by(token)
+                # Not the files followed here: requeued above, or their
+                # outcome left for the next start (shutdown_outcomes_unrecorded).
+                tasks = [t for t in self.store.claimed_by(token) if not self._follows(t)]
                 if tasks:
                     log.warning("shutdown_requeued", files=len(tasks), claimed_by_worker=True)
                     self.store.requeue(
