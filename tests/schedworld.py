@@ -51,6 +51,8 @@ class FakePool:
         self.claims_allowed = False
         #: tokens of workers a test says are gone (WorkerPool.take_dead_tokens).
         self.gone_tokens: list[str] = []
+        #: tokens of the workers a test says run until the pool stops.
+        self.tokens_at_stop: list[str] = []
 
     # -- what the scheduler calls ------------------------------------------------
 
@@ -86,6 +88,8 @@ class FakePool:
     def stop(self) -> None:
         self.stopped = True
         self.jobs.clear()
+        # The workers stopped now are gone: their tokens go to the sweep.
+        self.gone_tokens += self.tokens_at_stop
 
     def wait(
         self, timeout: float | None, extra: Sequence[Any] = ()

@@ -127,6 +127,32 @@ def test_a_reported_claim_of_a_dead_worker_is_lost_once(world: World, recorder: 
     assert "worker_claim_lost" not in [e["event"] for e in logs]
 
 
+def test_a_claim_unreported_at_shutdown_goes_back_without_spending_an_attempt(
+    tmp_path: Path,
+) -> None:
+    """A worker stopped at the end of the drain had claimed its next file without
+    saying so: the daemon puts it back to pending by the worker's token, unspent."""
+    for w in make_world(tmp_path, start_archiver=False, concurrency=1, shutdown_grace_seconds=1.0):
+        recorder = Recorder(w.settings, None)
+        batch = w.batch("b", ("a.csv", "b.csv"))
+        w.turn()
+        w.pool.done_recorded("a.csv", recorder, claimant="tok", report=False)
+        w.pool.tokens_at_stop.append("tok")
+        w.scheduler.request_stop()
+        with capture_logs() as logs:
+            w.scheduler.run()
+        recorder.close()
+        b = w.file(batch, "b.csv")
+        assert (b.status, b.attempts, b.retry_count) == (Status.PENDING, 0, 0)
+        assert w.file(batch, "a.csv").status == Status.COMPLETED
+        assert {
+            "event": "shutdown_requeued",
+            "files": 1,
+            "claimed_by_worker": True,
+            "log_level": "warning",
+        } in logs
+
+
 def test_the_permit_is_withheld_while_stopping_and_while_the_database_is_away(
     world: World,
 ) -> None:
