@@ -326,16 +326,24 @@ class _Permit:
     claims must stop (draining, retiring this worker, a lowered concurrency,
     the database away); what the daemon sent meanwhile (a reload, the order
     to retire) is read first, since a worker that claims runs its next file
-    without reading its pipe in between.
+    without reading its pipe in between. A worker grown past
+    ``processing.worker_recycle_rss_mb`` claims nothing either: the daemon
+    replaces it after this file (``recycle_mb`` reads the current setting).
     """
 
     def __init__(
-        self, conn: Connection, token: str, flag: Any, on_settings: Callable[[Settings], None]
+        self,
+        conn: Connection,
+        token: str,
+        flag: Any,
+        on_settings: Callable[[Settings], None],
+        recycle_mb: Callable[[], int] = lambda: 0,
     ) -> None:
         self.conn = conn
         self.token = token
         self.flag = flag
         self.on_settings = on_settings
+        self.recycle_mb = recycle_mb
         #: the daemon asked this worker to end (None on the pipe).
         self.stop = False
         #: a job the daemon sent meanwhile (it never does while this worker runs one).
@@ -353,7 +361,12 @@ class _Permit:
                     self.queued = message
         if not self.token or self.flag is None or self.stop or self.queued is not None:
             return None
-        return self.token if self.flag.value else None
+        if not self.flag.value:
+            return None
+        limit_mb = self.recycle_mb()
+        if limit_mb and own_rss() > limit_mb * 1024 * 1024:
+            return None
+        return self.token
 
 
 #: Environment variables a worker removes at start (see worker_main).
@@ -404,7 +417,9 @@ def worker_main(
         logsetup.configure(settings.log)  # a reload's log level and format
         recorder.configure(settings)
 
-    claims = _Permit(conn, token, permit, configure)
+    claims = _Permit(
+        conn, token, permit, configure, lambda: settings.processing.worker_recycle_rss_mb
+    )
     job: Job | None = None
     while True:
         if job is None and claims.queued is not None:

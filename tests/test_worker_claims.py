@@ -217,3 +217,6 @@ def test_the_worker_reads_its_permit_and_the_daemons_messages_before_claiming(
     parent.send(None)
     assert permit() is None and permit.stop
     assert _Permit(child, "", flag, reloads.append)() is None
+    # Grown past processing.worker_recycle_rss_mb: the daemon replaces it, no claim.
+    assert _Permit(child, "tok", flag, reloads.append, lambda: 1)() is None
+    assert _Permit(child, "tok", flag, reloads.append, lambda: 1 << 20)() == "tok"
