@@ -145,6 +145,9 @@ class ProcessingSettings(_Section):
     #: a new batch's first status.json waits this long (never longer than
     #: status_interval_seconds): one that ends sooner gets only its final one.
     first_status_hold_seconds: float = Field(0.1, ge=0)
+    #: a worker that recorded a success claims its next file itself, in the
+    #: same commit, when the head of the queue was never tried (issue 15).
+    worker_claims: bool = True
     max_rows: int = Field(10_000, ge=1)
     max_text_chars: int = Field(1_000_000, ge=1)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.records import BatchRow, FileRow
+from batchd.records import BatchRow, FileRow, FileTask
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class Delivery:
     batch_name: str = ""
     #: ``limits.max_inline_result_bytes``: the store keeps a bounded copy.
     max_inline_result_bytes: int = 0
+    #: the daemon's permit (issue 15): after recording this success the worker
+    #: may claim its next file itself, in the same commit, and start it at
+    #: once, while the pool's standing permit for it holds
+    #: (:meth:`batchd.pool.WorkerPool.allow_claims`). Needs ``record``.
+    may_claim: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,14 @@ class Recorded:
     #: was carried out here, or is the business of the call that ended it
     #: (False while the batch goes on, or on an error).
     ended: bool = False
+    #: the file this worker claimed in the same commit (``Delivery.may_claim``),
+    #: as the claim returned it; None: it claimed nothing.
+    claimed: FileTask | None = None
+    #: the job the worker started for ``claimed`` (the daemon follows it as
+    #: if it had submitted it); None with a claim: the worker could not start
+    #: it (its input is not in work/, its batch is over a limit), and the
+    #: daemon does what its own claim would.
+    started: Job | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from batchd.caps import inline_result
 from batchd.clock import Clock, iso, parse_iso
 from batchd.config import Settings
 from batchd.faults import crash_point
-from batchd.messages import Done, Event, Failed, Lost, Progress, Recorded, TimedOut
+from batchd.messages import Done, Event, Failed, Job, Lost, Progress, Recorded, TimedOut
 from batchd.metrics import Metrics
 from batchd.outage import OutageGuard
 from batchd.outbox import Outbox, ResultSyncer
@@ -77,6 +77,10 @@ class Outcomes(OutageGuard):
         self.finished_count = 0
         #: the loop's dispatch: a commit refills the freed workers at once.
         self.refill: Callable[[], None] = lambda: None
+        #: the loop's follow-up of a file a worker claimed itself in the commit
+        #: of its success (``Recorded.claimed``), with the job it started (None:
+        #: it could not start it).
+        self.adopt: Callable[[FileTask, Job | None], None] = lambda task, job: None
 
     def _waiting(self) -> int:
         return len(self.pending) + len(self.retries)
@@ -166,6 +170,14 @@ class Outcomes(OutageGuard):
     # -- outcomes ----------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
+        self._handle(event)
+        if isinstance(event, Done) and event.recorded is not None:
+            claimed = event.recorded.claimed
+            if claimed is not None:
+                # Even for an attempt dropped meanwhile: the claim is the worker's now.
+                self.adopt(claimed, event.recorded.started)
+
+    def _handle(self, event: Event) -> None:
         running = self.running.get(event.file_id)
         if running is None or running.task.file.lease_gen != event.lease:
             return  # an attempt already dropped as superseded
@@ -241,6 +253,10 @@ class Outcomes(OutageGuard):
                 started_at=running.started_at,
             ),
         )
+
+    def lost(self, running: Running, error: str) -> None:
+        """An attempt whose worker died: retried after its back-off, or failed once spent."""
+        self._retry_or_fail(running, error)
 
     def _retry_or_fail(self, running: Running, error: str) -> None:
         file = running.task.file

@@ -19,6 +19,7 @@ import os
 import select
 import selectors
 import signal
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -50,6 +51,11 @@ class _Worker:
     #: the largest address-space size (VmSize, what RLIMIT_AS counts) seen
     #: while the current job ran, in bytes; sampled at every pool turn.
     peak_vm_bytes: int = 0
+    #: names this worker's own claims in the store (``batch_files.claimant``).
+    token: str = ""
+    #: the standing permit to claim its next file itself: one byte shared with
+    #: the worker process (a ``RawValue``), 1 while it may.
+    permit: Any = None
 
 
 #: A worker that died by one of these while its address space was this close
@@ -131,6 +137,10 @@ class WorkerPool:
         #: multiprocessing.connection.wait() built and filled a new selector
         #: at every turn of the loop (issue 15).
         self._selector = selectors.PollSelector()
+        #: whether workers may claim their next file themselves (allow_claims).
+        self._claims_allowed = False
+        #: tokens of the workers gone since the last take_dead_tokens().
+        self._gone_tokens: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -140,18 +150,23 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         parent, child = _ctx.Pipe(duplex=True)
+        token = uuid.uuid4().hex
+        permit = _ctx.RawValue("b", 1 if self._claims_allowed else 0)
         process = _ctx.Process(
             target=worker_main,
             # The database URL goes to the worker's recorder, never into the
             # settings its processors see.
-            args=(child, worker_settings(self.settings), os.getpid(), self.settings.database.url),
+            args=(
+                *(child, worker_settings(self.settings), os.getpid(), self.settings.database.url),
+                *(token, permit),
+            ),
             name=f"batchd-worker-{self.spawned + 1}",
             daemon=True,
         )
         process.start()
         child.close()
         self.spawned += 1
-        worker = _Worker(process, parent)
+        worker = _Worker(process, parent, token=token, permit=permit)
         self._workers.append(worker)
         self._selector.register(parent.fileno(), selectors.EVENT_READ, (worker, _CONN))
         self._selector.register(process.sentinel, selectors.EVENT_READ, (worker, _SENTINEL))
@@ -175,6 +190,7 @@ class WorkerPool:
                 break
             if not worker.retiring:
                 worker.retiring = True
+                self._set_permit(worker)
                 excess -= 1
         for worker in [w for w in self._workers if w.retiring and w.job is None]:
             self._retire(worker)
@@ -188,6 +204,8 @@ class WorkerPool:
         self._remove(worker)
 
     def _remove(self, worker: _Worker) -> None:
+        # Whatever it claimed itself and did not report is found by its token.
+        self._gone_tokens.append(worker.token)
         for fd in (worker.conn.fileno() if not worker.conn.closed else -1, worker.process.sentinel):
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(fd)
@@ -216,6 +234,37 @@ class WorkerPool:
             else:
                 self._kill(worker)
                 self._remove(worker)
+
+    # -- claims by the workers themselves (issue 15) ------------------------------
+
+    def allow_claims(self, allowed: bool) -> None:
+        """Give (or withdraw) every worker's standing permit to claim its next file.
+
+        A retiring worker never has it. Withdrawn, a worker claims nothing
+        after its current file; one that read the permit a moment before has
+        made at most one claim, which replaces its own finished file. Writes
+        one shared byte per worker, no lock: safe in a signal handler.
+        """
+        self._claims_allowed = allowed
+        for worker in self._workers:
+            self._set_permit(worker)
+
+    def _set_permit(self, worker: _Worker) -> None:
+        if worker.permit is not None:
+            worker.permit.value = 1 if self._claims_allowed and not worker.retiring else 0
+
+    def permits(self) -> dict[int, bool]:
+        """Each live worker's standing permit to claim, by pid."""
+        return {
+            w.process.pid: bool(w.permit is not None and w.permit.value)
+            for w in self._workers
+            if w.process.pid is not None
+        }
+
+    def take_dead_tokens(self) -> list[str]:
+        """The tokens of the workers gone (died, killed, retired) since the last call."""
+        tokens, self._gone_tokens = self._gone_tokens, []
+        return tokens
 
     # -- state -----------------------------------------------------------------
 
@@ -327,8 +376,17 @@ class WorkerPool:
                     events.append(replace(message, lease=worker.job.lease))
                 elif isinstance(message, Done | Failed):
                     events.append(replace(message, lease=worker.job.lease))
-                    worker.job = None
-                    worker.deadline = None
+                    started = None
+                    if isinstance(message, Done) and message.recorded is not None:
+                        started = message.recorded.started
+                    # A worker that claimed its next file itself runs it now;
+                    # its deadline counts from here (the claim was moments ago).
+                    worker.job = started
+                    worker.deadline = (
+                        None
+                        if started is None
+                        else self.clock.monotonic() + self.settings.processing.timeout_seconds
+                    )
                     worker.peak_vm_bytes = 0
                     self._recycle_if_large(worker, message.rss_bytes)
         except (EOFError, OSError):
@@ -362,6 +420,7 @@ class WorkerPool:
             _vm, rss = memory_of(worker.process.pid)
         if rss > limit_mb * 1024 * 1024:
             worker.retiring = True
+            self._set_permit(worker)
             log.info(
                 "worker_recycled",
                 pid=worker.process.pid,

@@ -22,8 +22,11 @@ still in ``work/`` is moved on). Whatever cannot be done here is left to the
 daemon, which knows how to wait for it: a :class:`StoreError` (the database
 is away) hands the whole outcome back unrecorded, and the daemon queues and
 retries it as before; a failed move or batch end is retried by the daemon's
-archiver. The daemon still claims every file, so ``processing.concurrency``
-still bounds what is processing; it hears of a success after the commit.
+archiver. Under the daemon's permit (``Delivery.may_claim``) the same commit
+claims the worker's next file when the head of the queue was never tried
+(:meth:`batchd.store.Store.finish_and_claim`): the worker gives up its file
+and takes one in one transaction, so ``processing.concurrency`` still bounds
+what is processing; the daemon hears of both in one message.
 """
 
 from __future__ import annotations
@@ -94,10 +97,14 @@ class Recorder:
         file_hash: str,
         file_size: int,
         completed_at: str,
+        claimant: str | None = None,
     ) -> Recorded | None:
         """Commit a delivered success and carry out what follows it.
 
-        Returns None when the store could not take it (the daemon records it).
+        With ``claimant`` (the worker's token, under the daemon's permit) the
+        same commit claims the worker's next file (:meth:`Store.finish_and_claim`),
+        returned in ``Recorded.claimed``. Returns None when the store could not
+        take it (the daemon records it).
         """
         inline = inline_result(result, delivery.max_inline_result_bytes, delivery.result_path)
         outcome = Outcome(
@@ -114,11 +121,19 @@ class Recorder:
             store = self._opened()
             # Without the batch's row lock: the batch is derived after the
             # commit, by the last of its files (Store.finish_file).
-            settled = store.finish_file(job.file_id, outcome, ended_at)
+            claimed = None
+            if claimant:
+                settled, claimed = store.finish_and_claim(job.file_id, outcome, ended_at, claimant)
+            else:
+                settled = store.finish_file(job.file_id, outcome, ended_at)
         except StoreError as exc:
             log.warning("worker_record_deferred", file_id=job.file_id, error=exc.message)
             self.close()  # a fresh connection next time
             return None
+        if claimed is not None:
+            # Dead here, the claim is known only to the row (its claimant): the
+            # daemon finds it by this worker's token when it sees it die.
+            crash_point("after_worker_claim")
         crash_point("after_finish")
         if settled is None:
             return Recorded(None)
@@ -145,8 +160,8 @@ class Recorder:
             # The commit stands: whatever failed after it is the daemon's to
             # finish (its archiver moves the input and ends the batch).
             log.error("worker_after_commit_failed", file_id=job.file_id, error=repr(exc))
-            return Recorded(batch)
-        return Recorded(batch, archived=archived, ended=ended)
+            return Recorded(batch, claimed=claimed)
+        return Recorded(batch, archived=archived, ended=ended, claimed=claimed)
 
     def _archive(self, job: Job, delivery: Delivery) -> bool:
         task = ArchiveFile(

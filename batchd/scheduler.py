@@ -49,7 +49,7 @@ from batchd.outbox import Outbox, ResultSyncer
 from batchd.outcomes import Outcomes
 from batchd.pool import WorkerPool
 from batchd.processors import choose
-from batchd.records import FileTask, Status
+from batchd.records import FileRow, FileTask, Status
 from batchd.safefs import UnsafePath
 from batchd.spool import Spool
 from batchd.store import Store
@@ -88,6 +88,12 @@ class Scheduler:
             settings, store, spool, outbox, clock, metrics, self.archiver, self.syncer
         )
         self.outcomes.refill = self._dispatch
+        self.outcomes.adopt = self._adopt
+        #: tokens of gone workers whose own claims are still to be looked for.
+        self._gone: list[str] = []
+        #: files a worker claimed itself but could not start, and no worker was
+        #: idle to take: back to the queue at the next turn (not an attempt).
+        self._give_back: list[FileTask] = []
         self.outcomes.on_reconnect = self._renew_soon
         #: where this node's HTTP API listens (``nodes.address``); set by the daemon.
         self.address: str | None = None
@@ -126,6 +132,8 @@ class Scheduler:
         self._stop_signalled = True
         if force:
             self._force_stop = True
+        # At once, not at the next turn: a worker finishing now claims nothing.
+        self.pool.allow_claims(False)
         self.wake()
 
     def request_reload(self, apply: Callable[[], None]) -> None:
@@ -173,6 +181,7 @@ class Scheduler:
         self.outcomes.guarded(self._beat)
         self.outcomes.guarded(self.outcomes.commit)
         self.outcomes.guarded(self._dispatch)
+        self.pool.allow_claims(self._claims_allowed())
         listen = self._listen_fileno()
         extra: list[object] = [self._wake_r] if listen is None else [self._wake_r, listen]
         events, ready = self.pool.wait(self._timeout(), extra)
@@ -186,6 +195,8 @@ class Scheduler:
             self.outcomes.guarded(self.store.drain_notifications)
         for event in events:
             self.outcomes.handle(event)
+        self._gone += self.pool.take_dead_tokens()
+        self.outcomes.guarded(self._sweep_gone)
         self.outcomes.guarded(self.outcomes.commit)
         self.outcomes.guarded(self.outcomes.flush)
         self.heartbeat = self.clock.monotonic()
@@ -254,6 +265,100 @@ class Scheduler:
                     where = (batch.work_path, batch.name, file.relpath)
                     self.archiver.archive_file(ArchiveFile(file.id, batch.id, *where, ok))
             self.outcomes.batch_moved_on(batch)
+
+    def _claims_allowed(self) -> bool:
+        """Whether a worker may claim its next file itself now (the standing permit).
+
+        Not while stopping, with the database away, or with outcomes not yet
+        committed (their rows still say processing: the daemon's own claims
+        wait for that commit too).
+        """
+        outcomes = self.outcomes
+        return (
+            self.settings.processing.worker_claims
+            and not self.stopping
+            and outcomes.db_error is None
+            and not outcomes.pending
+            and not outcomes.retries
+            and not self._give_back
+        )
+
+    def _adopt(self, task: FileTask, job: Job | None) -> None:
+        """Follow a file a worker claimed itself in its success's commit (issue 15).
+
+        With the job it started the file is this node's running attempt as
+        if dispatched here (its deadline, lease and outcome as any other).
+        Without one the worker found its input gone or its batch over a
+        limit: what the daemon's own claim would do is done here.
+        """
+        file = task.file
+        if job is None or job.delivery is None:
+            if self.pool.idle() > 0 and not self.stopping:
+                self._start(task)
+            else:
+                self._give_back.append(task)
+            return
+        self.outcomes.running[file.id] = Running(
+            task,
+            job.processor,
+            job.delivery.started_at,
+            self.clock.monotonic(),
+            job.delivery.result_path,
+        )
+        self.outcomes.dirty.add(file.batch_id)
+        if file.attempts == 1:
+            self._waited(file)
+
+    def _waited(self, file: FileRow) -> None:
+        with contextlib.suppress(ValueError):
+            wait = parse_iso(file.started_at or "") - parse_iso(file.created_at)
+            self.metrics.waited(max(0.0, wait.total_seconds()))
+
+    def _sweep_gone(self) -> None:
+        """Find what gone workers claimed themselves and never reported.
+
+        A worker killed (or dead) between the commit of its claim and its
+        message leaves a row ``processing`` under its token that no one
+        runs: each is an attempt lost with its worker, retried after its
+        back-off (or failed once its retries are spent), as any attempt whose
+        worker died. Fenced: a file this node follows under the same claim
+        (reported, its worker's death handled as a Lost) is left alone.
+        """
+        while self._give_back:
+            task = self._give_back[0]
+            self.store.requeue([task.file.id], {task.file.id: task.file.lease_gen})
+            self._give_back.pop(0)
+        while self._gone:
+            for task in self.store.claimed_by(self._gone[0]):
+                file = task.file
+                if self._follows(task):
+                    continue
+                running = Running(
+                    task,
+                    choose(self.settings, file.relpath),
+                    file.started_at or iso(self.clock.now()),
+                    self.clock.monotonic(),
+                    str(self.spool.result_path(task.batch_name, file.relpath)),
+                )
+                self.outcomes.running[file.id] = running
+                self.outcomes.dirty.add(file.batch_id)
+                log.warning(
+                    "worker_claim_lost",
+                    batch_id=file.batch_id,
+                    file_id=file.id,
+                    relpath=file.relpath,
+                    lease=file.lease_gen,
+                )
+                self.outcomes.lost(
+                    running,
+                    "worker process died after claiming the file, before reporting the claim",
+                )
+            self._gone.pop(0)
+
+    def _follows(self, task: FileTask) -> bool:
+        """Whether this node follows that very claim of the file (reported to it)."""
+        known = self.outcomes.running.get(task.file.id)
+        return known is not None and known.task.file.lease_gen == task.file.lease_gen
 
     def _dispatch(self) -> None:
         while not self.stopping and self.pool.idle() > 0:
@@ -324,6 +429,8 @@ class Scheduler:
             work_path=task.work_path,
             batch_name=task.batch_name,
             max_inline_result_bytes=self.settings.limits.max_inline_result_bytes,
+            # and may then claim its next file in the same commit (issue 15)
+            may_claim=self.settings.processing.worker_claims,
         )
         scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
@@ -342,9 +449,7 @@ class Scheduler:
         )
         crash_point("after_dispatch")
         if file.attempts == 1:
-            with contextlib.suppress(ValueError):
-                wait = parse_iso(file.started_at or "") - parse_iso(file.created_at)
-                self.metrics.waited(max(0.0, wait.total_seconds()))
+            self._waited(file)
         log.debug(
             "file_started",
             batch_id=file.batch_id,
@@ -356,10 +461,36 @@ class Scheduler:
 
     # -- shutdown ----------------------------------------------------------------
 
+    def _requeue_gone_claims(self) -> None:
+        """After the workers stopped: their own claims not reported back to the queue.
+
+        A worker stopped at the end of the drain may have claimed its next
+        file a moment before (its permit read just before it was withdrawn):
+        cut short by us, so the attempt is not spent (as ``shutdown_requeued``).
+        """
+        tokens = self._gone + self.pool.take_dead_tokens()
+        self._gone = []
+        try:
+            for token in tokens:
+                # Not the files followed here: requeued above, or their
+                # outcome left for the next start (shutdown_outcomes_unrecorded).
+                tasks = [t for t in self.store.claimed_by(token) if not self._follows(t)]
+                if tasks:
+                    log.warning("shutdown_requeued", files=len(tasks), claimed_by_worker=True)
+                    self.store.requeue(
+                        [t.file.id for t in tasks], {t.file.id: t.file.lease_gen for t in tasks}
+                    )
+                    for task in tasks:
+                        self.outcomes.dirty.add(task.file.batch_id)
+        except StoreError as exc:
+            # The next start takes this node's processing files back (recovery).
+            log.error("shutdown_requeue_failed", files=len(tokens), error=exc.message)
+
     def _drain(self) -> None:
         """Let running files finish for up to the grace period, then requeue the rest."""
         grace = self.settings.processing.shutdown_grace_seconds
         deadline = self.clock.monotonic() + grace
+        self.pool.allow_claims(False)
         self.on_stop(False)
         if self.outcomes.running:
             log.info("shutdown_draining", running=len(self.outcomes.running), grace_seconds=grace)
@@ -375,6 +506,8 @@ class Scheduler:
                         pass
             for event in events:
                 self.outcomes.handle(event)
+            self._gone += self.pool.take_dead_tokens()
+            self.outcomes.guarded(self._sweep_gone)
             self.outcomes.guarded(self._beat)
             self.outcomes.guarded(self.outcomes.commit)
             self.outcomes.guarded(self.outcomes.flush)
@@ -401,6 +534,7 @@ class Scheduler:
                 "shutdown_outcomes_unrecorded", files=len(unrecorded), error=self.outcomes.db_error
             )
         self.pool.stop()
+        self._requeue_gone_claims()
         self.outcomes.running.clear()
         self.outcomes.guarded(lambda: self.outcomes.flush(force=True))
         with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ import resource
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -40,11 +41,13 @@ from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
 from batchd.faults import crash_point
 from batchd.fsutil import move_outputs, write_json_atomic
-from batchd.members import check
+from batchd.members import batch_limit_error, check
 from batchd.messages import Delivery, Done, Failed, Job, Progress
-from batchd.recorder import Recorder
-from batchd.records import Status
+from batchd.processors import choose
+from batchd.recorder import Recorder, scheduler_log
+from batchd.records import FileTask, Status
 from batchd.safefs import UnsafePath, named_view, open_member
+from batchd.spool import Spool
 from batchd.views import result_document
 
 HASH_CHUNK = 1024 * 1024
@@ -177,9 +180,17 @@ def _spool_root(delivery: Delivery) -> Path | None:
 
 
 def run_job(
-    job: Job, settings: Settings, conn: Connection, recorder: Recorder | None = None
+    job: Job,
+    settings: Settings,
+    conn: Connection,
+    recorder: Recorder | None = None,
+    claimant: Callable[[], str | None] | None = None,
 ) -> Done | Failed:
-    """Hash the input, run the processor, deliver its result, and describe how it ended."""
+    """Hash the input, run the processor, deliver its result, and describe how it ended.
+
+    ``claimant`` says, asked right before the commit, under which token this
+    worker may claim its next file in it (None: it may not).
+    """
     from batchd.processors import ProcessorContext, resolve
 
     started = time.monotonic()
@@ -241,7 +252,8 @@ def run_job(
         recorded = None
         if job.delivery is not None and job.delivery.record and recorder is not None:
             crash_point("after_result_write")
-            recorded = recorder.record(job, job.delivery, result, file_hash, size, ended)
+            token = claimant() if claimant is not None and job.delivery.may_claim else None
+            recorded = recorder.record(job, job.delivery, result, file_hash, size, ended, token)
         return Done(
             job.file_id,
             # The daemon needs the result only when it records it itself.
@@ -265,18 +277,117 @@ def run_job(
         return Failed(job.file_id, _describe(exc), False, time.monotonic() - started)
 
 
+def claimed_job(task: FileTask, settings: Settings, spool: Spool) -> Job | None:
+    """The job of a file this worker claimed itself, as the daemon's dispatch builds it.
+
+    None leaves the file to the daemon, which does what its own claim would:
+    its input is not where a fresh file's input is (moved or deleted: the
+    daemon fails it), or its batch is over a limit lowered since it was
+    registered (the daemon keeps the refusal).
+    """
+    file = task.file
+    if batch_limit_error(task.batch_files, settings.limits) is not None:
+        return None
+    path = spool.input_path(task.work_path, file.relpath)
+    if not os.path.lexists(path):
+        return None
+    processor = choose(settings, file.relpath)
+    delivery = Delivery(
+        file=file,
+        started_at=file.started_at or iso(datetime.now(UTC)),
+        result_path=str(spool.result_path(task.batch_name, file.relpath)),
+        outputs_path=str(spool.outputs_path(task.batch_name, file.relpath)),
+        fsync=True,
+        spool_root=str(spool.root),
+        record=True,
+        work_path=task.work_path,
+        batch_name=task.batch_name,
+        max_inline_result_bytes=settings.limits.max_inline_result_bytes,
+        may_claim=True,
+    )
+    return Job(
+        file.id,
+        file.batch_id,
+        file.relpath,
+        str(path),
+        processor,
+        str(spool.scratch_for(file.id)),
+        delivery,
+        lease=file.lease_gen,
+        file_dev=file.file_dev,
+        file_ino=file.file_ino,
+    )
+
+
+class _Permit:
+    """Whether this worker may claim its next file now, and under which token.
+
+    The daemon's standing permit is one shared byte (``flag``) it clears when
+    claims must stop (draining, retiring this worker, a lowered concurrency,
+    the database away); what the daemon sent meanwhile (a reload, the order
+    to retire) is read first, since a worker that claims runs its next file
+    without reading its pipe in between. A worker grown past
+    ``processing.worker_recycle_rss_mb`` claims nothing either: the daemon
+    replaces it after this file (``recycle_mb`` reads the current setting).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        token: str,
+        flag: Any,
+        on_settings: Callable[[Settings], None],
+        recycle_mb: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.conn = conn
+        self.token = token
+        self.flag = flag
+        self.on_settings = on_settings
+        self.recycle_mb = recycle_mb
+        #: the daemon asked this worker to end (None on the pipe).
+        self.stop = False
+        #: a job the daemon sent meanwhile (it never does while this worker runs one).
+        self.queued: Job | None = None
+
+    def __call__(self) -> str | None:
+        with contextlib.suppress(EOFError, OSError):
+            while self.conn.poll(0):
+                message = self.conn.recv()
+                if message is None:
+                    self.stop = True
+                elif isinstance(message, Settings):
+                    self.on_settings(message)
+                elif isinstance(message, Job):
+                    self.queued = message
+        if not self.token or self.flag is None or self.stop or self.queued is not None:
+            return None
+        if not self.flag.value:
+            return None
+        limit_mb = self.recycle_mb()
+        if limit_mb and own_rss() > limit_mb * 1024 * 1024:
+            return None
+        return self.token
+
+
 #: Environment variables a worker removes at start (see worker_main).
 SECRET_ENV_PREFIXES = ("BATCHD_HTTP__", "BATCHD_DATABASE__", "PGPASSWORD")
 
 
 def worker_main(
-    conn: Connection, settings: Settings, parent_pid: int, database_url: str | None = None
+    conn: Connection,
+    settings: Settings,
+    parent_pid: int,
+    database_url: str | None = None,
+    token: str = "",
+    permit: Any = None,
 ) -> None:
     """Entry point of a worker process: serve jobs until the pipe closes.
 
     ``database_url`` is the store's (PostgreSQL) address for the
     :class:`~batchd.recorder.Recorder`; ``settings`` never carry it, so a
-    processor is not handed the password with its settings.
+    processor is not handed the password with its settings. ``token`` names
+    this worker's own claims in the store, ``permit`` is the daemon's shared
+    byte saying whether it may make them (see :class:`_Permit`).
     """
     # Our own process group: the daemon kills the whole group on a timeout, so
     # commands a processor started die with it.
@@ -299,21 +410,61 @@ def worker_main(
     logsetup.configure(settings.log)
     faults.arm_worker(parent_pid)
     recorder = Recorder(settings, database_url, database_password)
+
+    def configure(new: Settings) -> None:
+        nonlocal settings
+        settings = new
+        logsetup.configure(settings.log)  # a reload's log level and format
+        recorder.configure(settings)
+
+    claims = _Permit(
+        conn, token, permit, configure, lambda: settings.processing.worker_recycle_rss_mb
+    )
+    job: Job | None = None
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            recorder.close()
-            return
-        if isinstance(message, Settings):
-            settings = message
-            logsetup.configure(settings.log)  # a reload's log level and format
-            recorder.configure(settings)
-            continue
-        outcome = replace(run_job(message, settings, conn, recorder), rss_bytes=own_rss())
+        if job is None and claims.queued is not None:
+            job, claims.queued = claims.queued, None
+        if job is None:
+            if claims.stop:
+                recorder.close()
+                return
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            if message is None:
+                recorder.close()
+                return
+            if isinstance(message, Settings):
+                configure(message)
+                continue
+            job = message
+        outcome = replace(run_job(job, settings, conn, recorder, claims), rss_bytes=own_rss())
+        job = _next_of(outcome, settings, recorder)
+        if job is not None and isinstance(outcome, Done) and outcome.recorded is not None:
+            outcome = replace(outcome, recorded=replace(outcome.recorded, started=job))
         try:
             conn.send(outcome)
         except (BrokenPipeError, OSError):
             return
+
+
+def _next_of(outcome: Done | Failed, settings: Settings, recorder: Recorder) -> Job | None:
+    """The job of the file ``outcome``'s commit claimed, if this worker can start it."""
+    if not isinstance(outcome, Done) or outcome.recorded is None:
+        return None
+    task = outcome.recorded.claimed
+    if task is None:
+        return None
+    job = claimed_job(task, settings, recorder.spool)
+    if job is not None:
+        # Under the daemon's logger name, as the daemon's own dispatch logs it.
+        scheduler_log.debug(
+            "file_started",
+            batch_id=job.batch_id,
+            file_id=job.file_id,
+            relpath=job.relpath,
+            processor=job.processor,
+            attempt=task.file.attempts,
+        )
+    return job

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +30,7 @@ from batchd.records import BatchRow, FileRow, NewBatch, NewFile
 from batchd.scheduler import Scheduler
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
+from batchd.worker import claimed_job
 
 #: Bound for the archiver thread to finish what a commit handed it.
 WAIT_SECONDS = 30.0
@@ -46,6 +47,12 @@ class FakePool:
         self.cancelled: list[tuple[str, int]] = []
         self.events: list[Event] = []
         self.stopped = False
+        #: the standing permit the scheduler last gave (WorkerPool.allow_claims).
+        self.claims_allowed = False
+        #: tokens of workers a test says are gone (WorkerPool.take_dead_tokens).
+        self.gone_tokens: list[str] = []
+        #: tokens of the workers a test says run until the pool stops.
+        self.tokens_at_stop: list[str] = []
 
     # -- what the scheduler calls ------------------------------------------------
 
@@ -71,9 +78,18 @@ class FakePool:
     def configure(self, settings: Settings) -> None:
         self.size = settings.processing.concurrency
 
+    def allow_claims(self, allowed: bool) -> None:
+        self.claims_allowed = allowed
+
+    def take_dead_tokens(self) -> list[str]:
+        tokens, self.gone_tokens = self.gone_tokens, []
+        return tokens
+
     def stop(self) -> None:
         self.stopped = True
         self.jobs.clear()
+        # The workers stopped now are gone: their tokens go to the sweep.
+        self.gone_tokens += self.tokens_at_stop
 
     def wait(
         self, timeout: float | None, extra: Sequence[Any] = ()
@@ -110,9 +126,13 @@ class FakePool:
         )
         return job
 
-    def done_recorded(self, relpath: str, recorder: Recorder) -> tuple[Job, Recorded | None]:
+    def done_recorded(
+        self, relpath: str, recorder: Recorder, claimant: str | None = None, report: bool = True
+    ) -> tuple[Job, Recorded | None]:
         """The attempt succeeded and its worker recorded it (batchd.recorder), as
-        a real worker does: result file, commit, input move, batch end."""
+        a real worker does: result file, commit, input move, batch end; with
+        ``claimant`` the commit claims the worker's next file, which it then
+        runs (as batchd.worker does). ``report=False``: it died before saying so."""
         job = self.jobs.pop(self.job(relpath).file_id)
         assert job.delivery is not None
         result = Path(job.delivery.result_path)
@@ -121,7 +141,16 @@ class FakePool:
         data = Path(job.path).read_bytes()
         digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
         ended = iso(self.clock.now())
-        recorded = recorder.record(job, job.delivery, {"rows": 1}, digest, len(data), ended)
+        recorded = recorder.record(
+            job, job.delivery, {"rows": 1}, digest, len(data), ended, claimant
+        )
+        if recorded is not None and recorded.claimed is not None:
+            started = claimed_job(recorded.claimed, recorder.settings, recorder.spool)
+            recorded = replace(recorded, started=started)
+            if started is not None and report:
+                self.submit(started)
+        if not report:
+            return job, recorded
         self.events.append(
             Done(
                 job.file_id,

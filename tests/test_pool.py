@@ -445,6 +445,32 @@ def test_shrink_below_busy_count_retires_after_jobs(
     assert runner.pool.idle() == 1
 
 
+def test_a_shrink_withdraws_the_claim_permit_of_the_retiring_busy_worker(
+    make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """allow_claims gives every worker its permit; a concurrency lowered below the busy
+    workers withdraws it from the busy one left to retire (it claims no next file), and
+    a retired worker's token is handed over for the sweep of its own claims."""
+    runner = make_runner(processing__concurrency="2")
+    runner.pool.allow_claims(True)
+    assert list(runner.pool.permits().values()) == [True, True]
+    jobs = [runner.submit("gate") for _ in range(2)]
+    runner.wait_until(lambda events: all(runner.progress(j) == [10] for j in jobs))
+    runner.pool.configure(make_settings(tmp_path, processing__concurrency="1"))
+    assert sorted(runner.pool.permits().values()) == [False, True]
+    runner.pool.allow_claims(True)  # the loop's next turn: the retiring one stays without
+    assert sorted(runner.pool.permits().values()) == [False, True]
+    assert runner.pool.take_dead_tokens() == []
+    for job in jobs:
+        Path(f"{job.path}.go").touch()
+    assert all(isinstance(runner.final(job), Done) for job in jobs)
+    runner.wait_until(lambda events: len(runner.pool.pids()) == 1)
+    assert list(runner.pool.permits().values()) == [True]
+    assert len(runner.pool.take_dead_tokens()) == 1
+    runner.pool.allow_claims(False)
+    assert list(runner.pool.permits().values()) == [False]
+
+
 def test_stop_ends_every_worker(make_runner: Callable[..., Runner]) -> None:
     """stop() ends idle and busy workers alike."""
     runner = make_runner(processing__concurrency="3")

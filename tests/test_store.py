@@ -432,6 +432,70 @@ class StoreContract:
         assert store.finish_file(task.file.id, completed(lease=task.file.lease_gen), at(2)) is None
         assert store.get_file(again.file.id).status == Status.PROCESSING
 
+    # -- a worker's own claim (issue 15) -------------------------------------------
+
+    def test_finish_and_claim_takes_the_fresh_head_in_the_same_commit(self, store: Any) -> None:
+        """finish_and_claim finishes the file and claims the head of the order (high
+        first) for the worker's token; claimed_by finds it, and only it."""
+        self.register(store, "low", ("l1",), Priority.LOW)
+        self.register(store, "high", ("h1", "h2"), Priority.HIGH)
+        first = self.claim(store)
+        assert first.file.relpath == "h1"
+        settled, task = store.finish_and_claim(
+            first.file.id, completed(lease=first.file.lease_gen), at(2), "tok-1"
+        )
+        assert settled is not None and not settled.ended
+        assert task is not None and (task.batch_name, task.file.relpath) == ("high", "h2")
+        assert (task.file.status, task.file.attempts, task.file.lease_gen) == (
+            Status.PROCESSING,
+            1,
+            1,
+        )
+        assert store.get_file(first.file.id).status == Status.COMPLETED
+        assert [t.file.id for t in store.claimed_by("tok-1")] == [task.file.id]
+        assert store.claimed_by("tok-2") == []
+        # The last of its batch: the commit ends the batch, and claims the low file.
+        settled, task2 = store.finish_and_claim(
+            task.file.id, completed(lease=task.file.lease_gen), at(3), "tok-1"
+        )
+        assert settled is not None and settled.ended and settled.batch.status == Status.COMPLETED
+        assert task2 is not None and task2.file.relpath == "l1"
+        assert [t.file.id for t in store.claimed_by("tok-1")] == [task2.file.id]
+        # A daemon claim clears the claimant: a re-claimed file is no worker's own.
+        store.requeue([task2.file.id])
+        again = self.claim(store)
+        assert again.file.id == task2.file.id and store.claimed_by("tok-1") == []
+
+    def test_finish_and_claim_takes_nothing_when_the_head_was_claimed_before(
+        self, store: Any
+    ) -> None:
+        """A re-queued file at the head is the daemon's to claim: the worker claims
+        nothing, not the fresh file behind it (the order stays the store's)."""
+        self.register(store, "b1", ("a", "b", "c"))
+        first, second = self.claim(store), self.claim(store)
+        store.requeue([second.file.id])  # back to the head of the queue, claimed once
+        settled, task = store.finish_and_claim(
+            first.file.id, completed(lease=first.file.lease_gen), at(2), "tok"
+        )
+        assert settled is not None and task is None
+        assert self.claim(store).file.id == second.file.id
+
+    def test_finish_and_claim_with_a_lost_lease_claims_nothing(self, store: Any) -> None:
+        """A superseded success writes nothing and claims nothing."""
+        self.register(store, "b1", ("a", "b"))
+        task = self.claim(store)
+        store.requeue([task.file.id])
+        again = self.claim(store)
+        assert store.finish_and_claim(
+            task.file.id, completed(lease=task.file.lease_gen), at(2), "tok"
+        ) == (None, None)
+        assert store.get_file(again.file.id).status == Status.PROCESSING
+        assert store.claimed_by("tok") == []
+        assert [f.status for f in store.list_files(again.file.batch_id)] == [
+            Status.PROCESSING,
+            Status.PENDING,
+        ]
+
     def test_refresh_counts_brings_a_running_batchs_counters_to_its_files(self, store: Any) -> None:
         """After finish_file and refresh_counts the running batch counts its finished files."""
         batch = self.register(store, "b1", ("a", "b", "c"))

@@ -115,6 +115,16 @@ class Store(Protocol):
         when its last file commits, and ``Settled.ended`` is True for the one
         call that ended it. A running batch's counters may trail its files."""
 
+    def finish_and_claim(
+        self, file_id: str, outcome: Outcome, now: datetime, claimant: str
+    ) -> tuple[Settled | None, FileTask | None]:
+        """:meth:`finish_file` and, in the same transaction, a worker's claim of the
+        head of the queue when it was never tried (recorded as ``claimant``'s);
+        (None, None) when the outcome is superseded."""
+
+    def claimed_by(self, claimant: str) -> list[FileTask]:
+        """The files still processing under the claim of worker ``claimant``."""
+
     def settle_batch(self, batch_id: str, now: datetime) -> Settled | None:
         """Derive the batch if none of its files is left to finish (else its row as it
         is); ``ended`` when this call moved it to its final status. None: no such batch."""

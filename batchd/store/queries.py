@@ -229,6 +229,10 @@ COMMON: dict[str, str] = {
         "   AND (f.status IN ('pending', 'processing') OR f.completed_at >= ?))"
         " ORDER BY b.created_at"
     ),
+    # The files a worker claimed itself and still holds (Store.claimed_by).
+    "claimed_by": (
+        "SELECT {file_cols} FROM batch_files WHERE claimant = ? AND status = 'processing'"
+    ),
     "delete_files": "DELETE FROM batch_files WHERE batch_id = ?",
     "delete_batch": "DELETE FROM batch_jobs WHERE id = ?",
     "upsert_node": (
@@ -245,10 +249,14 @@ SQLITE: dict[str, str] = {
     "claim": (
         "UPDATE batch_files SET status = 'processing', started_at = :now, progress = 0,"
         " completed_at = NULL, lease_gen = lease_gen + 1, attempts = attempts + 1,"
-        " available_at = NULL WHERE id = ("
+        " available_at = NULL, claimant = :claimant WHERE id = ("
         "  SELECT f.id FROM batch_files f INDEXED BY batch_files_queue"
         "  WHERE f.status = 'pending' AND (f.available_at IS NULL OR f.available_at <= :now)"
         "  ORDER BY f.priority_rank, f.seq LIMIT 1)"
+        # :fresh (a worker's own claim): the head of the order only when it was
+        # never claimed, else nothing (the daemon claims it, as it claims every
+        # re-queued file: Store.finish_and_claim).
+        " AND (:fresh = 0 OR (lease_gen = 0 AND attempts = 0 AND retry_count = 0))"
         " RETURNING {file_cols}"
     ),
     # One node: every processing file at start-up is this node's predecessor's.
@@ -277,8 +285,10 @@ POSTGRES: dict[str, str] = {
         " claimed AS (UPDATE batch_files f SET status = 'processing', started_at = %(now)s,"
         " progress = 0, completed_at = NULL, attempts = attempts + 1,"
         " available_at = NULL, node_id = %(node_id)s, lease_until = %(lease_until)s,"
-        " lease_gen = f.lease_gen + 1"
-        " FROM next WHERE f.id = next.id RETURNING {prefixed_file_cols})"
+        " lease_gen = f.lease_gen + 1, claimant = %(claimant)s"
+        " FROM next WHERE f.id = next.id"
+        " AND (%(fresh)s = 0 OR (f.lease_gen = 0 AND f.attempts = 0 AND f.retry_count = 0))"
+        " RETURNING {prefixed_file_cols})"
         " SELECT claimed.*, b.status AS batch_status, b.name AS batch_name,"
         " b.work_path AS batch_work_path, b.priority AS batch_priority,"
         " b.total_files AS batch_total_files"

@@ -158,34 +158,97 @@ class SqlStore(SqlReads, SqlUpkeep):
 
         Order: priority rank, then registration order (``seq``).
         """
+        with self.db.transaction() as tx:
+            return self._claim(tx, now, None, fresh=False)
+
+    def _claim(self, tx: Tx, now: datetime, claimant: str | None, fresh: bool) -> FileTask | None:
+        """The claim, inside the caller's transaction; ``fresh``: only a never-tried head."""
         params = {
             "now": self.db.ts(now),
             "node_id": self.node_id,
             "lease_until": self.db.ts(now + self.lease),
+            "claimant": claimant,
+            "fresh": int(fresh),
         }
-        with self.db.transaction() as tx:
-            row = tx.one(self.q["claim"], params)
-            if row is None:
-                return None
-            file = file_row(row)
-            if row.get("batch_status") == Status.PROCESSING:
-                # PostgreSQL read the batch with the claim; a batch already
-                # processing keeps its status and counters when one more starts.
-                return FileTask(
-                    file=file,
-                    batch_name=row["batch_name"],
-                    work_path=row["batch_work_path"],
-                    priority=Priority(row["batch_priority"]),
-                    batch_files=int(row["batch_total_files"]),
-                )
-            batch = self._batch_for_claim(tx, file.batch_id, now)
+        row = tx.one(self.q["claim"], params)
+        if row is None:
+            return None
+        file = file_row(row)
+        if row.get("batch_status") == Status.PROCESSING:
+            # PostgreSQL read the batch with the claim; a batch already
+            # processing keeps its status and counters when one more starts.
             return FileTask(
                 file=file,
-                batch_name=batch.name,
-                work_path=batch.work_path,
-                priority=batch.priority,
-                batch_files=batch.total_files,
+                batch_name=row["batch_name"],
+                work_path=row["batch_work_path"],
+                priority=Priority(row["batch_priority"]),
+                batch_files=int(row["batch_total_files"]),
             )
+        batch = self._batch_for_claim(tx, file.batch_id, now)
+        return FileTask(
+            file=file,
+            batch_name=batch.name,
+            work_path=batch.work_path,
+            priority=batch.priority,
+            batch_files=batch.total_files,
+        )
+
+    def finish_and_claim(
+        self, file_id: str, outcome: Outcome, now: datetime, claimant: str
+    ) -> tuple[Settled | None, FileTask | None]:
+        """:meth:`finish_file`, and in the same transaction a worker's claim of its next file.
+
+        The claim takes the head of the queue's order (priority, then FIFO)
+        only when that file was never claimed (``lease_gen``, ``attempts`` and
+        ``retry_count`` 0): a re-queued file may need what only the daemon
+        does before a run (its input back from archive/, a refusal kept, a
+        queued move waited for, an attempt of it still running here stopped),
+        so then nothing is claimed and the daemon claims it as before.
+        The row records ``claimant`` (the worker's token): a worker that dies
+        before it reports the claim leaves a row the daemon finds by it
+        (:meth:`claimed_by`). One write transaction per file instead of two.
+        Nothing is claimed when the outcome is superseded (None, None).
+        """
+        self._check_final([(file_id, outcome, now)])
+        with self.db.transaction() as tx:
+            row = tx.one(self.q["finish"], self._finish_params(file_id, outcome, now))
+            if row is None:
+                if outcome.lease is None:
+                    raise StoreError(f"no file {file_id} in {self.db.where}")
+                return None, None
+            batch_id = str(row["batch_id"])
+            # SQLite serialises every writer: the batch is derived in the
+            # commit (as finish_many does); PostgreSQL derives it after, by
+            # the last of its files (finish_file).
+            batch = self._refresh_batch(tx, batch_id, now) if self._serialised else None
+            task = self._claim(tx, now, claimant, fresh=True)
+        crash_point("after_file_commit")
+        if batch is not None:
+            return Settled(batch, ended=batch.status.done), task
+        settled = self.settle_batch(batch_id, now)
+        if settled is None:
+            raise StoreError(f"batch of file {file_id} is no longer in {self.db.where}")
+        return settled, task
+
+    def claimed_by(self, claimant: str) -> list[FileTask]:
+        """The files still ``processing`` under a worker's own claim (``claimant``)."""
+        rows = self.db.read(self.q["claimed_by"], (claimant,))
+        tasks = []
+        for row in rows:
+            file = file_row(row)
+            batch = self.get_batch(file.batch_id)
+            if batch is None:
+                continue
+            tasks.append(
+                FileTask(
+                    file=file,
+                    batch_name=batch.name,
+                    work_path=batch.work_path,
+                    priority=batch.priority,
+                    batch_files=batch.total_files,
+                )
+            )
+        return tasks
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
         """Record one file's final outcome; returns its batch, re-derived. Atomic."""

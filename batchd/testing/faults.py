@@ -7,6 +7,8 @@ in a process of its own)::
                                        the way a power cut or SIGKILL would stop it:
                                        no cleanup, no flushing
     BATCHD_CRASH_AFTER=N               let the step pass N times first
+    BATCHD_CRASH_WORKER_ALONE=1        a crash in a worker ends that worker only (a
+                                       worker SIGKILLed or OOM-killed), not the node
     BATCHD_HANG_AT=<step>              block forever at that step (a wedged daemon,
                                        for proving the systemd watchdog stops being fed)
     BATCHD_HANG_AFTER_SECONDS=S        only once S seconds have passed since its first call
@@ -42,6 +44,7 @@ STEPS = (
     "after_dispatch",
     "after_result_write",
     "after_file_commit",
+    "after_worker_claim",
     "after_finish",
     "after_archive",
     "during_status_write",
@@ -70,6 +73,8 @@ class Armed:
     counter_path: str | None = None
     #: in a worker, the daemon's pid: the crash takes the daemon down too.
     daemon_pid: int | None = None
+    #: a worker's crash ends that worker alone (``BATCHD_CRASH_WORKER_ALONE``).
+    worker_alone: bool = False
 
     def crash_point(self, step: str) -> None:
         """Exit at once if armed to crash at ``step`` (after its passes are used up)."""
@@ -120,7 +125,7 @@ def arm_worker(daemon_pid: int) -> None:
     from batchd import faults
 
     armed = faults.armed()
-    if armed is not None:
+    if armed is not None and not armed.worker_alone:
         armed.daemon_pid = daemon_pid
 
 
@@ -176,6 +181,7 @@ def arm_from_env(env: Mapping[str, str]) -> Armed | None:
             with contextlib.suppress(ValueError):
                 signal.signal(CRASH_SIGNAL, lambda signum, frame: os._exit(CRASH_EXIT_CODE))
         armed.counter_path = counter
+        armed.worker_alone = env.get("BATCHD_CRASH_WORKER_ALONE", "") not in ("", "0")
     return armed
 
 

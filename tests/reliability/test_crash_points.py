@@ -24,30 +24,36 @@ from batchd.testing.faults import CRASH_EXIT_CODE, STEPS
 MID_BATCH_AFTER = {
     "after_claim": 2,
     "after_register": 2,
-    "after_dispatch": 4,
+    # The daemon dispatches a file only when no worker claimed it itself
+    # (issue 15): at least the first file of each idle worker, not every file.
+    "after_dispatch": 1,
     "after_result_write": 4,
     "after_file_commit": 4,
+    "after_worker_claim": 1,
     "after_finish": 4,
     "after_archive": 4,
     "during_status_write": 5,
 }
 CASES = [(step, 0) for step in STEPS] + [(step, MID_BATCH_AFTER[step]) for step in STEPS]
 #: ``make test`` runs these mid-batch crashes only (one restart each, ~4 s): a drop's
-#: registration (grouped), a worker's result, its lock-free commit and a status
-#: write; ``make test-slow`` (BATCHD_TEST_SLOW=1) runs every CASES, ``make torture``
-#: every pass of every step.
+#: registration (grouped), a worker's result, its lock-free commit, a status
+#: write and a worker's own claim of its next file; ``make test-slow``
+#: (BATCHD_TEST_SLOW=1) runs every CASES, ``make torture`` every pass of every step.
 QUICK_CASES = [
     (step, MID_BATCH_AFTER[step])
     for step in ("after_register", "after_result_write", "after_file_commit", "during_status_write")
-]
+] + [("after_worker_claim", 0)]  # a worker killed between its own claim and its report
 #: How often each step passes in one run of the three drops (fake.pdf is refused at
 #: registration, so 8 files are dispatched); status.json at least at each registration and end.
 PASSES = {
     "after_claim": 3,
     "after_register": 3,
-    "after_dispatch": 8,
+    "after_dispatch": 2,
     "after_result_write": 8,
     "after_file_commit": 8,
+    # A worker claims its next file only when the head of the queue is fresh
+    # after its success: at least twice in these drops, how often is timing.
+    "after_worker_claim": 2,
     "after_finish": 8,
     "after_archive": 8,
     "during_status_write": 6,
