@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ from batchd.watcher import Watcher
 
 if TYPE_CHECKING:
     from batchd.http import HttpServer
+
+#: How often the READY wait for the HTTP process looks for a stop signal.
+READY_POLL_SECONDS = 0.1
 
 log = structlog.get_logger("batchd.daemon")
 
@@ -383,18 +387,30 @@ class Daemon:
         waited in the listen backlog while the child imported and opened the
         store. Past the deadline READY=1 is sent anyway: files are the
         service, the API a part the supervisor keeps restarting; a failed
-        start-up would stop file processing for an API problem.
+        start-up would stop file processing for an API problem. A SIGTERM
+        meanwhile ends the wait (the stop is not held for the timeout).
         """
         timeout = self.settings.http.ready_timeout_seconds
-        if not http.wait_serving(timeout):
-            log.error(
-                "http_not_serving_at_ready",
-                timeout_seconds=timeout,
-                port=http.port,
-                detail="the HTTP process did not say it serves within"
-                " http.ready_timeout_seconds: READY=1 sent anyway, files are processed;"
-                " see http_process_died / the HTTP process's own events in this log",
-            )
+        deadline = time.monotonic() + timeout
+        # In slices: the signal handler only counts the stop (it may take no
+        # lock), so the wait looks at the count between slices.
+        while not http.wait_serving(min(READY_POLL_SECONDS, deadline - time.monotonic())):
+            if self._stop_signals:
+                log.info(
+                    "http_ready_wait_stopped",
+                    detail="a stop signal came while waiting for the HTTP process to serve",
+                )
+                return
+            if time.monotonic() >= deadline:
+                log.error(
+                    "http_not_serving_at_ready",
+                    timeout_seconds=timeout,
+                    port=http.port,
+                    detail="the HTTP process did not say it serves within"
+                    " http.ready_timeout_seconds: READY=1 sent anyway, files are processed;"
+                    " see http_process_died / the HTTP process's own events in this log",
+                )
+                return
 
     def _notify_ready(self) -> None:
         try:

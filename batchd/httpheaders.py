@@ -11,9 +11,13 @@ server, which the email parser let through:
 * a line that is not a field (no colon, an empty or non-token name,
   whitespace before the colon, a folded continuation line): 400, where the
   email parser silently took it and every line after it for a body;
-* two ``Content-Length`` fields that disagree: 400 (which one frames the
-  body is what request smuggling plays on);
+* a ``Content-Length`` that is not ASCII digits (``int()`` took ``+5``,
+  ``1_0`` or `` 5``, a length a proxy in front reads otherwise or not at
+  all), or two that disagree: 400 (which one frames the body is what
+  request smuggling plays on);
 * two ``Host`` fields: 400 (the Host guard checks one name);
+* two ``Authorization`` fields: 400 (the token check reads the first, a
+  proxy in front may have checked the last);
 * a CR or NUL byte inside a value: 400.
 
 The result is a :class:`email.message.Message`, as before, so every reader
@@ -36,6 +40,8 @@ MAX_HEADERS = 100
 # RFC 9110 section 5.6.2: a field name is a token.
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _END = (b"\r\n", b"\n", b"")
+# RFC 9112 section 6.3: Content-Length = 1*DIGIT, nothing else.
+_LENGTH = re.compile(rb"[0-9]+")
 
 
 class Lines(Protocol):
@@ -54,6 +60,7 @@ def read_headers(rfile: Lines) -> Message:
     count = 0
     lengths: set[bytes] = set()
     hosts = 0
+    authorizations = 0
     while True:
         line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
         if len(line) > MAX_HEADER_LINE_BYTES:
@@ -73,6 +80,9 @@ def read_headers(rfile: Lines) -> Message:
             raise Refusal(400, f"header {name.decode('latin-1')!r} holds a CR or NUL byte")
         lower = name.lower()
         if lower == b"content-length":
+            if _LENGTH.fullmatch(value) is None:
+                shown = value[:40].decode("latin-1")
+                raise Refusal(400, f"Content-Length must be a byte count in digits, not {shown!r}")
             lengths.add(value)
             if len(lengths) > 1:
                 raise Refusal(400, "two Content-Length headers that disagree")
@@ -80,6 +90,10 @@ def read_headers(rfile: Lines) -> Message:
             hosts += 1
             if hosts > 1:
                 raise Refusal(400, "more than one Host header")
+        elif lower == b"authorization":
+            authorizations += 1
+            if authorizations > 1:
+                raise Refusal(400, "more than one Authorization header: send one token")
         # Latin-1, as http.client decodes header text (a UTF-8 token is
         # encoded back to its bytes by httpguard).
         message[name.decode("latin-1")] = value.decode("latin-1")

@@ -186,10 +186,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         except Refusal as exc:
             self.send_error(exc.status, exc.message)
             return False
-        conntype = self.headers.get("Connection", "").lower()
-        if conntype == "close":
+        # A list of options (RFC 9110 section 7.6.1), in any of the fields:
+        # "close" among them ends the connection after the answer (RFC 9112
+        # section 9.6), whatever else they say; http.server took only a
+        # field that was exactly "close".
+        options = {
+            option.strip().lower()
+            for field in self.headers.get_all("Connection", [])
+            for option in field.split(",")
+        }
+        if "close" in options:
             self.close_connection = True
-        elif conntype == "keep-alive":
+        elif "keep-alive" in options:
             self.close_connection = False
         expect = self.headers.get("Expect", "")
         if expect.lower() == "100-continue" and self.request_version >= "HTTP/1.1":

@@ -133,7 +133,10 @@ class Handler(RequestHandler):
         url = urlsplit(self.path)
         route, batch_ref = _route(url.path)
         self._route_name = route
-        if route != "upload" and (
+        # Only a POST upload reads its body: any other request's (a GET on the
+        # upload route too, refused 405 or 401 unread) would be read as the
+        # next request on a kept-alive connection.
+        if not (route == "upload" and self.command == "POST") and (
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
             or "Transfer-Encoding" in self.headers
         ):

@@ -609,6 +609,10 @@ def test_bad_request_line_is_refused(srv: Harness, line: bytes, status: int) -> 
         (b"Host: 127.0.0.1\r\n", 400, "more than one Host"),
         (b"X-A: a\rb\r\n", 400, "CR or NUL"),
         (b"X-A: a\x00b\r\n", 400, "CR or NUL"),
+        (b"Content-Length: +0\r\n", 400, "Content-Length must be a byte count"),
+        (b"Content-Length: 1_0\r\n", 400, "Content-Length must be a byte count"),
+        (b"Content-Length: 0x0\r\n", 400, "Content-Length must be a byte count"),
+        (b"Authorization: Bearer a\r\nauthorization: Bearer b\r\n", 400, "Authorization"),
         (b"".join(b"X-%d: v\r\n" % i for i in range(100)), 431, "more than 100 header"),
     ],
 )
@@ -643,6 +647,78 @@ def test_header_block_within_the_rules_is_read(srv: Harness) -> None:
             assert json.loads(resp.read())["success"] is True
     finally:
         sock.close()
+
+
+def _exchange_until_close(port: int, data: bytes) -> bytes:
+    """Send ``data`` and read until the server closes (an AssertionError if it keeps it open)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.settimeout(10)
+    out = b""
+    try:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            out += chunk
+    except TimeoutError:
+        raise AssertionError(f"connection kept open after {out!r}") from None
+    finally:
+        sock.close()
+    return out
+
+
+SMUGGLED = b"GET /smuggled-next HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"405"),
+        (b"HEAD /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"405"),
+        (b"GET /api/batch/upload HTTP/1.1\r\nHost: evil.example\r\n", b"421"),
+    ],
+)
+def test_an_unread_body_on_the_upload_route_ends_the_connection(
+    srv: Harness, head: bytes, status: bytes
+) -> None:
+    """A non-POST on the upload route with a body it does not read answers and closes:
+    the body (here a whole request) is never served as the next request."""
+    length = b"Content-Length: %d\r\n\r\n" % len(SMUGGLED)
+    out = _exchange_until_close(srv.port, head + length + SMUGGLED)
+    assert out.startswith(b"HTTP/1.1 " + status), out
+    assert out.count(b"HTTP/1.1 ") == 1 and b"smuggled-next" not in out, out
+    assert b"\r\nConnection: close\r\n" in out
+
+
+def test_an_unread_body_refused_401_on_the_upload_route_ends_the_connection(
+    make_server: Callable[..., Harness],
+) -> None:
+    """A GET on the upload route without its token, with a body: 401 and closed, the body unread."""
+    srv = make_server(http={"token": "s3cret"})
+    head = b"GET /api/batch/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    out = _exchange_until_close(
+        srv.port, head + b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED
+    )
+    assert out.startswith(b"HTTP/1.1 401"), out
+    assert out.count(b"HTTP/1.1 ") == 1, out
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Connection: keep-alive, close\r\n",
+        b"Connection: close, upgrade\r\n",
+        b"Connection: keep-alive\r\nConnection: Close\r\n",
+    ],
+)
+def test_close_among_the_connection_options_ends_the_connection(
+    srv: Harness, fields: bytes
+) -> None:
+    """ "close" anywhere in the Connection options (RFC 9112 9.6) closes after the answer:
+    a request sent behind it on the same connection is not served."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n"
+    out = _exchange_until_close(srv.port, head + SMUGGLED)
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert out.count(b"HTTP/1.1 ") == 1, out
+    assert b"\r\nConnection: close\r\n" in out
 
 
 def test_huge_request_line_is_414(srv: Harness) -> None:

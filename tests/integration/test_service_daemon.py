@@ -209,6 +209,23 @@ def test_ready_sent_at_deadline_when_http_never_serves(tmp_path: Path, notify_di
         listener.close()
 
 
+def test_sigterm_during_the_ready_wait_stops_the_daemon(tmp_path: Path, notify_dir: Path) -> None:
+    """A SIGTERM while start-up waits for an HTTP process that never serves ends the wait:
+    the daemon stops cleanly, not after http.ready_timeout_seconds."""
+    # Far past the stop deadline below: only an ended wait lets it exit in time.
+    d = DaemonProcess(tmp_path, http={"enabled": True, "port": 0, "ready_timeout_seconds": 600.0})
+    listener = NotifyListener(notify_dir / "notify.sock")
+    try:
+        d.start(wait=False, NOTIFY_SOCKET=str(listener.path), BATCHD_HANG_AT="http_before_serving")
+        wait_until(lambda: d.events("http_process_started"), 30, what=f"HTTP child\n{d.log()}")
+        assert d.stop(timeout=60) == 0
+        assert d.events("http_ready_wait_stopped")
+        assert not d.events("http_not_serving_at_ready")
+    finally:
+        d.stop()
+        listener.close()
+
+
 def test_watchdog_pings_stop_when_scheduler_is_wedged(tmp_path: Path, notify_dir: Path) -> None:
     """A scheduler loop stuck in a turn stops the WATCHDOG=1 pings while the process lives."""
     d = DaemonProcess(tmp_path)
