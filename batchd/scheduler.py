@@ -292,6 +292,23 @@ class Scheduler:
         limit: what the daemon's own claim would do is done here.
         """
         file = task.file
+        known = self.outcomes.running.get(file.id)
+        if known is not None and known.task.file.lease_gen > file.lease_gen:
+            # Re-queued (an operator's UPDATE) and claimed again here while the
+            # worker's message was still in its pipe: that claim is stale. Stop
+            # its attempt; following it would drop the new one's outcome and
+            # leave the file processing with no one running it.
+            if job is not None:
+                self.pool.cancel(file.id, file.lease_gen)
+            log.warning(
+                "worker_claim_superseded",
+                batch_id=file.batch_id,
+                file_id=file.id,
+                relpath=file.relpath,
+                lease=file.lease_gen,
+                current_lease=known.task.file.lease_gen,
+            )
+            return
         if job is None or job.delivery is None:
             if self.pool.idle() > 0 and not self.stopping:
                 self._start(task)
