@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from batchd.errors import StoreError
 from batchd.messages import Done, Lost
 from batchd.recorder import Recorder
 from batchd.records import FileTask, Status
-from batchd.worker import _Permit
+from batchd.worker import _Permit, run_job
 
 
 @pytest.fixture
@@ -282,3 +283,44 @@ def test_a_claim_reported_after_the_file_was_claimed_again_stays_superseded(
     c = w.file(batch, "c.csv")
     assert c.status == Status.FAILED
     assert fresh.file_id not in w.scheduler.outcomes.running
+
+
+def test_a_claim_committed_before_the_record_failed_goes_back_to_pending(
+    world: World, recorder: Recorder
+) -> None:
+    """The store commits a worker's success and claim, then fails (PostgreSQL derives
+    the batch after the commit): the worker says its claim is unknown, and the daemon
+    gives that file back to the queue unspent instead of leaving it processing."""
+    w = world
+    batch = w.batch("b", ("a.csv", "b.csv"))
+    w.turn()
+    job = w.pool.jobs.pop(w.pool.job("a.csv").file_id)
+    store = recorder._opened()
+    finish_and_claim = store.finish_and_claim
+
+    def committed_then_failed(*args: Any) -> Any:
+        finish_and_claim(*args)
+        raise StoreError("connection lost after the commit")
+
+    store.finish_and_claim = committed_then_failed  # type: ignore[method-assign]
+    parent, child = multiprocessing.Pipe()
+    with capture_logs() as logs:
+        done = run_job(job, w.settings, child, recorder, lambda: "tok")
+    assert isinstance(done, Done) and done.recorded is None
+    assert "worker_record_deferred" in [e["event"] for e in logs]
+    assert w.file(batch, "b.csv").status == Status.PROCESSING  # claimed, unreported
+    # As the pool reads it (WorkerPool._drain): its lease, and the worker's token.
+    w.pool.events.append(replace(done, lease=job.lease))
+    if getattr(done, "claim_unknown", False):
+        w.pool.unsure_tokens.append("tok")
+    with capture_logs() as logs:
+        w.turn()
+    b = w.file(batch, "b.csv")
+    # Given back unspent, and the daemon's own dispatch runs it at once.
+    assert b.id in w.scheduler.outcomes.running
+    assert w.pool.job("b.csv").lease == b.lease_gen
+    assert (b.status, b.attempts, b.retry_count) == (Status.PROCESSING, 1, 0)
+    assert "worker_claim_returned" in [e["event"] for e in logs]
+    assert w.file(batch, "a.csv").status == Status.COMPLETED
+    parent.close()
+    child.close()
