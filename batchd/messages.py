@@ -96,6 +96,11 @@ class Done:
     #: the worker's resident size after the job, measured by the worker
     #: (the pool replaces a worker grown past worker_recycle_rss_mb).
     rss_bytes: int = 0
+    #: the worker offered a claim in the commit of its success but its record
+    #: failed (``recorded`` None): the store may have committed that claim
+    #: before the error (PostgreSQL derives the batch after the commit), so
+    #: the daemon looks its claims up by the worker's token.
+    claim_unknown: bool = False
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,8 @@ class WorkerPool:
         self._claims_allowed = False
         #: tokens of the workers gone since the last take_dead_tokens().
         self._gone_tokens: list[str] = []
+        #: tokens of live workers whose record (and so claim) failed unanswered.
+        self._unsure_tokens: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -266,6 +268,12 @@ class WorkerPool:
         tokens, self._gone_tokens = self._gone_tokens, []
         return tokens
 
+    def take_unsure_tokens(self) -> list[str]:
+        """The tokens of live workers whose claim may have committed unanswered
+        (``Done.claim_unknown``) since the last call: idle now, they run none."""
+        tokens, self._unsure_tokens = self._unsure_tokens, []
+        return tokens
+
     # -- state -----------------------------------------------------------------
 
     def idle(self) -> int:
@@ -376,6 +384,8 @@ class WorkerPool:
                     events.append(replace(message, lease=worker.job.lease))
                 elif isinstance(message, Done | Failed):
                     events.append(replace(message, lease=worker.job.lease))
+                    if isinstance(message, Done) and message.claim_unknown:
+                        self._unsure_tokens.append(worker.token)
                     started = None
                     if isinstance(message, Done) and message.recorded is not None:
                         started = message.recorded.started

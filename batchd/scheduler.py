@@ -91,6 +91,9 @@ class Scheduler:
         self.outcomes.adopt = self._adopt
         #: tokens of gone workers whose own claims are still to be looked for.
         self._gone: list[str] = []
+        #: tokens of live workers whose record failed after it may have
+        #: committed their claim (Done.claim_unknown): looked for, given back.
+        self._unsure: list[str] = []
         #: files a worker claimed itself but could not start, and no worker was
         #: idle to take: back to the queue at the next turn (not an attempt).
         self._give_back: list[FileTask] = []
@@ -196,6 +199,7 @@ class Scheduler:
         for event in events:
             self.outcomes.handle(event)
         self._gone += self.pool.take_dead_tokens()
+        self._unsure += self.pool.take_unsure_tokens()
         self.outcomes.guarded(self._sweep_gone)
         self.outcomes.guarded(self.outcomes.commit)
         self.outcomes.guarded(self.outcomes.flush)
@@ -292,6 +296,23 @@ class Scheduler:
         limit: what the daemon's own claim would do is done here.
         """
         file = task.file
+        known = self.outcomes.running.get(file.id)
+        if known is not None and known.task.file.lease_gen > file.lease_gen:
+            # Re-queued (an operator's UPDATE) and claimed again here while the
+            # worker's message was still in its pipe: that claim is stale. Stop
+            # its attempt; following it would drop the new one's outcome and
+            # leave the file processing with no one running it.
+            if job is not None:
+                self.pool.cancel(file.id, file.lease_gen)
+            log.warning(
+                "worker_claim_superseded",
+                batch_id=file.batch_id,
+                file_id=file.id,
+                relpath=file.relpath,
+                lease=file.lease_gen,
+                current_lease=known.task.file.lease_gen,
+            )
+            return
         if job is None or job.delivery is None:
             if self.pool.idle() > 0 and not self.stopping:
                 self._start(task)
@@ -328,6 +349,25 @@ class Scheduler:
             task = self._give_back[0]
             self.store.requeue([task.file.id], {task.file.id: task.file.lease_gen})
             self._give_back.pop(0)
+        while self._unsure:
+            # The worker lives and is idle (its record failed, so it started
+            # nothing): a claim the store committed before failing is back to
+            # pending, unspent, instead of processing with no one running it
+            # until its lease (PostgreSQL) or the next start (SQLite) ends.
+            for task in self.store.claimed_by(self._unsure[0]):
+                file = task.file
+                if self._follows(task):
+                    continue
+                log.warning(
+                    "worker_claim_returned",
+                    batch_id=file.batch_id,
+                    file_id=file.id,
+                    relpath=file.relpath,
+                    lease=file.lease_gen,
+                )
+                self.store.requeue([file.id], {file.id: file.lease_gen})
+                self.outcomes.dirty.add(file.batch_id)
+            self._unsure.pop(0)
         while self._gone:
             for task in self.store.claimed_by(self._gone[0]):
                 file = task.file
@@ -468,8 +508,9 @@ class Scheduler:
         file a moment before (its permit read just before it was withdrawn):
         cut short by us, so the attempt is not spent (as ``shutdown_requeued``).
         """
-        tokens = self._gone + self.pool.take_dead_tokens()
-        self._gone = []
+        tokens = self._gone + self._unsure + self.pool.take_dead_tokens()
+        tokens += self.pool.take_unsure_tokens()
+        self._gone, self._unsure = [], []
         try:
             for token in tokens:
                 # Not the files followed here: requeued above, or their
@@ -507,6 +548,7 @@ class Scheduler:
             for event in events:
                 self.outcomes.handle(event)
             self._gone += self.pool.take_dead_tokens()
+            self._unsure += self.pool.take_unsure_tokens()
             self.outcomes.guarded(self._sweep_gone)
             self.outcomes.guarded(self._beat)
             self.outcomes.guarded(self.outcomes.commit)

@@ -250,6 +250,7 @@ def run_job(
                 error = f"cannot write the result file: {exc.strerror or exc}"
                 return Failed(job.file_id, error, False, time.monotonic() - started)
         recorded = None
+        token = None
         if job.delivery is not None and job.delivery.record and recorder is not None:
             crash_point("after_result_write")
             token = claimant() if claimant is not None and job.delivery.may_claim else None
@@ -263,6 +264,7 @@ def run_job(
             time.monotonic() - started,
             ended,
             recorded=recorded,
+            claim_unknown=recorded is None and token is not None,
         )
     except PermanentError as exc:
         return Failed(job.file_id, _describe(exc), True, time.monotonic() - started)

@@ -51,6 +51,8 @@ class FakePool:
         self.claims_allowed = False
         #: tokens of workers a test says are gone (WorkerPool.take_dead_tokens).
         self.gone_tokens: list[str] = []
+        #: tokens whose claim a test says may have committed unanswered.
+        self.unsure_tokens: list[str] = []
         #: tokens of the workers a test says run until the pool stops.
         self.tokens_at_stop: list[str] = []
 
@@ -83,6 +85,10 @@ class FakePool:
 
     def take_dead_tokens(self) -> list[str]:
         tokens, self.gone_tokens = self.gone_tokens, []
+        return tokens
+
+    def take_unsure_tokens(self) -> list[str]:
+        tokens, self.unsure_tokens = self.unsure_tokens, []
         return tokens
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import pytest
 from schedworld import DEFAULTS, World, make_world
 from structlog.testing import capture_logs
 
+from batchd.clock import iso
 from batchd.errors import StoreError
-from batchd.messages import Lost
+from batchd.messages import Done, Lost
 from batchd.recorder import Recorder
 from batchd.records import FileTask, Status
-from batchd.worker import _Permit
+from batchd.worker import _Permit, run_job
 
 
 @pytest.fixture
@@ -32,6 +34,18 @@ def world(tmp_path: Path) -> Iterator[World]:
 @pytest.fixture
 def recorder(world: World) -> Iterator[Recorder]:
     recorder = Recorder(world.settings, None)
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path, **{**DEFAULTS, "concurrency": 2})
+
+
+@pytest.fixture
+def recorder2(two_workers: World) -> Iterator[Recorder]:
+    recorder = Recorder(two_workers.settings, None)
     yield recorder
     recorder.close()
 
@@ -220,3 +234,93 @@ def test_the_worker_reads_its_permit_and_the_daemons_messages_before_claiming(
     # Grown past processing.worker_recycle_rss_mb: the daemon replaces it, no claim.
     assert _Permit(child, "tok", flag, reloads.append, lambda: 1)() is None
     assert _Permit(child, "tok", flag, reloads.append, lambda: 1 << 20)() == "tok"
+
+
+def test_a_claim_reported_after_the_file_was_claimed_again_stays_superseded(
+    two_workers: World, recorder2: Recorder
+) -> None:
+    """An operator re-queues a file its worker just claimed and the daemon claims it
+    again before the worker's Done is read: the stale claim is stopped, and the daemon
+    keeps following the new attempt (its timeout ends the file, never stuck processing)."""
+    w = two_workers
+    batch = w.batch("b", ("a.csv", "b.csv", "c.csv"))
+    w.turn()
+    job_a, recorded = w.pool.done_recorded("a.csv", recorder2, claimant="tok", report=False)
+    assert recorded is not None and recorded.claimed is not None
+    assert recorded.started is not None
+    stale = recorded.started
+    # The operator's re-queue of the file the worker runs now (lease 1).
+    w.store.requeue([stale.file_id])
+    w.turn()
+    fresh = w.pool.job("c.csv")
+    assert fresh.lease == stale.lease + 1
+    cancelled: list[tuple[str, int]] = []
+
+    def cancel(file_id: str, lease: int) -> bool:
+        # The fake pool keys jobs by file: the stale attempt is not among them.
+        cancelled.append((file_id, lease))
+        return True
+
+    w.pool.cancel = cancel  # type: ignore[method-assign]
+    w.pool.events.append(
+        Done(
+            job_a.file_id,
+            {},
+            "sha256:x",
+            1,
+            0.1,
+            completed_at=iso(w.clock.now()),
+            lease=job_a.lease,
+            recorded=recorded,
+        )
+    )
+    w.turn()
+    running = w.scheduler.outcomes.running[fresh.file_id]
+    assert running.task.file.lease_gen == fresh.lease
+    assert cancelled == [(stale.file_id, stale.lease)]
+    w.pool.timed_out("c.csv")
+    w.turn()
+    c = w.file(batch, "c.csv")
+    assert c.status == Status.FAILED
+    assert fresh.file_id not in w.scheduler.outcomes.running
+
+
+def test_a_claim_committed_before_the_record_failed_goes_back_to_pending(
+    world: World, recorder: Recorder
+) -> None:
+    """The store commits a worker's success and claim, then fails (PostgreSQL derives
+    the batch after the commit): the worker says its claim is unknown, and the daemon
+    gives that file back to the queue unspent instead of leaving it processing."""
+    w = world
+    batch = w.batch("b", ("a.csv", "b.csv"))
+    w.turn()
+    job = w.pool.jobs.pop(w.pool.job("a.csv").file_id)
+    store = recorder._opened()
+    finish_and_claim = store.finish_and_claim
+
+    def committed_then_failed(*args: Any) -> Any:
+        finish_and_claim(*args)
+        raise StoreError("connection lost after the commit")
+
+    store.finish_and_claim = committed_then_failed  # type: ignore[method-assign]
+    parent, child = multiprocessing.Pipe()
+    with capture_logs() as logs:
+        done = run_job(job, w.settings, child, recorder, lambda: "tok")
+    assert isinstance(done, Done) and done.recorded is None
+    assert "worker_record_deferred" in [e["event"] for e in logs]
+    assert w.file(batch, "b.csv").status == Status.PROCESSING  # claimed, unreported
+    # As the pool reads it (WorkerPool._drain): its lease, and the worker's token.
+    w.pool.events.append(replace(done, lease=job.lease))
+    if getattr(done, "claim_unknown", False):
+        w.pool.unsure_tokens.append("tok")
+    with capture_logs() as logs:
+        w.turn()
+    b = w.file(batch, "b.csv")
+    # Given back unspent, and the daemon's own dispatch runs it at once.
+    assert b.id in w.scheduler.outcomes.running
+    assert w.pool.job("b.csv").lease == b.lease_gen
+    assert (b.status, b.attempts, b.retry_count) == (Status.PROCESSING, 1, 0)
+    assert "worker_claim_returned" in [e["event"] for e in logs]
+    assert w.file(batch, "a.csv").status == Status.COMPLETED
+    parent.close()
+    child.close()
