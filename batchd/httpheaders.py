@@ -18,7 +18,10 @@ server, which the email parser let through:
 * two ``Host`` fields: 400 (the Host guard checks one name);
 * two ``Authorization`` fields: 400 (the token check reads the first, a
   proxy in front may have checked the last);
-* a CR or NUL byte inside a value: 400.
+* a CR or NUL byte inside a value: 400;
+* a header block the connection's end cut off (no blank line): 400, where
+  the email parser took what had come as the whole request and it was
+  answered.
 
 The result is a :class:`email.message.Message`, as before, so every reader
 (``get``, ``in``, ``get_all``) behaves as it did.
@@ -39,7 +42,7 @@ MAX_HEADERS = 100
 
 # RFC 9110 section 5.6.2: a field name is a token.
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_END = (b"\r\n", b"\n", b"")
+_END = (b"\r\n", b"\n")
 # RFC 9112 section 6.3: Content-Length = 1*DIGIT, nothing else.
 _LENGTH = re.compile(rb"[0-9]+")
 
@@ -67,6 +70,10 @@ def read_headers(rfile: Lines) -> Message:
             raise Refusal(431, f"a header line is over {MAX_HEADER_LINE_BYTES} bytes")
         if line in _END:
             break
+        if not line or not line.endswith(b"\n"):
+            # The connection ended inside the header block: an incomplete
+            # request (RFC 9112 section 8) is not acted on, however it began.
+            raise Refusal(400, "the connection ended before the header block did")
         count += 1
         if count > MAX_HEADERS:
             raise Refusal(431, f"more than {MAX_HEADERS} header fields")

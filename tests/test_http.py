@@ -629,6 +629,29 @@ def test_malformed_header_block_is_refused(
     assert srv.get("/healthz").status == 200
 
 
+@pytest.mark.parametrize(
+    "cut",
+    [b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nX-Half: no line end"],
+    ids=["after a full line", "inside a line"],
+)
+def test_a_header_block_cut_off_by_the_connection_is_not_acted_on(
+    srv: Harness, cut: bytes
+) -> None:
+    """A request whose connection ends before the blank line that closes its header
+    block is incomplete: refused 400, not answered as if it were whole."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        sock.sendall(b"GET /api/batch/jobs HTTP/1.1\r\n" + cut)
+        sock.shutdown(socket.SHUT_WR)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 400
+        assert "before the header block" in json.loads(resp.read())["error"]
+    finally:
+        sock.close()
+    assert srv.get("/healthz").status == 200
+
+
 def test_header_block_within_the_rules_is_read(srv: Harness) -> None:
     """99 more fields (100 in all), a repeated equal Content-Length, values with
     surrounding blanks and a bare-LF line are read; the connection stays open for the next."""
