@@ -634,9 +634,7 @@ def test_malformed_header_block_is_refused(
     [b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nX-Half: no line end"],
     ids=["after a full line", "inside a line"],
 )
-def test_a_header_block_cut_off_by_the_connection_is_not_acted_on(
-    srv: Harness, cut: bytes
-) -> None:
+def test_a_header_block_cut_off_by_the_connection_is_not_acted_on(srv: Harness, cut: bytes) -> None:
     """A request whose connection ends before the blank line that closes its header
     block is incomplete: refused 400, not answered as if it were whole."""
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
