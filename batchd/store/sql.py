@@ -31,6 +31,7 @@ from batchd.errors import AlreadyRegistered, NameTaken, StoreError
 from batchd.faults import crash_point
 from batchd.records import (
     BatchRow,
+    FileRow,
     FileTask,
     NewBatch,
     Outcome,
@@ -184,14 +185,7 @@ class SqlStore(SqlReads, SqlUpkeep):
                 priority=Priority(row["batch_priority"]),
                 batch_files=int(row["batch_total_files"]),
             )
-        batch = self._batch_for_claim(tx, file.batch_id, now)
-        return FileTask(
-            file=file,
-            batch_name=batch.name,
-            work_path=batch.work_path,
-            priority=batch.priority,
-            batch_files=batch.total_files,
-        )
+        return _task(file, self._batch_for_claim(tx, file.batch_id, now))
 
     def finish_and_claim(
         self, file_id: str, outcome: Outcome, now: datetime, claimant: str
@@ -237,17 +231,8 @@ class SqlStore(SqlReads, SqlUpkeep):
         for row in rows:
             file = file_row(row)
             batch = self.get_batch(file.batch_id)
-            if batch is None:
-                continue
-            tasks.append(
-                FileTask(
-                    file=file,
-                    batch_name=batch.name,
-                    work_path=batch.work_path,
-                    priority=batch.priority,
-                    batch_files=batch.total_files,
-                )
-            )
+            if batch is not None:
+                tasks.append(_task(file, batch))
         return tasks
 
     def finish(self, file_id: str, outcome: Outcome, now: datetime) -> BatchRow:
@@ -521,3 +506,14 @@ class SqlStore(SqlReads, SqlUpkeep):
             if started is not None:
                 return batch_row(started)
         return self._refresh_batch(tx, batch_id, now)
+
+
+def _task(file: FileRow, batch: BatchRow) -> FileTask:
+    """A claimed file with what its attempt needs of its batch."""
+    return FileTask(
+        file=file,
+        batch_name=batch.name,
+        work_path=batch.work_path,
+        priority=batch.priority,
+        batch_files=batch.total_files,
+    )
