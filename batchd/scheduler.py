@@ -42,7 +42,7 @@ from batchd.config import Settings
 from batchd.errors import StoreError
 from batchd.faults import crash_point, hang_point
 from batchd.members import batch_limit_error
-from batchd.messages import Delivery, Job
+from batchd.messages import Job
 from batchd.metrics import Metrics
 from batchd.outage import DB_RETRY_MIN_SECONDS
 from batchd.outbox import Outbox, ResultSyncer
@@ -53,6 +53,7 @@ from batchd.records import FileRow, FileTask, Status
 from batchd.safefs import UnsafePath
 from batchd.spool import Spool
 from batchd.store import Store
+from batchd.worker import job_for
 
 log = structlog.get_logger("batchd.scheduler")
 
@@ -198,8 +199,6 @@ class Scheduler:
             self.outcomes.guarded(self.store.drain_notifications)
         for event in events:
             self.outcomes.handle(event)
-        self._gone += self.pool.take_dead_tokens()
-        self._unsure += self.pool.take_unsure_tokens()
         self.outcomes.guarded(self._sweep_gone)
         self.outcomes.guarded(self.outcomes.commit)
         self.outcomes.guarded(self.outcomes.flush)
@@ -345,6 +344,9 @@ class Scheduler:
         worker died. Fenced: a file this node follows under the same claim
         (reported, its worker's death handled as a Lost) is left alone.
         """
+        # Kept until looked for: a database error midway leaves them for the next turn.
+        self._gone += self.pool.take_dead_tokens()
+        self._unsure += self.pool.take_unsure_tokens()
         while self._give_back:
             task = self._give_back[0]
             self.store.requeue([task.file.id], {task.file.id: task.file.lease_gen})
@@ -373,13 +375,7 @@ class Scheduler:
                 file = task.file
                 if self._follows(task):
                     continue
-                running = Running(
-                    task,
-                    choose(self.settings, file.relpath),
-                    file.started_at or iso(self.clock.now()),
-                    self.clock.monotonic(),
-                    str(self.spool.result_path(task.batch_name, file.relpath)),
-                )
+                running = self._running(task, choose(self.settings, file.relpath))
                 self.outcomes.running[file.id] = running
                 self.outcomes.dirty.add(file.batch_id)
                 log.warning(
@@ -394,6 +390,17 @@ class Scheduler:
                     "worker process died after claiming the file, before reporting the claim",
                 )
             self._gone.pop(0)
+
+    def _running(self, task: FileTask, processor: str) -> Running:
+        """This node's record of an attempt at ``task``'s file, from its claim."""
+        file = task.file
+        return Running(
+            task,
+            processor,
+            file.started_at or iso(self.clock.now()),
+            self.clock.monotonic(),
+            str(self.spool.result_path(task.batch_name, file.relpath)),
+        )
 
     def _follows(self, task: FileTask) -> bool:
         """Whether this node follows that very claim of the file (reported to it)."""
@@ -436,13 +443,7 @@ class Scheduler:
             # A re-queued input whose way back from archive/failed is a link now.
             path, unsafe = None, exc.message
         processor = choose(self.settings, file.relpath)
-        running = Running(
-            task,
-            processor,
-            file.started_at or iso(self.clock.now()),
-            self.clock.monotonic(),
-            str(self.spool.result_path(task.batch_name, file.relpath)),
-        )
+        running = self._running(task, processor)
         self.outcomes.running[file.id] = running
         self.outcomes.dirty.add(file.batch_id)
         if path is None:
@@ -456,35 +457,15 @@ class Scheduler:
             # `batchd retry` or an operator's UPDATE): it keeps its refusal.
             self.outcomes.fail(running, refusal)
             return
-        delivery = Delivery(
-            file=file,
-            started_at=running.started_at,
-            result_path=running.result_path,
-            outputs_path=str(self.spool.outputs_path(task.batch_name, file.relpath)),
-            # The worker makes the result durable, commits the success and
-            # moves the input itself (batchd.recorder); failures come here.
-            fsync=True,
-            spool_root=str(self.spool.root),
-            record=True,
-            work_path=task.work_path,
-            batch_name=task.batch_name,
-            max_inline_result_bytes=self.settings.limits.max_inline_result_bytes,
-            # and may then claim its next file in the same commit (issue 15)
-            may_claim=self.settings.processing.worker_claims,
-        )
-        scratch = self.spool.scratch_for(file.id)
         self.pool.submit(
-            Job(
-                file.id,
-                file.batch_id,
-                file.relpath,
+            job_for(
+                task,
                 str(path),
                 processor,
-                str(scratch),
-                delivery,
-                lease=file.lease_gen,
-                file_dev=file.file_dev,
-                file_ino=file.file_ino,
+                running.started_at,
+                self.spool,
+                self.settings,
+                may_claim=self.settings.processing.worker_claims,
             )
         )
         crash_point("after_dispatch")
@@ -547,8 +528,6 @@ class Scheduler:
                         pass
             for event in events:
                 self.outcomes.handle(event)
-            self._gone += self.pool.take_dead_tokens()
-            self._unsure += self.pool.take_unsure_tokens()
             self.outcomes.guarded(self._sweep_gone)
             self.outcomes.guarded(self._beat)
             self.outcomes.guarded(self.outcomes.commit)

@@ -294,9 +294,30 @@ def claimed_job(task: FileTask, settings: Settings, spool: Spool) -> Job | None:
     if not os.path.lexists(path):
         return None
     processor = choose(settings, file.relpath)
+    started_at = file.started_at or iso(datetime.now(UTC))
+    return job_for(task, str(path), processor, started_at, spool, settings, may_claim=True)
+
+
+def job_for(
+    task: FileTask,
+    path: str,
+    processor: str,
+    started_at: str,
+    spool: Spool,
+    settings: Settings,
+    may_claim: bool,
+) -> Job:
+    """The job of one attempt at ``task``'s file, read from ``path``: the daemon's
+    dispatch and a worker's own claim build it alike.
+
+    The worker makes the result durable, commits the success and moves the
+    input itself (:mod:`batchd.recorder`); failures go to the daemon. With
+    ``may_claim`` it may then claim its next file in the same commit (issue 15).
+    """
+    file = task.file
     delivery = Delivery(
         file=file,
-        started_at=file.started_at or iso(datetime.now(UTC)),
+        started_at=started_at,
         result_path=str(spool.result_path(task.batch_name, file.relpath)),
         outputs_path=str(spool.outputs_path(task.batch_name, file.relpath)),
         fsync=True,
@@ -305,13 +326,13 @@ def claimed_job(task: FileTask, settings: Settings, spool: Spool) -> Job | None:
         work_path=task.work_path,
         batch_name=task.batch_name,
         max_inline_result_bytes=settings.limits.max_inline_result_bytes,
-        may_claim=True,
+        may_claim=may_claim,
     )
     return Job(
         file.id,
         file.batch_id,
         file.relpath,
-        str(path),
+        path,
         processor,
         str(spool.scratch_for(file.id)),
         delivery,
