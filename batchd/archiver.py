@@ -276,20 +276,19 @@ class Archiver:
                 self._idle.notify_all()
 
     def _write_first(self, batch_ids: list[str]) -> None:
-        live: list[BatchRow] = []
-        for batch_id in batch_ids:
-            try:
-                row = self.outbox.store.get_batch(batch_id)
-            except BatchdError as exc:
+        try:
+            # One read for the whole group: a deep queue of loose drops makes
+            # these hundreds at a time (issue 15).
+            snaps = self.outbox.store.snapshots(batch_ids)
+        except BatchdError as exc:
+            for batch_id in batch_ids:
                 log.error("status_write_failed", batch_id=batch_id, error=str(exc))
-                continue
-            if row is None or row.status.done:
-                # Ended (or deleted) meanwhile: the end wrote, or writes, the
-                # final document, and recovery rewrites one a crash lost.
-                self.first_statuses_skipped += 1
-                continue
-            live.append(row)
-        errors = self.outbox.write_statuses(live, self.syncer) if live else {}
+            return
+        live = [snap for snap in snaps.values() if not snap.batch.status.done]
+        # Ended (or deleted) meanwhile: the end wrote, or writes, the final
+        # document, and recovery rewrites one a crash lost.
+        self.first_statuses_skipped += len(batch_ids) - len(live)
+        errors = self.outbox.write_snapshots(live, self.syncer) if live else {}
         for batch_id, error in errors.items():
             log.error("status_write_failed", batch_id=batch_id, error=str(error))
 

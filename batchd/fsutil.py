@@ -82,7 +82,7 @@ def write_json_atomic(
         return
     dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
     try:
-        tmp = _stage_in(dir_fd, path.name, data)
+        tmp = stage_in(dir_fd, path.name, data)
         try:
             if durable:
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
@@ -106,7 +106,7 @@ def _rel_to(path: Path, root: Path) -> str:
         raise SpoolError(f"{path} is not inside the spool {root}: not written") from None
 
 
-def _stage_in(dir_fd: int, name: str, data: Any) -> str:
+def stage_in(dir_fd: int, name: str, data: Any) -> str:
     """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
     body = jsonio.document(data)
     while True:
@@ -134,7 +134,7 @@ def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
     if root is not None:
         dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
         try:
-            return str(path.parent / _stage_in(dir_fd, path.name, data))
+            return str(path.parent / stage_in(dir_fd, path.name, data))
         finally:
             os.close(dir_fd)
     try:

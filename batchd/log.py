@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from batchd import jsonio
 from batchd.config import LogSettings
 
 _LEVELS = {
@@ -60,7 +61,7 @@ def configure(settings: LogSettings, stream: Any = None) -> None:
         processors = [
             *shared,
             structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(sort_keys=False, default=str),
+            structlog.processors.JSONRenderer(serializer=_json_line),
         ]
     global _level
     _level = _LEVELS[str(settings.level)]
@@ -73,6 +74,13 @@ def configure(settings: LogSettings, stream: Any = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _json_line(event: dict[str, Any], **_ignored: Any) -> str:
+    """An event as one compact JSON line, by orjson (``str()`` of what JSON has no
+    form for, as ``json.dumps(default=str)`` did): 0.4 us, not 4.4 us, on every
+    line the daemon and its workers log (issue 15)."""
+    return jsonio.compact(event, default=str).decode()
 
 
 def _journal_renderer() -> Any:

@@ -124,6 +124,11 @@ class Recorded:
     #: it (its input is not in work/, its batch is over a limit), and the
     #: daemon does what its own claim would.
     started: Job | None = None
+    #: ``time.monotonic()`` in the worker just after the commit that claimed
+    #: (CLOCK_MONOTONIC: one clock for every process of the machine): the
+    #: claimed file's timeout counts from there, not from when the daemon
+    #: reads this message (0.0: no claim).
+    claimed_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -20,7 +21,7 @@ import structlog
 from batchd import safefs
 from batchd.errors import BatchdError
 from batchd.faults import crash_point
-from batchd.fsutil import fsync_file, stage_json, write_json_atomic
+from batchd.fsutil import fsync_file, stage_in, write_json_atomic
 from batchd.records import BatchRow, BatchSnapshot, FileRow, Status
 from batchd.spool import STATUS_FILE, Spool
 from batchd.store import Store
@@ -32,6 +33,10 @@ log = structlog.get_logger("batchd.outbox")
 #: only this much of the document in place to compare.
 _VERSION_HEAD_BYTES = 64
 _VERSION_RE = re.compile(rb'\{\s*"version":\s*(\d+)')
+
+#: Documents staged at once by :meth:`Outbox.write_snapshots`: each holds its
+#: folder open until its rename, and a restart may hold thousands of batches.
+STATUS_GROUP_MAX = 64
 
 #: The ``status`` of the status.json of a drop still in the inbox that batchd cannot claim.
 INBOX_REFUSED = "refused_in_inbox"
@@ -68,24 +73,55 @@ class Outbox:
         """Rewrite ``outbox/<name>/status.json`` for ``batch`` from a fresh snapshot.
 
         Only a finished batch's document is fsynced: until then status.json
-        is a live view that start-up recovery rewrites from the database, so
-        syncing every progress update would cost a disk flush for nothing.
+        is a live view that start-up recovery rewrites from the database
+        (every unfinished batch's document that is missing or unreadable),
+        so syncing every update would cost a disk flush for nothing.
         """
-        doc = self.status_document(batch)
-        done = doc["batch"]["status"] in (Status.COMPLETED, Status.FAILED)
-        path = self.spool.status_path(batch.name)
-        tmp = stage_json(path, doc, root=self.spool.root)
+        snap = self.store.snapshot(batch.id)
+        if snap is None:
+            raise BatchdError(f"batch {batch.id} ({batch.name}) is no longer in the database")
+        staged = self._stage(snap)
         try:
-            if done:
-                fsync_file(tmp)
+            if staged.final:
+                fd = os.open(staged.tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=staged.dir_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             crash_point("during_status_write")
-            self._install(path, tmp, int(doc["version"]))
+            self._install_staged(staged)
+        finally:
+            staged.close()
+
+    def _stage(self, snap: BatchSnapshot) -> _Staged:
+        """Write ``snap``'s document beside its status.json (not synced, not yet in place).
+
+        The folder is reached from the spool root with no link followed and
+        kept open for the rename (one walk per document, not two); it is
+        batchd's own (2750), so names inside it stay inside it.
+        """
+        doc = self._document(snap)
+        folder = self.spool.batch_outbox(snap.batch.name)
+        dir_fd = safefs.open_dir(self.spool.root, self.spool.rel(folder), create=True)
+        try:
+            tmp = stage_in(dir_fd, STATUS_FILE, doc)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            os.close(dir_fd)
             raise
+        version, final = int(doc["version"]), snap.batch.status.done
+        return _Staged(snap.batch.id, folder, dir_fd, tmp, version, final)
 
     def _install(self, path: Path, tmp: str, version: int) -> bool:
+        """Rename staged ``tmp`` (a path beside ``path``) onto status.json ``path``
+        unless the document there is newer (:meth:`_install_staged`)."""
+        dir_fd = safefs.open_dir(self.spool.root, self.spool.rel(path.parent))
+        staged = _Staged("", path.parent, dir_fd, os.path.basename(tmp), version, False)
+        try:
+            return self._install_staged(staged)
+        finally:
+            staged.close()
+
+    def _install_staged(self, staged: _Staged) -> bool:
         """Rename a staged status.json into place unless the one there is newer.
 
         Several nodes (and the archiver and recovery on one node) rewrite a
@@ -96,57 +132,87 @@ class Outbox:
         for every writer on this filesystem. False when the staged document
         was older and dropped.
         """
-        # Reached from the spool root with no link followed (the folder is
-        # batchd's own, 2750, so the rename by name below stays inside it).
-        fd = safefs.open_dir(self.spool.root, self.spool.rel(path.parent))
+        fd = staged.dir_fd
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                # NFS emulates flock with a write lock, which a directory opened
-                # read-only cannot take (EBADF): the version check alone then
-                # still refuses every older snapshot but one that races it.
-                log.debug("status_lock_unavailable", path=str(path), error=str(exc))
-            current = _document_version(path)
-            if current is not None and current > version:
-                os.unlink(tmp)
-                log.info("status_write_stale", path=str(path), version=version, current=current)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            # NFS emulates flock with a write lock, which a directory opened
+            # read-only cannot take (EBADF): the version check alone then
+            # still refuses every older snapshot but one that races it.
+            log.debug("status_lock_unavailable", path=str(staged.folder), error=str(exc))
+        try:
+            current = _document_version(fd)
+            if current is not None and current > staged.version:
+                os.unlink(staged.tmp, dir_fd=fd)
+                log.info(
+                    "status_write_stale",
+                    path=str(staged.folder / STATUS_FILE),
+                    version=staged.version,
+                    current=current,
+                )
                 return False
-            os.replace(tmp, path)
+            os.replace(staged.tmp, STATUS_FILE, src_dir_fd=fd, dst_dir_fd=fd)
             return True
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def write_statuses(
         self, batches: Sequence[BatchRow], syncer: ResultSyncer
     ) -> dict[str, Exception]:
-        """Rewrite several batches' status.json with one shared disk flush.
+        """Rewrite several batches' status.json from one snapshot read (:meth:`write_snapshots`)."""
+        snaps = self.store.snapshots([b.id for b in batches])
+        errors: dict[str, Exception] = {
+            b.id: BatchdError(f"batch {b.id} ({b.name}) is no longer in the database")
+            for b in batches
+            if b.id not in snaps
+        }
+        errors.update(self.write_snapshots(list(snaps.values()), syncer))
+        return errors
 
-        Each document is still written atomically and synced before it is
-        renamed into place (SPEC section 3); the fsyncs run concurrently, so
-        the filesystem journal commits them together. Returns the batches
-        (by id) whose document could not be written, with the error.
+    def write_snapshots(
+        self, snaps: Sequence[BatchSnapshot], syncer: ResultSyncer
+    ) -> dict[str, Exception]:
+        """Write several batches' status.json; the finished ones share one disk flush.
+
+        Each document is written atomically (SPEC section 3); those of
+        finished batches are synced before they are renamed into place, the
+        fsyncs running concurrently so the filesystem journal commits them
+        together; the others, as in :meth:`write_status`, are not. Returns
+        the batches (by id) whose document could not be written, with the
+        error.
         """
         errors: dict[str, Exception] = {}
-        staged: list[tuple[BatchRow, str, int]] = []
-        for batch in batches:
-            try:
-                doc = self.status_document(batch)
-                tmp = stage_json(self.spool.status_path(batch.name), doc, root=self.spool.root)
-                staged.append((batch, tmp, int(doc["version"])))
-            except (OSError, BatchdError) as exc:
-                errors[batch.id] = exc
-        failed = syncer.sync([tmp for _b, tmp, _v in staged])
-        for batch, tmp, version in staged:
-            crash_point("during_status_write")
-            try:
-                if tmp in failed:
-                    raise failed[tmp]
-                self._install(self.spool.status_path(batch.name), tmp, version)
-            except OSError as exc:
-                errors[batch.id] = exc
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        for start in range(0, len(snaps), STATUS_GROUP_MAX):
+            errors.update(self._write_group(snaps[start : start + STATUS_GROUP_MAX], syncer))
+        return errors
+
+    def _write_group(
+        self, snaps: Sequence[BatchSnapshot], syncer: ResultSyncer
+    ) -> dict[str, Exception]:
+        errors: dict[str, Exception] = {}
+        staged: list[_Staged] = []
+        try:
+            for snap in snaps:
+                try:
+                    staged.append(self._stage(snap))
+                except (OSError, BatchdError) as exc:
+                    errors[snap.batch.id] = exc
+            final = [str(s.folder / s.tmp) for s in staged if s.final]
+            failed = syncer.sync(final)
+            for s in staged:
+                crash_point("during_status_write")
+                try:
+                    if (error := failed.get(str(s.folder / s.tmp))) is not None:
+                        raise error
+                    self._install_staged(s)
+                except OSError as exc:
+                    errors[s.batch_id] = exc
+                    with contextlib.suppress(OSError):
+                        os.unlink(s.tmp, dir_fd=s.dir_fd)
+        finally:
+            for s in staged:
+                s.close()
         return errors
 
     def write_inbox_refusal(self, name: str, source: str, priority: str, reason: str) -> None:
@@ -229,13 +295,34 @@ class Outbox:
         if batch.status.done:
             self.spool.finalize(batch.work_path, batch.name)
             changed = True
-        status = self.spool.status_path(batch.name)
-        if changed or force_status or not status.exists():
+        # Missing or unreadable: a document of an unfinished batch is renamed
+        # into place unsynced (write_status), so a power cut can leave it empty.
+        if changed or force_status or self.status_version(batch.name) is None:
             self.write_status(batch)
         if batch.status.done:
             # Only now: the folder in work/ is what makes recovery rewrite status.json.
             self.spool.release(batch.work_path)
         return batch
+
+    def status_version(self, batch_name: str) -> int | None:
+        """The version of the batch's status.json in place, read whole; None when
+        it is missing or unreadable (empty, cut short, not batchd's document)."""
+        try:
+            folder = self.spool.rel(self.spool.batch_outbox(batch_name))
+            fd = safefs.open_dir(self.spool.root, folder)
+        except (OSError, safefs.UnsafePath):
+            return None
+        try:
+            with os.fdopen(
+                os.open(STATUS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb"
+            ) as fh:
+                doc = json.loads(fh.read())
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        version = doc.get("version") if isinstance(doc, dict) else None
+        return version if isinstance(version, int) else None
 
     def remove_stray_temporaries(self, batch: BatchRow) -> None:
         """Delete temporary files a crash left mid-write in a batch's outbox."""
@@ -249,13 +336,35 @@ class Outbox:
                         os.unlink(os.path.join(dirpath, fname))
 
 
-def _document_version(path: Path) -> int | None:
-    """The ``version`` a status.json starts with; None when absent or unreadable."""
+@dataclass
+class _Staged:
+    """A status.json written beside its name, waiting to be renamed into place."""
+
+    batch_id: str
+    folder: Path
+    dir_fd: int  # the batch's outbox folder, open until close()
+    tmp: str  # the staged file's name in it
+    version: int
+    final: bool  # the batch has ended: the document is synced before the rename
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _document_version(dir_fd: int) -> int | None:
+    """The ``version`` the status.json in ``dir_fd`` starts with; None when absent or unreadable."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(_VERSION_HEAD_BYTES)
+        fd = os.open(STATUS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
+    try:
+        head = os.read(fd, _VERSION_HEAD_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     found = _VERSION_RE.match(head)
     return int(found.group(1)) if found else None
 

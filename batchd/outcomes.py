@@ -80,7 +80,7 @@ class Outcomes(OutageGuard):
         #: the loop's follow-up of a file a worker claimed itself in the commit
         #: of its success (``Recorded.claimed``), with the job it started (None:
         #: it could not start it).
-        self.adopt: Callable[[FileTask, Job | None], None] = lambda task, job: None
+        self.adopt: Callable[[FileTask, Job | None, float], None] = lambda task, job, at: None
 
     def _waiting(self) -> int:
         return len(self.pending) + len(self.retries)
@@ -175,7 +175,7 @@ class Outcomes(OutageGuard):
             claimed = event.recorded.claimed
             if claimed is not None:
                 # Even for an attempt dropped meanwhile: the claim is the worker's now.
-                self.adopt(claimed, event.recorded.started)
+                self.adopt(claimed, event.recorded.started, event.recorded.claimed_at)
 
     def _handle(self, event: Event) -> None:
         running = self.running.get(event.file_id)

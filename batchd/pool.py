@@ -19,6 +19,7 @@ import os
 import select
 import selectors
 import signal
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,22 @@ def worker_settings(settings: Settings) -> Settings:
             "database": settings.database.model_copy(update={"url": None}),
         }
     )
+
+
+def claim_deadline(now: float, timeout: float, claimed_at: float) -> float:
+    """The deadline of a file a worker claimed itself at ``claimed_at`` (its
+    ``time.monotonic()``; 0.0: unknown), on the pool's clock reading ``now``.
+
+    The claim's message may wait in its pipe for as long as one turn of the
+    daemon's loop takes (a long turn: many outcomes, a slow disk), and the
+    file runs meanwhile. The wait is measured on the machine's monotonic
+    clock, the one the worker stamped with, and taken off the timeout, never
+    more than the timeout itself (a stamp from the future counts as no wait).
+    """
+    if claimed_at <= 0.0:
+        return now + timeout
+    waited = min(max(0.0, time.monotonic() - claimed_at), timeout)
+    return now + timeout - waited
 
 
 class WorkerPool:
@@ -386,16 +403,21 @@ class WorkerPool:
                     events.append(replace(message, lease=worker.job.lease))
                     if isinstance(message, Done) and message.claim_unknown:
                         self._unsure_tokens.append(worker.token)
-                    started = None
+                    started, claimed_at = None, 0.0
                     if isinstance(message, Done) and message.recorded is not None:
                         started = message.recorded.started
+                        claimed_at = message.recorded.claimed_at
                     # A worker that claimed its next file itself runs it now;
-                    # its deadline counts from here (the claim was moments ago).
+                    # its deadline counts from its claim.
                     worker.job = started
                     worker.deadline = (
                         None
                         if started is None
-                        else self.clock.monotonic() + self.settings.processing.timeout_seconds
+                        else claim_deadline(
+                            self.clock.monotonic(),
+                            self.settings.processing.timeout_seconds,
+                            claimed_at,
+                        )
                     )
                     worker.peak_vm_bytes = 0
                     self._recycle_if_large(worker, message.rss_bytes)

@@ -32,6 +32,7 @@ what is processing; the daemon hears of both in one message.
 from __future__ import annotations
 
 import contextlib
+import time
 from datetime import datetime
 
 import structlog
@@ -130,7 +131,9 @@ class Recorder:
             log.warning("worker_record_deferred", file_id=job.file_id, error=exc.message)
             self.close()  # a fresh connection next time
             return None
+        claimed_at = 0.0
         if claimed is not None:
+            claimed_at = time.monotonic()
             # Dead here, the claim is known only to the row (its claimant): the
             # daemon finds it by this worker's token when it sees it die.
             crash_point("after_worker_claim")
@@ -160,8 +163,10 @@ class Recorder:
             # The commit stands: whatever failed after it is the daemon's to
             # finish (its archiver moves the input and ends the batch).
             log.error("worker_after_commit_failed", file_id=job.file_id, error=repr(exc))
-            return Recorded(batch, claimed=claimed)
-        return Recorded(batch, archived=archived, ended=ended, claimed=claimed)
+            return Recorded(batch, claimed=claimed, claimed_at=claimed_at)
+        return Recorded(
+            batch, archived=archived, ended=ended, claimed=claimed, claimed_at=claimed_at
+        )
 
     def _archive(self, job: Job, delivery: Delivery) -> bool:
         task = ArchiveFile(

@@ -47,7 +47,7 @@ from batchd.metrics import Metrics
 from batchd.outage import DB_RETRY_MIN_SECONDS
 from batchd.outbox import Outbox, ResultSyncer
 from batchd.outcomes import Outcomes
-from batchd.pool import WorkerPool
+from batchd.pool import WorkerPool, claim_deadline
 from batchd.processors import choose
 from batchd.records import FileRow, FileTask, Status
 from batchd.safefs import UnsafePath
@@ -286,7 +286,7 @@ class Scheduler:
             and not self._give_back
         )
 
-    def _adopt(self, task: FileTask, job: Job | None) -> None:
+    def _adopt(self, task: FileTask, job: Job | None, claimed_at: float = 0.0) -> None:
         """Follow a file a worker claimed itself in its success's commit (issue 15).
 
         With the job it started the file is this node's running attempt as
@@ -318,12 +318,11 @@ class Scheduler:
             else:
                 self._give_back.append(task)
             return
+        # From the claim, as the pool's deadline (pool.claim_deadline).
+        timeout = self.settings.processing.timeout_seconds
+        begun = claim_deadline(self.clock.monotonic(), timeout, claimed_at) - timeout
         self.outcomes.running[file.id] = Running(
-            task,
-            job.processor,
-            job.delivery.started_at,
-            self.clock.monotonic(),
-            job.delivery.result_path,
+            task, job.processor, job.delivery.started_at, begun, job.delivery.result_path
         )
         self.outcomes.dirty.add(file.batch_id)
         if file.attempts == 1:

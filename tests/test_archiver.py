@@ -17,7 +17,7 @@ import pytest
 from batchd.archiver import ArchiveFile, Archiver
 from batchd.config import Priority, load_settings
 from batchd.outbox import Outbox, ResultSyncer
-from batchd.records import BatchRow, NewBatch, NewFile, Outcome, Status
+from batchd.records import BatchRow, BatchSnapshot, NewBatch, NewFile, Outcome, Status
 from batchd.spool import Spool
 from batchd.store import SQLiteStore
 from batchd.testing import wait_until
@@ -216,13 +216,13 @@ class CountingOutbox(Outbox):
         super().write_status(batch)
         self.written[batch.id] = self.written.get(batch.id, 0) + 1
 
-    def write_statuses(
-        self, batches: Sequence[BatchRow], syncer: ResultSyncer
+    def write_snapshots(
+        self, snaps: Sequence[BatchSnapshot], syncer: ResultSyncer
     ) -> dict[str, Exception]:
-        errors = super().write_statuses(batches, syncer)
-        for batch in batches:
-            if batch.id not in errors:
-                self.written[batch.id] = self.written.get(batch.id, 0) + 1
+        errors = super().write_snapshots(snaps, syncer)
+        for snap in snaps:
+            if snap.batch.id not in errors:
+                self.written[snap.batch.id] = self.written.get(snap.batch.id, 0) + 1
         return errors
 
 

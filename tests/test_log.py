@@ -33,3 +33,34 @@ def test_processes_sharing_stderr_never_interleave_their_lines(tmp_path: Path) -
     events = [json.loads(line) for line in lines]  # a torn line would not parse
     assert len(events) == 9000
     assert {e["writer"] for e in events} == {"0", "1", "2"}
+
+
+def test_a_json_line_holds_every_value_a_log_event_carries() -> None:
+    """The JSON renderer (orjson) writes one compact line per event; what JSON has no
+    form for (a datetime, a path, an exception) is its str(), as json.dumps(default=str)
+    wrote it, and what orjson refuses (a huge integer, a key that is not text) is still
+    written."""
+    import io
+    from datetime import UTC, datetime
+
+    import structlog
+
+    from batchd import log as batchd_log
+    from batchd.config import LogSettings
+
+    stream = io.StringIO()
+    batchd_log.configure(LogSettings(format="json"), stream=stream)
+    try:
+        when = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+        logger = structlog.get_logger("batchd.test")
+        logger.info("one", when=when, path=Path("/srv/a b"), error=OSError(2, "gone"), n=1.5)
+        logger.info("two", big=2**70, odd={1: "x"}, text="naïve \u2028")
+    finally:
+        batchd_log.configure(LogSettings())
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    one, two = (json.loads(line) for line in lines)
+    assert (one["event"], one["level"]) == ("one", "info")
+    assert (one["when"], one["path"], one["n"]) == (str(when), "/srv/a b", 1.5)
+    assert one["error"] == str(OSError(2, "gone"))
+    assert (two["big"], two["odd"], two["text"]) == (2**70, {"1": "x"}, "naïve \u2028")

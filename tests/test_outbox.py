@@ -71,6 +71,52 @@ def test_reconcile_writes_a_missing_status(outbox: Outbox) -> None:
     assert doc["batch"]["status"] == "pending"
 
 
+@pytest.mark.parametrize("left", [b"", b'{"version": %d, "batch": {"sta', b"\0" * 40])
+def test_reconcile_rewrites_an_unreadable_status(outbox: Outbox, left: bytes) -> None:
+    """A waiting batch's status.json is renamed into place unsynced, so a power cut can
+    leave it empty or cut short: recovery's reconcile rewrites it, even without force_status."""
+    batch = register(outbox, "cut")
+    outbox.write_status(batch)
+    status = outbox.spool.status_path("cut")
+    status.write_bytes(left.replace(b"%d", str(batch.version).encode()))
+    outbox.reconcile(batch, force_status=False)
+    doc = json.loads(status.read_text())
+    assert (doc["batch"]["status"], doc["version"]) == ("pending", batch.version)
+
+
+def test_only_finished_batches_documents_are_synced(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_snapshots (the archiver's groups) and write_status fsync the document of a
+    batch that has ended, and not the live view of one still waiting or running."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    waiting = register(outbox, "waiting")
+    done = register(outbox, "done")
+    task = outbox.store.claim_next(T0)
+    assert task is not None and task.batch_name == "waiting"
+    outbox.store.finish(task.file.id, Outcome(Status.COMPLETED, result={"n": 1}), T0)
+    syncer = ResultSyncer()
+    try:
+        snaps = outbox.store.snapshots([waiting.id, done.id])
+        # "waiting" was claimed first (FIFO): it is the one that ended.
+        assert snaps[waiting.id].batch.status == Status.COMPLETED
+        assert outbox.write_snapshots(list(snaps.values()), syncer) == {}
+    finally:
+        syncer.close()
+    outbox.write_status(done)
+    folders = [Path(p).parent.name for p in synced]
+    assert folders == ["waiting"], synced
+    for name in ("waiting", "done"):
+        assert json.loads(outbox.spool.status_path(name).read_text())["outbox"]
+
+
 def test_reconcile_finishes_a_done_batch_and_releases_its_folder(outbox: Outbox) -> None:
     """A finished batch still in work/ gets its result, archived input, final status, no folder."""
     batch = register(outbox, "done")

@@ -645,3 +645,17 @@ def test_a_pipe_above_descriptor_1023_is_read(tmp_path: Path) -> None:
         high.close()
         a.close()
         b.close()
+
+
+def test_a_worker_claimed_files_deadline_counts_from_its_claim() -> None:
+    """A file a worker claimed itself runs from its claim's commit; the daemon hears of it
+    a turn later. The deadline counts from the claim's stamp (the machine's monotonic
+    clock), never past the timeout either way, and from now when there is no stamp."""
+    from batchd.pool import claim_deadline
+
+    now, timeout = 1_000.0, 60.0
+    assert claim_deadline(now, timeout, 0.0) == now + timeout
+    waited = claim_deadline(now, timeout, time.monotonic() - 5.0)
+    assert now + timeout - 5.0 - 1.0 <= waited <= now + timeout - 5.0
+    assert claim_deadline(now, timeout, time.monotonic() + 30.0) == now + timeout
+    assert claim_deadline(now, timeout, time.monotonic() - 3 * timeout) == now

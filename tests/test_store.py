@@ -660,6 +660,34 @@ class StoreContract:
         assert snap.progress_sum == store.progress_sum(batch.id) == 40
         assert store.snapshot("00000000-0000-0000-0000-000000000000") is None
 
+    def test_snapshots_are_each_batch_as_snapshot_reads_it(self, store: Any) -> None:
+        """snapshots() answers several batches in one read, each as snapshot() would,
+        files in their order; unknown and malformed ids (and repeats) are left out."""
+        one = self.register(store, "b1", ("a", "b", "c"))
+        two = self.register(store, "b2", ("d",), errors={"d": "refused"})
+        three = self.register(store, "b3", ("e", "f"))
+        running = self.claim(store)
+        store.set_progress({running.file.id: 40})
+        ids = [three.id, one.id, two.id, one.id, "00000000-0000-4000-8000-000000000000", "x"]
+        snaps = store.snapshots(ids)
+        assert set(snaps) == {one.id, two.id, three.id}
+        for batch_id, snap in snaps.items():
+            assert snap == store.snapshot(batch_id)
+        assert [f.relpath for f in snaps[one.id].files] == ["a", "b", "c"]
+        assert snaps[one.id].progress_sum == 40
+        assert store.snapshots([]) == {}
+
+    def test_snapshots_of_more_batches_than_one_statement_takes(self, store: Any) -> None:
+        """Past SNAPSHOTS_CHUNK ids the read is split, and still answers every batch."""
+        from batchd.store.reads import SNAPSHOTS_CHUNK
+
+        batches = [
+            store.register_batch(new_batch(f"n{i}", ("a",)), T0) for i in range(SNAPSHOTS_CHUNK + 3)
+        ]
+        snaps = store.snapshots([b.id for b in batches])
+        assert set(snaps) == {b.id for b in batches}
+        assert all(len(s.files) == 1 for s in snaps.values())
+
     def test_batch_version_grows_with_every_change(self, store: Any) -> None:
         """Each re-derivation of a batch raises its version; the end has the highest."""
         batch = self.register(store, "b1", ("a", "b"))

@@ -9,6 +9,7 @@ the permit runs over a real pipe and a real shared byte.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -91,6 +92,27 @@ def test_a_worker_claim_is_followed_like_a_dispatched_attempt(
     assert w.scheduler.outcomes.running == {}
     assert w.scheduler.finished_count == 3
     assert w.store.get_batch(batch.id).status == Status.COMPLETED
+
+
+def test_a_followed_claim_counts_its_time_from_the_claim(world: World, recorder: Recorder) -> None:
+    """The worker stamps its claim's commit; the daemon, reading the message later,
+    counts the attempt from that stamp (its duration, as the pool its deadline)."""
+    w = world
+    batch = w.batch("b", ("a.csv", "b.csv"))
+    w.turn()
+    before = time.monotonic()
+    _job, recorded = w.pool.done_recorded("a.csv", recorder, claimant="tok")
+    assert recorded is not None and recorded.claimed is not None
+    assert before <= recorded.claimed_at <= time.monotonic()
+    # As if the message had waited 100 s in its pipe behind a long turn.
+    done = w.pool.events[-1]
+    assert isinstance(done, Done) and done.recorded is not None
+    w.pool.events[-1] = replace(
+        done, recorded=replace(done.recorded, claimed_at=done.recorded.claimed_at - 100.0)
+    )
+    w.turn()
+    running = w.scheduler.outcomes.running[w.file(batch, "b.csv").id]
+    assert 100.0 <= w.clock.monotonic() - running.started_mono < 160.0
 
 
 def test_a_worker_dead_after_its_claim_has_that_file_retried_as_a_lost_attempt(

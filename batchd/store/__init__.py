@@ -190,6 +190,10 @@ class Store(Protocol):
     def snapshot(self, batch_id: str) -> BatchSnapshot | None:
         """A batch and all its files from one consistent read (status.json)."""
 
+    def snapshots(self, batch_ids: Sequence[str]) -> dict[str, BatchSnapshot]:
+        """:meth:`snapshot` of each of ``batch_ids`` from one consistent read, by id
+        (a batch no longer in the database is left out)."""
+
     def find_batch(self, id_or_name: str) -> BatchRow | None: ...
 
     def find_batch_version(self, id_or_name: str) -> tuple[str, int, Status] | None:

@@ -140,6 +140,11 @@ COMMON: dict[str, str] = {
         " ORDER BY id = ? DESC LIMIT 1"
     ),
     "snapshot_files": "SELECT {file_cols} FROM batch_files WHERE batch_id = ? ORDER BY seq",
+    # snapshots(): several batches and their files in one read (first status documents).
+    "get_batches": "SELECT {batch_cols} FROM batch_jobs WHERE id IN ({marks})",
+    "snapshots_files": (
+        "SELECT {file_cols} FROM batch_files WHERE batch_id IN ({marks}) ORDER BY batch_id, seq"
+    ),
     "ids_with_prefix": (
         "SELECT id FROM batch_jobs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?"
     ),
