@@ -71,9 +71,16 @@ class Outbox:
         is a live view that start-up recovery rewrites from the database, so
         syncing every progress update would cost a disk flush for nothing.
         """
-        doc = self.status_document(batch)
+        self._write_document(batch.name, self.status_document(batch))
+
+    def write_snapshot(self, snap: BatchSnapshot) -> None:
+        """:meth:`write_status` from a snapshot the caller already read (a worker's
+        batch end reads the batch and its files once, for the moves and this)."""
+        self._write_document(snap.batch.name, self._document(snap))
+
+    def _write_document(self, name: str, doc: Json) -> None:
         done = doc["batch"]["status"] in (Status.COMPLETED, Status.FAILED)
-        path = self.spool.status_path(batch.name)
+        path = self.spool.status_path(name)
         tmp = stage_json(path, doc, root=self.spool.root)
         try:
             if done:

@@ -371,6 +371,10 @@ class _Permit:
         self.stop = False
         #: a job the daemon sent meanwhile (it never does while this worker runs one).
         self.queued: Job | None = None
+        #: the resident size read for the recycle check of the current file, if
+        #: it was: the worker reports that one (read at the commit, after the
+        #: processor ran) instead of reading /proc again (see :meth:`take_rss`).
+        self.rss_bytes: int | None = None
 
     def __call__(self) -> str | None:
         with contextlib.suppress(EOFError, OSError):
@@ -387,9 +391,17 @@ class _Permit:
         if not self.flag.value:
             return None
         limit_mb = self.recycle_mb()
-        if limit_mb and own_rss() > limit_mb * 1024 * 1024:
-            return None
+        if limit_mb:
+            self.rss_bytes = own_rss()
+            if self.rss_bytes > limit_mb * 1024 * 1024:
+                return None
         return self.token
+
+    def take_rss(self) -> int:
+        """The resident size to report with the current file's outcome (read now
+        unless the recycle check just read it); the next file reads its own."""
+        rss, self.rss_bytes = self.rss_bytes, None
+        return own_rss() if rss is None else rss
 
 
 #: Environment variables a worker removes at start (see worker_main).
@@ -462,7 +474,9 @@ def worker_main(
                 configure(message)
                 continue
             job = message
-        outcome = replace(run_job(job, settings, conn, recorder, claims), rss_bytes=own_rss())
+        outcome = replace(
+            run_job(job, settings, conn, recorder, claims), rss_bytes=claims.take_rss()
+        )
         job = _next_of(outcome, settings, recorder)
         if job is not None and isinstance(outcome, Done) and outcome.recorded is not None:
             outcome = replace(outcome, recorded=replace(outcome.recorded, started=job))
