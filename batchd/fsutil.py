@@ -82,14 +82,8 @@ def write_json_atomic(
         return
     dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
     try:
-        tmp = _stage_in(dir_fd, path.name, data)
+        tmp = _stage_in(dir_fd, path.name, data, sync=durable)
         try:
-            if durable:
-                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -106,13 +100,14 @@ def _rel_to(path: Path, root: Path) -> str:
         raise SpoolError(f"{path} is not inside the spool {root}: not written") from None
 
 
-def _stage_in(dir_fd: int, name: str, data: Any) -> str:
-    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
+def _stage_in(dir_fd: int, name: str, data: Any, sync: bool = False) -> str:
+    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd`` (with
+    ``sync``, flushed to disk); its name."""
     body = jsonio.document(data)
     while True:
         tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
         try:
-            safefs.write_new(dir_fd, tmp, body)
+            safefs.write_new(dir_fd, tmp, body, sync=sync)
         except FileExistsError:
             continue
         except BaseException:
@@ -122,19 +117,20 @@ def _stage_in(dir_fd: int, name: str, data: Any) -> str:
         return tmp
 
 
-def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
-    """Write ``data`` to a temporary file beside ``path`` (not synced, not yet
-    visible under its name); returns the temporary file's path.
+def stage_json(path: Path, data: Any, root: Path | None = None, sync: bool = False) -> str:
+    """Write ``data`` to a temporary file beside ``path`` (not yet visible under
+    its name; synced only with ``sync``); returns the temporary file's path.
 
-    The first half of an atomic write: fsync it, then ``os.replace`` it onto
-    ``path``. Split so that a group of documents can share one disk flush.
+    The first half of an atomic write: fsync it (or pass ``sync``), then
+    ``os.replace`` it onto ``path``. Split so that a group of documents can
+    share one disk flush.
     With ``root``, the folder is reached and made as in :func:`write_json_atomic`
     (it is then batchd's own, 2750, so the later rename by name stays inside it).
     """
     if root is not None:
         dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
         try:
-            return str(path.parent / _stage_in(dir_fd, path.name, data))
+            return str(path.parent / _stage_in(dir_fd, path.name, data, sync=sync))
         finally:
             os.close(dir_fd)
     try:
@@ -148,6 +144,9 @@ def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
         os.fchmod(fd, safefs.FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(jsonio.document(data))
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

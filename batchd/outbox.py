@@ -81,10 +81,8 @@ class Outbox:
     def _write_document(self, name: str, doc: Json) -> None:
         done = doc["batch"]["status"] in (Status.COMPLETED, Status.FAILED)
         path = self.spool.status_path(name)
-        tmp = stage_json(path, doc, root=self.spool.root)
+        tmp = stage_json(path, doc, root=self.spool.root, sync=done)
         try:
-            if done:
-                fsync_file(tmp)
             crash_point("during_status_write")
             self._install(path, tmp, int(doc["version"]))
         except BaseException:
