@@ -80,11 +80,19 @@ def write_json_atomic(
                 os.unlink(tmp)
             raise
         return
-    dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
+    write_json_in(root, _rel_to(path, root), data, durable)
+
+
+def write_json_in(root: Path, rel: str, data: Any, durable: bool = True) -> None:
+    """:func:`write_json_atomic` of the file ``rel`` (a relative path of names)
+    under the spool ``root``: the same walk, modes and order, with no path
+    objects (a worker writes one result per file this way, issue 15)."""
+    parent, _, name = rel.rpartition("/")
+    dir_fd = safefs.open_dir(root, parent, create=True)
     try:
-        tmp = _stage_in(dir_fd, path.name, data, sync=durable)
+        tmp = _stage_in(dir_fd, name, data, sync=durable)
         try:
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
@@ -105,7 +113,7 @@ def _stage_in(dir_fd: int, name: str, data: Any, sync: bool = False) -> str:
     ``sync``, flushed to disk); its name."""
     body = jsonio.document(data)
     while True:
-        tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{_temp_prefix_of(name)}{uuid.uuid4().hex[:8]}.tmp"
         try:
             safefs.write_new(dir_fd, tmp, body, sync=sync)
         except FileExistsError:
@@ -154,7 +162,7 @@ def stage_json(path: Path, data: Any, root: Path | None = None, sync: bool = Fal
     return tmp
 
 
-def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
+def move_outputs(scratch: Path | str, target: Path | str, root: Path | None = None) -> None:
     """Move what a processor left in its output folder to ``target`` (next to
     its result); an empty or missing folder is simply removed.
 
@@ -163,12 +171,14 @@ def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
     descriptors, no link followed.
     """
     try:
-        empty = not any(scratch.iterdir())
+        empty = not os.listdir(scratch)
     except FileNotFoundError:
         return
     if empty:
-        scratch.rmdir()
+        os.rmdir(scratch)
         return
+    # Paths only past here: most processors leave no outputs (issue 15).
+    scratch, target = Path(scratch), Path(target)
     if root is not None:
         safefs.fix_modes(scratch, gid=os.stat(root / "outbox").st_gid)
         safefs.move(root, _rel_to(scratch, root), _rel_to(target, root))
@@ -215,8 +225,12 @@ def replace_across(source: Path, target: Path) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
+    return _temp_prefix_of(path.name)
+
+
+def _temp_prefix_of(name: str) -> str:
     # Only the start of the name: a 255-byte target must still get a temporary file.
-    head = os.fsencode(path.name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    head = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
     return f".{head}."
 
 

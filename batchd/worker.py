@@ -40,7 +40,7 @@ from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
 from batchd.faults import crash_point
-from batchd.fsutil import move_outputs, write_json_atomic
+from batchd.fsutil import move_outputs, write_json_atomic, write_json_in
 from batchd.members import batch_limit_error, check
 from batchd.messages import Delivery, Done, Failed, Job, Progress
 from batchd.processors import choose
@@ -109,19 +109,26 @@ def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
     link, not a regular file, over the size limit or of a refused type: a
     file re-queued by ``batchd retry`` or by hand keeps its refusal.
     """
-    path = Path(job.path)
-    root = settings.spool.root.absolute()
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        root, rel = path.parent, path.name
+    path = job.path
+    root = settings.spool.root
+    if not root.is_absolute():
+        root = root.absolute()
+    # Strings, not path objects, once per file (issue 15): ``job.path`` is a
+    # normalised absolute path (the daemon's str() of one), so a prefix test
+    # is what relative_to would decide.
+    inside = _under(path, root)
+    if inside is not None:
+        rel = inside
+    else:
+        outside = Path(path)
+        root, rel = outside.parent, outside.name
     try:
         fd, st = open_member(root, rel)
     except UnsafePath as exc:
         raise PermanentError(f"{job.relpath}: {exc.message}") from exc
     except OSError as exc:
         # Name the input the user knows, not the last component opened.
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise type(exc)(exc.errno, exc.strerror, path) from exc
     # The same device and another inode: the member was replaced after the
     # scan (by its dropper, still inside it). Another device: batchd itself
     # copied it back from an archive on another filesystem.
@@ -131,11 +138,20 @@ def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
             f"{job.relpath}: replaced by another file after it was registered"
             f" (inode {job.file_ino}, now {st.st_ino}): not read; drop it again"
         )
-    problem = check(fd, st, path.name, settings.limits)
+    problem = check(fd, st, rel.rpartition("/")[2], settings.limits)
     if problem is not None:
         os.close(fd)
         raise PermanentError(f"{job.relpath}: {problem}")
     return fd, st
+
+
+def _under(path: str, root: Path) -> str | None:
+    """``path`` relative to ``root`` (both absolute and normalised), or None when
+    it is not below it."""
+    prefix = str(root).rstrip("/") + "/"
+    if path.startswith(prefix) and len(path) > len(prefix):
+        return path[len(prefix) :]
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -152,8 +168,10 @@ def deliver(
     job: Job, delivery: Delivery, result: dict[str, Any], file_hash: str, size: int, ended: str
 ) -> None:
     """Move the attempt's outputs next to its result, then write the result file."""
-    root = _spool_root(delivery)
-    move_outputs(Path(job.output_dir), Path(delivery.outputs_path), root=root)
+    root = Path(delivery.spool_root) if delivery.spool_root else None
+    rel = _under(delivery.result_path, root) if root is not None else None
+    # Outputs through verified folders only when the result goes there too.
+    move_outputs(job.output_dir, delivery.outputs_path, root=root if rel is not None else None)
     final = replace(
         delivery.file,
         status=Status.COMPLETED,
@@ -168,15 +186,11 @@ def deliver(
     )
     document = result_document(final)
     document["result"] = result
-    write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync, root=root)
-
-
-def _spool_root(delivery: Delivery) -> Path | None:
-    """The spool root the result goes under (written through verified folders), if any."""
-    if not delivery.spool_root:
-        return None
-    root = Path(delivery.spool_root)
-    return root if Path(delivery.result_path).is_relative_to(root) else None
+    if root is not None and rel is not None:
+        # Under the spool root: through folders reached without following a link.
+        write_json_in(root, rel, document, durable=delivery.fsync)
+    else:
+        write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync)
 
 
 def run_job(
