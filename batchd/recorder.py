@@ -186,7 +186,8 @@ class Recorder:
                 # Re-queued by an operator since the commit: the batch goes on,
                 # and a re-queued input back in work/ must stay there.
                 return False
-            for file in snap.files:
+            left = self.spool.inputs_left(delivery.work_path)
+            for file in snap.files if left else ():
                 if file.status.done:
                     self.spool.settle_input(
                         delivery.work_path,

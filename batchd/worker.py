@@ -304,12 +304,12 @@ def claimed_job(task: FileTask, settings: Settings, spool: Spool) -> Job | None:
     file = task.file
     if batch_limit_error(task.batch_files, settings.limits) is not None:
         return None
-    path = spool.input_path(task.work_path, file.relpath)
+    path = spool.input_file(task.work_path, file.relpath)
     if not os.path.lexists(path):
         return None
     processor = choose(settings, file.relpath)
     started_at = file.started_at or iso(datetime.now(UTC))
-    return job_for(task, str(path), processor, started_at, spool, settings, may_claim=True)
+    return job_for(task, path, processor, started_at, spool, settings, may_claim=True)
 
 
 def job_for(
@@ -332,8 +332,8 @@ def job_for(
     delivery = Delivery(
         file=file,
         started_at=started_at,
-        result_path=str(spool.result_path(task.batch_name, file.relpath)),
-        outputs_path=str(spool.outputs_path(task.batch_name, file.relpath)),
+        result_path=spool.result_file(task.batch_name, file.relpath),
+        outputs_path=spool.outputs_file(task.batch_name, file.relpath),
         fsync=True,
         spool_root=str(spool.root),
         record=True,
@@ -348,7 +348,7 @@ def job_for(
         file.relpath,
         path,
         processor,
-        str(spool.scratch_for(file.id)),
+        spool.scratch_file(file.id),
         delivery,
         lease=file.lease_gen,
         file_dev=file.file_dev,
