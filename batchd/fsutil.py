@@ -80,17 +80,19 @@ def write_json_atomic(
                 os.unlink(tmp)
             raise
         return
-    dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
+    write_json_in(root, _rel_to(path, root), data, durable)
+
+
+def write_json_in(root: Path, rel: str, data: Any, durable: bool = True) -> None:
+    """:func:`write_json_atomic` of the file ``rel`` (a relative path of names)
+    under the spool ``root``: the same walk, modes and order, with no path
+    objects (a worker writes one result per file this way, issue 15)."""
+    parent, _, name = rel.rpartition("/")
+    dir_fd = safefs.open_dir(root, parent, create=True)
     try:
-        tmp = stage_in(dir_fd, path.name, data)
+        tmp = stage_in(dir_fd, name, data, sync=durable)
         try:
-            if durable:
-                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
@@ -106,13 +108,14 @@ def _rel_to(path: Path, root: Path) -> str:
         raise SpoolError(f"{path} is not inside the spool {root}: not written") from None
 
 
-def stage_in(dir_fd: int, name: str, data: Any) -> str:
-    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd``; its name."""
+def stage_in(dir_fd: int, name: str, data: Any, sync: bool = False) -> str:
+    """Write ``data`` as a new temporary file beside ``name`` in ``dir_fd`` (with
+    ``sync``, flushed to disk); its name."""
     body = jsonio.document(data)
     while True:
-        tmp = f"{_temp_prefix(Path(name))}{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{_temp_prefix_of(name)}{uuid.uuid4().hex[:8]}.tmp"
         try:
-            safefs.write_new(dir_fd, tmp, body)
+            safefs.write_new(dir_fd, tmp, body, sync=sync)
         except FileExistsError:
             continue
         except BaseException:
@@ -122,19 +125,20 @@ def stage_in(dir_fd: int, name: str, data: Any) -> str:
         return tmp
 
 
-def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
-    """Write ``data`` to a temporary file beside ``path`` (not synced, not yet
-    visible under its name); returns the temporary file's path.
+def stage_json(path: Path, data: Any, root: Path | None = None, sync: bool = False) -> str:
+    """Write ``data`` to a temporary file beside ``path`` (not yet visible under
+    its name; synced only with ``sync``); returns the temporary file's path.
 
-    The first half of an atomic write: fsync it, then ``os.replace`` it onto
-    ``path``. Split so that a group of documents can share one disk flush.
+    The first half of an atomic write: fsync it (or pass ``sync``), then
+    ``os.replace`` it onto ``path``. Split so that a group of documents can
+    share one disk flush.
     With ``root``, the folder is reached and made as in :func:`write_json_atomic`
     (it is then batchd's own, 2750, so the later rename by name stays inside it).
     """
     if root is not None:
         dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
         try:
-            return str(path.parent / stage_in(dir_fd, path.name, data))
+            return str(path.parent / stage_in(dir_fd, path.name, data, sync=sync))
         finally:
             os.close(dir_fd)
     try:
@@ -148,6 +152,9 @@ def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
         os.fchmod(fd, safefs.FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(jsonio.document(data))
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -155,7 +162,7 @@ def stage_json(path: Path, data: Any, root: Path | None = None) -> str:
     return tmp
 
 
-def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
+def move_outputs(scratch: Path | str, target: Path | str, root: Path | None = None) -> None:
     """Move what a processor left in its output folder to ``target`` (next to
     its result); an empty or missing folder is simply removed.
 
@@ -164,12 +171,14 @@ def move_outputs(scratch: Path, target: Path, root: Path | None = None) -> None:
     descriptors, no link followed.
     """
     try:
-        empty = not any(scratch.iterdir())
+        empty = not os.listdir(scratch)
     except FileNotFoundError:
         return
     if empty:
-        scratch.rmdir()
+        os.rmdir(scratch)
         return
+    # Paths only past here: most processors leave no outputs (issue 15).
+    scratch, target = Path(scratch), Path(target)
     if root is not None:
         safefs.fix_modes(scratch, gid=os.stat(root / "outbox").st_gid)
         safefs.move(root, _rel_to(scratch, root), _rel_to(target, root))
@@ -216,8 +225,12 @@ def replace_across(source: Path, target: Path) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
+    return _temp_prefix_of(path.name)
+
+
+def _temp_prefix_of(name: str) -> str:
     # Only the start of the name: a 255-byte target must still get a temporary file.
-    head = os.fsencode(path.name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    head = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
     return f".{head}."
 
 

@@ -34,6 +34,11 @@ class InputMoves:
     def input_path(self, work_path: str, relpath: str) -> Path:
         return self.root / work_path / relpath
 
+    def input_file(self, work_path: str, relpath: str) -> str:
+        """:meth:`input_path` as a string: a worker's own claim checks it and
+        puts it in the job as one (issue 15). Both are relative paths of names."""
+        return f"{self.root}/{work_path}/{relpath}"
+
     def locate_input(self, work_path: str, name: str, relpath: str) -> Path | None:
         """Where a file's input is now, moving it back into ``work/`` if an
         operator re-queued a file that had already been archived or failed.
@@ -49,6 +54,25 @@ class InputMoves:
                 safefs.move(self.root, there, f"{work_path}/{relpath}")
                 return here
         return None
+
+    def inputs_left(self, work_path: str) -> bool:
+        """Whether a batch's folder in ``work/`` still holds anything (reached with
+        no link followed); True when that cannot be told, False when it is gone.
+
+        A batch's end settles each finished member by its own status; when the
+        folder is empty (every worker moved its own input) none is left to
+        settle, and 50 walks to find each one gone are saved (issue 15).
+        """
+        try:
+            dir_fd = safefs.open_dir(self.root, work_path)
+        except FileNotFoundError:
+            return False
+        except (OSError, safefs.UnsafePath):
+            return True
+        try:
+            return bool(os.listdir(dir_fd))
+        finally:
+            os.close(dir_fd)
 
     def settle_input(self, work_path: str, name: str, relpath: str, ok: bool) -> None:
         """Move a finished file's input to ``archive/`` (or delete it, with

@@ -80,21 +80,26 @@ class Outbox:
         snap = self.store.snapshot(batch.id)
         if snap is None:
             raise BatchdError(f"batch {batch.id} ({batch.name}) is no longer in the database")
-        staged = self._stage(snap)
+        self.write_snapshot(snap)
+
+    def write_snapshot(self, snap: BatchSnapshot) -> None:
+        """:meth:`write_status` from a snapshot the caller already read (a worker's
+        batch end reads the batch and its files once, for the moves and this)."""
+        # A finished batch's document is flushed by the descriptor that wrote it.
+        staged = self._stage(snap, sync=snap.batch.status.done)
         try:
-            if staged.final:
-                fd = os.open(staged.tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=staged.dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             crash_point("during_status_write")
             self._install_staged(staged)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staged.tmp, dir_fd=staged.dir_fd)
+            raise
         finally:
             staged.close()
 
-    def _stage(self, snap: BatchSnapshot) -> _Staged:
-        """Write ``snap``'s document beside its status.json (not synced, not yet in place).
+    def _stage(self, snap: BatchSnapshot, sync: bool = False) -> _Staged:
+        """Write ``snap``'s document beside its status.json (with ``sync`` flushed
+        to disk; not yet in place).
 
         The folder is reached from the spool root with no link followed and
         kept open for the rename (one walk per document, not two); it is
@@ -104,7 +109,7 @@ class Outbox:
         folder = self.spool.batch_outbox(snap.batch.name)
         dir_fd = safefs.open_dir(self.spool.root, self.spool.rel(folder), create=True)
         try:
-            tmp = stage_in(dir_fd, STATUS_FILE, doc)
+            tmp = stage_in(dir_fd, STATUS_FILE, doc, sync=sync)
         except BaseException:
             os.close(dir_fd)
             raise

@@ -183,12 +183,16 @@ class Recorder:
         sweep of what is left must not take a failed input to ``archive/``.
         """
         try:
-            again = store.get_batch(batch_id)
-            if again is None or not again.status.done:
+            # One read of the batch and its files serves the moves and the
+            # final status.json (it was four reads: the batch, its files, and
+            # the batch again with its files for the document).
+            snap = store.snapshot(batch_id)
+            if snap is None or not snap.batch.status.done:
                 # Re-queued by an operator since the commit: the batch goes on,
                 # and a re-queued input back in work/ must stay there.
                 return False
-            for file in store.list_files(batch_id):
+            left = self.spool.inputs_left(delivery.work_path)
+            for file in snap.files if left else ():
                 if file.status.done:
                     self.spool.settle_input(
                         delivery.work_path,
@@ -197,7 +201,12 @@ class Recorder:
                         ok=file.status == Status.COMPLETED,
                     )
             self.spool.finalize(delivery.work_path, delivery.batch_name)
-            fresh = Outbox(self.spool, store).refresh_status(batch_id)
+            # Ended, its counters are final (no refresh_counts): the document
+            # is the one a read now would give, unless an operator re-queued
+            # the batch meanwhile; then its newer version replaces this one
+            # (Outbox._install) and the check below keeps its folder.
+            Outbox(self.spool, store).write_snapshot(snap)
+            fresh = store.get_batch(batch_id)
         except (OSError, BatchdError) as exc:
             log.error("batch_finalize_failed", batch_id=batch_id, error=str(exc))
             return False

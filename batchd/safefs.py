@@ -231,8 +231,11 @@ def remove_tree(path: Path) -> None:
             raise OSError(errno.EIO, f"rm -rf failed: {done.stderr.strip()}", str(path)) from None
 
 
-def write_new(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
-    """Create file ``name`` in ``dir_fd`` (it must not exist) holding ``data``, with ``mode``."""
+def write_new(
+    dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE, sync: bool = False
+) -> None:
+    """Create file ``name`` in ``dir_fd`` (it must not exist) holding ``data``, with ``mode``;
+    with ``sync``, flushed to disk before it is closed."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dir_fd)  # fmt: skip
     try:
@@ -240,6 +243,10 @@ def write_new(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> Non
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if sync:
+            # On the descriptor just written: opening the file again by name
+            # only to flush it would cost two more system calls.
+            os.fsync(fd)
     finally:
         os.close(fd)
 

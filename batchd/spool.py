@@ -333,25 +333,38 @@ class Spool(InputMoves):
     def result_path(self, name: str, relpath: str) -> Path:
         """``outbox/<name>/results/<relpath>.json``; a name with no room left
         for ``.json`` is shortened (:func:`fit_name`), the document keeps it whole."""
-        return self._beside_result(name, relpath, ".json")
+        return Path(self.result_file(name, relpath))
 
     def outputs_path(self, name: str, relpath: str) -> Path:
+        return Path(self.outputs_file(name, relpath))
+
+    def result_file(self, name: str, relpath: str) -> str:
+        """:meth:`result_path` as a string: the job of every file dispatched
+        carries it as one, so no path object is built for it (issue 15)."""
+        return self._beside_result(name, relpath, ".json")
+
+    def outputs_file(self, name: str, relpath: str) -> str:
+        """:meth:`outputs_path` as a string (see :meth:`result_file`)."""
         return self._beside_result(name, relpath, ".files")
 
-    def _beside_result(self, name: str, relpath: str, suffix: str) -> Path:
+    def _beside_result(self, name: str, relpath: str, suffix: str) -> str:
         parent, _, leaf = relpath.rpartition("/")
-        # One string and one Path, not four joins: this runs twice per file
-        # dispatched (issue 15). ``name`` and ``relpath`` are single names
-        # and a relative path of names, as every join here assumed.
+        # One string, not four joins: this runs twice per file dispatched
+        # (issue 15). ``name`` and ``relpath`` are single names and a
+        # relative path of names, as every join here assumed.
         where = (
             f"{self.outbox}/{name}/{RESULTS}/{parent}/"
             if parent
             else f"{self.outbox}/{name}/{RESULTS}/"
         )
-        return Path(where + fit_name(leaf, suffix))
+        return where + fit_name(leaf, suffix)
 
     def scratch_for(self, file_id: str) -> Path:
         return self.scratch / file_id
+
+    def scratch_file(self, file_id: str) -> str:
+        """:meth:`scratch_for` as a string (see :meth:`result_file`)."""
+        return f"{self.scratch}/{file_id}"
 
     # -- uploads -------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from batchd.clock import iso
 from batchd.config import Settings
 from batchd.errors import BatchdError, PermanentError
 from batchd.faults import crash_point
-from batchd.fsutil import move_outputs, write_json_atomic
+from batchd.fsutil import move_outputs, write_json_atomic, write_json_in
 from batchd.members import batch_limit_error, check
 from batchd.messages import Delivery, Done, Failed, Job, Progress
 from batchd.processors import choose
@@ -109,19 +109,26 @@ def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
     link, not a regular file, over the size limit or of a refused type: a
     file re-queued by ``batchd retry`` or by hand keeps its refusal.
     """
-    path = Path(job.path)
-    root = settings.spool.root.absolute()
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        root, rel = path.parent, path.name
+    path = job.path
+    root = settings.spool.root
+    if not root.is_absolute():
+        root = root.absolute()
+    # Strings, not path objects, once per file (issue 15): ``job.path`` is a
+    # normalised absolute path (the daemon's str() of one), so a prefix test
+    # is what relative_to would decide.
+    inside = _under(path, root)
+    if inside is not None:
+        rel = inside
+    else:
+        outside = Path(path)
+        root, rel = outside.parent, outside.name
     try:
         fd, st = open_member(root, rel)
     except UnsafePath as exc:
         raise PermanentError(f"{job.relpath}: {exc.message}") from exc
     except OSError as exc:
         # Name the input the user knows, not the last component opened.
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise type(exc)(exc.errno, exc.strerror, path) from exc
     # The same device and another inode: the member was replaced after the
     # scan (by its dropper, still inside it). Another device: batchd itself
     # copied it back from an archive on another filesystem.
@@ -131,11 +138,20 @@ def open_input(job: Job, settings: Settings) -> tuple[int, os.stat_result]:
             f"{job.relpath}: replaced by another file after it was registered"
             f" (inode {job.file_ino}, now {st.st_ino}): not read; drop it again"
         )
-    problem = check(fd, st, path.name, settings.limits)
+    problem = check(fd, st, rel.rpartition("/")[2], settings.limits)
     if problem is not None:
         os.close(fd)
         raise PermanentError(f"{job.relpath}: {problem}")
     return fd, st
+
+
+def _under(path: str, root: Path) -> str | None:
+    """``path`` relative to ``root`` (both absolute and normalised), or None when
+    it is not below it."""
+    prefix = str(root).rstrip("/") + "/"
+    if path.startswith(prefix) and len(path) > len(prefix):
+        return path[len(prefix) :]
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -152,8 +168,10 @@ def deliver(
     job: Job, delivery: Delivery, result: dict[str, Any], file_hash: str, size: int, ended: str
 ) -> None:
     """Move the attempt's outputs next to its result, then write the result file."""
-    root = _spool_root(delivery)
-    move_outputs(Path(job.output_dir), Path(delivery.outputs_path), root=root)
+    root = Path(delivery.spool_root) if delivery.spool_root else None
+    rel = _under(delivery.result_path, root) if root is not None else None
+    # Outputs through verified folders only when the result goes there too.
+    move_outputs(job.output_dir, delivery.outputs_path, root=root if rel is not None else None)
     final = replace(
         delivery.file,
         status=Status.COMPLETED,
@@ -168,15 +186,11 @@ def deliver(
     )
     document = result_document(final)
     document["result"] = result
-    write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync, root=root)
-
-
-def _spool_root(delivery: Delivery) -> Path | None:
-    """The spool root the result goes under (written through verified folders), if any."""
-    if not delivery.spool_root:
-        return None
-    root = Path(delivery.spool_root)
-    return root if Path(delivery.result_path).is_relative_to(root) else None
+    if root is not None and rel is not None:
+        # Under the spool root: through folders reached without following a link.
+        write_json_in(root, rel, document, durable=delivery.fsync)
+    else:
+        write_json_atomic(Path(delivery.result_path), document, durable=delivery.fsync)
 
 
 def run_job(
@@ -290,12 +304,12 @@ def claimed_job(task: FileTask, settings: Settings, spool: Spool) -> Job | None:
     file = task.file
     if batch_limit_error(task.batch_files, settings.limits) is not None:
         return None
-    path = spool.input_path(task.work_path, file.relpath)
+    path = spool.input_file(task.work_path, file.relpath)
     if not os.path.lexists(path):
         return None
     processor = choose(settings, file.relpath)
     started_at = file.started_at or iso(datetime.now(UTC))
-    return job_for(task, str(path), processor, started_at, spool, settings, may_claim=True)
+    return job_for(task, path, processor, started_at, spool, settings, may_claim=True)
 
 
 def job_for(
@@ -318,8 +332,8 @@ def job_for(
     delivery = Delivery(
         file=file,
         started_at=started_at,
-        result_path=str(spool.result_path(task.batch_name, file.relpath)),
-        outputs_path=str(spool.outputs_path(task.batch_name, file.relpath)),
+        result_path=spool.result_file(task.batch_name, file.relpath),
+        outputs_path=spool.outputs_file(task.batch_name, file.relpath),
         fsync=True,
         spool_root=str(spool.root),
         record=True,
@@ -334,7 +348,7 @@ def job_for(
         file.relpath,
         path,
         processor,
-        str(spool.scratch_for(file.id)),
+        spool.scratch_file(file.id),
         delivery,
         lease=file.lease_gen,
         file_dev=file.file_dev,
@@ -371,6 +385,10 @@ class _Permit:
         self.stop = False
         #: a job the daemon sent meanwhile (it never does while this worker runs one).
         self.queued: Job | None = None
+        #: the resident size read for the recycle check of the current file, if
+        #: it was: the worker reports that one (read at the commit, after the
+        #: processor ran) instead of reading /proc again (see :meth:`take_rss`).
+        self.rss_bytes: int | None = None
 
     def __call__(self) -> str | None:
         with contextlib.suppress(EOFError, OSError):
@@ -387,9 +405,17 @@ class _Permit:
         if not self.flag.value:
             return None
         limit_mb = self.recycle_mb()
-        if limit_mb and own_rss() > limit_mb * 1024 * 1024:
-            return None
+        if limit_mb:
+            self.rss_bytes = own_rss()
+            if self.rss_bytes > limit_mb * 1024 * 1024:
+                return None
         return self.token
+
+    def take_rss(self) -> int:
+        """The resident size to report with the current file's outcome (read now
+        unless the recycle check just read it); the next file reads its own."""
+        rss, self.rss_bytes = self.rss_bytes, None
+        return own_rss() if rss is None else rss
 
 
 #: Environment variables a worker removes at start (see worker_main).
@@ -462,7 +488,9 @@ def worker_main(
                 configure(message)
                 continue
             job = message
-        outcome = replace(run_job(job, settings, conn, recorder, claims), rss_bytes=own_rss())
+        outcome = replace(
+            run_job(job, settings, conn, recorder, claims), rss_bytes=claims.take_rss()
+        )
         job = _next_of(outcome, settings, recorder)
         if job is not None and isinstance(outcome, Done) and outcome.recorded is not None:
             outcome = replace(outcome, recorded=replace(outcome.recorded, started=job))

@@ -162,8 +162,19 @@ class SqlStore(SqlReads, SqlUpkeep):
         with self.db.transaction() as tx:
             return self._claim(tx, now, None, fresh=False)
 
-    def _claim(self, tx: Tx, now: datetime, claimant: str | None, fresh: bool) -> FileTask | None:
-        """The claim, inside the caller's transaction; ``fresh``: only a never-tried head."""
+    def _claim(
+        self,
+        tx: Tx,
+        now: datetime,
+        claimant: str | None,
+        fresh: bool,
+        known: BatchRow | None = None,
+    ) -> FileTask | None:
+        """The claim, inside the caller's transaction; ``fresh``: only a never-tried head.
+
+        ``known`` is a batch row this transaction already derived (the batch of
+        the file it just finished): not read again when the claim is in it.
+        """
         params = {
             "now": self.db.ts(now),
             "node_id": self.node_id,
@@ -185,6 +196,8 @@ class SqlStore(SqlReads, SqlUpkeep):
                 priority=Priority(row["batch_priority"]),
                 batch_files=int(row["batch_total_files"]),
             )
+        if known is not None and known.id == file.batch_id and known.status == Status.PROCESSING:
+            return _task(file, known)
         return _task(file, self._batch_for_claim(tx, file.batch_id, now))
 
     def finish_and_claim(
@@ -215,7 +228,7 @@ class SqlStore(SqlReads, SqlUpkeep):
             # commit (as finish_many does); PostgreSQL derives it after, by
             # the last of its files (finish_file).
             batch = self._refresh_batch(tx, batch_id, now) if self._serialised else None
-            task = self._claim(tx, now, claimant, fresh=True)
+            task = self._claim(tx, now, claimant, fresh=True, known=batch)
         crash_point("after_file_commit")
         if batch is not None:
             return Settled(batch, ended=batch.status.done), task
