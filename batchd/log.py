@@ -79,7 +79,9 @@ def configure(settings: LogSettings, stream: Any = None) -> None:
 def _json_line(event: dict[str, Any], **_ignored: Any) -> str:
     """An event as one compact JSON line, by orjson (``str()`` of what JSON has no
     form for, as ``json.dumps(default=str)`` did): 0.4 us, not 4.4 us, on every
-    line the daemon and its workers log (issue 15)."""
+    line the daemon and its workers log (issue 15). A plain (non-str) Enum is
+    written as its value, not its ``str()``; batchd's own are StrEnums, alike
+    either way."""
     return jsonio.compact(event, default=str).decode()
 
 
