@@ -125,22 +125,14 @@ def stage_in(dir_fd: int, name: str, data: Any, sync: bool = False) -> str:
         return tmp
 
 
-def stage_json(path: Path, data: Any, root: Path | None = None, sync: bool = False) -> str:
+def stage_json(path: Path, data: Any, sync: bool = False) -> str:
     """Write ``data`` to a temporary file beside ``path`` (not yet visible under
     its name; synced only with ``sync``); returns the temporary file's path.
 
-    The first half of an atomic write: fsync it (or pass ``sync``), then
-    ``os.replace`` it onto ``path``. Split so that a group of documents can
-    share one disk flush.
-    With ``root``, the folder is reached and made as in :func:`write_json_atomic`
-    (it is then batchd's own, 2750, so the later rename by name stays inside it).
+    The first half of an atomic write outside the spool: fsync it (or pass
+    ``sync``), then ``os.replace`` it onto ``path``. Under the spool root,
+    :func:`stage_in` stages through a folder reached without following links.
     """
-    if root is not None:
-        dir_fd = safefs.open_dir(root, _rel_to(path.parent, root), create=True)
-        try:
-            return str(path.parent / stage_in(dir_fd, path.name, data, sync=sync))
-        finally:
-            os.close(dir_fd)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except FileNotFoundError:
