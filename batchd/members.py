@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import os
+import re
 import stat
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -44,7 +46,16 @@ class DropRefused(BatchdError):
 
 def ignored(name: str, settings: Settings) -> bool:
     """True for names writers use for work in progress (``watch.ignore``)."""
-    return any(fnmatch.fnmatchcase(name, pat) for pat in settings.watch.ignore)
+    return _ignore_matcher(settings.watch.ignore)(name) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled pattern for every glob: ``fnmatchcase`` per glob was a
+    regex cache lookup and a match each, 8 per name (issue 15)."""
+    if not patterns:
+        return lambda name: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(pat)})" for pat in patterns)).match
 
 
 def is_member(name: str, top: bool, settings: Settings) -> bool:

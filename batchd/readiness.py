@@ -36,7 +36,9 @@ class _Candidate:
     priority: Priority
     signature: Signature | None
     since: float
-    look_now: bool = True
+    #: when :meth:`Readiness.poll` looks at it next (clock time; 0.0: at the
+    #: next poll, as after an event).
+    next_look: float = 0.0
     #: settled but not ready (empty folder, or waiting for its marker).
     waiting: bool = False
     #: a drop_unreadable warning was logged for it (once per drop).
@@ -136,13 +138,15 @@ class Readiness:
         """Something happened at or under drop ``path``: look at it at the next poll.
 
         An event alone never resets the settle timer (a reader opening a file
-        makes events too); only a changed signature does.
+        makes events too); only a changed signature does. A drop whose own
+        name is ignored (work in progress) is not a candidate at all: it
+        comes back under its final name.
         """
         cand = self._candidates.get(path)
-        if cand is None:
+        if cand is not None:
+            cand.next_look = 0.0
+        elif not self.spool.ignored(path.name):
             self._candidates[path] = _Candidate(priority, None, self.clock.monotonic())
-        else:
-            cand.look_now = True
 
     def pending(self) -> int:
         return len(self._candidates)
@@ -151,35 +155,50 @@ class Readiness:
         """Seconds until :meth:`poll` may find something ready (None: nothing to wait for)."""
         if not self._candidates:
             return None
-        now = self.clock.monotonic()
+        soonest = min(c.next_look for c in self._candidates.values())
+        return max(0.0, soonest - self.clock.monotonic())
+
+    def _schedule(self, cand: _Candidate, now: float) -> None:
+        """When to look at ``cand`` again, without an event.
+
+        A settling drop at its settle deadline, and at least every
+        ``settle_seconds / 2`` before it: a slow writer's change shows in the
+        signature even when no event reached us (network shares, or a marker
+        written inside a dropped folder: the inbox watch is not recursive).
+        One that waits (for its marker, for content, to be readable, to change
+        after a refusal) as often, and at most every
+        ``WAITING_RELOOK_SECONDS``; events bring any look forward.
+        """
         settle = self.settings.settle_seconds
-        soonest = min(
-            0.0 if c.look_now else WAITING_RELOOK_SECONDS if c.waiting else c.since + settle - now
-            for c in self._candidates.values()
-        )
-        # Re-look at least this often: a slow writer's change shows in the
-        # signature even when no event reached us (network shares).
-        return max(0.0, min(soonest, max(settle / 2, 0.05)))
+        relook = max(settle / 2, 0.05)
+        if cand.waiting:
+            cand.next_look = now + min(WAITING_RELOOK_SECONDS, relook)
+        else:
+            cand.next_look = min(cand.since + settle, now + relook)
 
     def poll(self) -> list[tuple[Path, Priority]]:
-        """Drops that are ready now (they are forgotten: the caller claims them)."""
+        """Drops that are ready now (they are forgotten: the caller claims them).
+
+        Only the candidates due a look are looked at (an event named them, or
+        their time in :meth:`_schedule` came): with a steady stream of drops
+        each settling for a second, looking at every candidate on every
+        event made the watcher's work grow with the square of the stream
+        (a third of the daemon's CPU at 300 loose files/s, issue 15).
+        """
         ready = []
         now = self.clock.monotonic()
         settle = self.settings.settle_seconds
         for path, cand in list(self._candidates.items()):
-            cand.look_now = False
+            if cand.next_look > now:
+                continue
             try:
-                seen = (
-                    None
-                    if self.spool.ignored(path.name)
-                    else look(path, self.spool, self.settings.marker)
-                )
+                seen = look(path, self.spool, self.settings.marker)
             except Exception as exc:
                 # One drop that cannot be looked at must not stop the others.
-                seen = None
                 if not cand.reported:
                     log.error("drop_look_failed", path=str(path), error=repr(exc))
                 cand.reported = cand.waiting = True
+                self._schedule(cand, now)
                 continue
             if seen is None:
                 del self._candidates[path]
@@ -197,11 +216,13 @@ class Readiness:
                     )
                     cand.reported = True
                 cand.waiting = True
+                self._schedule(cand, now)
                 continue
             cand.reported = False
             if path in self.refused:
                 if seen.signature == cand.signature:
                     cand.waiting = True  # refused as it is: tried again when it changes
+                    self._schedule(cand, now)
                     continue
                 del self.refused[path]  # changed (a chmod, say): settles and is tried again
             if seen.has_marker:
@@ -216,10 +237,13 @@ class Readiness:
                 # Wait for the marker, or for something to process; events
                 # bring the next look forward, a slow re-look catches the rest.
                 cand.waiting = now - cand.since >= settle
+                self._schedule(cand, now)
                 continue
             if now - cand.since >= settle:
                 del self._candidates[path]
                 ready.append((path, cand.priority))
+                continue
+            self._schedule(cand, now)
         return ready
 
     def refuse(self, path: Path, priority: Priority, reason: str) -> bool:
@@ -228,9 +252,10 @@ class Readiness:
         first = self.refused.get(path) != reason
         self.refused[path] = reason
         seen = look(path, self.spool, self.settings.marker)
-        self._candidates[path] = _Candidate(
-            priority, seen.signature if seen else None, self.clock.monotonic(), False, True
-        )
+        now = self.clock.monotonic()
+        cand = _Candidate(priority, seen.signature if seen else None, now, waiting=True)
+        self._schedule(cand, now)
+        self._candidates[path] = cand
         return first
 
     def states(self) -> list[dict[str, str | None]]:

@@ -76,3 +76,28 @@ def test_batch_limit_error_names_the_limit(tmp_path: Path) -> None:
     assert members.batch_limit_error(50, limits) is None
     error = members.batch_limit_error(51, limits)
     assert error is not None and "limits.max_files_per_batch (50)" in error
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        (),
+        (".*", "~$*", "*.tmp", "*.part", "*.partial", "*.crdownload", "*.swp"),
+        ("[!a-c]*.csv", "x?y", "*[*]*", "a|b", "(x)", "\\", "[", "*.PDF"),
+    ],
+)
+def test_ignored_agrees_with_fnmatchcase(tmp_path: Path, patterns: tuple[str, ...]) -> None:
+    """The one compiled pattern for every glob answers as fnmatchcase per glob
+    does, for names with regex syntax, newlines and case differences in them."""
+    import fnmatch
+    import random
+
+    settings = make_settings(tmp_path, watch__ignore=repr(list(patterns)).replace("'", '"'))
+    assert settings.watch.ignore == patterns
+    rng = random.Random(15)
+    alphabet = "abcxyz.~$*?[]!|()\\\n PDFpdf-"
+    names = ["a|b", "(x)", "\\", "[", "x.PDF", "x.pdf", ".tmp", "a.tmp\n", "dx.csv", "bx.csv"]
+    names += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(3000)]
+    for name in names:
+        want = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        assert members.ignored(name, settings) is want, (name, patterns)

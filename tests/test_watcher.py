@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def test_marker_mode_ignores_settling(tmp_path: Path) -> None:
     assert h.poll() == []
     assert h.poll_after(3600) == []
     write(drop / ".ready", b"")
-    assert h.poll() == [drop]
+    # No event names it (the inbox watch is not recursive): the re-look,
+    # at most settle_seconds / 2 later, finds the marker.
+    assert h.poll_after(0.5) == [drop]
 
 
 def test_marker_mode_still_settles_loose_files(tmp_path: Path) -> None:
@@ -206,7 +209,9 @@ def test_folder_of_ignored_names_is_never_ready(h: Harness) -> None:
     assert h.poll_after(3600) == []
     (drop / "big.pdf.part").rename(drop / "big.pdf")
     assert h.poll() == []
-    assert h.poll_after(1.0) == [drop]
+    assert h.poll_after(0.5) == []  # the re-look sees the change: settling starts
+    assert h.poll_after(0.999) == []
+    assert h.poll_after(0.001) == [drop]
 
 
 def test_vanished_candidate_is_dropped(h: Harness) -> None:
@@ -228,6 +233,41 @@ def test_ignored_top_level_name_never_ready(h: Harness, name: str) -> None:
     assert h.poll() == []
     assert h.poll_after(3600) == []
     assert h.readiness.pending() == 0
+
+
+def test_a_poll_looks_only_at_the_drops_that_are_due(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event makes the next poll look at the drop it names, not at every
+    candidate: with a steady stream of drops settling, looking at all of them
+    on every event made the watcher's work grow with the square of the stream."""
+    import batchd.readiness as readiness
+
+    looked: list[str] = []
+    real_look = readiness.look
+
+    def counting_look(path: Path, spool: Spool, marker: str) -> object:
+        looked.append(path.name)
+        return real_look(path, spool, marker)
+
+    monkeypatch.setattr(readiness, "look", counting_look)
+    paths = [write(h.inbox / f"f{i:03d}.csv") for i in range(100)]
+    for path in paths:
+        h.touch(path)
+    assert h.poll() == []
+    assert len(looked) == 100
+    looked.clear()
+    new = write(h.inbox / "new.csv")
+    h.touch(new)
+    h.clock.advance(0.1)
+    assert h.poll() == []
+    assert looked == ["new.csv"]
+    # Each is still looked at every settle_seconds / 2, and ready on time.
+    looked.clear()
+    assert h.poll_after(0.4) == []
+    assert sorted(looked) == sorted(p.name for p in paths)
+    assert sorted(h.poll_after(0.5)) == paths
+    assert h.poll_after(0.1) == [new]
 
 
 def test_next_check_waits_for_settling(h: Harness) -> None:
@@ -484,3 +524,54 @@ def test_drops_ready_together_go_to_take_many_in_one_call(tmp_path: Path) -> Non
         assert watcher.is_alive()
     finally:
         watcher.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
+def test_native_observer_reports_what_makes_a_drop_ready_and_nothing_else(tmp_path: Path) -> None:
+    """On Linux the observer asks inotify only for what can make a drop ready:
+    created, moved in (also a rename inside the inbox), written, closed after
+    writing, chmod. Not a claim moving a drop out, a deletion, or a reader
+    opening and closing a file: each of those cost a hop through watchdog's
+    threads for an event the handler then dropped."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+    from batchd.watcher import _native_observer
+
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    inbox.mkdir()
+    elsewhere.mkdir()
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            seen.append((event.event_type, os.path.basename(os.fsdecode(event.src_path))))
+
+    observer = _native_observer()
+    observer.schedule(Recorder(), str(inbox), recursive=False)
+    observer.start()
+    try:
+        write(inbox / "a.csv")  # created, written, closed
+        write(elsewhere / "b.csv")
+        os.rename(elsewhere / "b.csv", inbox / "b.csv")  # moved in
+        os.rename(inbox / "a.csv", inbox / "c.csv")  # renamed inside the inbox
+        (inbox / "c.csv").read_bytes()  # a reader
+        os.chmod(inbox / "c.csv", 0o640)
+        os.rename(inbox / "c.csv", elsewhere / "c.csv")  # a claim
+        (inbox / "b.csv").unlink()
+        write(inbox / "last.csv")  # events arrive in order: this one is the end
+        assert wait_until(lambda: ("closed", "last.csv") in seen, WAIT_SECONDS)
+    finally:
+        observer.stop()
+        observer.join(5)
+    files = [(kind, name) for kind, name in seen if name != "inbox"]
+    assert files == [
+        ("created", "a.csv"),
+        ("modified", "a.csv"),
+        ("closed", "a.csv"),
+        ("created", "b.csv"),
+        ("created", "c.csv"),
+        ("attrib", "c.csv"),
+        ("created", "last.csv"),
+        ("modified", "last.csv"),
+        ("closed", "last.csv"),
+    ]
