@@ -16,6 +16,7 @@ import pwd
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -251,12 +252,33 @@ def fit_name(name: str, suffix: str = "") -> str:
     return os.fsencode(name)[:budget].decode("utf-8", "ignore") + tag + suffix
 
 
+#: How long a user id's name is remembered (a user renamed or created shows
+#: within this; long enough that a burst of drops asks the user database once).
+OWNER_NAME_TTL_SECONDS = 60.0
+_OWNER_NAMES_MAX = 4096
+_owner_names: dict[int, tuple[float, str]] = {}
+_monotonic = time.monotonic  # tests move it
+
+
 def owner_name(st: os.stat_result) -> str:
-    """The user name owning a file (its numeric id when no such user exists)."""
+    """The user name owning a file (its numeric id when no such user exists).
+
+    Remembered per user id for ``OWNER_NAME_TTL_SECONDS``: every claim asks,
+    and each ``getpwuid`` re-reads /etc/passwd (six system calls and a parse;
+    with LDAP or sssd, a round trip).
+    """
+    now = _monotonic()
+    known = _owner_names.get(st.st_uid)
+    if known is not None and now - known[0] < OWNER_NAME_TTL_SECONDS:
+        return known[1]
     try:
-        return pwd.getpwuid(st.st_uid).pw_name
+        name = pwd.getpwuid(st.st_uid).pw_name
     except KeyError:
-        return str(st.st_uid)
+        name = str(st.st_uid)
+    if len(_owner_names) >= _OWNER_NAMES_MAX:
+        _owner_names.clear()
+    _owner_names[st.st_uid] = (now, name)
+    return name
 
 
 def move_locked_folder(source: Path, target: Path) -> None:

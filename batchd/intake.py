@@ -280,16 +280,14 @@ class Intake:
 
     def _new_batch(self, claimed: Claimed) -> tuple[NewBatch, list[NewFile], bool]:
         """What registering ``claimed`` inserts: the batch, its members, whether refused whole."""
-        for relpath in self.spool.repair_names(claimed.path):
-            log.warning(
-                "name_repaired",
-                batch=claimed.name,
-                relpath=relpath,
-                detail="the name was not valid UTF-8: its bad bytes are now written as \\xNN",
-            )
         refused = False
         try:
             members = self.spool.scan(claimed.path)
+            if not all(_is_text(m.relpath) for m in members):
+                # A name that is not valid UTF-8 cannot be registered: rename
+                # those (a second walk, only then) and look again.
+                self._repair_names(claimed)
+                members = self.spool.scan(claimed.path)
             error = batch_limit_error(len(members), self.settings.limits)
         except DropRefused as exc:
             # Too deep or too many entries: registered as a refused batch with
@@ -307,6 +305,15 @@ class Intake:
             error=error,
         )
         return new, members, refused
+
+    def _repair_names(self, claimed: Claimed) -> None:
+        for relpath in self.spool.repair_names(claimed.path):
+            log.warning(
+                "name_repaired",
+                batch=claimed.name,
+                relpath=relpath,
+                detail="the name was not valid UTF-8: its bad bytes are now written as \\xNN",
+            )
 
     def _registered(
         self, batch: BatchRow, new: NewBatch, members: list[NewFile], refused: bool
@@ -357,3 +364,12 @@ class Intake:
         if batch.status == Status.PENDING or batch.status == Status.PROCESSING:
             self.on_registered(batch)
         return batch
+
+
+def _is_text(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (lone surrogates)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -105,6 +105,9 @@ class Scheduler:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        #: a wake byte is on its way and the loop has not yet begun reading
+        #: it: another wake can be left out (see :meth:`wake`).
+        self._wake_pending = False
         self._stop_requested = threading.Event()
         # Plain flags a signal handler may set (an Event takes a lock).
         self._stop_signalled = False
@@ -123,9 +126,28 @@ class Scheduler:
     # -- control (any thread) ----------------------------------------------------
 
     def wake(self) -> None:
-        """Make the loop look at the queue now (new batch registered, re-queue)."""
+        """Make the loop look at the queue now (new batch registered, re-queue).
+
+        One byte per wake-up, not per call: intake registers loose drops in
+        groups of up to 64 and wakes the loop for each. A wake is left out
+        only while ``_wake_pending`` says a byte is on its way or being read;
+        the loop clears it after reading the bytes and looks at the queue
+        after that, so the change behind a left-out wake is seen by that
+        look. (Clearing before reading could eat a byte sent in between and
+        leave the flag set with no byte to come.)
+        """
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
+
+    def _drain_wakes(self) -> None:
+        """Read the wake bytes (the loop's thread), then let wakes send again."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._wake_r.recv(4096):
+                pass
+        self._wake_pending = False
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -190,9 +212,7 @@ class Scheduler:
         extra: list[object] = [self._wake_r] if listen is None else [self._wake_r, listen]
         events, ready = self.pool.wait(self._timeout(), extra)
         if self._wake_r in ready:
-            with contextlib.suppress(BlockingIOError, OSError):
-                while self._wake_r.recv(4096):
-                    pass
+            self._drain_wakes()
         if listen is not None and listen in ready:
             # Work registered or requeued (by any node): the next turn's
             # dispatch, right after this one, claims it.
@@ -522,9 +542,7 @@ class Scheduler:
             remaining = deadline - self.clock.monotonic()
             events, ready = self.pool.wait(min(remaining, 0.5), [self._wake_r])
             if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    while self._wake_r.recv(4096):
-                        pass
+                self._drain_wakes()
             for event in events:
                 self.outcomes.handle(event)
             self.outcomes.guarded(self._sweep_gone)

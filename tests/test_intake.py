@@ -132,3 +132,48 @@ def test_group_registration_writes_each_batchs_first_status(world: World) -> Non
         assert isinstance(answer, BatchRow)
         doc = json.loads(world.spool.status_path(answer.name).read_text())
         assert (doc["batch"]["name"], doc["batch"]["status"]) == (answer.name, "pending")
+
+
+def test_names_are_repaired_only_when_one_is_not_utf8(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop whose names are all text is walked once; one holding a name that
+    is not UTF-8 (a Latin-1 file name, here deep in a folder and loose) has it
+    renamed to its printable form and is registered under that name."""
+    import os
+
+    repairs: list[str] = []
+    real_repair = world.spool.repair_names
+
+    def counting_repair(folder: Path) -> list[str]:
+        repairs.append(folder.name)
+        return real_repair(folder)
+
+    monkeypatch.setattr(world.spool, "repair_names", counting_repair)
+    inbox = world.spool.inbox_for(Priority.NORMAL)
+    plain = inbox / "plain"
+    (plain / "sub").mkdir(parents=True)
+    (plain / "sub" / "a.csv").write_text("id\n1\n")
+    latin = inbox / "latin"
+    (latin / "sub").mkdir(parents=True)
+    (latin / "sub" / os.fsdecode(b"caf\xe9.csv")).write_text("id\n1\n")
+    (latin / "b.csv").write_text("id\n1\n")
+    loose = inbox / os.fsdecode(b"men\xfc.csv")
+    loose.write_text("id\n1\n")
+    answers = world.intake.take_drops(
+        [(plain, Priority.NORMAL), (latin, Priority.NORMAL), (loose, Priority.NORMAL)]
+    )
+    assert all(isinstance(a, BatchRow) for a in answers), answers
+    assert repairs == ["latin", "men\\xfc.csv"]
+    by_name = {b.name: b for b in world.store.list_batches()}
+    assert set(by_name) == {"plain", "latin", "men\\xfc.csv"}
+    relpaths = {
+        name: sorted(f.relpath for f in world.store.list_files(batch.id))
+        for name, batch in by_name.items()
+    }
+    assert relpaths == {
+        "plain": ["sub/a.csv"],
+        "latin": ["b.csv", "sub/caf\\xe9.csv"],
+        "men\\xfc.csv": ["men\\xfc.csv"],
+    }
+    assert (world.spool.work / "normal" / "latin" / "sub" / "caf\\xe9.csv").is_file()

@@ -176,3 +176,35 @@ def test_a_held_first_status_does_not_stall_a_start_waiting_for_its_files_move(
     gate.set()
     wait_until(lambda: not turn.is_alive(), 30, what="the turn to start the re-queued file")
     assert "a.csv" in {j.relpath for j in w.pool.jobs.values()}
+
+
+def test_wakes_are_coalesced_into_one_byte_until_the_loop_reads_it(world: World) -> None:
+    """Intake wakes the loop once per registered batch; while a wake byte is
+    unread, more wakes send nothing. Once the loop has read it, the next wake
+    sends again, so a wake-up is never lost."""
+    import select
+
+    sched = world.scheduler
+    wake_r = sched._wake_r
+
+    def unread() -> int:
+        n = 0
+        while select.select([wake_r], [], [], 0)[0]:
+            n += len(wake_r.recv(4096))
+        return n
+
+    for _ in range(64):
+        sched.wake()
+    assert select.select([wake_r], [], [], 0)[0]
+    sched._drain_wakes()
+    assert unread() == 0
+    sched.wake()
+    sched.wake()
+    assert unread() == 1
+    # Only the loop's own read re-arms the wake: a byte read here (by the
+    # test, not the loop) leaves wakes pending until the loop has read.
+    sched.wake()
+    assert unread() == 0
+    sched._drain_wakes()
+    sched.wake()
+    assert unread() == 1

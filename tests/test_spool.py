@@ -591,3 +591,41 @@ def test_adopt_does_not_take_a_name_another_process_reserved(spool: Spool) -> No
     assert (upload / "a.csv").exists()
     assert spool.adopt(upload, Priority.NORMAL, "upload-2") == spool.work / "normal" / "upload-2"
     assert (spool.work / "normal" / "upload-2" / "a.csv").exists()
+
+
+def test_owner_name_asks_the_user_database_once_per_user_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every claim names the drop's owner; a burst of drops by one user asks
+    getpwuid once, and a renamed user shows once the name is older than
+    OWNER_NAME_TTL_SECONDS."""
+    from batchd import fsutil
+
+    asked: list[int] = []
+    names = {"now": "alice"}
+
+    class Entry:
+        def __init__(self, name: str) -> None:
+            self.pw_name = name
+
+    def getpwuid(uid: int) -> Entry:
+        asked.append(uid)
+        if uid == 4242:
+            raise KeyError(uid)
+        return Entry(names["now"])
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(fsutil.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(fsutil, "_monotonic", lambda: clock["t"])
+    monkeypatch.setattr(fsutil, "_owner_names", {})
+    st = os.stat_result((0o100644, 1, 1, 1, 4241, 0, 0, 0, 0, 0))
+    gone = os.stat_result((0o100644, 1, 1, 1, 4242, 0, 0, 0, 0, 0))
+    assert [owner_name(st) for _ in range(100)] == ["alice"] * 100
+    assert owner_name(gone) == "4242" and owner_name(gone) == "4242"
+    assert asked == [4241, 4242]
+    names["now"] = "alice2"
+    clock["t"] += fsutil.OWNER_NAME_TTL_SECONDS - 1
+    assert owner_name(st) == "alice"
+    clock["t"] += 1
+    assert owner_name(st) == "alice2"
+    assert asked == [4241, 4242, 4241]
