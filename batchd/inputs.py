@@ -105,7 +105,7 @@ class InputMoves:
                 return
             target = f"{'archive' if ok else 'failed'}/{name}/{relpath}"
             try:
-                safefs.move(self.root, source, target)
+                safefs.move_from(dir_fd, leaf, self.root, target)
             except safefs.UnsafePath as exc:
                 # A link planted where the input should go: never followed;
                 # the input stays in work/ (an operator can see it there).

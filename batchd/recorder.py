@@ -191,16 +191,20 @@ class Recorder:
                 # Re-queued by an operator since the commit: the batch goes on,
                 # and a re-queued input back in work/ must stay there.
                 return False
-            left = self.spool.inputs_left(delivery.work_path)
-            for file in snap.files if left else ():
-                if file.status.done:
-                    self.spool.settle_input(
-                        delivery.work_path,
-                        delivery.batch_name,
-                        file.relpath,
-                        ok=file.status == Status.COMPLETED,
-                    )
-            self.spool.finalize(delivery.work_path, delivery.batch_name)
+            # An empty folder (every worker moved its own input) has nothing
+            # to settle and nothing for finalize() to archive; work/ is
+            # batchd's alone, so nothing appears there meanwhile, and
+            # release() removes the folder only if it is still empty.
+            if self.spool.inputs_left(delivery.work_path):
+                for file in snap.files:
+                    if file.status.done:
+                        self.spool.settle_input(
+                            delivery.work_path,
+                            delivery.batch_name,
+                            file.relpath,
+                            ok=file.status == Status.COMPLETED,
+                        )
+                self.spool.finalize(delivery.work_path, delivery.batch_name)
             # Ended, its counters are final (no refresh_counts): the document
             # is the one a read now would give, unless an operator re-queued
             # the batch meanwhile; then its newer version replaces this one

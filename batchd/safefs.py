@@ -182,32 +182,41 @@ def move(root: Path, source: str, target: str) -> None:
     Across filesystems (an archive on another mount) it copies through the
     same descriptors (see :func:`batchd.fsutil.replace_across`).
     """
-    from batchd.fsutil import replace_across  # fsutil imports this module
-
     src_parent, _, src_leaf = source.rpartition("/")
-    dst_parent, _, dst_leaf = target.rpartition("/")
     split(source)
-    split(target)
     src_fd = open_dir(root, src_parent)
     try:
-        dst_fd = open_dir(root, dst_parent, create=True)
-        try:
-            try:
-                os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            except OSError as exc:
-                if exc.errno == errno.EXDEV:
-                    replace_across(fd_path(src_fd, src_leaf), fd_path(dst_fd, dst_leaf))
-                elif exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                    # A folder of that name is in the way (an earlier run's):
-                    # this move wins, as os.replace would for a file.
-                    shutil.rmtree(fd_path(dst_fd, dst_leaf))
-                    os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-                else:
-                    raise
-        finally:
-            os.close(dst_fd)
+        move_from(src_fd, src_leaf, root, target)
     finally:
         os.close(src_fd)
+
+
+def move_from(src_fd: int, src_leaf: str, root: Path, target: str) -> None:
+    """:func:`move` of entry ``src_leaf`` of a folder the caller holds open
+    (``src_fd``, reached without following links): no second walk to the
+    source, and no moment in which its folder could be another one."""
+    from batchd.fsutil import replace_across  # fsutil imports this module
+
+    if len(split(src_leaf)) != 1:
+        raise UnsafePath(f"{src_leaf!r} is not one name: not moved")
+    dst_parent, _, dst_leaf = target.rpartition("/")
+    split(target)
+    dst_fd = open_dir(root, dst_parent, create=True)
+    try:
+        try:
+            os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                replace_across(fd_path(src_fd, src_leaf), fd_path(dst_fd, dst_leaf))
+            elif exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                # A folder of that name is in the way (an earlier run's):
+                # this move wins, as os.replace would for a file.
+                shutil.rmtree(fd_path(dst_fd, dst_leaf))
+                os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            else:
+                raise
+    finally:
+        os.close(dst_fd)
 
 
 def remove_tree(path: Path) -> None:

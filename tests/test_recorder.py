@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from batchd.recorder import Recorder
 from batchd.records import Status
+from batchd.spool import Spool
 
 
 @pytest.fixture
@@ -46,6 +47,40 @@ def test_a_recorded_success_is_committed_archived_and_ends_its_batch(world: Worl
     assert status["batch"]["status"] == "completed"
     events = [e["event"] for e in logs]
     assert events == ["file_completed", "batch_finished"]
+    recorder.close()
+
+
+def test_a_batch_end_with_an_empty_work_folder_looks_no_further(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every input moved by its own worker: the batch end neither settles
+    members nor finalizes (nothing is left to archive); with something left
+    in the folder (an ignored temporary name) it does, and that is archived."""
+    w = world
+    recorder = Recorder(w.settings, None)
+    finalized: list[str] = []
+    real_finalize = Spool.finalize
+
+    def counting_finalize(self: Spool, work_path: str, name: str) -> None:
+        finalized.append(name)
+        real_finalize(self, work_path, name)
+
+    # The class: the recorder has a Spool of its own, as in a worker.
+    monkeypatch.setattr(Spool, "finalize", counting_finalize)
+    empty = w.batch("empty", ("a.csv",))
+    w.turn()
+    _job, recorded = w.pool.done_recorded("a.csv", recorder)
+    assert recorded is not None and recorded.ended
+    assert finalized == []
+    assert not (w.spool.root / empty.work_path).exists()
+    left = w.batch("left", ("b.csv",))
+    (w.spool.root / left.work_path / "upload.tmp").write_bytes(b"partial")
+    w.turn()
+    _job, recorded = w.pool.done_recorded("b.csv", recorder)
+    assert recorded is not None and recorded.ended
+    assert finalized == ["left"]
+    assert (w.spool.archive / "left" / "upload.tmp").read_bytes() == b"partial"
+    assert not (w.spool.root / left.work_path).exists()
     recorder.close()
 
 

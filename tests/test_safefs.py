@@ -100,6 +100,27 @@ def test_move_refuses_a_link_in_the_target(tmp_path: Path) -> None:
     assert (root / "work" / "b" / "sub" / "a.csv").exists()
 
 
+def test_move_from_moves_out_of_the_folder_it_was_given(tmp_path: Path) -> None:
+    """move_from renames the entry of the folder the caller holds open: its
+    folder swapped for a link meanwhile changes nothing (no second walk to
+    the source), and a source that is more than one name is refused."""
+    root, secret = tree(tmp_path)
+    fd = safefs.open_dir(root, "work/b/sub")
+    try:
+        os.rename(root / "work" / "b" / "sub", root / "work" / "b" / "elsewhere")
+        os.symlink(secret.parent, root / "work" / "b" / "sub")
+        (secret.parent / "a.csv").write_bytes(b"not this one")
+        safefs.move_from(fd, "a.csv", root, "archive/b/sub/a.csv")
+        for bad in ("../a.csv", "x/a.csv", "..", ""):
+            with pytest.raises(safefs.UnsafePath):
+                safefs.move_from(fd, bad, root, "archive/b/x.csv")
+    finally:
+        os.close(fd)
+    assert (root / "archive" / "b" / "sub" / "a.csv").read_bytes() == DATA
+    assert (secret.parent / "a.csv").read_bytes() == b"not this one"
+    assert not (root / "work" / "b" / "elsewhere" / "a.csv").exists()
+
+
 def test_write_json_atomic_under_root_is_0640_and_refuses_links(
     tmp_path: Path, umask0: None
 ) -> None:
