@@ -133,6 +133,8 @@ class Readiness:
         self._candidates: dict[Path, _Candidate] = {}
         #: drops batchd cannot claim, with the reason (see :meth:`refuse`).
         self.refused: dict[Path, str] = {}
+        #: the ``watch.ignore`` the candidates were admitted under (see :meth:`poll`).
+        self._ignore = spool.settings.watch.ignore
 
     def touch(self, path: Path, priority: Priority) -> None:
         """Something happened at or under drop ``path``: look at it at the next poll.
@@ -188,6 +190,14 @@ class Readiness:
         ready = []
         now = self.clock.monotonic()
         settle = self.settings.settle_seconds
+        if self.spool.settings.watch.ignore != self._ignore:
+            # A reload changed watch.ignore ("at once"): a candidate whose
+            # name is now work in progress is no longer one (touch() would
+            # not have admitted it).
+            self._ignore = self.spool.settings.watch.ignore
+            for path in [p for p in self._candidates if self.spool.ignored(p.name)]:
+                del self._candidates[path]
+                self.refused.pop(path, None)
         for path, cand in list(self._candidates.items()):
             if cand.next_look > now:
                 continue

@@ -235,6 +235,26 @@ def test_ignored_top_level_name_never_ready(h: Harness, name: str) -> None:
     assert h.readiness.pending() == 0
 
 
+def test_a_candidate_whose_name_a_reload_ignores_is_never_ready(tmp_path: Path) -> None:
+    """watch.ignore applies at once on a reload (README): a drop already being
+    looked at whose name the new list ignores (a writer's in-progress suffix)
+    is not claimed once it settles, as touch() would not admit it now."""
+    h = Harness(tmp_path)
+    path = write(h.inbox / "big.pdf.upload")
+    h.touch(path)
+    assert h.poll() == []
+    # What Daemon.reload does with the new settings.
+    new = make_settings(tmp_path, watch__settle_seconds="1.0", watch__ignore='["*.upload"]')
+    h.spool.settings = new
+    h.readiness.settings = new.watch
+    assert h.poll_after(3600) == []
+    assert h.readiness.pending() == 0
+    path.rename(h.inbox / "big.pdf")
+    h.touch(h.inbox / "big.pdf")
+    assert h.poll() == []
+    assert h.poll_after(1.0) == [h.inbox / "big.pdf"]
+
+
 def test_a_poll_looks_only_at_the_drops_that_are_due(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
