@@ -135,6 +135,8 @@ class Readiness:
         self.refused: dict[Path, str] = {}
         #: the ``watch.ignore`` the candidates were admitted under (see :meth:`poll`).
         self._ignore = spool.settings.watch.ignore
+        #: the ``settle_seconds`` their next looks were scheduled with.
+        self._settle = settings.settle_seconds
 
     def touch(self, path: Path, priority: Priority) -> None:
         """Something happened at or under drop ``path``: look at it at the next poll.
@@ -198,6 +200,12 @@ class Readiness:
             for path in [p for p in self._candidates if self.spool.ignored(p.name)]:
                 del self._candidates[path]
                 self.refused.pop(path, None)
+        if settle != self._settle:
+            # A reload changed settle_seconds ("at once"): the looks scheduled
+            # with the old one may be far later than the new one allows.
+            self._settle = settle
+            for cand in self._candidates.values():
+                cand.next_look = 0.0
         for path, cand in list(self._candidates.items()):
             if cand.next_look > now:
                 continue

@@ -255,6 +255,24 @@ def test_a_candidate_whose_name_a_reload_ignores_is_never_ready(tmp_path: Path) 
     assert h.poll_after(1.0) == [h.inbox / "big.pdf"]
 
 
+def test_a_shorter_settle_from_a_reload_applies_to_the_drops_already_settling(
+    tmp_path: Path,
+) -> None:
+    """settle_seconds applies at once on a reload (README): a file that has
+    held still longer than the new settle time is ready at the next poll, not
+    when the look scheduled with the old settle time (60 s: every 30 s) comes."""
+    h = Harness(tmp_path, watch__settle_seconds="60")
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    assert h.poll() == []
+    assert h.poll_after(2) == []
+    new = make_settings(tmp_path, watch__settle_seconds="1.0")
+    h.spool.settings = new
+    h.readiness.settings = new.watch
+    # The watcher thread polls at least every second whatever next_check says.
+    assert h.poll_after(0.1) == [path]
+
+
 def test_a_poll_looks_only_at_the_drops_that_are_due(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
