@@ -117,8 +117,10 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
             break
     entries.sort()
     has_marker = os.path.lexists(path / marker)
-    # The mode too: a chmod (the fix for a refused folder) changes no mtime.
-    signature = (st.st_mtime_ns, st.st_mode, tuple(entries))
+    # The mode, and the ctime: a chmod, a chgrp or an ACL given (the fixes
+    # for a refused folder: one moved in keeps its dropper's group) changes
+    # no mtime, and a chgrp or an ACL no mode either.
+    signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_mode, tuple(entries))
     return Seen(signature, True, has_marker, max(members, int(over_cap)), problem)
 
 

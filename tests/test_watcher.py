@@ -518,6 +518,31 @@ def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
     assert h.poll_after(1.5) == [drop]
 
 
+def test_refused_folder_is_tried_again_after_a_chgrp(h: Harness) -> None:
+    """A folder moved in from a home folder keeps its owner's group, so batchd
+    (not in it) cannot rename it even with mode 775: refused. The fix is a
+    chgrp (or chown), which changes neither mode nor mtime; the drop is still
+    tried again once it changes."""
+    drop = h.inbox / "moved-in"
+    write(drop / "a.csv")
+    drop.chmod(0o775)
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(1.5) == [drop]
+    assert h.readiness.refuse(drop, Priority.NORMAL, "not writable by batchd")
+    assert h.poll_after(5) == []
+    gid = drop.stat().st_gid
+    other = next((g for g in {*os.getgroups(), os.getgid(), 0, 1} if g != gid), None)
+    try:
+        os.chown(drop, -1, other if other is not None else -1)
+    except PermissionError:
+        pytest.skip("no other group to give the folder")
+    assert drop.stat().st_gid != gid
+    h.touch(drop)  # the IN_ATTRIB event
+    assert h.poll() == []
+    assert h.poll_after(1.5) == [drop]
+
+
 def test_repeated_take_errors_make_the_watcher_unhealthy(
     start_watcher: Callable[..., tuple[Watcher, Spool, Taker]],
 ) -> None:
