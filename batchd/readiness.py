@@ -117,8 +117,10 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
             break
     entries.sort()
     has_marker = os.path.lexists(path / marker)
-    # The mode too: a chmod (the fix for a refused folder) changes no mtime.
-    signature = (st.st_mtime_ns, st.st_mode, tuple(entries))
+    # The mode, and the ctime: a chmod, a chgrp or an ACL given (the fixes
+    # for a refused folder: one moved in keeps its dropper's group) changes
+    # no mtime, and a chgrp or an ACL no mode either.
+    signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_mode, tuple(entries))
     return Seen(signature, True, has_marker, max(members, int(over_cap)), problem)
 
 
@@ -133,6 +135,10 @@ class Readiness:
         self._candidates: dict[Path, _Candidate] = {}
         #: drops batchd cannot claim, with the reason (see :meth:`refuse`).
         self.refused: dict[Path, str] = {}
+        #: the ``watch.ignore`` the candidates were admitted under (see :meth:`poll`).
+        self._ignore = spool.settings.watch.ignore
+        #: the ``settle_seconds`` their next looks were scheduled with.
+        self._settle = settings.settle_seconds
 
     def touch(self, path: Path, priority: Priority) -> None:
         """Something happened at or under drop ``path``: look at it at the next poll.
@@ -188,6 +194,20 @@ class Readiness:
         ready = []
         now = self.clock.monotonic()
         settle = self.settings.settle_seconds
+        if self.spool.settings.watch.ignore != self._ignore:
+            # A reload changed watch.ignore ("at once"): a candidate whose
+            # name is now work in progress is no longer one (touch() would
+            # not have admitted it).
+            self._ignore = self.spool.settings.watch.ignore
+            for path in [p for p in self._candidates if self.spool.ignored(p.name)]:
+                del self._candidates[path]
+                self.refused.pop(path, None)
+        if settle != self._settle:
+            # A reload changed settle_seconds ("at once"): the looks scheduled
+            # with the old one may be far later than the new one allows.
+            self._settle = settle
+            for cand in self._candidates.values():
+                cand.next_look = 0.0
         for path, cand in list(self._candidates.items()):
             if cand.next_look > now:
                 continue

@@ -235,6 +235,44 @@ def test_ignored_top_level_name_never_ready(h: Harness, name: str) -> None:
     assert h.readiness.pending() == 0
 
 
+def test_a_candidate_whose_name_a_reload_ignores_is_never_ready(tmp_path: Path) -> None:
+    """watch.ignore applies at once on a reload (README): a drop already being
+    looked at whose name the new list ignores (a writer's in-progress suffix)
+    is not claimed once it settles, as touch() would not admit it now."""
+    h = Harness(tmp_path)
+    path = write(h.inbox / "big.pdf.upload")
+    h.touch(path)
+    assert h.poll() == []
+    # What Daemon.reload does with the new settings.
+    new = make_settings(tmp_path, watch__settle_seconds="1.0", watch__ignore='["*.upload"]')
+    h.spool.settings = new
+    h.readiness.settings = new.watch
+    assert h.poll_after(3600) == []
+    assert h.readiness.pending() == 0
+    path.rename(h.inbox / "big.pdf")
+    h.touch(h.inbox / "big.pdf")
+    assert h.poll() == []
+    assert h.poll_after(1.0) == [h.inbox / "big.pdf"]
+
+
+def test_a_shorter_settle_from_a_reload_applies_to_the_drops_already_settling(
+    tmp_path: Path,
+) -> None:
+    """settle_seconds applies at once on a reload (README): a file that has
+    held still longer than the new settle time is ready at the next poll, not
+    when the look scheduled with the old settle time (60 s: every 30 s) comes."""
+    h = Harness(tmp_path, watch__settle_seconds="60")
+    path = write(h.inbox / "a.csv")
+    h.touch(path)
+    assert h.poll() == []
+    assert h.poll_after(2) == []
+    new = make_settings(tmp_path, watch__settle_seconds="1.0")
+    h.spool.settings = new
+    h.readiness.settings = new.watch
+    # The watcher thread polls at least every second whatever next_check says.
+    assert h.poll_after(0.1) == [path]
+
+
 def test_a_poll_looks_only_at_the_drops_that_are_due(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,6 +515,31 @@ def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
     h.touch(drop)
     assert h.poll() == []
     assert h.readiness.states()[0]["state"] == "settling"
+    assert h.poll_after(1.5) == [drop]
+
+
+def test_refused_folder_is_tried_again_after_a_chgrp(h: Harness) -> None:
+    """A folder moved in from a home folder keeps its owner's group, so batchd
+    (not in it) cannot rename it even with mode 775: refused. The fix is a
+    chgrp (or chown), which changes neither mode nor mtime; the drop is still
+    tried again once it changes."""
+    drop = h.inbox / "moved-in"
+    write(drop / "a.csv")
+    drop.chmod(0o775)
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(1.5) == [drop]
+    assert h.readiness.refuse(drop, Priority.NORMAL, "not writable by batchd")
+    assert h.poll_after(5) == []
+    gid = drop.stat().st_gid
+    other = next((g for g in {*os.getgroups(), os.getgid(), 0, 1} if g != gid), None)
+    try:
+        os.chown(drop, -1, other if other is not None else -1)
+    except PermissionError:
+        pytest.skip("no other group to give the folder")
+    assert drop.stat().st_gid != gid
+    h.touch(drop)  # the IN_ATTRIB event
+    assert h.poll() == []
     assert h.poll_after(1.5) == [drop]
 
 
