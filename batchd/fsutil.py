@@ -263,9 +263,9 @@ _monotonic = time.monotonic  # tests move it
 def owner_name(st: os.stat_result) -> str:
     """The user name owning a file (its numeric id when no such user exists).
 
-    Remembered per user id for ``OWNER_NAME_TTL_SECONDS``: every claim asks,
-    and each ``getpwuid`` re-reads /etc/passwd (six system calls and a parse;
-    with LDAP or sssd, a round trip).
+    A name found is remembered per user id for ``OWNER_NAME_TTL_SECONDS``:
+    every claim asks, and each ``getpwuid`` re-reads /etc/passwd (six system
+    calls and a parse; with LDAP or sssd, a round trip).
     """
     now = _monotonic()
     known = _owner_names.get(st.st_uid)
@@ -274,7 +274,9 @@ def owner_name(st: os.stat_result) -> str:
     try:
         name = pwd.getpwuid(st.st_uid).pw_name
     except KeyError:
-        name = str(st.st_uid)
+        # Not remembered: with LDAP or sssd away for a moment, one failed
+        # lookup must not name a minute of that user's drops by number.
+        return str(st.st_uid)
     if len(_owner_names) >= _OWNER_NAMES_MAX:
         _owner_names.clear()
     _owner_names[st.st_uid] = (now, name)

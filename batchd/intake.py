@@ -21,7 +21,7 @@ from batchd.config import Priority, Settings
 from batchd.errors import AlreadyRegistered, BatchdError, NameTaken, StoreError
 from batchd.faults import crash_point
 from batchd.fsutil import printable
-from batchd.members import DropRefused, batch_limit_error
+from batchd.members import DropRefused, NameNotText, batch_limit_error
 from batchd.outbox import Outbox
 from batchd.records import BatchRow, NewBatch, NewFile, Status
 from batchd.spool import Claimed, ClaimRefused, Spool
@@ -282,10 +282,11 @@ class Intake:
         """What registering ``claimed`` inserts: the batch, its members, whether refused whole."""
         refused = False
         try:
-            members = self.spool.scan(claimed.path)
-            if not all(_is_text(m.relpath) for m in members):
+            try:
+                members = self.spool.scan(claimed.path, require_text=True)
+            except NameNotText:
                 # A name that is not valid UTF-8 cannot be registered: rename
-                # those (a second walk, only then) and look again.
+                # every such name (a second walk, only then) and look again.
                 self._repair_names(claimed)
                 members = self.spool.scan(claimed.path)
             error = batch_limit_error(len(members), self.settings.limits)
@@ -364,12 +365,3 @@ class Intake:
         if batch.status == Status.PENDING or batch.status == Status.PROCESSING:
             self.on_registered(batch)
         return batch
-
-
-def _is_text(name: str) -> bool:
-    """False for a name holding bytes that are not UTF-8 (lone surrogates)."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -44,6 +44,10 @@ class DropRefused(BatchdError):
     """The drop is over a cap of the scan (too deep, too many entries); none of it is processed."""
 
 
+class NameNotText(BatchdError):
+    """A name in the drop is not valid UTF-8: :func:`repair_names` first (see :func:`scan`)."""
+
+
 def ignored(name: str, settings: Settings) -> bool:
     """True for names writers use for work in progress (``watch.ignore``)."""
     return _ignore_matcher(settings.watch.ignore)(name) is not None
@@ -89,7 +93,7 @@ def _caps(limits: LimitsSettings, depth: int, examined: int, where: str) -> None
         )
 
 
-def scan(folder: Path, settings: Settings) -> list[NewFile]:
+def scan(folder: Path, settings: Settings, require_text: bool = False) -> list[NewFile]:
     """The members of a claimed batch folder, each checked against the limits.
 
     Never follows symbolic links. Symlinks, FIFOs, sockets and devices are
@@ -97,6 +101,11 @@ def scan(folder: Path, settings: Settings) -> list[NewFile]:
     size limit, of a refused type, or unreadable. The marker file and
     names matched by ``watch.ignore`` are not members (they stay in the
     folder and are archived with it). Raises :class:`DropRefused` over a cap.
+
+    With ``require_text``, raises :class:`NameNotText` at the first entry
+    (member or not) whose name is not valid UTF-8: the caller repairs the
+    names and scans again, so a drop whose names are all text is walked
+    once, not twice (issue 15).
     """
     limits = settings.limits
     out: list[NewFile] = []
@@ -110,6 +119,8 @@ def scan(folder: Path, settings: Settings) -> list[NewFile]:
             examined += len(here.names)
             _caps(limits, here.depth, examined, here.rel or ".")
             for name in here.names:
+                if require_text and not name.isascii() and not _is_text(name):
+                    raise NameNotText(f"{here.path(name)!r} is not valid UTF-8")
                 if not is_member(name, here.depth == 0, settings):
                     continue
                 relpath = here.path(name)
@@ -294,3 +305,12 @@ def repair_names(folder: Path, settings: Settings) -> list[str]:
                     if stat.S_ISDIR(st.st_mode):
                         here.descend.append(fixed)
     return renamed
+
+
+def _is_text(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (lone surrogates)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

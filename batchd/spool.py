@@ -290,9 +290,10 @@ class Spool(InputMoves):
         """See :func:`batchd.members.repair_names`."""
         return members.repair_names(folder, self.settings)
 
-    def scan(self, folder: Path) -> list[NewFile]:
-        """See :func:`batchd.members.scan` (raises :class:`members.DropRefused` over a cap)."""
-        return members.scan(folder, self.settings)
+    def scan(self, folder: Path, require_text: bool = False) -> list[NewFile]:
+        """See :func:`batchd.members.scan` (raises :class:`members.DropRefused` over a
+        cap; with ``require_text``, :class:`members.NameNotText`)."""
+        return members.scan(folder, self.settings, require_text)
 
     def check_file(self, path: Path, st: os.stat_result) -> str | None:
         """Why a regular file batchd assembled (an upload) must be refused, or ``None``."""

@@ -160,13 +160,22 @@ def test_names_are_repaired_only_when_one_is_not_utf8(
     (latin / "b.csv").write_text("id\n1\n")
     loose = inbox / os.fsdecode(b"men\xfc.csv")
     loose.write_text("id\n1\n")
-    answers = world.intake.take_drops(
-        [(plain, Priority.NORMAL), (latin, Priority.NORMAL), (loose, Priority.NORMAL)]
-    )
+    # Names that are not members are repaired too: an ignored temporary
+    # name and an empty subfolder.
+    others = inbox / "others"
+    (others / os.fsdecode(b"vac\xeda")).mkdir(parents=True)
+    (others / os.fsdecode(b"~$caf\xe9.xlsx")).write_bytes(b"lock")
+    (others / "c.csv").write_text("id\n1\n")
+    answers = world.intake.take_drops([(p, Priority.NORMAL) for p in (plain, latin, loose, others)])
     assert all(isinstance(a, BatchRow) for a in answers), answers
-    assert repairs == ["latin", "men\\xfc.csv"]
+    assert repairs == ["latin", "men\\xfc.csv", "others"]
+    assert sorted(os.listdir(world.spool.work / "normal" / "others")) == [
+        "c.csv",
+        "vac\\xeda",
+        "~$caf\\xe9.xlsx",
+    ]
     by_name = {b.name: b for b in world.store.list_batches()}
-    assert set(by_name) == {"plain", "latin", "men\\xfc.csv"}
+    assert set(by_name) == {"plain", "latin", "men\\xfc.csv", "others"}
     relpaths = {
         name: sorted(f.relpath for f in world.store.list_files(batch.id))
         for name, batch in by_name.items()
@@ -175,5 +184,6 @@ def test_names_are_repaired_only_when_one_is_not_utf8(
         "plain": ["sub/a.csv"],
         "latin": ["b.csv", "sub/caf\\xe9.csv"],
         "men\\xfc.csv": ["men\\xfc.csv"],
+        "others": ["c.csv"],
     }
     assert (world.spool.work / "normal" / "latin" / "sub" / "caf\\xe9.csv").is_file()

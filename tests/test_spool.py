@@ -597,8 +597,8 @@ def test_owner_name_asks_the_user_database_once_per_user_a_minute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every claim names the drop's owner; a burst of drops by one user asks
-    getpwuid once, and a renamed user shows once the name is older than
-    OWNER_NAME_TTL_SECONDS."""
+    getpwuid once, a renamed user shows once the name is older than
+    OWNER_NAME_TTL_SECONDS, and a failed lookup is never remembered."""
     from batchd import fsutil
 
     asked: list[int] = []
@@ -621,11 +621,12 @@ def test_owner_name_asks_the_user_database_once_per_user_a_minute(
     st = os.stat_result((0o100644, 1, 1, 1, 4241, 0, 0, 0, 0, 0))
     gone = os.stat_result((0o100644, 1, 1, 1, 4242, 0, 0, 0, 0, 0))
     assert [owner_name(st) for _ in range(100)] == ["alice"] * 100
+    # A failed lookup (no such user, or the directory away) is asked again.
     assert owner_name(gone) == "4242" and owner_name(gone) == "4242"
-    assert asked == [4241, 4242]
+    assert asked == [4241, 4242, 4242]
     names["now"] = "alice2"
     clock["t"] += fsutil.OWNER_NAME_TTL_SECONDS - 1
     assert owner_name(st) == "alice"
     clock["t"] += 1
     assert owner_name(st) == "alice2"
-    assert asked == [4241, 4242, 4241]
+    assert asked == [4241, 4242, 4242, 4241]
