@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import hashlib
 import json
 import os
@@ -281,6 +282,14 @@ def owner_name(st: os.stat_result) -> str:
         _owner_names.clear()
     _owner_names[st.st_uid] = (now, name)
     return name
+
+
+def group_name(gid: int) -> str:
+    """The name of group ``gid`` (its number when no such group exists)."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def move_locked_folder(source: Path, target: Path) -> None:

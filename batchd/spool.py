@@ -36,6 +36,7 @@ from batchd.fsutil import (
     copy_across,
     finish_copies,
     fit_name,
+    group_name,
     owner_name,
     printable,
 )
@@ -220,15 +221,28 @@ class Spool(InputMoves):
                     # Moving a folder rewrites its "..", which needs write
                     # permission on it: a folder copied with a umask of 0022
                     # (mode 0750) cannot be claimed. Say what to run.
-                    raise ClaimRefused(
-                        f"{printable(str(source))}: batchd cannot claim this folder: it is not"
-                        f" writable by the group (mode {stat.S_IMODE(st.st_mode):o}). Run:"
-                        f" chmod -R g+w '{printable(str(source))}'  (it is claimed once it"
-                        " changes)"
-                    ) from exc
+                    raise ClaimRefused(self._unclaimable(source, st)) from exc
                 raise
             copy_across(source, target, is_dir, XDEV_SUFFIX)
         return Claimed(target, name, priority, printable(str(source)), user)
+
+    def _unclaimable(self, source: Path, st: os.stat_result) -> str:
+        """Why a dropped folder cannot be moved, and the command that fixes it."""
+        where = printable(str(source))
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid() and st.st_gid not in {os.getegid(), *os.getgroups()}:
+            # Moved in with mv (or unpacked as its owner): it keeps its
+            # owner's group, which batchd is not in, so g+w alone is no fix.
+            group = group_name(source.parent.stat().st_gid)
+            return (
+                f"{where}: batchd cannot claim this folder: its group ({group_name(st.st_gid)})"
+                f" is not the drop group (mode {mode:o}). Run: chgrp -R {group} '{where}' &&"
+                f" chmod -R g+w '{where}'  (it is claimed once it changes)"
+            )
+        return (
+            f"{where}: batchd cannot claim this folder: it is not writable by the group"
+            f" (mode {mode:o}). Run: chmod -R g+w '{where}'  (it is claimed once it changes)"
+        )
 
     def rename_claim(self, claimed: Claimed, name: str) -> Claimed:
         """Give a claimed folder another name (the database had its name already).

@@ -41,6 +41,8 @@ for line in sys.stdin:
         elif op == "symlink": os.symlink(args[0], args[1])
         elif op == "mkdir": os.mkdir(args[0], int(args[1], 8))
         elif op == "chmod": os.chmod(args[0], int(args[1], 8))
+        elif op == "chgrp":
+            import grp; os.chown(args[0], -1, grp.getgrnam(args[1]).gr_gid)
         elif op == "write":
             with open(args[0], "w") as fh: fh.write(args[1])
         elif op == "read":

@@ -307,6 +307,29 @@ def test_sql_requeue_of_refused_members_keeps_their_refusal(world: World) -> Non
     )
 
 
+def test_folder_moved_in_with_its_owners_group_names_the_chgrp_to_run(world: World) -> None:
+    """A folder moved in with mv keeps its owner's own group: even group-writable,
+    batchd (not in that group) cannot move it. The refusal names the chgrp to
+    run; after the chgrp alone (no mode or mtime change) it is claimed."""
+    w = world
+    a = w.attacker
+    assert a.do("chdir", str(w.home)) == "ok"
+    assert a.do("mkdir", "mine", "775") == "ok"
+    assert a.do("write", "mine/a.csv", ROW.decode()) == "ok"
+    assert a.do("chgrp", "mine", ATTACKER) == "ok"  # useradd --user-group: its own group
+    assert a.do("chmod", "mine", "775") == "ok"  # readable by all: only the move fails
+    assert a.do("rename", str(w.home / "mine"), str(w.spool / "inbox/normal/mine")) == "ok"
+    wait_until(lambda: w.d.status("mine"), 30, what=f"the refusal's status.json\n{w.d.log()}")
+    doc = w.d.status("mine")
+    assert doc is not None and doc["batch"]["status"] == "refused_in_inbox"
+    error = doc["batch"]["error"]
+    assert f"its group ({ATTACKER}) is not the drop group" in error, error
+    assert f"chgrp -R {DROP_GROUP} " in error and "inbox/normal/mine" in error, error
+    assert a.do("chgrp", str(w.spool / "inbox/normal/mine"), DROP_GROUP) == "ok"
+    status = w.d.wait_batch("mine")
+    assert status["batch"]["name"] == "mine" and status["batch"]["status"] == "completed"
+
+
 def test_folder_without_group_write_is_refused_visibly(world: World) -> None:
     """A 0755 folder (umask 0022) batchd cannot move says so in outbox/<name>/status.json
     and GET /api/inbox with the chmod to run, logged once without a traceback; after the
