@@ -311,23 +311,23 @@ def test_folder_moved_in_with_its_owners_group_names_the_chgrp_to_run(world: Wor
     """A folder moved in with mv keeps its owner's own group: even group-writable,
     batchd (not in that group) cannot move it. The refusal names the chgrp to
     run; after the chgrp alone (no mode or mtime change) it is claimed."""
-    w = world
+    w = world  # one daemon for the module: a name of its own ("mine" is another test's)
     a = w.attacker
     assert a.do("chdir", str(w.home)) == "ok"
-    assert a.do("mkdir", "mine", "775") == "ok"
-    assert a.do("write", "mine/a.csv", ROW.decode()) == "ok"
-    assert a.do("chgrp", "mine", ATTACKER) == "ok"  # useradd --user-group: its own group
-    assert a.do("chmod", "mine", "775") == "ok"  # readable by all: only the move fails
-    assert a.do("rename", str(w.home / "mine"), str(w.spool / "inbox/normal/mine")) == "ok"
-    wait_until(lambda: w.d.status("mine"), 30, what=f"the refusal's status.json\n{w.d.log()}")
-    doc = w.d.status("mine")
+    assert a.do("mkdir", "moved-in", "775") == "ok"
+    assert a.do("write", "moved-in/a.csv", ROW.decode()) == "ok"
+    assert a.do("chgrp", "moved-in", ATTACKER) == "ok"  # useradd --user-group: its own group
+    assert a.do("chmod", "moved-in", "775") == "ok"  # readable by all: only the move fails
+    assert a.do("rename", str(w.home / "moved-in"), str(w.spool / "inbox/normal/moved-in")) == "ok"
+    wait_until(lambda: w.d.status("moved-in"), 30, what=f"the refusal's status.json\n{w.d.log()}")
+    doc = w.d.status("moved-in")
     assert doc is not None and doc["batch"]["status"] == "refused_in_inbox"
     error = doc["batch"]["error"]
     assert f"its group ({ATTACKER}) is not the drop group" in error, error
-    assert f"chgrp -R {DROP_GROUP} " in error and "inbox/normal/mine" in error, error
-    assert a.do("chgrp", str(w.spool / "inbox/normal/mine"), DROP_GROUP) == "ok"
-    status = w.d.wait_batch("mine")
-    assert status["batch"]["name"] == "mine" and status["batch"]["status"] == "completed"
+    assert f"chgrp -R {DROP_GROUP} " in error and "inbox/normal/moved-in" in error, error
+    assert a.do("chgrp", str(w.spool / "inbox/normal/moved-in"), DROP_GROUP) == "ok"
+    status = w.d.wait_batch("moved-in")
+    assert status["batch"]["name"] == "moved-in" and status["batch"]["status"] == "completed"
 
 
 def test_folder_without_group_write_is_refused_visibly(world: World) -> None:
