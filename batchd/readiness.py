@@ -43,6 +43,8 @@ class _Candidate:
     waiting: bool = False
     #: a drop_unreadable warning was logged for it (once per drop).
     reported: bool = False
+    #: why it cannot be read, with the command that fixes it (GET /api/inbox).
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,9 @@ def look(path: Path, spool: Spool, marker: str) -> Seen | None:
             continue
         except OSError as exc:
             if dirpath == str(path):
-                problem = f"cannot read folder: {exc.strerror}"
+                problem = f"cannot read folder: {exc.strerror}: " + spool.access_fix(
+                    path, st, "it is not readable by the group", "rwX"
+                )
             else:
                 members += 1  # it will be a failed member
             continue
@@ -235,10 +239,12 @@ class Readiness:
                         detail="it stays in the inbox until batchd may read and move it",
                     )
                     cand.reported = True
+                cand.problem = seen.problem
                 cand.waiting = True
                 self._schedule(cand, now)
                 continue
             cand.reported = False
+            cand.problem = None
             if path in self.refused:
                 if seen.signature == cand.signature:
                     cand.waiting = True  # refused as it is: tried again when it changes
@@ -286,7 +292,8 @@ class Readiness:
             if reason is not None:
                 state = "refused"
             elif cand.reported:
-                state, reason = "refused", "batchd cannot read this folder: give the group read"
+                state = "refused"
+                reason = cand.problem or "batchd cannot read this folder: give the group read"
             elif cand.waiting and cand.signature is not None:
                 state = "waiting_marker"
                 reason = (

@@ -228,20 +228,29 @@ class Spool(InputMoves):
 
     def _unclaimable(self, source: Path, st: os.stat_result) -> str:
         """Why a dropped folder cannot be moved, and the command that fixes it."""
-        where = printable(str(source))
+        why = "it is not writable by the group"
+        return f"{printable(str(source))}: batchd cannot claim this folder: " + self.access_fix(
+            source, st, why, "w"
+        )
+
+    def access_fix(self, drop: Path, st: os.stat_result, why: str, need: str) -> str:
+        """``why`` batchd may not read or move dropped folder ``drop``, with its
+        mode, and the command that fixes it: ``chmod -R g+<need>``, after a
+        chgrp to the inbox's group when the folder is in its owner's own group
+        (moved in with mv, or unpacked as its owner), which batchd is not in,
+        so a chmod alone changes nothing."""
+        where = printable(str(drop))
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid != os.geteuid() and st.st_gid not in {os.getegid(), *os.getgroups()}:
-            # Moved in with mv (or unpacked as its owner): it keeps its
-            # owner's group, which batchd is not in, so g+w alone is no fix.
-            group = group_name(source.parent.stat().st_gid)
+            group = group_name(drop.parent.stat().st_gid)
             return (
-                f"{where}: batchd cannot claim this folder: its group ({group_name(st.st_gid)})"
-                f" is not the drop group (mode {mode:o}). Run: chgrp -R {group} '{where}' &&"
-                f" chmod -R g+w '{where}'  (it is claimed once it changes)"
+                f"its group ({group_name(st.st_gid)}) is not the drop group (mode {mode:o})."
+                f" Run: chgrp -R {group} '{where}' && chmod -R g+{need} '{where}'"
+                "  (it is claimed once it changes)"
             )
         return (
-            f"{where}: batchd cannot claim this folder: it is not writable by the group"
-            f" (mode {mode:o}). Run: chmod -R g+w '{where}'  (it is claimed once it changes)"
+            f"{why} (mode {mode:o}). Run: chmod -R g+{need} '{where}'"
+            "  (it is claimed once it changes)"
         )
 
     def rename_claim(self, claimed: Claimed, name: str) -> Claimed:
