@@ -143,6 +143,9 @@ class Readiness:
         self._ignore = spool.settings.watch.ignore
         #: the ``settle_seconds`` their next looks were scheduled with.
         self._settle = settings.settle_seconds
+        #: what the last poll saw of each drop it found ready: the baseline a
+        #: refusal of that drop waits to see changed (see :meth:`refuse`).
+        self._handed: dict[Path, Signature] = {}
 
     def touch(self, path: Path, priority: Priority) -> None:
         """Something happened at or under drop ``path``: look at it at the next poll.
@@ -198,6 +201,7 @@ class Readiness:
         ready = []
         now = self.clock.monotonic()
         settle = self.settings.settle_seconds
+        self._handed.clear()
         if self.spool.settings.watch.ignore != self._ignore:
             # A reload changed watch.ignore ("at once"): a candidate whose
             # name is now work in progress is no longer one (touch() would
@@ -253,6 +257,7 @@ class Readiness:
                 del self.refused[path]  # changed (a chmod, say): settles and is tried again
             if seen.has_marker:
                 del self._candidates[path]
+                self._handed[path] = seen.signature
                 ready.append((path, cand.priority))
                 continue
             if seen.signature != cand.signature:
@@ -267,6 +272,7 @@ class Readiness:
                 continue
             if now - cand.since >= settle:
                 del self._candidates[path]
+                self._handed[path] = seen.signature
                 ready.append((path, cand.priority))
                 continue
             self._schedule(cand, now)
@@ -277,9 +283,15 @@ class Readiness:
         looked at again when it changes. True the first time (log it once)."""
         first = self.refused.get(path) != reason
         self.refused[path] = reason
-        seen = look(path, self.spool, self.settings.marker)
+        # The drop as it was found ready, before the claim was tried: a fix
+        # (a chmod, a chgrp) made while the claim failed is then a change that
+        # gets it tried again. A fresh look would take the fix as the baseline.
+        signature = self._handed.pop(path, None)
+        if signature is None:
+            seen = look(path, self.spool, self.settings.marker)
+            signature = seen.signature if seen else None
         now = self.clock.monotonic()
-        cand = _Candidate(priority, seen.signature if seen else None, now, waiting=True)
+        cand = _Candidate(priority, signature, now, waiting=True)
         self._schedule(cand, now)
         self._candidates[path] = cand
         return first

@@ -497,6 +497,23 @@ def test_look_at_a_very_deep_drop_does_not_recurse(h: Harness) -> None:
     safefs.remove_tree(top)  # pytest's own clean-up of tmp_path recurses per level
 
 
+def test_a_fix_made_while_the_claim_failed_gets_the_drop_tried_again(h: Harness) -> None:
+    """The refusal's baseline is the drop as it was found ready, not a look after
+    the failed claim: a chmod landing between the two is a change, and the drop
+    settles and is tried again (it used to wait for another change)."""
+    drop = h.inbox / "private"
+    write(drop / "a.csv")
+    drop.chmod(0o2750)
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(1.5) == [drop]
+    drop.chmod(0o2770)  # the user's fix, while batchd's claim fails
+    assert h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")
+    assert h.poll_after(0.5) == []  # the re-look sees the change: it settles again
+    assert h.readiness.states()[0]["state"] == "settling"
+    assert h.poll_after(1.0) == [drop]
+
+
 def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
     """A drop refused at its claim is listed as refused with the reason and not tried
     again until it changes (a chmod counts)."""
