@@ -200,7 +200,9 @@ def move_from(src_fd: int, src_leaf: str, root: Path, target: str) -> None:
     if len(split(src_leaf)) != 1:
         raise UnsafePath(f"{src_leaf!r} is not one name: not moved")
     dst_parent, _, dst_leaf = target.rpartition("/")
-    split(target)
+    if not split(target):
+        # "" or ".": the root itself, which the rmtree below would empty.
+        raise UnsafePath(f"{target!r} names no entry inside the spool: not moved")
     dst_fd = open_dir(root, dst_parent, create=True)
     try:
         try:

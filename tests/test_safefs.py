@@ -114,6 +114,9 @@ def test_move_from_moves_out_of_the_folder_it_was_given(tmp_path: Path) -> None:
         for bad in ("../a.csv", "x/a.csv", "..", ""):
             with pytest.raises(safefs.UnsafePath):
                 safefs.move_from(fd, bad, root, "archive/b/x.csv")
+        for root_itself in (".", ""):  # a folder in the way is removed: never the root
+            with pytest.raises(safefs.UnsafePath):
+                safefs.move_from(fd, "a.csv", root, root_itself)
     finally:
         os.close(fd)
     assert (root / "archive" / "b" / "sub" / "a.csv").read_bytes() == DATA
