@@ -119,7 +119,7 @@ def scan(folder: Path, settings: Settings, require_text: bool = False) -> list[N
             examined += len(here.names)
             _caps(limits, here.depth, examined, here.rel or ".")
             for name in here.names:
-                if require_text and not name.isascii() and not _is_text(name):
+                if require_text and not name.isascii() and printable(name) != name:
                     raise NameNotText(f"{here.path(name)!r} is not valid UTF-8")
                 if not is_member(name, here.depth == 0, settings):
                     continue
@@ -305,12 +305,3 @@ def repair_names(folder: Path, settings: Settings) -> list[str]:
                     if stat.S_ISDIR(st.st_mode):
                         here.descend.append(fixed)
     return renamed
-
-
-def _is_text(name: str) -> bool:
-    """False for a name holding bytes that are not UTF-8 (lone surrogates)."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
