@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,29 @@ def _tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def _cpu_per_file(daemon: Daemon, files: int, run: Callable[[], None]) -> dict[str, Any]:
+    """``run()`` (it drops ``files`` files and waits for them): files/s, and the
+    daemon's and its workers' CPU ms per file meanwhile."""
+    own0, reaped0 = cpu_seconds(daemon.pid)
+    kids0 = _tree_cpu(daemon.pid)
+    t0 = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - t0
+    own1, reaped1 = cpu_seconds(daemon.pid)
+    kids1 = _tree_cpu(daemon.pid)
+    completed = daemon.count_files("completed")
+    if completed != files:
+        raise RuntimeError(f"daemon_cpu: only {completed} of {files} files completed")
+    # Workers: what live ones spent since the start (new ones: all of it), plus
+    # what replaced, reaped ones had spent (the daemon's cutime + cstime).
+    kids = sum(v - kids0.get(pid, 0.0) for pid, v in kids1.items()) + (reaped1 - reaped0)
+    return {
+        "files_per_second": round(files / elapsed, 1),
+        "daemon_ms_per_file": round((own1 - own0) * 1000 / files, 3),
+        "workers_ms_per_file": round(kids * 1000 / files, 3),
+    }
+
+
 def daemon_cpu_run(
     tmp: Path, folders: int, per_folder: int, workers: int, loose: bool
 ) -> dict[str, Any]:
@@ -131,28 +155,15 @@ def daemon_cpu_run(
     with tempfile.TemporaryDirectory(dir=tmp) as t:
         daemon = Daemon(Path(t), BATCHD_PROCESSING__CONCURRENCY=str(workers)).start()
         drops = make_drops(Path(t) / "staging", folders, per_folder, loose)
-        try:
-            own0, reaped0 = cpu_seconds(daemon.pid)
-            kids0 = _tree_cpu(daemon.pid)
-            t0 = time.perf_counter()
+
+        def run() -> None:
             drop_all(drops, daemon.inbox("normal"))
             daemon.wait_done(total, 600)
-            elapsed = time.perf_counter() - t0
-            own1, reaped1 = cpu_seconds(daemon.pid)
-            kids1 = _tree_cpu(daemon.pid)
-            completed = daemon.count_files("completed")
+
+        try:
+            return _cpu_per_file(daemon, total, run)
         finally:
             daemon.stop()
-    if completed != total:
-        raise RuntimeError(f"daemon_cpu: only {completed} of {total} files completed")
-    # Workers: what live ones spent since the start (new ones: all of it), plus
-    # what replaced, reaped ones had spent (the daemon's cutime + cstime).
-    kids = sum(v - kids0.get(pid, 0.0) for pid, v in kids1.items()) + (reaped1 - reaped0)
-    return {
-        "files_per_second": round(total / elapsed, 1),
-        "daemon_ms_per_file": round((own1 - own0) * 1000 / total, 3),
-        "workers_ms_per_file": round(kids * 1000 / total, 3),
-    }
 
 
 #: Loose files written into the inbox one by one, at this pace, in
@@ -175,9 +186,8 @@ def daemon_cpu_trickle_run(tmp: Path, files: int, workers: int) -> dict[str, Any
             BATCHD_WATCH__SETTLE_SECONDS=settle,
         ).start()
         inbox = daemon.inbox("normal")
-        try:
-            own0, _ = cpu_seconds(daemon.pid)
-            kids0 = _tree_cpu(daemon.pid)
+
+        def run() -> None:
             t0 = time.perf_counter()
             for i in range(files):
                 (inbox / f"t{i:05d}.csv").write_bytes(b"id,qty\n1,2\n")
@@ -186,21 +196,11 @@ def daemon_cpu_trickle_run(tmp: Path, files: int, workers: int) -> dict[str, Any
                 if ahead > 0:
                     time.sleep(ahead)
             daemon.wait_done(files, 600)
-            elapsed = time.perf_counter() - t0
-            own1, _ = cpu_seconds(daemon.pid)
-            kids1 = _tree_cpu(daemon.pid)
-            completed = daemon.count_files("completed")
+
+        try:
+            return {**_cpu_per_file(daemon, files, run), "settle_seconds": float(settle)}
         finally:
             daemon.stop()
-    if completed != files:
-        raise RuntimeError(f"daemon_cpu trickle: only {completed} of {files} files completed")
-    kids = sum(v - kids0.get(pid, 0.0) for pid, v in kids1.items())
-    return {
-        "files_per_second": round(files / elapsed, 1),
-        "daemon_ms_per_file": round((own1 - own0) * 1000 / files, 3),
-        "workers_ms_per_file": round(kids * 1000 / files, 3),
-        "settle_seconds": float(settle),
-    }
 
 
 def daemon_cpu(rounds: int, folders: int, per_folder: int) -> dict[str, Any]:
