@@ -1255,3 +1255,96 @@ def test_write_lock_serves_writers_in_arrival_order() -> None:
 def _enter_and_record(lock: Any, entered: list[int], i: int) -> None:
     with lock:
         entered.append(i)
+
+
+def _lock_taken(path: Path) -> bool:
+    """Whether some open file holds the writers' ``flock`` on ``path`` (tried on
+    an open file of our own, which a lock held elsewhere refuses)."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_write_transactions_hold_the_writers_lock_file(db_path: Path) -> None:
+    """Every write transaction holds ``flock`` on ``<db>-lock`` until it ends (the
+    lock batchd's processes queue on, woken at once), and not after; reads take none."""
+    from batchd.store.sqlite import LOCK_SUFFIX
+
+    store = SQLiteStore(db_path)
+    try:
+        lock = db_path.with_name(db_path.name + LOCK_SUFFIX)
+        assert lock.stat().st_mode & 0o777 == 0o644  # created by the migration's transaction
+        with store.db.transaction():
+            assert _lock_taken(lock)
+        assert not _lock_taken(lock)
+        with store.db.snapshot():
+            assert not _lock_taken(lock)
+        with pytest.raises(RuntimeError), store.db.transaction():
+            raise RuntimeError("rolled back")
+        assert not _lock_taken(lock)
+    finally:
+        store.close()
+
+
+def test_writers_lock_is_created_readable_whatever_the_umask(db_path: Path) -> None:
+    """Created under umask 077 (root's CLI, say), the lock file is still 0644, so
+    the daemon's user can open it."""
+    import os
+
+    from batchd.store.sqlite import LOCK_SUFFIX
+
+    old = os.umask(0o077)
+    try:
+        store = SQLiteStore(db_path)
+    finally:
+        os.umask(old)
+    store.close()
+    assert db_path.with_name(db_path.name + LOCK_SUFFIX).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_forked_child_takes_the_writers_lock_on_a_descriptor_of_its_own(tmp_path: Path) -> None:
+    """A ``flock`` belongs to the open file: a child that kept its parent's would
+    walk through the parent's lock. The child opens the file again."""
+    import fcntl
+    import os
+
+    from batchd.store.sqlite import _WritersLock
+
+    lock = _WritersLock(tmp_path / "db-lock")
+    with lock:
+        pid = os.fork()
+        if pid == 0:  # the child: its descriptor must find the lock taken
+            code = 1
+            try:
+                fcntl.flock(lock._descriptor(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    lock.close()
+
+
+def test_writes_go_on_when_the_writers_lock_cannot_be_opened(db_path: Path) -> None:
+    """Where ``<db>-lock`` cannot be opened (here it is a link, which is never
+    followed), writes fall back to SQLite's busy_timeout: slower under
+    contention, never refused."""
+    from batchd.store.sqlite import LOCK_SUFFIX
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db_path.with_name(db_path.name + LOCK_SUFFIX).symlink_to(db_path.parent / "elsewhere")
+    store = SQLiteStore(db_path)
+    try:
+        store.register_batch(new_batch("b1"), T0)
+        assert store.name_taken("b1")
+    finally:
+        store.close()

@@ -10,11 +10,19 @@ SQLite is used deliberately:
   processed again, never lost.
 * ``BEGIN IMMEDIATE`` for every write, so two writers queue on
   ``busy_timeout`` instead of failing half-way with SQLITE_BUSY.
+* batchd's own writers (the daemon's threads, every worker, the HTTP
+  process, the CLI) first queue on a lock the kernel hands over at once
+  (:class:`_WritersLock`); SQLite's busy handler is left to writers that are
+  not batchd (an operator's ``sqlite3``).
 * one connection per thread (``sqlite3`` connections are not thread-safe).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import socket
 import sqlite3
 import threading
@@ -58,6 +66,7 @@ class SQLiteConnector:
         self.threads: ThreadConnections[sqlite3.Connection] = ThreadConnections()
         self.connections = self.threads.all
         self._write_lock = _FairLock()
+        self._writers = _WritersLock(path.with_name(path.name + LOCK_SUFFIX))
         self._version_conn: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +102,7 @@ class SQLiteConnector:
 
     def close(self) -> None:
         self.threads.close_all()
+        self._writers.close()
 
     def release_thread(self) -> None:
         """Close the calling thread's connection, if it opened one.
@@ -128,14 +138,16 @@ class SQLiteConnector:
         """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error.
 
         This process's writers (scheduler, watcher, HTTP threads) first queue
-        on an in-process lock. Without it they would meet on SQLite's file
-        lock, whose busy handler waits by sleeping (1, 2, 5, 10 … ms): under
-        load a registration and a commit kept missing each other by whole
-        milliseconds. Other processes (the CLI, an operator's sqlite3) still
-        wait on ``busy_timeout``.
+        on an in-process lock, then on the lock of every batchd process on
+        this database (:class:`_WritersLock`). Without them they would meet on
+        SQLite's file lock, whose busy handler waits by sleeping (1, 2, 5,
+        10 … ms): under load a registration and a commit kept missing each
+        other by whole milliseconds, and two workers recording their files
+        slept in it about once every four files. Writers that are not batchd
+        (an operator's sqlite3) still wait on ``busy_timeout``.
         """
         conn = self._conn()
-        with self._write_lock:
+        with self._write_lock, self._writers:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -239,6 +251,87 @@ class _FairLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
+
+
+#: the writers' lock file, beside the database (``batchd.db-lock``).
+LOCK_SUFFIX = "-lock"
+#: empty, so nothing to hide; readable, so any batchd process can open it.
+LOCK_FILE_MODE = 0o644
+
+
+class _WritersLock:
+    """The lock batchd's processes on one SQLite database take around each
+    write transaction: ``flock`` on a file beside it.
+
+    The kernel hands a released ``flock`` to a waiter at once, where SQLite's
+    busy handler polls by sleeping. A holder is always inside one bounded
+    transaction (itself bounded by ``busy_timeout`` against other writers),
+    and a holder that dies (a worker killed at its timeout) releases it with
+    its descriptors. A separate file, not the database: SQLite's own locks on
+    the database are ``fcntl`` locks, which NFS would merge with ``flock``.
+
+    The file is opened read-only (``flock`` needs no more) and created
+    empty and readable by all, in the database's folder (``state/``, 0700):
+    whoever creates it first, root's CLI included, every batchd process can
+    still open it. Where it cannot be opened at all (a read-only folder), the
+    writers fall back to ``busy_timeout`` alone: slower, never wrong. Each
+    process opens its own descriptor: a ``flock`` belongs to the open file,
+    which a forked child would share with its parent.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._pid = 0
+
+    def _descriptor(self) -> int:
+        if self._pid != os.getpid():
+            self._fd = -1  # inherited across a fork: the parent's, not ours
+            self._pid = os.getpid()
+            try:
+                self._fd = self._open()
+            except OSError:
+                self._fd = -1
+        return self._fd
+
+    def _open(self) -> int:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, LOCK_FILE_MODE)
+        except FileExistsError:  # another process created it meanwhile
+            return os.open(self.path, flags)
+        # Whatever the creator's umask (root's CLI with 077 included): every
+        # batchd process must be able to open it.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, LOCK_FILE_MODE)
+        return fd
+
+    def __enter__(self) -> None:
+        fd = self._descriptor()
+        if fd < 0:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            # ENOLCK (no locks on this filesystem) and the like: busy_timeout alone.
+            if exc.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.close(fd)
+            self._fd = -1  # not tried again by this process
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = -1
+        self._pid = 0  # opened again if the connector is used again
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
