@@ -405,66 +405,114 @@ def test_parse_tsv_joins_words_lines_and_blocks() -> None:
     assert parsed == ocr.PageText(text="Soup 4.50\nTea\n\nCake", confidence=75.0)
 
 
-def test_a_page_picture_is_let_go_before_the_next_page_is_rendered(
+def _render_into(tmp_path: Path, path: Path) -> tuple[Image.Image, Image.Image]:
+    """The first page of ``path`` as ``_render`` writes it (read back) and as
+    one rendering by pypdfium2 makes it."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    document = pdfium.PdfDocument(path)
+    try:
+        first = document[0]
+        bmp = tmp_path / "page.bmp"
+        dpi = ocr._render(first, settings().inspect, bmp)
+        whole = first.render(scale=dpi / 72, force_bitmap_format=pdfium_c.FPDFBitmap_Gray)
+        first.close()
+        with Image.open(bmp) as written:
+            assert (written.format, written.mode) == ("BMP", "L")
+            return written.copy(), whole.to_pil().copy()
+    finally:
+        document.close()
+
+
+def test_a_page_is_rendered_band_by_band_with_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rendering a page for OCR holds no earlier page's picture: one page in memory at a time."""
-    import weakref
+    """A page rendered for OCR a band of rows at a time into its BMP file is the
+    page as one rendering draws it, but for PDFium's anti-aliasing (a few grey
+    levels on a few pixels)."""
+    from PIL import ImageChops
 
-    from batchd.processors import ProcessorContext
+    monkeypatch.setattr(ocr, "BAND_BYTES", 40_000)  # bands of 15 rows: many cut the text
+    text = " ".join(menu_lines(3, 3))
+    path = save_mixed_pdf(tmp_path / "text.pdf", [text])
+    written, whole = _render_into(tmp_path, path)
+    assert written.size == whole.size and written.width == 2550  # US Letter at 300 dpi
+    difference = ImageChops.difference(written, whole)
+    differing = sum(difference.histogram()[1:])
+    assert differing <= written.width * written.height // 10_000, differing
+    assert ImageChops.difference(written, Image.new("L", written.size, 255)).getbbox()  # text drawn
 
-    blank = [Image.new("L", (200, 280), 255) for _ in range(3)]
-    path = save_pdf(tmp_path / "scans.pdf", blank, dpi=72)  # far below ocr_dpi: rendered
-    earlier: list[weakref.ref[Image.Image]] = []
-    held: list[bool] = []
-    real = ocr._render
 
-    def render(page: Any, inspect_settings: Any) -> tuple[Image.Image, int]:
-        held.append(any(ref() is not None for ref in earlier))
-        image, dpi = real(page, inspect_settings)
-        earlier.append(weakref.ref(image))
-        return image, dpi
+def _render_twice_in_child(path: Path, queue: Any) -> None:
+    """Render the first page of ``path`` twice (the first warms PDFium's fonts and
+    the allocator); the second's growth of the peak RSS, in KiB."""
+    import pypdfium2 as pdfium
 
-    monkeypatch.setattr(ocr, "_render", render)
-    ctx = ProcessorContext(
-        batch_id="b",
-        file_id="f",
-        relpath="scans.pdf",
-        output_path=tmp_path / "out",
-        settings=settings(),
-    )
-    pages = ocr.Pages([], [])
-    for _, image, _ in ocr._render_pdf(path, ctx, [0, 1, 2], pages):
-        assert image is not None and image.mode == "L"
-        del image  # as ocr_pages does once Tesseract has the page
-    assert (held, pages.page_errors) == ([False, False, False], [])
+    from batchd.processors import ocr as child_ocr
+
+    document = pdfium.PdfDocument(path)
+    first = document[0]
+    child_ocr._render(first, settings().inspect, path.with_suffix(".1.bmp"))
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS back to the RSS now
+    before = _status_kib("VmRSS")
+    child_ocr._render(first, settings().inspect, path.with_suffix(".2.bmp"))
+    queue.put(_status_kib("VmHWM") - before)
+    first.close()
+    document.close()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_rendering_a_page_for_ocr_holds_no_whole_page_picture(tmp_path: Path) -> None:
+    """A 300 dpi Letter page is an 8.4 MB grey picture: rendered into its file a
+    band at a time, a warm worker grows by a fraction of that."""
+    import multiprocessing as mp
+
+    path = save_mixed_pdf(tmp_path / "text.pdf", [" ".join(menu_lines(5, 3))])
+    context = mp.get_context("spawn")  # a fresh worker, as batchd's pool starts them
+    queue = context.Queue()
+    child = context.Process(target=_render_twice_in_child, args=(path, queue))
+    child.start()
+    growth_kib = queue.get(timeout=120)
+    child.join(30)
+    assert growth_kib < 4 * 1024, f"rendering grew the worker by {growth_kib // 1024} MiB"
 
 
 def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A page that is one RGB scan becomes the same grey picture, without a full RGB copy."""
+    """A page that is one RGB scan becomes the same grey picture, written into
+    its file a band at a time, without a full RGB or grey copy; a grey scan is
+    copied as it is."""
     import pypdfium2 as pdfium
     from PIL import ImageChops
-
-    monkeypatch.setattr(ocr, "GREY_BAND_ROWS", 7)  # many bands, the last one short
 
     _, drawn = page(7)
     colour = Image.merge("RGB", [drawn.convert("L")] * 3)
     colour.paste((200, 30, 30), (0, 0, colour.width // 3, 150))  # a red band: not grey
-    path = save_pdf(tmp_path / "colour.pdf", [colour])
-    document = pdfium.PdfDocument(path)
-    try:
-        scan = document[0]
-        got = ocr._own_scan(scan, settings().inspect)
-        assert got is not None
-        image, dpi = got
-        (picture,) = scan.get_objects(max_depth=1)
-        bitmap = picture.get_bitmap(render=False)
-        assert bitmap.mode == "BGR" and bitmap.height % 7
-        whole = ocr._grey(bitmap.to_pil())
-        assert (image.mode, image.size, dpi) == ("L", whole.size, 300)
-        assert ImageChops.difference(image, whole).getextrema() == (0, 0)
-        scan.close()
-    finally:
-        document.close()
+    for name, scan_picture, mode in (("colour", colour, "BGR"), ("grey", drawn.convert("L"), "L")):
+        path = save_pdf(tmp_path / f"{name}.pdf", [scan_picture])
+        document = pdfium.PdfDocument(path)
+        try:
+            scan = document[0]
+            (picture,) = scan.get_objects(max_depth=1)
+            bitmap = picture.get_bitmap(render=False)
+            assert bitmap.mode == mode
+            # bands of 7 rows, the last one short
+            monkeypatch.setattr(ocr, "BAND_BYTES", 7 * bitmap.stride)
+            assert bitmap.height % 7
+            bmp = tmp_path / f"{name}.bmp"
+            assert ocr._own_scan(scan, settings().inspect, bmp) == 300
+            whole = ocr._grey(bitmap.to_pil())
+            with Image.open(bmp) as written:
+                assert (written.mode, written.size) == ("L", whole.size)
+                assert ImageChops.difference(written, whole).getextrema() == (0, 0)
+            scan.close()
+        finally:
+            document.close()

@@ -2,7 +2,9 @@
 
 Tesseract runs as its command line (Debian's ``tesseract-ocr``), one process
 per page, handed the page as an uncompressed BMP file (the next page renders
-meanwhile) and read back as TSV (words with their confidence). Chosen over a
+meanwhile; a PDF page is rendered into the file a band of rows at a time, so
+the worker never holds a whole page's picture) and read back as TSV (words
+with their confidence). Chosen over a
 binding (tesserocr) on purpose, see BENCHMARKS.md for the figures:
 
 * a page that hangs or runs long is killed at ``inspect.ocr_page_seconds``
@@ -22,8 +24,10 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -185,20 +189,14 @@ class Job:
     dpi: int | None
 
 
-def start(
-    image: Image.Image, settings: InspectSettings, dpi: int | None, scratch: Path, index: int
-) -> Job:
-    """Start Tesseract on ``image`` (written to ``scratch`` as BMP); collect it with
-    :func:`finish`. ``dpi`` is the picture's resolution when known (Tesseract
-    guesses otherwise). :class:`OcrError` when it cannot start."""
+def start(picture: Path, settings: InspectSettings, dpi: int | None, index: int) -> Job:
+    """Start Tesseract on ``picture`` (a BMP file, removed once read); collect it
+    with :func:`finish`. ``dpi`` is the picture's resolution when known
+    (Tesseract guesses otherwise). :class:`OcrError` when it cannot start."""
     engine = find_engine()
     if engine is None:
+        picture.unlink(missing_ok=True)
         raise OcrError(f"Tesseract is gone from PATH (install {TESSERACT_PACKAGE})")
-    picture = scratch / f"page-{index + 1}.bmp"
-    # BMP: no compression to spend time on, and the format Tesseract (Leptonica)
-    # reads fastest, measurably faster than PNM or PNG (BENCHMARKS.md). A file,
-    # not stdin, so that the next page renders while this one is read (ocr_pages).
-    _grey(image).save(picture, "BMP")
     command = [engine.path, str(picture), "stdout", "-l", "+".join(settings.ocr_languages)]
     if dpi is not None:
         command += ["--dpi", str(dpi)]
@@ -239,12 +237,6 @@ def finish(job: Job, settings: InspectSettings) -> PageText:
         why = lines[-1] if lines else f"exit status {job.proc.returncode}"
         raise OcrError(f"Tesseract failed: {why}")
     return parse_tsv(out.decode("utf-8", errors="replace"))
-
-
-def recognize(image: Image.Image, settings: InspectSettings, dpi: int | None) -> PageText:
-    """The text Tesseract reads on ``image``; :class:`OcrError` when it cannot."""
-    with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
-        return finish(start(image, settings, dpi, Path(scratch), 0), settings)
 
 
 def _grey(image: Image.Image) -> Image.Image:
@@ -388,13 +380,19 @@ def ocr_pdf(path: Path, ctx: Context, result: Result, budget: Budget) -> None:
         done += 1
         ctx.progress(TEXT_PASS_PERCENT + (100 - TEXT_PASS_PERCENT) * done / len(wanted))
 
-    ocr_pages(_render_pdf(path, ctx, wanted, pages), texts, settings, pages, take, on_page)
+    def items(scratch: Path) -> Iterator[Item]:
+        return _render_pdf(path, ctx, wanted, pages, scratch)
+
+    ocr_pages(items, texts, settings, pages, take, on_page)
     _merge(result, pages, take)
 
 
-def _render_pdf(path: Path, ctx: Context, indexes: list[int], pages: Pages) -> Iterator[Item]:
-    """Each wanted page rendered in grey at ``inspect.ocr_dpi`` (smaller when
-    that would pass ``ocr_max_page_megapixels``); None for a page PDFium fails on."""
+def _render_pdf(
+    path: Path, ctx: Context, indexes: list[int], pages: Pages, scratch: Path
+) -> Iterator[Item]:
+    """Each wanted page as a grey BMP file in ``scratch``: the page's own scan,
+    or the page rendered at ``inspect.ocr_dpi`` (smaller when that would pass
+    ``ocr_max_page_megapixels``); None for a page PDFium fails on."""
     import pypdfium2 as pdfium
 
     settings = ctx.settings.inspect
@@ -407,39 +405,124 @@ def _render_pdf(path: Path, ctx: Context, indexes: list[int], pages: Pages) -> I
         return
     try:
         for index in indexes:
+            picture = scratch / f"page-{index + 1}.bmp"
             try:
                 page = document[index]
                 try:
-                    image, dpi = _own_scan(page, settings) or _render(page, settings)
+                    dpi = _own_scan(page, settings, picture) or _render(page, settings, picture)
                 finally:
                     page.close()
-            except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
+            except (pdfium.PdfiumError, ValueError, MemoryError, OSError) as exc:
+                picture.unlink(missing_ok=True)
                 pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
                 yield index, None, None
                 continue
-            yield index, image, dpi
-            # the caller has handed this page to Tesseract: let it go before
-            # the next one is rendered, so that one page's picture is held
-            del image
+            yield index, picture, dpi
     finally:
         document.close()
 
 
-def _render(page: Any, settings: InspectSettings) -> tuple[Image.Image, int]:
-    """The page rendered in grey at ``ocr_dpi``, or less when that would pass
-    ``ocr_max_page_megapixels``; and the resolution used."""
+#: a page is rendered (and a scan turned grey) this many bytes of rows at a
+#: time, straight into its BMP file: an A4 page at 300 dpi in 9 bands.
+BAND_BYTES = 1 << 20
+
+
+def _render(page: Any, settings: InspectSettings, picture: Path) -> int:
+    """Render the page in grey at ``ocr_dpi``, or less when that would pass
+    ``ocr_max_page_megapixels``, into the BMP file ``picture``; the resolution used.
+
+    A band of rows at a time into one small bitmap, each band PDFium's
+    rendering of the whole page shifted up by the rows above it (as
+    pypdfium2's ``render(crop=...)`` does): the picture of one rendering of
+    the page but for PDFium's anti-aliasing, which moves a few pixels by a
+    few grey levels (25 of 8.7 million on a LaTeX page of the corpus;
+    ``test_a_page_is_rendered_band_by_band_with_the_same_pixels``), without
+    holding the picture (a 300 dpi A4 page: 8.7 MB, and PDFium's buffers for
+    it as much again).
+    """
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
     width, height = page.get_size()
     scale = settings.ocr_dpi / POINTS_PER_INCH
     limit = settings.ocr_max_page_megapixels * 1e6
     if width * height * scale * scale > limit:
         scale = (limit / (width * height)) ** 0.5
-    import pypdfium2.raw as pdfium_c
+    # the page's size in pixels, as pypdfium2's render() makes it
+    px_width, px_height = math.ceil(width * scale), math.ceil(height * scale)
+    with _GreyBmp(picture, px_width, px_height) as bmp:
+        rows = min(px_height, max(1, BAND_BYTES // bmp.stride))
+        # A 1-byte grey bitmap: the same pixels as grayscale=True (checked on
+        # the corpus), whose grey rendering passes through a larger buffer first.
+        band = pdfium.PdfBitmap.new_native(px_width, rows, pdfium_c.FPDFBitmap_Gray)
+        try:
+            for top in range(0, px_height, rows):
+                band.fill_rect((255, 255, 255, 255), 0, 0, px_width, rows)
+                pdfium_c.FPDF_RenderPageBitmap(
+                    band, page, 0, -top, px_width, px_height, 0, pdfium_c.FPDF_ANNOT
+                )
+                bmp.write_rows(top, band.buffer, band.stride, min(rows, px_height - top))
+        finally:
+            band.close()
+    return round(scale * POINTS_PER_INCH)
 
-    # Into a 1-byte grey bitmap: the same pixels as grayscale=True (checked on
-    # the corpus), whose grey rendering passes through a larger buffer first
-    # (a 300 dpi page: peak 22 MiB above the document instead of 32).
-    bitmap = page.render(scale=scale, force_bitmap_format=pdfium_c.FPDFBitmap_Gray)
-    return bitmap.to_pil(), round(scale * POINTS_PER_INCH)
+
+class _GreyBmp:
+    """An 8-bit grey BMP file (as Pillow writes one), written a band of rows at
+    a time in any order. BMP because Tesseract (Leptonica) reads it fastest,
+    measurably faster than PNM or PNG (BENCHMARKS.md); a file, not stdin, so
+    that the next page renders while this one is read (ocr_pages)."""
+
+    #: pixels per metre for 96 dpi, what Pillow writes when not told; Tesseract
+    #: is given the resolution on its command line instead.
+    PPM = round(96 * 39.3701)
+    PALETTE = b"".join(bytes((i, i, i, 0)) for i in range(256))
+
+    def __init__(self, path: Path, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self.stride = (width + 3) & ~3  # rows padded to 4 bytes
+        size = self.stride * height
+        self._data = 14 + 40 + len(self.PALETTE)
+        if self._data + size > 2**32 - 1:
+            raise ValueError(f"a {width}x{height} page is too large for a BMP file")
+        head = b"BM" + struct.pack("<IHHI", self._data + size, 0, 0, self._data)
+        info = struct.pack(
+            "<IiiHHIIiiII", 40, width, height, 1, 8, 0, size, self.PPM, self.PPM, 256, 256
+        )
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._write(head + info + self.PALETTE, 0)
+            os.ftruncate(self.fd, self._data + size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> _GreyBmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def write_rows(self, top: int, data: Any, stride: int, count: int) -> None:
+        """Rows ``top`` to ``top + count - 1`` of the picture, top-down in
+        ``data`` (a buffer), ``stride`` bytes apart. A BMP keeps its rows
+        bottom-up: the band's rows are written in reverse, in one write."""
+        view = memoryview(data).cast("B")
+        width, pad = self.width, bytes(self.stride - self.width)
+        rows: list[memoryview | bytes]
+        if stride == self.stride:
+            rows = [view[i * stride : (i + 1) * stride] for i in range(count - 1, -1, -1)]
+        else:
+            rows = []
+            for i in range(count - 1, -1, -1):
+                rows += (view[i * stride : i * stride + width], pad)
+        self._write(b"".join(rows), self._data + (self.height - top - count) * self.stride)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
 
 
 #: a page's own scan stands in for its rendering when its resolution is
@@ -447,11 +530,12 @@ def _render(page: Any, settings: InspectSettings) -> tuple[Image.Image, int]:
 OWN_SCAN_DPI_FACTOR = 2.0
 
 
-def _own_scan(page: Any, settings: InspectSettings) -> tuple[Image.Image, int] | None:
-    """The picture a scanned page is made of, as the scanner gave it, when the
-    page is that one upright picture filling the page: no rendering needed
-    (0.02 s of CPU against 0.11-0.17 s to render a page at 300 dpi,
-    BENCHMARKS.md). None otherwise.
+def _own_scan(page: Any, settings: InspectSettings, picture: Path) -> int | None:
+    """Write the picture a scanned page is made of, as the scanner gave it, in
+    grey to the BMP file ``picture``, when the page is that one upright picture
+    filling the page: no rendering needed (0.02 s of CPU against 0.11-0.17 s to
+    render a page at 300 dpi, BENCHMARKS.md). Its resolution; None otherwise
+    (and nothing written).
 
     Only 8-bit grey and RGB pictures are taken as they are: 1-bit ones
     (fax scans) often carry a /Decode inversion or are masks, and other colour
@@ -463,63 +547,81 @@ def _own_scan(page: Any, settings: InspectSettings) -> tuple[Image.Image, int] |
     objects = list(page.get_objects(max_depth=1))
     if len(objects) != 1 or objects[0].type != pdfium_c.FPDF_PAGEOBJ_IMAGE:
         return None
-    picture = objects[0]
+    scan = objects[0]
     width, height = page.get_size()
-    matrix = picture.get_matrix()
+    matrix = scan.get_matrix()
     upright = matrix.b == 0 and matrix.c == 0 and matrix.a > 0 and matrix.d > 0
-    left, bottom, right, top = picture.get_bounds()
+    left, bottom, right, top = scan.get_bounds()
     fills = max(abs(left), abs(bottom), abs(right - width), abs(top - height)) < 1
-    px_width, px_height = picture.get_px_size()
-    dpi = round(px_width * POINTS_PER_INCH / width)
+    px_width, px_height = scan.get_px_size()
+    dpi: int = round(float(px_width) * POINTS_PER_INCH / float(width))
     wanted = settings.ocr_dpi
     if not (upright and fills and wanted / OWN_SCAN_DPI_FACTOR <= dpi <= wanted):
         return None
     if px_width * px_height > settings.ocr_max_page_megapixels * 1e6:
         return None
     try:
-        meta = picture.get_metadata()
+        meta = scan.get_metadata()
         plain = (meta.colorspace, meta.bits_per_pixel) in (
             (pdfium_c.FPDF_COLORSPACE_DEVICEGRAY, 8),
             (pdfium_c.FPDF_COLORSPACE_DEVICERGB, 24),
         )
         if not plain:
             return None
-        bitmap = picture.get_bitmap(render=False)
-        if bitmap.mode == "BGR":
-            return _grey_bands(bitmap), dpi
-        return _grey(bitmap.to_pil()), dpi
+        # PDFium's decoded picture, let go (by pypdfium2's finalizer) on return
+        _write_grey(scan.get_bitmap(render=False), picture)
     except (pdfium.PdfiumError, ValueError, OSError):
+        picture.unlink(missing_ok=True)
         return None
+    return dpi
 
 
-#: rows of an RGB scan turned grey at a time (a band of an A4 300 dpi scan: 0.6 MB).
-GREY_BAND_ROWS = 64
+def _write_grey(bitmap: Any, picture: Path) -> None:
+    """A PDFium bitmap as an 8-bit grey BMP file, a band of rows at a time.
 
-
-def _grey_bands(bitmap: Any) -> Image.Image:
-    """A PDFium RGB bitmap (BGR bytes) as 8-bit grey, converted a band of
-    rows at a time: the same pixels as ``_grey(bitmap.to_pil())``, which first
+    Grey rows are copied as they are; RGB (BGR bytes) rows become grey a band
+    at a time: the same pixels as ``_grey(bitmap.to_pil())``, which first
     copies the whole picture to a 4-byte-per-pixel RGB image (an A4 scan at
-    300 dpi: 35 MB more at the peak than the grey picture's 9 MB)."""
+    300 dpi: 35 MB more at the peak than the grey picture's 9 MB) and holds
+    the grey one too.
+    """
     from PIL import Image
 
     width, height, stride = bitmap.width, bitmap.height, bitmap.stride
-    grey = Image.new("L", (width, height))
-    data = memoryview(bitmap.buffer).cast("B")
-    for top in range(0, height, GREY_BAND_ROWS):
-        rows = min(GREY_BAND_ROWS, height - top)
-        band = data[top * stride : (top + rows) * stride].tobytes()  # one band copied
-        rgb = Image.frombuffer("RGB", (width, rows), band, "raw", "BGR", stride, 1)
-        grey.paste(rgb.convert("L"), (0, top))
-    return grey
+    with _GreyBmp(picture, width, height) as bmp:
+        if bitmap.mode == "L":
+            rows = max(1, BAND_BYTES // stride)
+            data = memoryview(bitmap.buffer).cast("B")
+            for top in range(0, height, rows):
+                count = min(rows, height - top)
+                bmp.write_rows(top, data[top * stride : (top + count) * stride], stride, count)
+        elif bitmap.mode == "BGR":
+            rows = max(1, BAND_BYTES // stride)
+            data = memoryview(bitmap.buffer).cast("B")
+            for top in range(0, height, rows):
+                count = min(rows, height - top)
+                band = data[top * stride : (top + count) * stride].tobytes()  # one band copied
+                rgb = Image.frombuffer("RGB", (width, count), band, "raw", "BGR", stride, 1)
+                bmp.write_rows(top, rgb.convert("L").tobytes(), width, count)
+        else:  # a layout PDFium seldom hands out (BGRx, BGRA): through Pillow whole
+            grey = _grey(bitmap.to_pil())
+            if grey.mode != "L":
+                grey = grey.convert("L")
+            bmp.write_rows(0, grey.tobytes(), width, height)
 
 
-#: one page to OCR: its index, its picture (None when it could not be made) and dpi.
-Item = tuple[int, "Image.Image | None", int | None]
+def _save_grey(image: Image.Image, picture: Path) -> None:
+    """A decoded picture (an image file's frame) as a grey BMP file."""
+    _grey(image).save(picture, "BMP")
+
+
+#: one page to OCR: its index, its grey BMP file (None when it could not be
+#: made; removed once read) and its resolution.
+Item = tuple[int, Path | None, int | None]
 
 
 def ocr_pages(
-    items: Iterator[Item],
+    items: Callable[[Path], Iterator[Item]],
     texts: list[str],
     settings: InspectSettings,
     pages: Pages,
@@ -535,20 +637,19 @@ def ocr_pages(
     with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
         running: Job | None = None
         try:
-            for index, image, dpi in items:  # renders the next page meanwhile
+            for index, picture, dpi in items(Path(scratch)):  # renders the next page meanwhile
                 if running is not None:
                     _collect(running, texts, settings, pages, budget)
                     running = None
                     on_page()
-                if image is None:
+                if picture is None:
                     on_page()
                     continue
                 try:
-                    running = start(image, settings, dpi, Path(scratch), index)
+                    running = start(picture, settings, dpi, index)
                 except OcrError as exc:
                     pages.page_failed(index + 1, str(exc))
                     on_page()
-                del image  # a page's picture is tens of MB: keep one at a time
             if running is not None:
                 _collect(running, texts, settings, pages, budget)
                 running = None
@@ -625,8 +726,9 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
         if frames > wanted:
             budget.hit("inspect.ocr_max_pages")
 
-        def frames_of() -> Iterator[Item]:
+        def frames_of(scratch: Path) -> Iterator[Item]:
             for index in range(wanted):
+                saved = scratch / f"page-{index + 1}.bmp"
                 try:
                     picture.seek(index)
                     frame_w, frame_h = picture.size
@@ -637,8 +739,17 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
                 except (OSError, EOFError, ValueError, SyntaxError) as exc:
                     pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
                     yield index, None, None
-                else:
-                    yield index, frame, _image_dpi(frame.info.get("dpi")) or dpi
+                    continue
+                try:
+                    _save_grey(frame, saved)
+                except (OSError, ValueError) as exc:
+                    saved.unlink(missing_ok=True)
+                    pages.page_failed(index + 1, f"cannot hand the frame to OCR: {exc}")
+                    yield index, None, None
+                    continue
+                frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
+                del frame  # the frame is in its file now: one picture held at a time
+                yield index, saved, frame_dpi
 
         done = 0
 
@@ -647,7 +758,7 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
             done += 1
             ctx.progress(done * 100 / wanted)
 
-        ocr_pages(frames_of(), result["text"], settings, pages, budget, on_page)
+        ocr_pages(frames_of, result["text"], settings, pages, budget, on_page)
         _merge(result, pages, budget)
         return result
 

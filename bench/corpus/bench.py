@@ -99,25 +99,34 @@ def memory(docs: list[Path], settings: Any) -> dict[str, Any]:
     }
 
 
-def _timed(fn: Any, paths: list[Path]) -> tuple[float, float, int, int]:
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _timed(
+    fn: Any, paths: list[Path], per_file: dict[Path, tuple[float, float]] | None = None
+) -> tuple[float, float, int, set[Path]]:
     """(wall seconds, CPU seconds, files read, files failed) of ``fn`` over ``paths``.
 
-    CPU seconds are this process's and its waited-for children's.
+    CPU seconds are this process's and its waited-for children's. With
+    ``per_file``, each file's (wall, CPU) is kept there too, the fastest seen.
     """
-    ok = failed = 0
-
-    def cpu() -> float:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return time.process_time() + children.ru_utime + children.ru_stime
-
-    start, start_cpu = time.perf_counter(), cpu()
+    ok, failed = 0, set()
+    start, start_cpu = time.perf_counter(), _cpu()
     for path in paths:
+        t0, c0 = time.perf_counter(), _cpu()
         try:
             fn(path)
             ok += 1
         except Exception:
-            failed += 1
-    return time.perf_counter() - start, cpu() - start_cpu, ok, failed
+            failed.add(path)
+        if per_file is not None:
+            wall, cpu = time.perf_counter() - t0, _cpu() - c0
+            best = per_file.get(path, (wall, cpu))
+            per_file[path] = (min(best[0], wall), min(best[1], cpu))
+    return time.perf_counter() - start, _cpu() - start_cpu, ok, failed
 
 
 def speed(
@@ -171,11 +180,14 @@ def speed(
         _timed(run, paths)  # warm-up: first imports, page cache
         readers: dict[str, Any] = {"inspect": run, **peers[kind]}
         best: dict[str, tuple[float, float, int]] = {}
+        files: dict[str, dict[Path, tuple[float, float]]] = {name: {} for name in readers}
+        refused: dict[str, set[Path]] = {}
         for _ in range(pdf_rounds if kind == "pdf" else rounds):
             for name, fn in readers.items():  # taking turns: the same minutes for each
-                seconds, cpu, _, failed = _timed(fn, paths)
-                wall, cpu_best, _ = best.get(name, (seconds, cpu, failed))
-                best[name] = (min(wall, seconds), min(cpu_best, cpu), failed)
+                seconds, cpu, _, failed = _timed(fn, paths, files[name])
+                wall, cpu_best, _ = best.get(name, (seconds, cpu, len(failed)))
+                best[name] = (min(wall, seconds), min(cpu_best, cpu), len(failed))
+                refused[name] = failed
         seconds, cpu, _ = best["inspect"]
         total_pages = sum(pages.get(p, 0) for p in paths)
         entry: dict[str, Any] = {
@@ -202,6 +214,19 @@ def speed(
             }
             if kind == "pdf":
                 peer["pages_per_s"] = round(total_pages / peer_seconds, 1)
+            # The same reads: only the files this peer read too (a peer that
+            # gives up on a file after a few ms has not read it), each file's
+            # fastest pass of each reader.
+            both = [p for p in paths if p not in refused[name]]
+            if refused[name]:
+                ours = [sum(files["inspect"][p][i] for p in both) for i in (0, 1)]
+                theirs = [sum(files[name][p][i] for p in both) for i in (0, 1)]
+                peer["both_read"] = {
+                    "files": len(both),
+                    "inspect_speedup": round(theirs[0] / ours[0], 2) if ours[0] else None,
+                    "inspect_speedup_cpu": round(theirs[1] / ours[1], 2) if ours[1] else None,
+                    "peer_failed_on": sorted(p.name for p in refused[name]),
+                }
             entry[name] = peer
         out[kind] = entry
     return out
@@ -256,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                     f" (inspect x{peer['inspect_speedup']}, CPU x{peer['inspect_speedup_cpu']},"
                     f" peer failed {peer['failed']})"
                 )
+                if "both_read" in peer:
+                    both = peer["both_read"]
+                    line += (
+                        f" [on the {both['files']} both read: x{both['inspect_speedup']},"
+                        f" CPU x{both['inspect_speedup_cpu']}]"
+                    )
         print(line)
     print(
         f"worker growth: max {mem['max_growth_kib'] / 1024:.1f} MiB (warm "
