@@ -516,3 +516,53 @@ def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
             scan.close()
         finally:
             document.close()
+
+
+#: inspect a file in a child whose files may not grow past RLIMIT_FSIZE; prints
+#: what became of it as JSON.
+_SMALL_FILES_CHILD = """
+import json, sys
+sys.path[:0] = [sys.argv[2]]
+from pathlib import Path
+from inspecting import inspect_file
+from batchd.config import load_settings
+try:
+    result, _ = inspect_file(Path(sys.argv[1]), load_settings(None, env={}))
+except BaseException as exc:
+    print(json.dumps({"raised": type(exc).__name__ + ": " + str(exc)}))
+else:
+    print(json.dumps({"page_errors": result["page_errors"], "ocr": result.get("ocr")}))
+"""
+
+
+def _files_up_to_200_kb() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, as ENOSPC on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+@needs_tesseract
+@pytest.mark.parametrize("rendered", [False, True], ids=["own-scan", "rendered"])
+def test_a_page_picture_that_cannot_be_written_fails_the_attempt(
+    tmp_path: Path, rendered: bool
+) -> None:
+    """A full disk (or quota) while a page's picture is written for Tesseract is
+    not the page's fault: the attempt fails (and is retried), the document is not
+    completed without that page's text."""
+    _, drawn = page(1)
+    # at 300 dpi the page is its own scan; at 72 dpi PDFium renders it at 300
+    path = save_pdf(tmp_path / "scan.pdf", [drawn], dpi=72 if rendered else 300)
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run(
+        [sys.executable, "-c", _SMALL_FILES_CHILD, str(path), str(tests)],
+        capture_output=True,
+        text=True,
+        preexec_fn=_files_up_to_200_kb,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+        check=False,
+    )
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "File too large" in answer.get("raised", ""), answer

@@ -10,6 +10,7 @@ SQL run from a separate connection.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -1281,7 +1282,7 @@ def test_write_transactions_hold_the_writers_lock_file(db_path: Path) -> None:
     store = SQLiteStore(db_path)
     try:
         lock = db_path.with_name(db_path.name + LOCK_SUFFIX)
-        assert lock.stat().st_mode & 0o777 == 0o644  # created by the migration's transaction
+        assert lock.exists()  # created by the migration's transaction
         with store.db.transaction():
             assert _lock_taken(lock)
         assert not _lock_taken(lock)
@@ -1294,32 +1295,56 @@ def test_write_transactions_hold_the_writers_lock_file(db_path: Path) -> None:
         store.close()
 
 
-def test_writers_lock_is_created_readable_whatever_the_umask(db_path: Path) -> None:
-    """Created under umask 077 (root's CLI, say), the lock file is still 0644, so
-    the daemon's user can open it."""
+def test_writers_lock_may_be_taken_only_by_who_may_write_the_database(db_path: Path) -> None:
+    """The lock file gets read and write for each class of user that may write the
+    database, nothing for the others (a reader of the database must not be able to
+    stop batchd's writes by holding it), whatever the creator's umask."""
     import os
 
     from batchd.store.sqlite import LOCK_SUFFIX
 
-    old = os.umask(0o077)
-    try:
-        store = SQLiteStore(db_path)
-    finally:
-        os.umask(old)
-    store.close()
-    assert db_path.with_name(db_path.name + LOCK_SUFFIX).stat().st_mode & 0o777 == 0o644
+    lock = db_path.with_name(db_path.name + LOCK_SUFFIX)
+    for db_mode, lock_mode in ((0o644, 0o600), (0o664, 0o660), (0o640, 0o600)):
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        db_path.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+        db_path.touch()
+        db_path.chmod(db_mode)
+        old = os.umask(0o077)
+        try:
+            SQLiteStore(db_path).close()
+        finally:
+            os.umask(old)
+        assert lock.stat().st_mode & 0o777 == lock_mode, (oct(db_mode), oct(lock.stat().st_mode))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+def test_writers_lock_created_by_root_belongs_to_the_database_owner(db_path: Path) -> None:
+    """Root's CLI opening the database first makes the lock file the database
+    owner's (as SQLite's own files are its), so the daemon can open it for writing."""
+    from batchd.store.sqlite import LOCK_SUFFIX
+
+    db_path.parent.mkdir(parents=True)
+    SQLiteStore(db_path).close()
+    db_path.with_name(db_path.name + LOCK_SUFFIX).unlink()
+    os.chown(db_path, 65534, 65534)
+    SQLiteStore(db_path).close()
+    lock = db_path.with_name(db_path.name + LOCK_SUFFIX).stat()
+    assert (lock.st_uid, lock.st_gid) == (65534, 65534)
 
 
 def test_a_forked_child_takes_the_writers_lock_on_a_descriptor_of_its_own(tmp_path: Path) -> None:
     """A ``flock`` belongs to the open file: a child that kept its parent's would
     walk through the parent's lock. The child opens the file again."""
     import fcntl
-    import os
 
     from batchd.store.sqlite import _WritersLock
 
-    lock = _WritersLock(tmp_path / "db-lock")
-    with lock:
+    database = tmp_path / "db"
+    database.touch()
+    lock = _WritersLock(tmp_path / "db-lock", database)
+    lock.acquire(1.0)
+    try:
         pid = os.fork()
         if pid == 0:  # the child: its descriptor must find the lock taken
             code = 1
@@ -1330,8 +1355,141 @@ def test_a_forked_child_takes_the_writers_lock_on_a_descriptor_of_its_own(tmp_pa
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
+    finally:
+        lock.release()
     assert os.waitstatus_to_exitcode(status) == 0
     lock.close()
+
+
+def test_writes_go_on_where_the_filesystem_refuses_the_lock(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``flock`` fails (NFS refuses it on a descriptor open for reading with
+    EBADF, a filesystem without locks with ENOLCK), writes fall back to SQLite's
+    busy_timeout instead of failing."""
+    import errno
+    import fcntl
+    import types
+
+    from batchd.store import sqlite as sqlite_module
+
+    def flock(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        fcntl.flock(fd, op)
+
+    fake = types.SimpleNamespace(
+        flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN
+    )
+    monkeypatch.setattr(sqlite_module, "fcntl", fake)
+    _assert_writes_go_on(db_path)
+
+
+def _assert_writes_go_on(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    try:
+        store.register_batch(new_batch("b1"), T0)
+        assert store.name_taken("b1")
+    finally:
+        store.close()
+
+
+#: a batchd process that stops itself (SIGSTOP: Ctrl-Z, a freezer, a debugger)
+#: inside a write transaction.
+_STOPPED_HOLDER = """
+import os, signal, sys
+from pathlib import Path
+from batchd.store.sqlite import SQLiteStore
+store = SQLiteStore(Path(sys.argv[1]))
+with store.db.transaction():
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_writer_stopped_inside_a_transaction_times_out_the_others(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batchd process stopped while it holds the writers' lock costs the other
+    writers busy_timeout and a StoreError, as SQLite's own lock did: never an
+    endless wait."""
+    import signal
+    import subprocess
+    import sys
+
+    from batchd.store import sqlite as sqlite_module
+
+    SQLiteStore(db_path).close()
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_MS", 1000)
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_HOLDER, str(db_path)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"holding"
+        outcome: list[BaseException | str] = []
+
+        def write() -> None:
+            try:
+                other = SQLiteStore(db_path)  # its migration is a write too
+                other.register_batch(new_batch("b1"), T0)
+                other.close()
+            except BaseException as exc:  # reported to the test
+                outcome.append(exc)
+            else:
+                outcome.append("written")
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert outcome, "the writer was still waiting after 20 s (busy_timeout 1 s)"
+        assert isinstance(outcome[0], StoreError), outcome
+        assert "locked" in str(outcome[0])
+    finally:
+        child.kill()
+        child.send_signal(signal.SIGCONT)
+        child.wait()
+
+
+def test_each_writer_waits_busy_timeout_in_all_behind_an_operators_write(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind an operator's open write (sqlite3's BEGIN IMMEDIATE), three batchd
+    writers each give up after busy_timeout: the time one waits for the writers'
+    lock counts against it, so the last in line does not wait three times over."""
+    from batchd.store import sqlite as sqlite_module
+
+    SQLiteStore(db_path).close()
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_MS", 1000)
+    stores = [SQLiteStore(db_path) for _ in range(3)]  # three connectors, as three processes
+    operator = sqlite3.connect(db_path, isolation_level=None)
+    operator.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    took: dict[int, tuple[float, str]] = {}
+
+    def write(i: int) -> None:
+        try:
+            stores[i].register_batch(new_batch(f"b{i}"), T0)
+            took[i] = (time.monotonic() - started, "written")
+        except StoreError:
+            took[i] = (time.monotonic() - started, "StoreError")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        operator.execute("ROLLBACK")
+        operator.close()
+        for store in stores:
+            store.close()
+    assert sorted(outcome for _, outcome in took.values()) == ["StoreError"] * 3, took
+    assert max(seconds for seconds, _ in took.values()) < 2.5, took
 
 
 def test_writes_go_on_when_the_writers_lock_cannot_be_opened(db_path: Path) -> None:
@@ -1342,9 +1500,4 @@ def test_writes_go_on_when_the_writers_lock_cannot_be_opened(db_path: Path) -> N
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     db_path.with_name(db_path.name + LOCK_SUFFIX).symlink_to(db_path.parent / "elsewhere")
-    store = SQLiteStore(db_path)
-    try:
-        store.register_batch(new_batch("b1"), T0)
-        assert store.name_taken("b1")
-    finally:
-        store.close()
+    _assert_writes_go_on(db_path)

@@ -412,11 +412,17 @@ def _render_pdf(
                     dpi = _own_scan(page, settings, picture) or _render(page, settings, picture)
                 finally:
                     page.close()
-            except (pdfium.PdfiumError, ValueError, MemoryError, OSError) as exc:
+            except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
                 picture.unlink(missing_ok=True)
                 pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
                 yield index, None, None
                 continue
+            except OSError:
+                # Writing the picture failed (a full disk, a quota): not this
+                # page's fault, so not a page error. The attempt fails and is
+                # retried, as before the pictures were files of their own.
+                picture.unlink(missing_ok=True)
+                raise
             yield index, picture, dpi
     finally:
         document.close()
@@ -569,8 +575,12 @@ def _own_scan(page: Any, settings: InspectSettings, picture: Path) -> int | None
         if not plain:
             return None
         # PDFium's decoded picture, let go (by pypdfium2's finalizer) on return
-        _write_grey(scan.get_bitmap(render=False), picture)
-    except (pdfium.PdfiumError, ValueError, OSError):
+        bitmap = scan.get_bitmap(render=False)
+    except (pdfium.PdfiumError, ValueError):
+        return None
+    try:
+        _write_grey(bitmap, picture)
+    except ValueError:  # not a picture Pillow takes: rendered instead
         picture.unlink(missing_ok=True)
         return None
     return dpi
@@ -589,19 +599,18 @@ def _write_grey(bitmap: Any, picture: Path) -> None:
 
     width, height, stride = bitmap.width, bitmap.height, bitmap.stride
     with _GreyBmp(picture, width, height) as bmp:
-        if bitmap.mode == "L":
+        if bitmap.mode in ("L", "BGR"):
             rows = max(1, BAND_BYTES // stride)
             data = memoryview(bitmap.buffer).cast("B")
             for top in range(0, height, rows):
                 count = min(rows, height - top)
-                bmp.write_rows(top, data[top * stride : (top + count) * stride], stride, count)
-        elif bitmap.mode == "BGR":
-            rows = max(1, BAND_BYTES // stride)
-            data = memoryview(bitmap.buffer).cast("B")
-            for top in range(0, height, rows):
-                count = min(rows, height - top)
-                band = data[top * stride : (top + count) * stride].tobytes()  # one band copied
-                rgb = Image.frombuffer("RGB", (width, count), band, "raw", "BGR", stride, 1)
+                band = data[top * stride : (top + count) * stride]
+                if bitmap.mode == "L":
+                    bmp.write_rows(top, band, stride, count)
+                    continue
+                rgb = Image.frombuffer(
+                    "RGB", (width, count), band.tobytes(), "raw", "BGR", stride, 1
+                )  # one band copied, then made grey
                 bmp.write_rows(top, rgb.convert("L").tobytes(), width, count)
         else:  # a layout PDFium seldom hands out (BGRx, BGRA): through Pillow whole
             grey = _grey(bitmap.to_pil())
@@ -742,11 +751,14 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
                     continue
                 try:
                     _save_grey(frame, saved)
-                except (OSError, ValueError) as exc:
+                except ValueError as exc:
                     saved.unlink(missing_ok=True)
                     pages.page_failed(index + 1, f"cannot hand the frame to OCR: {exc}")
                     yield index, None, None
                     continue
+                except OSError:  # a full disk, a quota: the attempt is retried
+                    saved.unlink(missing_ok=True)
+                    raise
                 frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
                 del frame  # the frame is in its file now: one picture held at a time
                 yield index, saved, frame_dpi

@@ -11,21 +11,22 @@ SQLite is used deliberately:
 * ``BEGIN IMMEDIATE`` for every write, so two writers queue on
   ``busy_timeout`` instead of failing half-way with SQLITE_BUSY.
 * batchd's own writers (the daemon's threads, every worker, the HTTP
-  process, the CLI) first queue on a lock the kernel hands over at once
-  (:class:`_WritersLock`); SQLite's busy handler is left to writers that are
-  not batchd (an operator's ``sqlite3``).
+  process, the CLI) first queue on a lock of their own, tried again within
+  a fraction of a millisecond (:class:`_WritersLock`); SQLite's busy
+  handler, which sleeps whole milliseconds, is left to writers that are not
+  batchd (an operator's ``sqlite3``).
 * one connection per thread (``sqlite3`` connections are not thread-safe).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -66,7 +67,7 @@ class SQLiteConnector:
         self.threads: ThreadConnections[sqlite3.Connection] = ThreadConnections()
         self.connections = self.threads.all
         self._write_lock = _FairLock()
-        self._writers = _WritersLock(path.with_name(path.name + LOCK_SUFFIX))
+        self._writers = _WritersLock(path.with_name(path.name + LOCK_SUFFIX), path)
         self._version_conn: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,8 @@ class SQLiteConnector:
 
         This process's writers (scheduler, watcher, HTTP threads) first queue
         on an in-process lock, then on the lock of every batchd process on
-        this database (:class:`_WritersLock`). Without them they would meet on
+        this database (:class:`_WritersLock`), both within busy_timeout.
+        Without them they would meet on
         SQLite's file lock, whose busy handler waits by sleeping (1, 2, 5,
         10 … ms): under load a registration and a commit kept missing each
         other by whole milliseconds, and two workers recording their files
@@ -147,24 +149,38 @@ class SQLiteConnector:
         (an operator's sqlite3) still wait on ``busy_timeout``.
         """
         conn = self._conn()
-        with self._write_lock, self._writers:
+        with self._write_lock:
+            timeout = BUSY_TIMEOUT_MS / 1000
+            left = self._writers.acquire(timeout)
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
-            try:
-                yield Tx(conn)
-            except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise StoreError(f"write to {self.path} failed: {exc}") from exc
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+                # The wait for the writers' lock counts against busy_timeout:
+                # behind an operator's sqlite3 write, each batchd writer waits
+                # busy_timeout in all, not once more for every writer before it.
+                shortened = left < timeout - 0.001
+                if shortened:
+                    conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise StoreError(f"database {self.path} is unavailable: {exc}") from exc
+                finally:
+                    if shortened:
+                        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                try:
+                    yield Tx(conn)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK")
+                    raise StoreError(f"write to {self.path} failed: {exc}") from exc
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK")
+                    raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+            finally:
+                self._writers.release()
 
     @contextmanager
     def snapshot(self) -> Iterator[Tx]:
@@ -255,34 +271,45 @@ class _FairLock:
 
 #: the writers' lock file, beside the database (``batchd.db-lock``).
 LOCK_SUFFIX = "-lock"
-#: empty, so nothing to hide; readable, so any batchd process can open it.
-LOCK_FILE_MODE = 0o644
+#: a taken writers' lock is tried again after this pause, doubled each time
+#: up to LOCK_POLL_MAX_SECONDS: a commit holds it for a fraction of a
+#: millisecond, where SQLite's busy handler sleeps 1, 2, 5, 10 ... ms.
+LOCK_POLL_FIRST_SECONDS = 0.00002
+LOCK_POLL_MAX_SECONDS = 0.0005
 
 
 class _WritersLock:
     """The lock batchd's processes on one SQLite database take around each
     write transaction: ``flock`` on a file beside it.
 
-    The kernel hands a released ``flock`` to a waiter at once, where SQLite's
-    busy handler polls by sleeping. A holder is always inside one bounded
-    transaction (itself bounded by ``busy_timeout`` against other writers),
-    and a holder that dies (a worker killed at its timeout) releases it with
-    its descriptors. A separate file, not the database: SQLite's own locks on
-    the database are ``fcntl`` locks, which NFS would merge with ``flock``.
+    Tried without blocking, then again after pauses of 20 us doubling up to
+    0.5 ms, so that a waiter comes in within a fraction of a millisecond of
+    a release. The wait counts against ``busy_timeout``, like SQLite's own:
+    a writer that cannot have it in time gets :class:`StoreError`, never an
+    endless wait (a batchd process stopped with SIGSTOP or frozen inside a
+    transaction keeps it; one that dies, a worker killed at its timeout,
+    releases it with its descriptors). A separate file, not the database:
+    SQLite's own locks on the database are ``fcntl`` locks, which NFS would
+    merge with ``flock``.
 
-    The file is opened read-only (``flock`` needs no more) and created
-    empty and readable by all, in the database's folder (``state/``, 0700):
-    whoever creates it first, root's CLI included, every batchd process can
-    still open it. Where it cannot be opened at all (a read-only folder), the
-    writers fall back to ``busy_timeout`` alone: slower, never wrong. Each
-    process opens its own descriptor: a ``flock`` belongs to the open file,
-    which a forked child would share with its parent.
+    Only who may write the database may take it: the file gets the
+    database's owner and, for each class of user, read and write where the
+    database is writable (a reader of a world-readable database cannot stop
+    batchd's writes). It is opened for writing where it can be (NFS's
+    ``flock`` needs that), for reading otherwise. Where it cannot be opened
+    or locked at all (a read-only folder, a filesystem without locks), the
+    writers fall back to ``busy_timeout`` alone: slower under contention,
+    never refused. Each process opens its own descriptor: a ``flock``
+    belongs to the open file, which a forked child would share with its
+    parent.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, database: Path) -> None:
         self.path = path
+        self.database = database
         self._fd = -1
         self._pid = 0
+        self._held = False
 
     def _descriptor(self) -> int:
         if self._pid != os.getpid():
@@ -295,39 +322,69 @@ class _WritersLock:
         return self._fd
 
     def _open(self) -> int:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        for access in (os.O_RDWR, os.O_RDONLY):
+            try:
+                return os.open(self.path, access | flags)
+            except FileNotFoundError:
+                break
+            except PermissionError:
+                continue
+        else:
+            raise PermissionError(f"cannot open {self.path}")
+        db = os.stat(self.database)
+        classes = db.st_mode & 0o666
+        # rw for each class that may write the database, nothing for the others
+        mode = sum(0o6 << shift for shift in (6, 3, 0) if classes & (0o2 << shift))
         try:
-            return os.open(self.path, flags)
-        except FileNotFoundError:
-            pass
-        try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, LOCK_FILE_MODE)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, mode)
         except FileExistsError:  # another process created it meanwhile
-            return os.open(self.path, flags)
-        # Whatever the creator's umask (root's CLI with 077 included): every
-        # batchd process must be able to open it.
+            return self._open()
         with contextlib.suppress(OSError):
-            os.fchmod(fd, LOCK_FILE_MODE)
+            os.fchmod(fd, mode)  # whatever the creator's umask
+            if os.geteuid() == 0 and (db.st_uid, db.st_gid) != (0, 0):
+                # root's CLI first: the file is the database owner's, as the database
+                os.fchown(fd, db.st_uid, db.st_gid)
         return fd
 
-    def __enter__(self) -> None:
+    def acquire(self, timeout: float) -> float:
+        """Take the lock within ``timeout`` seconds; the seconds left of it.
+        :class:`StoreError` when another batchd process held it all along."""
         fd = self._descriptor()
         if fd < 0:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            # ENOLCK (no locks on this filesystem) and the like: busy_timeout alone.
-            if exc.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.close(fd)
-            self._fd = -1  # not tried again by this process
+            return timeout
+        deadline = time.monotonic() + timeout
+        pause = LOCK_POLL_FIRST_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            except OSError:
+                # no locks here (ENOLCK, NFS without them ...): busy_timeout alone
+                os.close(fd)
+                self._fd = -1  # not tried again by this process
+                return deadline - time.monotonic()
+            else:
+                self._held = True
+                return deadline - time.monotonic()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreError(
+                    f"database {self.database} is locked: another batchd process held "
+                    f"{self.path.name} for {timeout:g} s (one stopped inside a write?)"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, LOCK_POLL_MAX_SECONDS)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0 and self._pid == os.getpid():
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._fd >= 0 and self._pid == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        self._held = False
         if self._fd >= 0 and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = -1
