@@ -497,16 +497,24 @@ def test_look_at_a_very_deep_drop_does_not_recurse(h: Harness) -> None:
     safefs.remove_tree(top)  # pytest's own clean-up of tmp_path recurses per level
 
 
+def _found_ready(h: Harness, name: str, mode: int | None = None) -> Path:
+    """Drop folder ``name`` (one CSV, ``mode`` when given) and let it settle
+    until the poll hands it out, as it is before a claim is tried."""
+    drop = h.inbox / name
+    write(drop / "a.csv")
+    if mode is not None:
+        drop.chmod(mode)
+    h.touch(drop)
+    h.poll()
+    assert h.poll_after(1.5) == [drop]
+    return drop
+
+
 def test_a_fix_made_while_the_claim_failed_gets_the_drop_tried_again(h: Harness) -> None:
     """The refusal's baseline is the drop as it was found ready, not a look after
     the failed claim: a chmod landing between the two is a change, and the drop
     settles and is tried again (it used to wait for another change)."""
-    drop = h.inbox / "private"
-    write(drop / "a.csv")
-    drop.chmod(0o2750)
-    h.touch(drop)
-    h.poll()
-    assert h.poll_after(1.5) == [drop]
+    drop = _found_ready(h, "private", 0o2750)
     drop.chmod(0o2770)  # the user's fix, while batchd's claim fails
     assert h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")
     assert h.poll_after(0.5) == []  # the re-look sees the change: it settles again
@@ -517,11 +525,7 @@ def test_a_fix_made_while_the_claim_failed_gets_the_drop_tried_again(h: Harness)
 def test_refused_drop_waits_until_it_changes(h: Harness) -> None:
     """A drop refused at its claim is listed as refused with the reason and not tried
     again until it changes (a chmod counts)."""
-    drop = h.inbox / "private"
-    write(drop / "a.csv")
-    h.touch(drop)
-    h.poll()
-    assert h.poll_after(1.5) == [drop]
+    drop = _found_ready(h, "private")
     assert h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")
     assert not h.readiness.refuse(drop, Priority.NORMAL, "run chmod -R g+w")  # logged once
     assert h.readiness.states() == [
@@ -540,12 +544,7 @@ def test_refused_folder_is_tried_again_after_a_chgrp(h: Harness) -> None:
     (not in it) cannot rename it even with mode 775: refused. The fix is a
     chgrp (or chown), which changes neither mode nor mtime; the drop is still
     tried again once it changes."""
-    drop = h.inbox / "moved-in"
-    write(drop / "a.csv")
-    drop.chmod(0o775)
-    h.touch(drop)
-    h.poll()
-    assert h.poll_after(1.5) == [drop]
+    drop = _found_ready(h, "moved-in", 0o775)
     assert h.readiness.refuse(drop, Priority.NORMAL, "not writable by batchd")
     assert h.poll_after(5) == []
     gid = drop.stat().st_gid
