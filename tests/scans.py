@@ -135,3 +135,67 @@ def save_mixed_pdf(path: Path, pages: Sequence[str | Image.Image], dpi: int = SC
     with path.open("wb") as fh:
         writer.write(fh)
     return path
+
+
+def save_image_pdf(
+    path: Path,
+    picture: Image.Image,
+    dpi: int = SCAN_DPI,
+    *,
+    filter: str = "/FlateDecode",
+    image_keys: str = "",
+    stream: bytes | None = None,
+    content: bytes | None = None,
+) -> Path:
+    """A one-page PDF, written by hand, that is ``picture`` (grey or RGB) as an
+    image XObject: deflated by default (as PDF libraries and some scanners
+    store scans; Pillow's own PDF writer always stores JPEG). ``image_keys``
+    go into the image's dictionary as written (``/Decode [1 0]``,
+    ``/DecodeParms << … >>``); ``stream`` is the stored bytes when not the
+    plain deflated pixels (a JPEG for ``/DCTDecode``); ``content`` is the
+    page's content stream when not "draw the image over the page"."""
+    import zlib
+
+    data = zlib.compress(picture.tobytes()) if stream is None else stream
+    width, height = picture.size
+    points = f"{width * 72 / dpi:.4f} {height * 72 / dpi:.4f}"
+    if content is None:
+        content = f"q {points.replace(' ', ' 0 0 ')} 0 0 cm /Im0 Do Q".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {points}] "
+        "/Resources << /XObject << /Im0 4 0 R >> >> /Contents 5 0 R >>".encode(),
+        image_object(picture, data, filter, image_keys),
+        stream_object(content),
+    ]
+    return write_pdf(path, objects)
+
+
+def image_object(picture: Image.Image, data: bytes, filter: str, keys: str = "") -> bytes:
+    """An image XObject of ``picture``'s size and colours, ``data`` stored."""
+    colour_space = {"L": "/DeviceGray", "RGB": "/DeviceRGB"}[picture.mode]
+    return stream_object(
+        data,
+        f"/Type /XObject /Subtype /Image /Width {picture.width} /Height {picture.height} "
+        f"/ColorSpace {colour_space} /BitsPerComponent 8 /Filter {filter} {keys}",
+    )
+
+
+def stream_object(data: bytes, keys: str = "") -> bytes:
+    return f"<< {keys} /Length {len(data)} >>\nstream\n".encode() + data + b"\nendstream"
+
+
+def write_pdf(path: Path, objects: Sequence[bytes]) -> Path:
+    """A PDF of ``objects`` (numbered from 1, the first the catalog) as written."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    trailer = f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n"
+    path.write_bytes(bytes(out + trailer.encode() + b"%%EOF\n"))
+    return path

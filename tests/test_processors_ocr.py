@@ -22,20 +22,25 @@ from typing import Any
 
 import pytest
 from inspecting import inspect_file
-from PIL import Image
+from PIL import Image, ImageChops
 from scans import (
+    image_object,
     menu_lines,
+    save_image_pdf,
     save_mixed_pdf,
     save_pdf,
     save_tiff,
     scanned_page,
+    stream_object,
     word_accuracy,
     words,
+    write_pdf,
 )
 
 from batchd.config import LimitsSettings, Settings, load_settings
 from batchd.errors import ConfigError
 from batchd.processors import ocr
+from batchd.processors.pdfscan import ImageDicts
 from batchd.sniff import sniff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,7 +436,6 @@ def test_a_page_is_rendered_band_by_band_with_the_same_pixels(
     """A page rendered for OCR a band of rows at a time into its BMP file is the
     page as one rendering draws it, but for PDFium's anti-aliasing (a few grey
     levels on a few pixels)."""
-    from PIL import ImageChops
 
     monkeypatch.setattr(ocr, "BAND_BYTES", 40_000)  # bands of 15 rows: many cut the text
     text = " ".join(menu_lines(3, 3))
@@ -444,19 +448,29 @@ def test_a_page_is_rendered_band_by_band_with_the_same_pixels(
     assert ImageChops.difference(written, Image.new("L", written.size, 255)).getbbox()  # text drawn
 
 
-def _render_twice_in_child(path: Path, queue: Any) -> None:
-    """Render the first page of ``path`` twice (the first warms PDFium's fonts and
-    the allocator); the second's growth of the peak RSS, in KiB."""
+def _render_twice_in_child(path: Path, queue: Any, own_scan: bool = False) -> None:
+    """Make the first page of ``path`` Tesseract's picture twice (the first warms
+    PDFium's fonts and the allocator): rendered, or from its own scan; the
+    second's growth of the peak RSS, in KiB."""
     import pypdfium2 as pdfium
 
     from batchd.processors import ocr as child_ocr
 
+    def picture(bmp: Path) -> None:
+        if own_scan:
+            dicts = ImageDicts(path, len(document))
+            own = child_ocr._own_scan(first, settings().inspect, bmp, dicts, 0)
+            dicts.close()
+            assert own == (bmp, 300)
+        else:
+            child_ocr._render(first, settings().inspect, bmp)
+
     document = pdfium.PdfDocument(path)
     first = document[0]
-    child_ocr._render(first, settings().inspect, path.with_suffix(".1.bmp"))
+    picture(path.with_suffix(".1.bmp"))
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS back to the RSS now
     before = _status_kib("VmRSS")
-    child_ocr._render(first, settings().inspect, path.with_suffix(".2.bmp"))
+    picture(path.with_suffix(".2.bmp"))
     queue.put(_status_kib("VmHWM") - before)
     first.close()
     document.close()
@@ -484,6 +498,330 @@ def test_rendering_a_page_for_ocr_holds_no_whole_page_picture(tmp_path: Path) ->
     assert growth_kib < 4 * 1024, f"rendering grew the worker by {growth_kib // 1024} MiB"
 
 
+def _pdfium_picture(path: Path, picture: Path, from_stream: bool) -> tuple[Path, int] | None:
+    """``ocr._own_scan`` of the first page of ``path``: its picture read from
+    the scan's stream, or PDFium's decoded copy of it."""
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(path)
+    try:
+        scan = document[0]
+        try:
+            dicts = ImageDicts(path, len(document)) if from_stream else None
+            try:
+                return ocr._own_scan(scan, settings().inspect, picture, dicts, 0)
+            finally:
+                if dicts is not None:
+                    dicts.close()
+        finally:
+            scan.close()
+    finally:
+        document.close()
+
+
+def _colour_page() -> Image.Image:
+    """A scan in colour: blue ink on cream paper, and a red band."""
+    from PIL import ImageOps
+
+    _, drawn = page(7)
+    colour = ImageOps.colorize(drawn.convert("L"), black=(20, 30, 120), white=(250, 240, 200))
+    colour.paste((200, 30, 30), (0, 0, colour.width // 3, 150))
+    return colour
+
+
+def _no_pdfium_copy(*_: object) -> None:
+    raise AssertionError("PDFium's decoded copy was used, not the scan's stream")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_flate_scan_is_inflated_band_by_band_into_pdfiums_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A scan stored deflated becomes Tesseract's grey picture from its stream,
+    a band of rows at a time (no whole decoded copy): the same pixels as from
+    PDFium's decoded copy."""
+    picture = _colour_page().convert(mode)
+    path = save_image_pdf(tmp_path / "scan.pdf", picture)
+    expected = _pdfium_picture(path, tmp_path / "pdfium.bmp", from_stream=False)
+    assert expected == (tmp_path / "pdfium.bmp", 300)
+    row_bytes = picture.width * len(mode)
+    monkeypatch.setattr(ocr, "BAND_BYTES", 7 * row_bytes)  # bands of 7 rows, the last short
+    assert picture.height % 7
+    monkeypatch.setattr(ocr, "_write_grey", _no_pdfium_copy)
+    own = _pdfium_picture(path, tmp_path / "own.bmp", from_stream=True)
+    assert own == (tmp_path / "own.bmp", 300)
+    with Image.open(own[0]) as written, Image.open(expected[0]) as reference:
+        assert (written.mode, written.size) == ("L", picture.size)
+        assert ImageChops.difference(written, reference).getextrema() == (0, 0)
+
+
+def test_grey_jpeg_scan_is_handed_to_tesseract_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grey JPEG scan (what scanners and Pillow write) goes to Tesseract as
+    its own JPEG file: nothing decoded in the worker, and what Tesseract
+    decodes is the picture PDFium would have given."""
+    from pypdf import PdfReader
+
+    path = save_pdf(tmp_path / "scan.pdf", [page(3)[1].convert("L")])
+    expected = _pdfium_picture(path, tmp_path / "pdfium.bmp", from_stream=False)
+    assert expected is not None
+    monkeypatch.setattr(ocr, "_write_grey", _no_pdfium_copy)
+    own = _pdfium_picture(path, tmp_path / "page.bmp", from_stream=True)
+    assert own == (tmp_path / "page.jpg", 300)
+    (image,) = PdfReader(path).pages[0]["/Resources"]["/XObject"].values()
+    assert own[0].read_bytes() == image.get_object()._data  # the stream, byte for byte
+    with Image.open(own[0]) as written, Image.open(expected[0]) as reference:
+        assert written.size == reference.size
+        assert max(ImageChops.difference(written, reference).getextrema()) <= 2
+
+
+def test_colour_jpeg_scan_is_decoded_straight_to_grey(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A colour JPEG scan is decoded to its grey (luma) alone, into the BMP a
+    band at a time: PDFium's RGB made grey but for the rounding at colour edges
+    (the JPEG keeps its chroma at half resolution, its luma as it is)."""
+    path = save_pdf(tmp_path / "scan.pdf", [_colour_page()])
+    expected = _pdfium_picture(path, tmp_path / "pdfium.bmp", from_stream=False)
+    assert expected is not None
+    monkeypatch.setattr(ocr, "_write_grey", _no_pdfium_copy)
+    monkeypatch.setattr(ocr, "BAND_BYTES", 7 * _colour_page().width)
+    own = _pdfium_picture(path, tmp_path / "own.bmp", from_stream=True)
+    assert own == (tmp_path / "own.bmp", 300)
+    with Image.open(own[0]) as written, Image.open(expected[0]) as reference:
+        assert (written.mode, written.size) == ("L", reference.size)
+        levels = ImageChops.difference(written, reference).histogram()
+        assert sum(levels[5:]) <= sum(levels) // 1000, levels  # 0.1 % off by 5 or more
+        assert sum(levels[1:]) <= sum(levels) // 100, levels  # 99 % the same
+
+
+def _png_predicted(picture: Image.Image) -> bytes:
+    """The picture's rows each behind PNG filter type 0, deflated (Predictor 15)."""
+    import zlib
+
+    row = picture.width * len(picture.mode)
+    raw = picture.tobytes()
+    return zlib.compress(b"".join(b"\0" + raw[top : top + row] for top in range(0, len(raw), row)))
+
+
+def _stream_taken(path: Path, page_count: int = 1) -> bool:
+    """Whether the stream reader takes the first page's scan as plain pixels."""
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(path)
+    dicts = ImageDicts(path, page_count)
+    try:
+        (scan,) = document[0].get_objects(max_depth=1)
+        width, height = scan.get_px_size()
+        raw = memoryview(scan.get_data(decode_simple=False)).cast("B")
+        return dicts.scan(0, width, height, raw) is not None
+    finally:
+        dicts.close()
+        document.close()
+
+
+def _inline_image(picture: Image.Image, data: bytes) -> bytes:
+    """A content stream drawing ``data`` as an inverted inline image over the page."""
+    points = f"{picture.width * 72 / 300:.4f} 0 0 {picture.height * 72 / 300:.4f}"
+    head = f"q {points} 0 0 cm BI /W {picture.width} /H {picture.height} /CS /G /BPC 8 "
+    return (head + "/D [1 0] /F /Fl ID\n").encode() + data + b"\nEI Q"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["decode-array", "png-predictor", "truncated", "corrupt", "inline-image", "broken-xref"],
+)
+def test_scan_streams_batchd_does_not_read_are_pdfiums_to_decode(tmp_path: Path, case: str) -> None:
+    """A scan that is not plain pixels (inverted by /Decode, behind a PNG
+    predictor, damaged), or whose dictionary batchd cannot be sure of (an
+    inline image drawn beside an unused XObject of its size, a file pypdf
+    would have to rebuild), is not read from its stream: the page's picture
+    is what PDFium makes of it, as without the stream reader."""
+    import zlib
+
+    picture = page(4)[1].convert("L")
+    plain = zlib.compress(picture.tobytes())
+    keys, data, content = "", None, None
+    if case == "decode-array":
+        keys = "/Decode [1 0]"
+    elif case == "png-predictor":
+        keys = f"/DecodeParms << /Predictor 15 /Colors 1 /Columns {picture.width} >>"
+        data = _png_predicted(picture)
+    elif case == "truncated":
+        data = plain[:2000]
+    elif case == "corrupt":  # a zlib error in the middle
+        data = plain[:1000] + bytes(255 - b for b in plain[1000:1100]) + plain[1100:]
+    elif case == "inline-image":
+        content = _inline_image(picture, plain)
+    path = save_image_pdf(
+        tmp_path / "scan.pdf", picture, image_keys=keys, stream=data, content=content
+    )
+    if case == "broken-xref":  # PDFium repairs it quietly; pypdf would read the whole file
+        text = path.read_bytes()
+        at = text.rindex(b"startxref\n") + len(b"startxref\n")
+        path.write_bytes(text[:at] + b"17" + text[at:])
+    if case not in ("truncated", "corrupt"):  # those are refused when inflated
+        assert not _stream_taken(path)
+    expected = _pdfium_picture(path, tmp_path / "pdfium.bmp", from_stream=False)
+    own = _pdfium_picture(path, tmp_path / "own.bmp", from_stream=True)
+    if expected is None:  # PDFium could not decode it either: the page is rendered
+        assert own is None
+        return
+    assert own == (tmp_path / "own.bmp", 300)
+    with Image.open(own[0]) as written, Image.open(expected[0]) as reference:
+        assert ImageChops.difference(written, reference).getextrema() == (0, 0)
+    if case not in ("truncated", "corrupt"):
+        with Image.open(own[0]) as written:  # PDFium undid the inversion or the predictor
+            inverted = case in ("decode-array", "inline-image")
+            plain_picture = Image.eval(picture, lambda v: 255 - v) if inverted else picture
+            assert ImageChops.difference(written, plain_picture).getextrema() == (0, 0)
+
+
+@needs_tesseract
+def test_a_jpeg_scan_tesseract_cannot_read_is_read_from_pdfiums_picture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grey JPEG scan cut short (its end marker put back, as some writers
+    do) is whole enough for PDFium, which draws what it has, and not for
+    Tesseract's JPEG reader: the page is OCRed again from PDFium's picture,
+    not lost to a page error."""
+    text, drawn = page(2, lines=6)
+    jpeg = io.BytesIO()
+    drawn.convert("L").save(jpeg, "JPEG", quality=85)
+    cut = jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 5] + b"\xff\xd9"
+    alone = tmp_path / "alone.jpg"
+    alone.write_bytes(cut)
+    assert subprocess.run([str(TESSERACT), str(alone), "stdout"], capture_output=True).returncode
+    path = save_image_pdf(
+        tmp_path / "scan.pdf", drawn.convert("L"), filter="/DCTDecode", stream=cut
+    )
+    assert _stream_taken(path)
+    given: list[str] = []
+    real_start = ocr.start
+
+    def start(picture: Path, *args: Any, **kwargs: Any) -> ocr.Job:
+        given.append(picture.suffix)
+        return real_start(picture, *args, **kwargs)
+
+    monkeypatch.setattr(ocr, "start", start)
+    result, _ = run(path)
+    assert given == [".jpg", ".bmp"]  # the JPEG as it is, then PDFium's picture
+    assert result["page_errors"] == [] and result["ocr"] == "done"
+    found = set(words(result["text"][0]))
+    assert len(found & set(words(text))) >= 5, result["text"][0]  # the rows PDFium drew
+    [entry] = result["ocr_pages"]
+    assert entry["dpi"] == 300
+
+
+def _crafted(case: str, path: Path) -> tuple[Path, Image.Image]:
+    """A one-page PDF crafted so that pypdf's dictionary of the drawn image
+    could be taken for another (plain) one; the picture stored in it."""
+    import zlib
+
+    from PIL import ImageDraw
+
+    picture = Image.new("L", (600, 300), 255)
+    ImageDraw.Draw(picture).rectangle((40, 40, 200, 120), fill=0)
+    data = zlib.compress(picture.tobytes())
+    draw = b"q 144 0 0 72 0 0 cm /Im%d Do Q"
+    page = "<< /Type /Page /Parent {parent} 0 R /MediaBox [0 0 144 72] {extra} "
+    page += "/Resources << /XObject << {xobjects} >> >> /Contents 5 0 R >>"
+    decoy = image_object(picture, data, "/FlateDecode")  # plain, not drawn
+    inverted = image_object(picture, data, "/FlateDecode", "/Decode [1 0]")
+    if case == "inline-image":  # drawn inline; the XObject it names in a comment is not
+        inline = f"BI /W 600 /H 300 /CS /G /BPC 8 /D [1 0] /F /Fl /L {len(data)} ID\n"
+        content = b"% /Im0 Do\nq 144 0 0 72 0 0 cm " + inline.encode() + data + b"\nEI Q"
+        assert len(content) <= 1024  # small enough for the content-size check
+        objects = [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            page.format(parent=2, extra="", xobjects="/Im0 4 0 R").encode(),
+            decoy,
+            stream_object(content),
+        ]
+    elif case == "page-with-kids":  # PDFium and pypdf take different objects for page 1
+        objects = [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            page.format(parent=2, extra="/Kids [6 0 R]", xobjects="/Im0 4 0 R").encode(),
+            decoy,
+            stream_object(draw % 0),
+            page.format(parent=3, extra="", xobjects="/Im0 7 0 R").encode(),
+            inverted,
+        ]
+    else:  # "two-images": the drawn one hides its width behind a reference
+        hidden = inverted.replace(b"/Width 600", b"/Width 7 0 R")
+        objects = [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            page.format(parent=2, extra="", xobjects="/Im0 4 0 R /Im1 6 0 R").encode(),
+            decoy,
+            stream_object(b"% /Im0 Do\n" + draw % 1),
+            hidden,
+            b"600",
+        ]
+    return write_pdf(path, objects), picture
+
+
+@pytest.mark.parametrize("case", ["inline-image", "page-with-kids", "two-images"])
+def test_a_dictionary_batchd_cannot_be_sure_of_is_not_read(tmp_path: Path, case: str) -> None:
+    """Where the image PDFium draws may not be the one pypdf's dictionary
+    describes (an inline image beside a plain XObject of the same bytes, a
+    page tree the two walk differently, a second image), the stream is not
+    taken: the picture is PDFium's, inverted where PDFium inverts it."""
+    path, picture = _crafted(case, tmp_path / "crafted.pdf")
+    assert not _stream_taken(path)
+    expected = _pdfium_picture(path, tmp_path / "pdfium.bmp", from_stream=False)
+    own = _pdfium_picture(path, tmp_path / "own.bmp", from_stream=True)
+    assert expected is not None and own is not None
+    with Image.open(own[0]) as written, Image.open(expected[0]) as reference:
+        assert ImageChops.difference(written, reference).getextrema() == (0, 0)
+    if case != "page-with-kids":  # which page PDFium draws there is its own choice
+        with Image.open(own[0]) as written:
+            inverted = Image.eval(picture, lambda v: 255 - v)
+            assert ImageChops.difference(written, inverted).getextrema() == (0, 0)
+
+
+def test_the_stream_reader_trusts_pypdf_only_where_it_agrees_with_pdfium(tmp_path: Path) -> None:
+    """pypdf's page index is PDFium's only when both count the same pages; a
+    plain deflated scan is taken when they do."""
+    path = save_image_pdf(tmp_path / "scan.pdf", page(5)[1].convert("L"))
+    assert _stream_taken(path, page_count=1)
+    assert not _stream_taken(path, page_count=2)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_an_own_scan_page_holds_no_whole_decoded_picture(tmp_path: Path, mode: str) -> None:
+    """An A4 page that is a 300 dpi scan stored deflated (26 MB decoded in RGB)
+    becomes Tesseract's picture with the worker growing by a fraction of that."""
+    import multiprocessing as mp
+
+    text = menu_lines(6, 40)
+    path = save_image_pdf(tmp_path / "scan.pdf", scanned_page(text).convert(mode))
+    context = mp.get_context("spawn")  # a fresh worker, as batchd's pool starts them
+    queue = context.Queue()
+    child = context.Process(target=_render_twice_in_child, args=(path, queue, True))
+    child.start()
+    growth_kib = queue.get(timeout=120)
+    child.join(30)
+    # the grey picture alone is 8.7 MB: what grows is a band (1 MiB) and the
+    # compressed stream (1 MB here), held by PDFium and read by pypdf
+    assert growth_kib < 6 * 1024, f"the scan grew the worker by {growth_kib // 1024} MiB"
+
+
+@needs_tesseract
+def test_a_deflated_colour_scan_gives_the_words_drawn_on_it(tmp_path: Path) -> None:
+    """End to end: a colour scan stored deflated is OCRed from its stream."""
+    text, drawn = page(8)
+    from PIL import ImageOps
+
+    colour = ImageOps.colorize(drawn.convert("L"), black=(20, 30, 120), white=(250, 240, 200))
+    result, _ = run(save_image_pdf(tmp_path / "scan.pdf", colour))
+    assert result["ocr"] == "done" and result["page_errors"] == []
+    assert word_accuracy(text, result["text"][0]) >= MIN_ACCURACY, result["text"][0]
+
+
 def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,7 +829,6 @@ def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
     its file a band at a time, without a full RGB or grey copy; a grey scan is
     copied as it is."""
     import pypdfium2 as pdfium
-    from PIL import ImageChops
 
     _, drawn = page(7)
     colour = Image.merge("RGB", [drawn.convert("L")] * 3)
@@ -508,7 +845,7 @@ def test_rgb_scan_turns_grey_band_by_band_with_the_same_pixels(
             monkeypatch.setattr(ocr, "BAND_BYTES", 7 * bitmap.stride)
             assert bitmap.height % 7
             bmp = tmp_path / f"{name}.bmp"
-            assert ocr._own_scan(scan, settings().inspect, bmp) == 300
+            assert ocr._own_scan(scan, settings().inspect, bmp, None, 0) == (bmp, 300)
             whole = ocr._grey(bitmap.to_pil())
             with Image.open(bmp) as written:
                 assert (written.mode, written.size) == ("L", whole.size)
@@ -544,16 +881,20 @@ def _files_up_to_200_kb() -> None:
 
 
 @needs_tesseract
-@pytest.mark.parametrize("rendered", [False, True], ids=["own-scan", "rendered"])
-def test_a_page_picture_that_cannot_be_written_fails_the_attempt(
-    tmp_path: Path, rendered: bool
-) -> None:
+@pytest.mark.parametrize("how", ["own-jpeg", "own-flate", "rendered"])
+def test_a_page_picture_that_cannot_be_written_fails_the_attempt(tmp_path: Path, how: str) -> None:
     """A full disk (or quota) while a page's picture is written for Tesseract is
     not the page's fault: the attempt fails (and is retried), the document is not
-    completed without that page's text."""
+    completed without that page's text. Whichever way the picture is made: the
+    scan's own JPEG copied, its Flate stream inflated, the page rendered."""
     _, drawn = page(1)
-    # at 300 dpi the page is its own scan; at 72 dpi PDFium renders it at 300
-    path = save_pdf(tmp_path / "scan.pdf", [drawn], dpi=72 if rendered else 300)
+    path = tmp_path / "scan.pdf"
+    if how == "own-jpeg":  # a page large enough for its JPEG to pass the limit
+        save_pdf(path, [scanned_page(menu_lines(1, 40), blur_px=1)])
+    elif how == "own-flate":
+        save_image_pdf(path, drawn)
+    else:  # at 72 dpi the picture is not the page's scan: PDFium renders it at 300
+        save_pdf(path, [drawn], dpi=72)
     tests = Path(__file__).resolve().parent
     done = subprocess.run(
         [sys.executable, "-c", _SMALL_FILES_CHILD, str(path), str(tests)],

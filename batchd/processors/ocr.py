@@ -1,11 +1,13 @@
 """OCR for ``inspect``: the text of scanned PDF pages and of images, by Tesseract.
 
 Tesseract runs as its command line (Debian's ``tesseract-ocr``), one process
-per page, handed the page as an uncompressed BMP file (the next page renders
-meanwhile; a PDF page is rendered into the file a band of rows at a time, so
-the worker never holds a whole page's picture) and read back as TSV (words
-with their confidence). Chosen over a
-binding (tesserocr) on purpose, see BENCHMARKS.md for the figures:
+per page, handed the page as an uncompressed grey BMP file (the next page
+renders meanwhile) and read back as TSV (words with their confidence). A PDF
+page is rendered into the file a band of rows at a time; a page that is one
+scan is its scan's Flate stream inflated a band at a time, or a grey JPEG
+scan's own JPEG file: the worker holds no whole page's picture. (A colour
+JPEG scan is decoded whole, but to grey only: a third of its RGB.) Chosen
+over a binding (tesserocr) on purpose, see BENCHMARKS.md for the figures:
 
 * a page that hangs or runs long is killed at ``inspect.ocr_page_seconds``
   and becomes a ``page_errors`` entry; the worker and the rest of the
@@ -31,6 +33,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from batchd.config import InspectSettings, Settings
 from batchd.errors import ConfigError, PermanentError
 from batchd.processors.content import Budget
+from batchd.processors.pdfscan import ImageDicts, ScanImage, inflate_bands, jpeg_matches
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,6 +72,10 @@ Status = Literal["done", "unavailable", "off"]
 
 class OcrError(Exception):
     """One page could not be OCRed; the message says why."""
+
+
+class OcrTimeout(OcrError):
+    """Tesseract ran past ``inspect.ocr_page_seconds`` on a page."""
 
 
 # -- the engine ------------------------------------------------------------------
@@ -187,12 +195,22 @@ class Job:
     started: float
     #: the resolution Tesseract was told, None when it guesses.
     dpi: int | None
+    #: another way to make the page's picture, for when Tesseract cannot read
+    #: this one (a scan's own JPEG that PDFium decodes and Tesseract does not).
+    again: Again | None = None
 
 
-def start(picture: Path, settings: InspectSettings, dpi: int | None, index: int) -> Job:
+def start(
+    picture: Path,
+    settings: InspectSettings,
+    dpi: int | None,
+    index: int,
+    again: Again | None = None,
+) -> Job:
     """Start Tesseract on ``picture`` (a BMP file, removed once read); collect it
     with :func:`finish`. ``dpi`` is the picture's resolution when known
-    (Tesseract guesses otherwise). :class:`OcrError` when it cannot start."""
+    (Tesseract guesses otherwise); ``again`` makes the page's picture another
+    way if Tesseract fails on this one. :class:`OcrError` when it cannot start."""
     engine = find_engine()
     if engine is None:
         picture.unlink(missing_ok=True)
@@ -215,7 +233,9 @@ def start(picture: Path, settings: InspectSettings, dpi: int | None, index: int)
     except OSError as exc:
         picture.unlink(missing_ok=True)
         raise OcrError(f"cannot run {engine.path}: {exc}") from exc
-    return Job(index=index, proc=proc, picture=picture, started=time.monotonic(), dpi=dpi)
+    return Job(
+        index=index, proc=proc, picture=picture, started=time.monotonic(), dpi=dpi, again=again
+    )
 
 
 def finish(job: Job, settings: InspectSettings) -> PageText:
@@ -227,7 +247,7 @@ def finish(job: Job, settings: InspectSettings) -> PageText:
     except subprocess.TimeoutExpired as exc:
         job.proc.kill()
         job.proc.communicate()
-        raise OcrError(
+        raise OcrTimeout(
             f"OCR stopped after {settings.ocr_page_seconds:g} s (inspect.ocr_page_seconds)"
         ) from exc
     finally:
@@ -401,31 +421,68 @@ def _render_pdf(
     except pdfium.PdfiumError as exc:
         for index in indexes:
             pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
-            yield index, None, None
+            yield index, None, None, None
         return
+    dicts = ImageDicts(path, len(document))
+
+    def pdfium_picture(index: int, picture: Path) -> tuple[Path, int]:
+        """The page's picture from PDFium alone (its decoded scan, or the page
+        rendered), for a page Tesseract could not read from its stream. The
+        document is opened again: this runs after the pages were handed out,
+        the last one's included, when ``document`` is closed."""
+        try:
+            again = pdfium.PdfDocument(path)
+            try:
+                page = again[index]
+                try:
+                    own = _own_scan(page, settings, picture, None, index)
+                    return own or (picture, _render(page, settings, picture))
+                finally:
+                    page.close()
+            finally:
+                again.close()
+        except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
+            _remove_pictures(picture)
+            raise OcrError(f"cannot render the page for OCR: {exc}") from exc
+        except OSError:
+            _remove_pictures(picture)
+            raise
+
     try:
         for index in indexes:
             picture = scratch / f"page-{index + 1}.bmp"
             try:
                 page = document[index]
                 try:
-                    dpi = _own_scan(page, settings, picture) or _render(page, settings, picture)
+                    own = _own_scan(page, settings, picture, dicts, index)
+                    if own is None:
+                        own = picture, _render(page, settings, picture)
                 finally:
                     page.close()
             except (pdfium.PdfiumError, ValueError, MemoryError) as exc:
-                picture.unlink(missing_ok=True)
+                _remove_pictures(picture)
                 pages.page_failed(index + 1, f"cannot render the page for OCR: {exc}")
-                yield index, None, None
+                yield index, None, None, None
                 continue
             except OSError:
                 # Writing the picture failed (a full disk, a quota): not this
                 # page's fault, so not a page error. The attempt fails and is
                 # retried, as before the pictures were files of their own.
-                picture.unlink(missing_ok=True)
+                _remove_pictures(picture)
                 raise
-            yield index, picture, dpi
+            again = None
+            if own[0].suffix == JPEG_SUFFIX:
+                again = functools.partial(pdfium_picture, index, picture)
+            yield index, *own, again
     finally:
+        dicts.close()
         document.close()
+
+
+def _remove_pictures(picture: Path) -> None:
+    """A page's picture, whichever of its forms was being written."""
+    for form in (picture, picture.with_suffix(JPEG_SUFFIX)):
+        form.unlink(missing_ok=True)
 
 
 #: a page is rendered (and a scan turned grey) this many bytes of rows at a
@@ -495,9 +552,9 @@ class _GreyBmp:
         info = struct.pack(
             "<IiiHHIIiiII", 40, width, height, 1, 8, 0, size, self.PPM, self.PPM, 256, 256
         )
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = _new_file(path)
         try:
-            self._write(head + info + self.PALETTE, 0)
+            _write_all(self.fd, head + info + self.PALETTE, 0)
             os.ftruncate(self.fd, self._data + size)
         except BaseException:
             os.close(self.fd)
@@ -522,13 +579,19 @@ class _GreyBmp:
             rows = []
             for i in range(count - 1, -1, -1):
                 rows += (view[i * stride : i * stride + width], pad)
-        self._write(b"".join(rows), self._data + (self.height - top - count) * self.stride)
+        _write_all(self.fd, b"".join(rows), self._data + (self.height - top - count) * self.stride)
 
-    def _write(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
+
+def _new_file(path: Path) -> int:
+    """A new file in the worker's private scratch folder, for this worker only."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 #: a page's own scan stands in for its rendering when its resolution is
@@ -536,16 +599,26 @@ class _GreyBmp:
 OWN_SCAN_DPI_FACTOR = 2.0
 
 
-def _own_scan(page: Any, settings: InspectSettings, picture: Path) -> int | None:
-    """Write the picture a scanned page is made of, as the scanner gave it, in
-    grey to the BMP file ``picture``, when the page is that one upright picture
-    filling the page: no rendering needed (0.02 s of CPU against 0.11-0.17 s to
-    render a page at 300 dpi, BENCHMARKS.md). Its resolution; None otherwise
-    (and nothing written).
+#: the file suffix of a page handed to Tesseract as its scan's own JPEG.
+JPEG_SUFFIX = ".jpg"
+
+
+def _own_scan(
+    page: Any, settings: InspectSettings, picture: Path, dicts: ImageDicts | None, index: int
+) -> tuple[Path, int] | None:
+    """Write the picture a scanned page is made of, as the scanner gave it, for
+    Tesseract, when the page is that one upright picture filling the page: no
+    rendering needed (0.02 s of CPU against 0.11-0.17 s to render a page at
+    300 dpi, BENCHMARKS.md). The file written (``picture``, a grey BMP, or the
+    scan's own JPEG beside it) and the scan's resolution; None otherwise (and
+    nothing written). ``dicts`` are the document's image dictionaries, to read
+    the scan from its stream; None takes PDFium's decoded copy.
 
     Only 8-bit grey and RGB pictures are taken as they are: 1-bit ones
     (fax scans) often carry a /Decode inversion or are masks, and other colour
-    spaces need PDFium's conversion, so those pages are rendered.
+    spaces need PDFium's conversion, so those pages are rendered. The picture
+    comes from its stream where that can be read without decoding it whole
+    (``pdfscan``), from PDFium's decoded copy otherwise.
     """
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
@@ -574,16 +647,96 @@ def _own_scan(page: Any, settings: InspectSettings, picture: Path) -> int | None
         )
         if not plain:
             return None
+        if dicts is not None:
+            # the stream's bytes as PDFium holds them (a compressed scan: not copied)
+            stream = memoryview(scan.get_data(decode_simple=False)).cast("B")
+            image = dicts.scan(index, px_width, px_height, stream)
+            written = _write_stream(stream, image, picture) if image is not None else None
+            if written is not None:
+                return written, dpi
         # PDFium's decoded picture, let go (by pypdfium2's finalizer) on return
         bitmap = scan.get_bitmap(render=False)
     except (pdfium.PdfiumError, ValueError):
+        _remove_pictures(picture)
         return None
     try:
         _write_grey(bitmap, picture)
     except ValueError:  # not a picture Pillow takes: rendered instead
         picture.unlink(missing_ok=True)
         return None
-    return dpi
+    return picture, dpi
+
+
+def _write_stream(data: memoryview, image: ScanImage, picture: Path) -> Path | None:
+    """The scan from its stream ``data``: a JPEG as it is, beside ``picture``;
+    a Flate stream inflated and made grey a band at a time into ``picture``
+    (the same pixels as ``_write_grey`` of PDFium's decoded copy). The file
+    written, or None (and nothing written) for a stream that is not what its
+    dictionary says, which PDFium then decodes as it can."""
+    from PIL import Image
+
+    if image.filter == "DCTDecode":
+        if not jpeg_matches(data, image):
+            return None
+        if image.components == 3:
+            return _write_jpeg_grey(data, image, picture)
+        jpeg = picture.with_suffix(JPEG_SUFFIX)
+        fd = _new_file(jpeg)
+        try:
+            _write_all(fd, data, 0)
+        finally:
+            os.close(fd)
+        return jpeg
+    row_bytes = image.width * image.components
+    try:
+        with _GreyBmp(picture, image.width, image.height) as bmp:
+            # Pillow holds RGB in 4 bytes a pixel: a band's RGB image is the
+            # largest buffer, so it is what BAND_BYTES bounds
+            rows = max(1, BAND_BYTES // (image.width * (4 if image.components == 3 else 1)))
+            bands = inflate_bands(data, row_bytes, image.height, rows)
+            for top, band in zip(range(0, image.height, rows), bands, strict=True):
+                count = len(band) // row_bytes
+                grey: bytes | bytearray = band
+                if image.components == 3:
+                    rgb = Image.frombuffer("RGB", (image.width, count), band, "raw", "RGB", 0, 1)
+                    grey = rgb.convert("L").tobytes()
+                bmp.write_rows(top, grey, image.width, count)
+    except (zlib.error, ValueError):
+        picture.unlink(missing_ok=True)
+        return None
+    return picture
+
+
+def _write_jpeg_grey(data: memoryview, image: ScanImage, picture: Path) -> Path | None:
+    """A colour JPEG scan decoded straight to grey (libjpeg keeps its luma
+    channel and skips the colour conversion) into the BMP file ``picture``:
+    the grey picture is the one copy in the worker (9 MB for an A4 page at
+    300 dpi, against PDFium's 26 MB of BGR). Not handed to Tesseract as it
+    is: on colour, Tesseract thresholds each channel and took 1.3x the time
+    of the same page in grey, for the same words (BENCHMARKS.md).
+
+    Luma is within a level or two of ``_grey`` of PDFium's RGB (rounding).
+    None (nothing written) for a JPEG that does not decode to that grey.
+    """
+    from PIL import Image
+
+    try:
+        jpeg = Image.open(io.BytesIO(data), formats=["JPEG"])
+        jpeg.draft("L", jpeg.size)
+        jpeg.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # a JPEG libjpeg will not decode as a whole: PDFium's way
+    with jpeg:
+        if (jpeg.mode, jpeg.size) != ("L", (image.width, image.height)):
+            return None
+        # only the file's writes may fail from here: a full disk, raised
+        with _GreyBmp(picture, image.width, image.height) as bmp:
+            rows = max(1, BAND_BYTES // image.width)
+            for top in range(0, image.height, rows):
+                count = min(rows, image.height - top)
+                band = jpeg.crop((0, top, image.width, top + count)).tobytes()
+                bmp.write_rows(top, band, image.width, count)
+    return picture
 
 
 def _write_grey(bitmap: Any, picture: Path) -> None:
@@ -624,9 +777,13 @@ def _save_grey(image: Image.Image, picture: Path) -> None:
     _grey(image).save(picture, "BMP")
 
 
-#: one page to OCR: its index, its grey BMP file (None when it could not be
-#: made; removed once read) and its resolution.
-Item = tuple[int, Path | None, int | None]
+#: a second making of a page's picture (the file and its resolution);
+#: OcrError when it cannot be made.
+Again = Callable[[], tuple[Path, int]]
+#: one page to OCR: its index, its picture file for Tesseract (None when it
+#: could not be made; removed once read), its resolution, and another way to
+#: make it if Tesseract cannot read this one.
+Item = tuple[int, Path | None, int | None, Again | None]
 
 
 def ocr_pages(
@@ -646,7 +803,7 @@ def ocr_pages(
     with tempfile.TemporaryDirectory(prefix="batchd-ocr-") as scratch:
         running: Job | None = None
         try:
-            for index, picture, dpi in items(Path(scratch)):  # renders the next page meanwhile
+            for index, picture, dpi, again in items(Path(scratch)):  # renders the next meanwhile
                 if running is not None:
                     _collect(running, texts, settings, pages, budget)
                     running = None
@@ -655,7 +812,7 @@ def ocr_pages(
                     on_page()
                     continue
                 try:
-                    running = start(picture, settings, dpi, index)
+                    running = start(picture, settings, dpi, index, again)
                 except OcrError as exc:
                     pages.page_failed(index + 1, str(exc))
                     on_page()
@@ -669,11 +826,37 @@ def ocr_pages(
                 running.proc.communicate()
 
 
+#: a page Tesseract failed on is made again and retried only when less than
+#: this share of its time is spent (else the retry would be killed at once).
+RETRY_BEFORE = 0.5
+
+
 def _collect(
     job: Job, texts: list[str], settings: InspectSettings, pages: Pages, budget: Budget
 ) -> None:
     try:
-        page = finish(job, settings)
+        try:
+            page = finish(job, settings)
+        except OcrTimeout:
+            raise
+        except OcrError:
+            spent = time.monotonic() - job.started
+            if job.again is None or spent > RETRY_BEFORE * settings.ocr_page_seconds:
+                raise
+            # Tesseract could not read the scan's own JPEG (damaged past what
+            # PDFium decodes, most likely): once more from PDFium's picture,
+            # within what is left of the page's time
+            picture, dpi = job.again()
+            retry = start(picture, settings, dpi, job.index)
+            retry.started = job.started
+            job = retry
+            try:
+                page = finish(job, settings)
+            except BaseException:
+                if job.proc.poll() is None:  # not OcrError: finish left it running
+                    job.proc.kill()
+                    job.proc.communicate()
+                raise
     except OcrError as exc:
         pages.page_failed(job.index + 1, str(exc))
         return
@@ -747,21 +930,21 @@ def read_image(path: Path, ctx: Context, budget: Budget) -> Result:
                     frame.load()
                 except (OSError, EOFError, ValueError, SyntaxError) as exc:
                     pages.page_failed(index + 1, f"cannot decode the frame: {exc}")
-                    yield index, None, None
+                    yield index, None, None, None
                     continue
                 try:
                     _save_grey(frame, saved)
                 except ValueError as exc:
                     saved.unlink(missing_ok=True)
                     pages.page_failed(index + 1, f"cannot hand the frame to OCR: {exc}")
-                    yield index, None, None
+                    yield index, None, None, None
                     continue
                 except OSError:  # a full disk, a quota: the attempt is retried
                     saved.unlink(missing_ok=True)
                     raise
                 frame_dpi = _image_dpi(frame.info.get("dpi")) or dpi
                 del frame  # the frame is in its file now: one picture held at a time
-                yield index, saved, frame_dpi
+                yield index, saved, frame_dpi, None
 
         done = 0
 
